@@ -1,0 +1,92 @@
+//! Response bodies: either made by the router, or an endpoint's body passed through frame by
+//! frame (no buffering) while its load is accounted and its first byte timed.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::endpoint::LoadGuard;
+
+/// The body of every response the router sends.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// Made by the router.
+    Full(Option<Bytes>),
+    /// An endpoint's body, passed through.
+    Upstream(Box<Passthrough>),
+}
+
+/// An endpoint's body with its bookkeeping.
+#[derive(Debug)]
+pub struct Passthrough {
+    inner: Incoming,
+    /// Released when this body ends or is dropped (client gone).
+    guard: LoadGuard,
+    /// Observed once, at the first data frame.
+    first_byte: Option<(Instant, Histogram)>,
+}
+
+impl ResponseBody {
+    /// A body of the given bytes.
+    #[must_use]
+    pub fn full(bytes: Bytes) -> Self {
+        ResponseBody::Full(Some(bytes))
+    }
+
+    /// Passes `inner` through, releasing `guard` at its end and timing its first byte from
+    /// `start` into `ttfb`.
+    #[must_use]
+    pub fn upstream(inner: Incoming, guard: LoadGuard, start: Instant, ttfb: Histogram) -> Self {
+        ResponseBody::Upstream(Box::new(Passthrough {
+            inner,
+            guard,
+            first_byte: Some((start, ttfb)),
+        }))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Upstream(p) => {
+                let polled = Pin::new(&mut p.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if frame.is_data() {
+                        if let Some((start, ttfb)) = p.first_byte.take() {
+                            ttfb.observe(start.elapsed().as_secs_f64());
+                            p.guard.first_byte();
+                        }
+                    }
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(b) => b.is_none(),
+            ResponseBody::Upstream(p) => p.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Upstream(p) => p.inner.size_hint(),
+        }
+    }
+}

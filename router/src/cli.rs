@@ -1,0 +1,135 @@
+//! `kvtier router` command-line flags; every flag can also come from a `KVTIER_ROUTER_*`
+//! environment variable.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use http::HeaderName;
+
+use crate::config::{parse_bytes, parse_duration, Policy, RouterConfig};
+use crate::endpoint::{EndpointSpec, EndpointSpecError};
+
+/// Flags of `kvtier router`.
+#[derive(Debug, clap::Args)]
+pub struct RouterArgs {
+    /// Address the OpenAI-compatible API listens on.
+    #[arg(long, env = "KVTIER_ROUTER_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// An engine endpoint, `http://host:port`. Repeat the flag, or comma-separate in the env var.
+    #[arg(
+        long = "endpoint",
+        env = "KVTIER_ROUTER_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub endpoints: Vec<String>,
+    /// How endpoints are chosen.
+    #[arg(long, env = "KVTIER_ROUTER_POLICY", value_enum, default_value_t = Policy::Affinity)]
+    pub policy: Policy,
+    /// Also serve `/metrics` on this address (it is always served on `--listen` too).
+    #[arg(long, env = "KVTIER_ROUTER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Headers carrying a session id, in order; replaces the built-in list (X-Session-ID,
+    /// Claude Code, Dynamo, Codex and OpenCode headers).
+    #[arg(long = "session-header", env = "KVTIER_ROUTER_SESSION_HEADERS", value_delimiter = ',')]
+    pub session_headers: Vec<HeaderName>,
+    /// A session binding unused this long is dropped.
+    #[arg(long, env = "KVTIER_ROUTER_SESSION_TTL", value_parser = parse_duration, default_value = "30m")]
+    pub session_ttl: Duration,
+    /// Extra cost (tokens of queued work) a session's endpoint may carry over the best
+    /// endpoint before the session moves.
+    #[arg(long, env = "KVTIER_ROUTER_OVERLOAD_BOUND_TOKENS", default_value_t = 8192)]
+    pub overload_bound_tokens: u64,
+    /// Bytes per prefix-hash chunk.
+    #[arg(long, env = "KVTIER_ROUTER_CHUNK_BYTES", default_value = "1024")]
+    pub chunk_bytes: NonZeroUsize,
+    /// Chunk entries the prefix index keeps (about 48 bytes each).
+    #[arg(long, env = "KVTIER_ROUTER_INDEX_CHUNKS", default_value = "262144")]
+    pub index_chunks: NonZeroUsize,
+    /// Bytes of request text per token, for the load estimate.
+    #[arg(long, env = "KVTIER_ROUTER_BYTES_PER_TOKEN", default_value = "4")]
+    pub bytes_per_token: NonZeroU32,
+    /// Larger request bodies get 413.
+    #[arg(long, env = "KVTIER_ROUTER_MAX_BODY", value_parser = parse_bytes, default_value = "32MiB")]
+    pub max_body: u64,
+    /// Time a client has to send its request headers.
+    #[arg(long, env = "KVTIER_ROUTER_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub header_timeout: Duration,
+    /// Time a client has to send its whole body (408 after).
+    #[arg(long, env = "KVTIER_ROUTER_BODY_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub body_timeout: Duration,
+    /// TCP connect timeout to endpoints.
+    #[arg(long, env = "KVTIER_ROUTER_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
+    pub connect_timeout: Duration,
+    /// Time an endpoint has to send its response head.
+    #[arg(long, env = "KVTIER_ROUTER_RESPONSE_TIMEOUT", value_parser = parse_duration, default_value = "10m")]
+    pub response_timeout: Duration,
+    /// Endpoints tried per request, the first included.
+    #[arg(long, env = "KVTIER_ROUTER_MAX_ATTEMPTS", default_value = "3")]
+    pub max_attempts: NonZeroU32,
+    /// Wait before the first retry; doubles each time.
+    #[arg(long, env = "KVTIER_ROUTER_RETRY_BACKOFF", value_parser = parse_duration, default_value = "25ms")]
+    pub retry_backoff: Duration,
+    /// Between active probes of each endpoint's /health.
+    #[arg(long, env = "KVTIER_ROUTER_HEALTH_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub health_interval: Duration,
+    /// Consecutive 5xx answers that make an endpoint unhealthy.
+    #[arg(long, env = "KVTIER_ROUTER_UNHEALTHY_AFTER", default_value = "3")]
+    pub unhealthy_after: NonZeroU32,
+}
+
+/// A flag combination that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An `--endpoint` is malformed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointSpecError),
+    /// A value is out of range.
+    #[error("{0}")]
+    Range(&'static str),
+}
+
+impl RouterArgs {
+    /// Validates the flags into a config and the listen addresses.
+    ///
+    /// # Errors
+    /// On a malformed endpoint or an out-of-range value.
+    pub fn into_config(
+        self,
+    ) -> Result<(RouterConfig, SocketAddr, Option<SocketAddr>), ConfigError> {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| EndpointSpec::parse(e.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(ConfigError::Range("at least one --endpoint is required"));
+        }
+        if self.health_interval.is_zero() || self.session_ttl.is_zero() {
+            return Err(ConfigError::Range("--health-interval and --session-ttl must be positive"));
+        }
+        let mut c = RouterConfig::new(endpoints);
+        c.policy = self.policy;
+        if !self.session_headers.is_empty() {
+            c.session.headers = self.session_headers;
+        }
+        c.session.idle_ttl = self.session_ttl;
+        c.affinity.overload_bound_tokens = self.overload_bound_tokens;
+        c.affinity.chunk_bytes = self.chunk_bytes;
+        c.affinity.index_capacity = self.index_chunks;
+        c.affinity.bytes_per_token = self.bytes_per_token;
+        c.client.max_body_bytes = self.max_body;
+        c.client.header_timeout = self.header_timeout;
+        c.client.body_timeout = self.body_timeout;
+        c.upstream.connect_timeout = self.connect_timeout;
+        c.upstream.response_timeout = self.response_timeout;
+        c.upstream.max_attempts = self.max_attempts;
+        c.upstream.retry_backoff = self.retry_backoff;
+        c.health.interval = self.health_interval;
+        c.health.timeout = self.health_interval.min(Duration::from_secs(2));
+        c.health.unhealthy_after = self.unhealthy_after;
+        Ok((c, self.listen, self.metrics_listen))
+    }
+}

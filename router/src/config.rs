@@ -1,0 +1,215 @@
+//! Typed router configuration, validated before any port is bound.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use http::HeaderName;
+use kvtier_api::prefix::DEFAULT_CHUNK_BYTES;
+use kvtier_api::session::DEFAULT_SESSION_HEADERS;
+
+use crate::endpoint::EndpointSpec;
+
+/// How endpoints are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Session stickiness, whole-prompt prefix affinity and token-cost load balancing.
+    Affinity,
+    /// The endpoint with the least in-flight work, ignoring sessions and prefixes.
+    LeastLoad,
+    /// Each endpoint in turn (a baseline).
+    RoundRobin,
+}
+
+impl Policy {
+    /// Fixed label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Policy::Affinity => "affinity",
+            Policy::LeastLoad => "least-load",
+            Policy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// Session stickiness.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Headers carrying a session id, in the order they are consulted.
+    pub headers: Vec<HeaderName>,
+    /// A binding unused this long is dropped.
+    pub idle_ttl: Duration,
+    /// At most this many bindings are kept.
+    pub capacity: usize,
+}
+
+/// Prefix affinity and load balancing.
+#[derive(Clone, Debug)]
+pub struct AffinityConfig {
+    /// Bytes per hashed chunk.
+    pub chunk_bytes: NonZeroUsize,
+    /// Chunk entries the prefix index keeps (about 48 bytes each).
+    pub index_capacity: NonZeroUsize,
+    /// Bytes of request text per token, to convert text into tokens of work.
+    pub bytes_per_token: NonZeroU32,
+    /// Extra cost, in tokens, a home endpoint may carry over the best one before a session
+    /// or conversation leaves it.
+    pub overload_bound_tokens: u64,
+}
+
+/// Limits on what clients may send.
+#[derive(Clone, Debug)]
+pub struct ClientLimits {
+    /// Larger request bodies get 413.
+    pub max_body_bytes: u64,
+    /// A client must send its request headers within this time.
+    pub header_timeout: Duration,
+    /// A client must send its whole body within this time (408 otherwise).
+    pub body_timeout: Duration,
+}
+
+/// Talking to endpoints.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed until the response head (a non-streamed answer of a long prompt takes
+    /// minutes on a loaded engine).
+    pub response_timeout: Duration,
+    /// Endpoints tried per request, the first included.
+    pub max_attempts: NonZeroU32,
+    /// Wait before the first retry; doubles with each further retry.
+    pub retry_backoff: Duration,
+}
+
+/// Active and passive health checking.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Between probes of each endpoint's `/health`.
+    pub interval: Duration,
+    /// A probe slower than this fails.
+    pub timeout: Duration,
+    /// Consecutive 5xx answers that make an endpoint unhealthy (a refused connection does
+    /// at once).
+    pub unhealthy_after: NonZeroU32,
+}
+
+/// Everything `kvtier router` needs.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Endpoints when discovery is static.
+    pub endpoints: Vec<EndpointSpec>,
+    /// How endpoints are chosen.
+    pub policy: Policy,
+    /// Stickiness.
+    pub session: SessionConfig,
+    /// Affinity and balance.
+    pub affinity: AffinityConfig,
+    /// Client limits.
+    pub client: ClientLimits,
+    /// Endpoint connections and retries.
+    pub upstream: UpstreamConfig,
+    /// Health checks.
+    pub health: HealthConfig,
+}
+
+const fn nz(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
+}
+
+const fn nzu(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
+}
+
+impl RouterConfig {
+    /// The defaults, in front of `endpoints`.
+    #[must_use]
+    pub fn new(endpoints: Vec<EndpointSpec>) -> Self {
+        Self {
+            endpoints,
+            policy: Policy::Affinity,
+            session: SessionConfig {
+                headers: DEFAULT_SESSION_HEADERS
+                    .iter()
+                    .map(|h| HeaderName::from_static(h))
+                    .collect(),
+                idle_ttl: Duration::from_secs(30 * 60),
+                capacity: 1 << 20,
+            },
+            affinity: AffinityConfig {
+                chunk_bytes: nzu(DEFAULT_CHUNK_BYTES),
+                index_capacity: nzu(1 << 18),
+                bytes_per_token: nz(4),
+                overload_bound_tokens: 8192,
+            },
+            client: ClientLimits {
+                max_body_bytes: 32 << 20,
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(30),
+            },
+            upstream: UpstreamConfig {
+                connect_timeout: Duration::from_secs(2),
+                response_timeout: Duration::from_secs(600),
+                max_attempts: nz(3),
+                retry_backoff: Duration::from_millis(25),
+            },
+            health: HealthConfig {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                unhealthy_after: nz(3),
+            },
+        }
+    }
+}
+
+/// Parses `32MiB`, `512KiB`, `1GiB`, `100KB`, `4096` into bytes.
+///
+/// # Errors
+/// When the number or the unit is not recognised.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a byte size like 32MiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" | "K" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" | "M" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" | "G" => 1 << 30,
+        other => return Err(format!("unknown byte unit {other:?} (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `30s`, `5m`, `250ms`, `1h 30m` (humantime).
+///
+/// # Errors
+/// When the text is not a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(parse_bytes("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("100KB"), Ok(100_000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("1XB").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
+}

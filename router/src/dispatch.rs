@@ -1,0 +1,227 @@
+//! Choosing the endpoint for a request and remembering where it went: the glue between the
+//! endpoint set, the prefix index, the session table and the pure decision in
+//! [`crate::balance`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use kvtier_api::prefix::model_seed;
+
+use crate::affinity::{Match, PrefixIndex, Prompt};
+use crate::balance::{
+    self, Ask, Candidate, Decision, Home, HomeKind, Reason, EXPECTED_OUTPUT_TOKENS,
+};
+use crate::config::{Policy, RouterConfig};
+use crate::endpoint::{Endpoint, EndpointChange, EndpointId, EndpointSpec, Endpoints};
+use crate::request::PromptView;
+use crate::session::{SessionKey, SessionTable};
+
+/// Affinity state shared by every request.
+#[derive(Debug)]
+struct State {
+    index: PrefixIndex,
+    sessions: SessionTable,
+}
+
+/// What the router knows about one request, computed once before the first attempt.
+#[derive(Debug)]
+pub struct Routing<'a> {
+    prompt: Prompt<'a>,
+    prompt_tokens: u64,
+    session: Option<SessionKey>,
+    matched: Match,
+    home: Option<Home>,
+    /// Output tokens this request is expected to produce.
+    pub expected_output_tokens: u64,
+}
+
+/// Chooses endpoints and records placements.
+#[derive(Debug)]
+pub struct Dispatcher {
+    policy: Policy,
+    chunk_bytes: usize,
+    bytes_per_token: u64,
+    overload_bound: u64,
+    endpoints: Endpoints,
+    // std Mutex: held for microseconds of map work and never across an await.
+    state: Mutex<State>,
+    next_round_robin: AtomicUsize,
+}
+
+impl Dispatcher {
+    /// A dispatcher with no endpoints yet.
+    #[must_use]
+    pub fn new(config: &RouterConfig) -> Self {
+        Self {
+            policy: config.policy,
+            chunk_bytes: config.affinity.chunk_bytes.get(),
+            bytes_per_token: u64::from(config.affinity.bytes_per_token.get()),
+            overload_bound: config.affinity.overload_bound_tokens,
+            endpoints: Endpoints::default(),
+            state: Mutex::new(State {
+                index: PrefixIndex::new(config.affinity.index_capacity.get()),
+                sessions: SessionTable::new(config.session.idle_ttl, config.session.capacity),
+            }),
+            next_round_robin: AtomicUsize::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters for routing, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Arc<[Arc<Endpoint>]> {
+        self.endpoints.snapshot()
+    }
+
+    /// Applies a new endpoint set from discovery.
+    pub fn set_endpoints(&self, specs: &[EndpointSpec]) -> EndpointChange {
+        let change = self.endpoints.replace(specs);
+        if !change.removed.is_empty() {
+            let mut state = self.state();
+            for e in &change.removed {
+                state.index.forget(e.id);
+            }
+        }
+        change
+    }
+
+    fn tokens(&self, bytes: usize) -> u64 {
+        (bytes as u64).div_ceil(self.bytes_per_token)
+    }
+
+    /// Hashes the prompt and looks up its session and prefix.
+    pub fn prepare<'a>(
+        &self,
+        view: &'a PromptView<'a>,
+        session: Option<SessionKey>,
+        now: Instant,
+    ) -> Routing<'a> {
+        let chunks = if self.policy == Policy::Affinity {
+            view.segments.chunk_hashes(model_seed(view.model), self.chunk_bytes)
+        } else {
+            Vec::new()
+        };
+        let prompt = Prompt { chunks, stream: &view.segments, chunk_bytes: self.chunk_bytes };
+        let (matched, home) = if self.policy == Policy::Affinity {
+            let mut state = self.state();
+            let bound = session.and_then(|k| state.sessions.get(k, now));
+            let matched = state.index.lookup(&prompt);
+            let home = match (bound, matched.continues) {
+                (Some(endpoint), _) => Some(Home { endpoint, kind: HomeKind::Session }),
+                (None, Some(endpoint)) => Some(Home { endpoint, kind: HomeKind::Continuation }),
+                (None, None) => None,
+            };
+            (matched, home)
+        } else {
+            (Match::default(), None)
+        };
+        Routing {
+            prompt_tokens: self.tokens(view.segments.len()),
+            prompt,
+            session,
+            matched,
+            home,
+            expected_output_tokens: view
+                .max_output_tokens
+                .map_or(EXPECTED_OUTPUT_TOKENS, |m| m.min(EXPECTED_OUTPUT_TOKENS)),
+        }
+    }
+
+    /// Chooses an endpoint not in `exclude`; `None` when there is none left.
+    pub fn choose(
+        &self,
+        routing: &Routing<'_>,
+        exclude: &[EndpointId],
+    ) -> Option<(Arc<Endpoint>, Decision)> {
+        let endpoints = self.endpoints();
+        let decision = match self.policy {
+            Policy::Affinity => {
+                let candidates: Vec<Candidate> = {
+                    let state = self.state();
+                    endpoints
+                        .iter()
+                        .map(|e| Candidate {
+                            id: e.id,
+                            healthy: e.health.is_healthy(),
+                            in_flight_tokens: e.load.tokens(),
+                            held_tokens: self.tokens(
+                                usize::try_from(state.index.held_chunks(e.id))
+                                    .unwrap_or(usize::MAX)
+                                    .saturating_mul(self.chunk_bytes),
+                            ),
+                            matched_tokens: self
+                                .tokens(routing.matched.chunks_on(e.id) * self.chunk_bytes),
+                        })
+                        .collect()
+                };
+                balance::choose(
+                    &candidates,
+                    &Ask {
+                        prompt_tokens: routing.prompt_tokens,
+                        home: routing.home,
+                        exclude,
+                        overload_bound: self.overload_bound,
+                    },
+                )?
+            }
+            Policy::LeastLoad | Policy::RoundRobin => {
+                self.choose_plain(&endpoints, routing, exclude)?
+            }
+        };
+        let endpoint = endpoints.iter().find(|e| e.id == decision.endpoint)?.clone();
+        Some((endpoint, decision))
+    }
+
+    fn choose_plain(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        routing: &Routing<'_>,
+        exclude: &[EndpointId],
+    ) -> Option<Decision> {
+        let open: Vec<&Arc<Endpoint>> =
+            endpoints.iter().filter(|e| !exclude.contains(&e.id)).collect();
+        let healthy: Vec<&Arc<Endpoint>> =
+            open.iter().copied().filter(|e| e.health.is_healthy()).collect();
+        let (pool, reason) =
+            if healthy.is_empty() { (open, Reason::Fallback) } else { (healthy, Reason::Load) };
+        let chosen = match self.policy {
+            Policy::RoundRobin => {
+                let n = self.next_round_robin.fetch_add(1, Ordering::Relaxed);
+                *pool.get(n % pool.len().max(1))?
+            }
+            _ => *pool.iter().min_by_key(|e| (e.load.tokens(), e.id))?,
+        };
+        Some(Decision {
+            endpoint: chosen.id,
+            reason,
+            matched_tokens: 0,
+            uncached_tokens: routing.prompt_tokens,
+            moved: None,
+        })
+    }
+
+    /// Records that `endpoint` accepted the request: its prefix is now there, and its
+    /// session is bound there.
+    pub fn record(&self, routing: &Routing<'_>, endpoint: EndpointId, now: Instant) {
+        if self.policy != Policy::Affinity {
+            return;
+        }
+        let mut state = self.state();
+        state.index.insert(&routing.prompt, endpoint);
+        if let Some(key) = routing.session {
+            state.sessions.bind(key, endpoint, now);
+        }
+    }
+
+    /// Drops idle session bindings; returns (index entries, session bindings) for gauges.
+    pub fn sweep(&self, now: Instant) -> (usize, usize) {
+        let mut state = self.state();
+        state.sessions.sweep(now);
+        (state.index.len(), state.sessions.len())
+    }
+}
