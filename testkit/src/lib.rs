@@ -10,7 +10,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -289,16 +288,4 @@ fn stream_answer(st: &State) -> Response<Body> {
     res.headers_mut()
         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
     res
-}
-
-/// Waits until `probe` returns true, polling every 10 ms, for at most `limit`.
-pub async fn eventually(limit: Duration, mut probe: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if probe() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    probe()
 }

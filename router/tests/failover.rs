@@ -1,0 +1,115 @@
+//! Failures: dead endpoints, 5xx answers, streams cut after the first byte, endpoints that
+//! come back.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use kvtier_testkit::StubEngine;
+use support::{stack, text};
+use tokio::net::TcpListener;
+
+fn body(i: u64) -> String {
+    format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, text(i, 2000))
+}
+
+fn index_of(name: &str) -> usize {
+    name.trim_start_matches('e').parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_endpoint_is_skipped_and_its_sessions_rebind_once_and_stick() {
+    let mut s = stack(3, |c| c.health.interval = Duration::from_millis(100)).await;
+    let home = s.chat(body(0), &[("x-session-id", "s")]).await.served_by().unwrap();
+    let dead = index_of(&home);
+    let dead_addr = s.engines[dead].addr();
+    s.engines[dead].kill();
+
+    // Every request still succeeds, mid-run, with and without the session.
+    let mut new_home = None;
+    for i in 1..30 {
+        let r = s.chat(body(i), &[("x-session-id", "s")]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let at = r.served_by().unwrap();
+        assert_ne!(at, home);
+        assert_eq!(new_home.get_or_insert_with(|| at.clone()), &at, "rebound once, then sticks");
+        assert_eq!(s.chat(body(1000 + i), &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        s.metric("kvtier_router_session_moves_total{reason=\"home_unavailable\"}").await,
+        1.0
+    );
+
+    // The endpoint comes back on the same address: the probe notices, new conversations use
+    // it again, and the moved session stays on its new home.
+    let listener = TcpListener::bind(dead_addr).await.unwrap();
+    s.engines[dead] = StubEngine::serve(listener, &home);
+    let mut healthy = 0;
+    for _ in 0..100 {
+        healthy = s.get("/health").await.json()["healthy_endpoints"].as_u64().unwrap();
+        if healthy == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(healthy, 3, "the active probe brings the endpoint back");
+    let mut used_again = false;
+    for i in 0..40 {
+        let r = s.chat(body(5000 + i), &[("x-session-id", &format!("fresh-{i}"))]).await;
+        used_again |= r.served_by().unwrap() == home;
+        let sticky = s.chat(body(9000 + i), &[("x-session-id", "s")]).await;
+        assert_eq!(sticky.served_by(), new_home);
+    }
+    assert!(used_again, "an endpoint that came back gets traffic again");
+}
+
+#[tokio::test]
+async fn a_5xx_before_the_first_byte_is_retried_on_the_next_endpoint() {
+    let s = stack(3, |_| {}).await;
+    let home = s.chat(body(0), &[("x-session-id", "s")]).await.served_by().unwrap();
+    s.engines[index_of(&home)].set_status(503);
+    let r = s.chat(body(1), &[("x-session-id", "s")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_ne!(r.served_by().unwrap(), home);
+    assert_eq!(s.metric("kvtier_router_retries_total{reason=\"upstream_status_5xx\"}").await, 1.0);
+    assert_eq!(s.engines[index_of(&home)].received().len(), 2, "the failed attempt reached it");
+}
+
+#[tokio::test]
+async fn when_every_attempt_fails_the_last_answer_is_passed_through() {
+    let s = stack(2, |c| c.upstream.max_attempts = std::num::NonZeroU32::new(2).unwrap()).await;
+    for e in &s.engines {
+        e.set_status(500);
+    }
+    let r = s.chat(body(0), &[]).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(s.engines.iter().map(|e| e.received().len()).sum::<usize>(), 2);
+}
+
+#[tokio::test]
+async fn nothing_is_retried_after_bytes_reached_the_client() {
+    let s = stack(2, |_| {}).await;
+    let home = s.chat(body(0), &[("x-session-id", "s")]).await.served_by().unwrap();
+    let e = &s.engines[index_of(&home)];
+    let gate = e.gate_streams();
+    let mut req = Request::new(Full::new(bytes::Bytes::from(format!(
+        r#"{{"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        text(1, 100)
+    ))));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = s.url("/v1/chat/completions").parse().unwrap();
+    req.headers_mut().insert("x-session-id", "s".parse().unwrap());
+    let res = s.client.request(req).await.unwrap();
+    let mut stream = res.into_body();
+    gate.add_permits(1);
+    let first = stream.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    e.kill();
+    let rest = tokio::time::timeout(Duration::from_secs(5), stream.collect()).await.unwrap();
+    assert!(rest.is_err(), "the client sees the cut, not a spliced answer from elsewhere");
+    let other = &s.engines[1 - index_of(&home)];
+    assert!(other.received().is_empty(), "the stream was not retried elsewhere");
+}

@@ -1,0 +1,118 @@
+//! Proxying: byte-identical bodies, streaming without buffering, the router's own routes.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::stack;
+
+#[tokio::test]
+async fn request_body_reaches_the_endpoint_byte_identical() {
+    let s = stack(1, |_| {}).await;
+    // Odd spacing, key order, escapes and unicode: re-serialising would change every one.
+    let body = "{ \"messages\" :[{\"content\":\"caf\\u00e9 \\\"q\\\"\\n\",   \"role\":\"user\"}],\n\"model\":\"m\" , \"temperature\":0.70}";
+    let r = s.chat(body, &[("authorization", "Bearer k"), ("x-custom", "1")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let got = s.engines[0].received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].body[..], body.as_bytes());
+    assert_eq!(got[0].headers.get("authorization").unwrap(), "Bearer k");
+    assert_eq!(got[0].headers.get("x-custom").unwrap(), "1");
+    assert_eq!(got[0].path, "/v1/chat/completions");
+
+    let prompt = r#"{"prompt":"once upon","model":"m","max_tokens":3}"#;
+    let r = s.send(Method::POST, "/v1/completions", prompt, &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&s.engines[0].received()[1].body[..], prompt.as_bytes());
+}
+
+#[tokio::test]
+async fn streams_pass_through_chunk_by_chunk() {
+    let s = stack(1, |_| {}).await;
+    let gate = s.engines[0].gate_streams();
+    let mut req = Request::new(Full::new(bytes::Bytes::from_static(
+        br#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    )));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = s.url("/v1/chat/completions").parse().unwrap();
+    let res = s.client.request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers().get("content-type").unwrap(), "text/event-stream");
+    let mut body = res.into_body();
+    // The engine sends chunk i only after permit i; each must reach the client before the
+    // next is allowed, which a buffering proxy cannot do.
+    for i in 0..3 {
+        gate.add_permits(1);
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("chunk arrives before the engine sends the next")
+            .unwrap()
+            .unwrap();
+        let data = frame.into_data().unwrap();
+        assert!(String::from_utf8_lossy(&data).contains(&format!("\"t{i}\"")), "chunk {i}");
+    }
+    gate.add_permits(1);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn models_are_merged_across_endpoints() {
+    let s = stack(3, |_| {}).await;
+    let r = s.get("/v1/models").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"].as_array().unwrap().len(), 1, "one model served by three endpoints");
+    assert_eq!(v["data"][0]["id"], "stub-model");
+}
+
+#[tokio::test]
+async fn health_and_metrics_are_served() {
+    let s = stack(2, |_| {}).await;
+    let h = s.get("/health").await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.json()["healthy_endpoints"], 2);
+    s.chat(r#"{"messages":[{"role":"user","content":"hi"}]}"#, &[]).await;
+    let m = String::from_utf8(s.get("/metrics").await.body.to_vec()).unwrap();
+    for name in [
+        "kvtier_router_requests_total{route=\"chat_completions\",outcome=\"ok\"} 1",
+        "kvtier_router_time_to_first_byte_seconds_count",
+        "kvtier_router_routing_decisions_total{reason=",
+        "kvtier_router_endpoint_in_flight_requests{endpoint=",
+        "kvtier_router_endpoint_in_flight_tokens{endpoint=",
+        "kvtier_router_predicted_prefix_tokens_count 1",
+        "kvtier_router_endpoint_healthy{endpoint=",
+    ] {
+        assert!(m.contains(name), "missing {name} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn in_flight_load_returns_to_zero_after_responses() {
+    let s = stack(2, |_| {}).await;
+    for i in 0..10 {
+        let body = format!(
+            r#"{{"stream":{},"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            i % 2 == 0,
+            support::text(i, 5000)
+        );
+        assert_eq!(s.chat(body, &[]).await.status, StatusCode::OK);
+    }
+    // The server drops a finished body just after its last byte leaves: allow it a moment.
+    let mut left = (f64::NAN, f64::NAN);
+    for _ in 0..200 {
+        left = (
+            s.metric("kvtier_router_endpoint_in_flight_tokens").await,
+            s.metric("kvtier_router_endpoint_in_flight_requests").await,
+        );
+        if left == (0.0, 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(left, (0.0, 0.0));
+}
