@@ -21,6 +21,7 @@ mod metrics;
 mod models;
 mod proxy;
 mod request;
+mod scan;
 mod server;
 mod session;
 

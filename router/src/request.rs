@@ -1,14 +1,15 @@
 //! What the router reads from an OpenAI request body, without ever re-serialising it.
 //!
-//! The body is parsed once with borrowed [`RawValue`]s: the fields that matter for routing
-//! are validated and their exact received bytes are kept as slices of the body, in the
-//! order the engine's chat template renders them (tools, then each message). Everything
-//! else is skipped (but still checked to be well-formed JSON). The body forwarded to the
+//! The body is scanned once ([`crate::scan`]): all of it is validated as JSON, and the fields
+//! that matter for routing are kept as slices of the received bytes, in the order the
+//! engine's chat template renders them (tools, then each message). The body forwarded to the
 //! endpoint is the received `Bytes`, untouched.
 
+use std::ops::Range;
+
 use kvtier_api::prefix::Segments;
-use serde::Deserialize;
-use serde_json::value::RawValue;
+
+use crate::scan::{scan, ScanError};
 
 /// The OpenAI routes the router proxies.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -35,10 +36,13 @@ impl Route {
 pub enum InvalidBody {
     /// Not JSON, or not well-formed.
     #[error("request body is not valid JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(#[source] ScanError),
     /// A required field is absent.
     #[error("`{0}` is required")]
     Missing(&'static str),
+    /// A routed field appears more than once, so it is ambiguous which one the engine uses.
+    #[error("`{0}` appears more than once")]
+    Duplicate(&'static str),
     /// A field has the wrong JSON type or shape.
     #[error("`{field}` must be {expected}")]
     WrongType {
@@ -55,7 +59,9 @@ impl InvalidBody {
     pub fn param(&self) -> Option<&'static str> {
         match self {
             InvalidBody::Json(_) => None,
-            InvalidBody::Missing(f) | InvalidBody::WrongType { field: f, .. } => Some(f),
+            InvalidBody::Missing(f)
+            | InvalidBody::Duplicate(f)
+            | InvalidBody::WrongType { field: f, .. } => Some(f),
         }
     }
 }
@@ -73,50 +79,82 @@ pub struct PromptView<'a> {
     pub max_output_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct Body<'a> {
-    #[serde(borrow)]
-    model: Option<&'a RawValue>,
-    #[serde(borrow)]
-    messages: Option<&'a RawValue>,
-    #[serde(borrow)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow)]
-    tools: Option<&'a RawValue>,
-    #[serde(borrow)]
-    user: Option<&'a RawValue>,
-    #[serde(borrow)]
-    stream: Option<&'a RawValue>,
-    #[serde(borrow)]
-    max_tokens: Option<&'a RawValue>,
-    #[serde(borrow)]
-    max_completion_tokens: Option<&'a RawValue>,
+/// The top-level fields the router reads.
+const FIELDS: [&str; 8] = [
+    "model",
+    "messages",
+    "prompt",
+    "tools",
+    "user",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+];
+
+#[derive(Default)]
+struct Fields<'a> {
+    values: [Option<&'a [u8]>; FIELDS.len()],
+    messages: Option<Vec<Range<usize>>>,
 }
 
-fn first_byte(v: &RawValue) -> u8 {
-    v.get().as_bytes().first().copied().unwrap_or(b' ')
+impl<'a> Fields<'a> {
+    /// A routed field's raw value; `null` counts as absent.
+    fn get(&self, name: &str) -> Option<&'a [u8]> {
+        let i = FIELDS.iter().position(|f| *f == name)?;
+        self.values[i].filter(|v| *v != b"null")
+    }
+}
+
+fn field_index(body: &[u8], key: &Range<usize>) -> Option<usize> {
+    let raw = &body[key.clone()];
+    if raw.contains(&b'\\') {
+        // An escaped key (rare): decode it as the engine's JSON decoder would.
+        let quoted = &body[key.start - 1..key.end + 1];
+        let decoded: String = serde_json::from_slice(quoted).ok()?;
+        FIELDS.iter().position(|f| *f == decoded)
+    } else {
+        FIELDS.iter().position(|f| f.as_bytes() == raw)
+    }
+}
+
+fn fields(body: &[u8]) -> Result<Fields<'_>, InvalidBody> {
+    let members = scan(body, |k| k == b"messages" || k.contains(&b'\\'))
+        .map_err(InvalidBody::Json)?
+        .ok_or(InvalidBody::WrongType { field: "body", expected: "a JSON object" })?;
+    let mut out = Fields::default();
+    for m in members {
+        let Some(i) = field_index(body, &m.key) else { continue };
+        if out.values[i].is_some() {
+            return Err(InvalidBody::Duplicate(FIELDS[i]));
+        }
+        out.values[i] = Some(&body[m.value]);
+        if FIELDS[i] == "messages" {
+            out.messages = m.elements;
+        }
+    }
+    Ok(out)
 }
 
 fn expect(
-    v: Option<&RawValue>,
+    v: Option<&[u8]>,
     field: &'static str,
     expected: &'static str,
     ok: impl Fn(u8) -> bool,
 ) -> Result<(), InvalidBody> {
     match v {
-        Some(v) if !ok(first_byte(v)) => Err(InvalidBody::WrongType { field, expected }),
+        Some(v) if !ok(v.first().copied().unwrap_or(b' ')) => {
+            Err(InvalidBody::WrongType { field, expected })
+        }
         _ => Ok(()),
     }
 }
 
-fn non_negative_integer(
-    v: Option<&RawValue>,
-    field: &'static str,
-) -> Result<Option<u64>, InvalidBody> {
+fn non_negative_integer(v: Option<&[u8]>, field: &'static str) -> Result<Option<u64>, InvalidBody> {
     v.map(|v| {
-        v.get()
-            .parse::<u64>()
-            .map_err(|_| InvalidBody::WrongType { field, expected: "a non-negative integer" })
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or(InvalidBody::WrongType { field, expected: "a non-negative integer" })
     })
     .transpose()
 }
@@ -127,45 +165,41 @@ fn non_negative_integer(
 /// When the body is not a JSON object, lacks `messages` (chat) or `prompt` (completions),
 /// or a routed field has the wrong type.
 pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(InvalidBody::WrongType { field: "body", expected: "a JSON object" });
-    }
-    let parsed: Body<'_> = serde_json::from_slice(body).map_err(InvalidBody::Json)?;
-    expect(parsed.model, "model", "a string", |b| b == b'"')?;
-    expect(parsed.user, "user", "a string", |b| b == b'"')?;
-    expect(parsed.stream, "stream", "a boolean", |b| b == b't' || b == b'f')?;
-    expect(parsed.tools, "tools", "an array", |b| b == b'[')?;
+    let f = fields(body)?;
+    expect(f.get("model"), "model", "a string", |b| b == b'"')?;
+    expect(f.get("user"), "user", "a string", |b| b == b'"')?;
+    expect(f.get("stream"), "stream", "a boolean", |b| b == b't' || b == b'f')?;
+    expect(f.get("tools"), "tools", "an array", |b| b == b'[')?;
     let max_output_tokens =
-        match non_negative_integer(parsed.max_completion_tokens, "max_completion_tokens")? {
+        match non_negative_integer(f.get("max_completion_tokens"), "max_completion_tokens")? {
             Some(n) => Some(n),
-            None => non_negative_integer(parsed.max_tokens, "max_tokens")?,
+            None => non_negative_integer(f.get("max_tokens"), "max_tokens")?,
         };
 
     let mut segments = Segments::new();
-    if let Some(tools) = parsed.tools {
-        segments.push(tools.get().as_bytes());
+    if let Some(tools) = f.get("tools") {
+        segments.push(tools);
     }
     match route {
         Route::Chat => {
-            let messages = parsed.messages.ok_or(InvalidBody::Missing("messages"))?;
-            let list: Vec<&RawValue> =
-                serde_json::from_str(messages.get()).map_err(|_| InvalidBody::WrongType {
-                    field: "messages",
-                    expected: "a non-empty array of objects",
-                })?;
-            if list.is_empty() || list.iter().any(|m| first_byte(m) != b'{') {
+            f.get("messages").ok_or(InvalidBody::Missing("messages"))?;
+            let wrong = InvalidBody::WrongType {
+                field: "messages",
+                expected: "a non-empty array of objects",
+            };
+            let list = f.messages.as_ref().ok_or(wrong)?;
+            if list.is_empty() || list.iter().any(|m| body[m.start] != b'{') {
                 return Err(InvalidBody::WrongType {
                     field: "messages",
                     expected: "a non-empty array of objects",
                 });
             }
             for m in list {
-                segments.push(m.get().as_bytes());
+                segments.push(&body[m.clone()]);
             }
         }
         Route::Completions => {
-            let prompt = parsed.prompt.ok_or(InvalidBody::Missing("prompt"))?;
-            let raw = prompt.get().as_bytes();
+            let raw = f.get("prompt").ok_or(InvalidBody::Missing("prompt"))?;
             match raw.first() {
                 // Leave the closing quote out, so a longer prompt of the next turn shares
                 // every full chunk of this one.
@@ -180,16 +214,12 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
             }
         }
     }
-    let user = match parsed.user {
-        Some(u) => Some(serde_json::from_str::<String>(u.get()).map_err(InvalidBody::Json)?),
+    let user = match f.get("user") {
+        // Validated JSON string: decoding cannot fail but for lone surrogates.
+        Some(u) => serde_json::from_slice::<String>(u).ok(),
         None => None,
     };
-    Ok(PromptView {
-        model: parsed.model.map_or(&[][..], |m| m.get().as_bytes()),
-        segments,
-        user,
-        max_output_tokens,
-    })
+    Ok(PromptView { model: f.get("model").unwrap_or(&[]), segments, user, max_output_tokens })
 }
 
 #[cfg(test)]
@@ -234,11 +264,19 @@ mod tests {
             (Route::Chat, br#"{"messages":[{}],"user":{}}"#, Some("user")),
             (Route::Completions, b"{}", Some("prompt")),
             (Route::Completions, br#"{"prompt":7}"#, Some("prompt")),
+            (Route::Chat, br#"{"messages":[{}],"messages":[{}]}"#, Some("messages")),
+            (Route::Chat, br#"{"messages":[{}]} x"#, None),
         ];
         for (route, body, param) in cases {
             let err = parse(*route, body).expect_err("must be rejected");
             assert_eq!(err.param(), *param, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn escaped_keys_are_read_as_the_engine_reads_them() {
+        let v = parse(Route::Chat, br#"{"mess\u0061ges":[{"role":"user"}]}"#).expect("valid");
+        assert_eq!(v.segments.len(), 15);
     }
 
     #[test]
