@@ -4,13 +4,16 @@
 # the same run: direct connections to one stand-in, and the peer routers from PyPI
 # (sglang-router, vllm-router) with round-robin and their cache-aware policies.
 #
-#   bench/router.sh [seconds-per-run] [connections]
+#   bench/router.sh [seconds-per-run] [rounds] [connections]
 #
-# Needs: wrk (apt-get install wrk), python3 with venv; writes bench/out/router-*.
+# Every configuration runs once per round, rounds interleaved, and the summary takes the
+# median per configuration, so a noisy stretch of the shared machine hits all of them alike.
+# Needs wrk (apt-get install wrk) and python3; writes bench/out/router-*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=${1:-10}
-CONNS=${2:-32}
+DUR=${1:-8}
+ROUNDS=${2:-3}
+CONNS=${3:-32}
 OUT=bench/out
 mkdir -p "$OUT"
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install wrk" >&2; exit 1; }
@@ -33,7 +36,7 @@ PIDS+=($!)
 WORKERS=(http://127.0.0.1:18101 http://127.0.0.1:18102 http://127.0.0.1:18103 http://127.0.0.1:18104)
 
 wait_port() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 300); do
     curl -s -o /dev/null "http://127.0.0.1:$1/health" && return 0
     sleep 0.1
   done
@@ -41,60 +44,62 @@ wait_port() {
 }
 wait_port 18101
 
+declare -A PORT PID
+start() { # NAME PORT CMD...
+  local name=$1 port=$2; shift 2
+  "$@" > "$OUT/router-$name.log" 2>&1 &
+  PIDS+=($!)
+  PORT[$name]=$port
+  PID[$name]=$!
+  wait_port "$port" || { tail -20 "$OUT/router-$name.log" >&2; exit 1; }
+}
+
+EP=(); for w in "${WORKERS[@]}"; do EP+=(--endpoint "$w"); done
+PORT[direct]=18101; PID[direct]=""
+KVTIER_LOG=warn start kvtier-affinity 18200 ./target/release/kvtier router --listen 127.0.0.1:18200 "${EP[@]}" --policy affinity
+KVTIER_LOG=warn start kvtier-round-robin 18201 ./target/release/kvtier router --listen 127.0.0.1:18201 "${EP[@]}" --policy round-robin
+port=18210
+for policy in round_robin cache_aware; do
+  # Each peer also serves Prometheus metrics on a port of its own.
+  start "sglang-router-$policy" $port "$OUT/peers/bin/sglang-router" launch --host 127.0.0.1 \
+    --port $port --prometheus-port $((port + 100)) --worker-urls "${WORKERS[@]}" --policy "$policy" \
+    --log-level warn --max-payload-size 67108864
+  port=$((port + 1))
+  start "vllm-router-$policy" $port "$OUT/peers/bin/vllm-router" --host 127.0.0.1 \
+    --port $port --prometheus-port $((port + 100)) --worker-urls "${WORKERS[@]}" --policy "$policy" \
+    --log-level warning --max-payload-size 67108864 --max-concurrent-requests 1024 --queue-size 1024
+  port=$((port + 1))
+done
+CONFIGS=(direct kvtier-affinity kvtier-round-robin sglang-router-round_robin vllm-router-round_robin
+  sglang-router-cache_aware vllm-router-cache_aware)
+
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
 
-# run NAME PORT PID BODY: one wrk run; PID is the router process (empty for direct).
-run() {
-  local name=$1 port=$2 pid=$3 body=$4
-  # Warm up connections and caches, then measure.
-  BODY_FILE="$OUT/$body.json" wrk -t1 -c"$CONNS" -d2s -s bench/router/post.lua \
-    "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+run() { # NAME BODY ROUND
+  local name=$1 body=$2 round=$3 port=${PORT[$1]} pid=${PID[$1]}
+  local url="http://127.0.0.1:$port/v1/chat/completions"
+  BODY_FILE="$OUT/$body.json" wrk -t1 -c"$CONNS" -d2s -s bench/router/post.lua "$url" >/dev/null
   local t0=0; [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
   local line
-  line=$(BODY_FILE="$OUT/$body.json" wrk -t1 -c"$CONNS" -d"${DUR}s" -s bench/router/post.lua \
-    "http://127.0.0.1:$port/v1/chat/completions" | grep '^RESULT')
-  local cpu="-"
+  line=$(BODY_FILE="$OUT/$body.json" wrk -t1 -c"$CONNS" -d"${DUR}s" -s bench/router/post.lua "$url" | grep '^RESULT')
+  local cpu=""
   if [ -n "$pid" ]; then
     local t1 reqs
     t1=$(cpu_ticks "$pid")
     reqs=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
     cpu=$(python3 -c "print(f'{($t1-$t0)/$TCK/max($reqs,1)*1e6:.1f}')")
   fi
-  echo "$name $body $line cpu_us_per_req=$cpu" | tee -a "$OUT/router-results.txt"
+  echo "$name $body round=$round ${line#RESULT } cpu_us_per_req=${cpu:--}" | tee -a "$OUT/router-results.txt"
 }
 
-: > "$OUT/router-results.txt"
-echo "# $(date -u +%FT%TZ) duration=${DUR}s connections=$CONNS cores=$(nproc) sglang-router=$SGL_VERSION vllm-router=$VLLMR_VERSION" | tee -a "$OUT/router-results.txt"
-
-for body in small agentic; do
-  run direct 18101 "" "$body"
+{
+  echo "# $(date -u +%FT%TZ) duration=${DUR}s rounds=$ROUNDS connections=$CONNS cores=$(nproc)"
+  echo "# sglang-router=$SGL_VERSION vllm-router=$VLLMR_VERSION"
+} | tee "$OUT/router-results.txt"
+for round in $(seq 1 "$ROUNDS"); do
+  for body in small agentic; do
+    for name in "${CONFIGS[@]}"; do run "$name" "$body" "$round"; done
+  done
 done
-
-start_router() { # NAME PORT CMD...
-  local port=$2; shift 2
-  "$@" > "$OUT/router-$port.log" 2>&1 &
-  PIDS+=($!)
-  LAST_PID=$!
-  wait_port "$port" || { tail -20 "$OUT/router-$port.log" >&2; return 1; }
-}
-
-bench_router() { # NAME PORT CMD...
-  local name=$1 port=$2
-  start_router "$@"
-  local pid=$LAST_PID
-  for body in small agentic; do run "$name" "$port" "$pid" "$body"; done
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-}
-
-EP=(); for w in "${WORKERS[@]}"; do EP+=(--endpoint "$w"); done
-KVTIER_LOG=warn bench_router kvtier-affinity 18200 ./target/release/kvtier router --listen 127.0.0.1:18200 "${EP[@]}" --policy affinity
-KVTIER_LOG=warn bench_router kvtier-round-robin 18201 ./target/release/kvtier router --listen 127.0.0.1:18201 "${EP[@]}" --policy round-robin
-for policy in round_robin cache_aware; do
-  bench_router "sglang-router-$policy" 18202 "$OUT/peers/bin/sglang-router" launch --host 127.0.0.1 --port 18202 \
-    --worker-urls "${WORKERS[@]}" --policy "$policy" --log-level warn --max-payload-size 67108864
-  bench_router "vllm-router-$policy" 18203 "$OUT/peers/bin/vllm-router" --host 127.0.0.1 --port 18203 \
-    --worker-urls "${WORKERS[@]}" --policy "$policy" --log-level warning --max-payload-size 67108864 \
-    --max-concurrent-requests 1024 --queue-size 1024
-done
-echo "results: $OUT/router-results.txt"
+python3 bench/router/summary.py "$OUT/router-results.txt" | tee "$OUT/router-summary.md"

@@ -26,7 +26,9 @@ enum Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The control runtime: accepting, discovery, health checks. Each role starts the
+    // threads its work needs (the router: one worker runtime per CPU).
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kvtier: cannot start the async runtime: {e}");

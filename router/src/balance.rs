@@ -3,12 +3,12 @@
 //! # Cost, in tokens of engine work
 //!
 //! For a request of `P` prompt tokens and an endpoint `E` with a predicted prefix match of
-//! `M(E)` tokens, `L(E)` tokens of in-flight work and `H(E)` tokens of KV the router has
-//! placed on it:
+//! `M(E)` tokens, `L(E)` tokens of in-flight work and `R(E)` tokens of resident context (the
+//! latest prompt of every conversation living on `E`):
 //!
 //! ```text
 //! cost(E)     = (P − M(E)) + L(E)            the prefill E must do + the work queued before it
-//! cost_new(E) = cost(E) + H(E)               for a conversation that has no home yet
+//! cost_new(E) = cost(E) + R(E)               for a conversation that has no home yet
 //! ```
 //!
 //! Both terms of `cost` are in the unit vLLM schedules: tokens of the per-step token budget
@@ -18,12 +18,12 @@
 //! [`EXPECTED_OUTPUT_TOKENS`]). So `cost(E)` is, up to the engine's speed, the time before
 //! this request's first token on `E`.
 //!
-//! `H(E)` spreads *new* conversations. Their prefix match is only what they share with
+//! `R(E)` spreads *new* conversations. Their prefix match is only what they share with
 //! others (a system prompt, the tool list), a one-time saving, while the endpoint that gets
-//! them will hold their KV and serve every later turn. Adding the KV already placed on `E`
-//! makes a new conversation prefer the endpoint with the least resident context unless the
-//! shared prefix saves more than the imbalance: conversations that share only a system prompt
-//! do not pile onto the endpoint that saw it first.
+//! them will hold their context and serve every later turn, each turn's work growing with
+//! it. Adding the context already living on `E` makes a new conversation prefer the endpoint
+//! with the least of it unless the shared prefix saves more than the imbalance: conversations
+//! that share only a system prompt do not pile onto the endpoint that saw it first.
 //!
 //! # Decision
 //!
@@ -36,7 +36,7 @@
 //! 3. If no endpoint is healthy, the same rule runs over all of them (health may be stale,
 //!    and trying beats refusing): reason `fallback`.
 //!
-//! Ties go to fewer in-flight tokens, then less held KV, then the lower id.
+//! Ties go to fewer in-flight tokens, then less resident context, then the lower id.
 
 use crate::endpoint::EndpointId;
 
@@ -54,8 +54,8 @@ pub struct Candidate {
     pub healthy: bool,
     /// `L(E)`: in-flight work in tokens.
     pub in_flight_tokens: u64,
-    /// `H(E)`: KV placed on it by this router, in tokens.
-    pub held_tokens: u64,
+    /// `R(E)`: resident context of the conversations living on it, in tokens.
+    pub resident_tokens: u64,
     /// `M(E)`: predicted prefix match for this request, in tokens.
     pub matched_tokens: u64,
 }
@@ -157,14 +157,14 @@ fn cost(ask: &Ask<'_>, c: &Candidate) -> u64 {
 }
 
 fn cost_new(ask: &Ask<'_>, c: &Candidate) -> u64 {
-    cost(ask, c) + c.held_tokens
+    cost(ask, c) + c.resident_tokens
 }
 
 fn best<'c>(
     pool: impl Iterator<Item = &'c Candidate>,
     f: impl Fn(&Candidate) -> u64,
 ) -> Option<&'c Candidate> {
-    pool.min_by_key(|c| (f(c), c.in_flight_tokens, c.held_tokens, c.id))
+    pool.min_by_key(|c| (f(c), c.in_flight_tokens, c.resident_tokens, c.id))
 }
 
 /// Chooses an endpoint for one request. `None` only when every candidate is excluded.
@@ -221,7 +221,7 @@ mod tests {
             id: EndpointId::new(id),
             healthy: true,
             in_flight_tokens: in_flight,
-            held_tokens: held,
+            resident_tokens: held,
             matched_tokens: matched,
         }
     }
@@ -270,7 +270,7 @@ mod tests {
     }
 
     #[test]
-    fn new_conversations_sharing_a_system_prompt_spread_by_held_kv() {
+    fn new_conversations_sharing_a_system_prompt_spread_by_resident_context() {
         // Endpoint 1 holds the 2k-token system prompt and one 12k conversation.
         let cands = [cand(1, 0, 12_000, 2_000), cand(2, 0, 0, 0)];
         let d = choose(&cands, &ask(12_000, None)).expect("d");

@@ -24,6 +24,9 @@ pub struct RouterArgs {
         required = true
     )]
     pub endpoints: Vec<String>,
+    /// Threads serving connections (default: one per CPU).
+    #[arg(long, env = "KVTIER_ROUTER_WORKERS")]
+    pub workers: Option<NonZeroUsize>,
     /// How endpoints are chosen.
     #[arg(long, env = "KVTIER_ROUTER_POLICY", value_enum, default_value_t = Policy::Affinity)]
     pub policy: Policy,
@@ -112,6 +115,9 @@ impl RouterArgs {
         }
         let mut c = RouterConfig::new(endpoints);
         c.policy = self.policy;
+        if let Some(w) = self.workers {
+            c.workers = w;
+        }
         if !self.session_headers.is_empty() {
             c.session.headers = self.session_headers;
         }

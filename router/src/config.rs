@@ -97,6 +97,8 @@ pub struct HealthConfig {
 /// Everything `kvtier router` needs.
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
+    /// Threads serving connections, each with its own runtime and endpoint connections.
+    pub workers: NonZeroUsize,
     /// Endpoints when discovery is static.
     pub endpoints: Vec<EndpointSpec>,
     /// How endpoints are chosen.
@@ -132,6 +134,7 @@ impl RouterConfig {
     #[must_use]
     pub fn new(endpoints: Vec<EndpointSpec>) -> Self {
         Self {
+            workers: std::thread::available_parallelism().unwrap_or(nzu(1)),
             endpoints,
             policy: Policy::Affinity,
             session: SessionConfig {

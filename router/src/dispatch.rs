@@ -13,7 +13,7 @@ use crate::balance::{
     self, Ask, Candidate, Decision, Home, HomeKind, Reason, EXPECTED_OUTPUT_TOKENS,
 };
 use crate::config::{Policy, RouterConfig};
-use crate::endpoint::{Endpoint, EndpointChange, EndpointId, EndpointSpec, Endpoints};
+use crate::endpoint::{Endpoint, EndpointChange, EndpointId, EndpointSpec, Endpoints, LoadGuard};
 use crate::request::PromptView;
 use crate::session::{SessionKey, SessionTable};
 
@@ -132,33 +132,34 @@ impl Dispatcher {
         }
     }
 
-    /// Chooses an endpoint not in `exclude`; `None` when there is none left.
+    /// Chooses an endpoint not in `exclude` and accounts the request's work on it; `None`
+    /// when no endpoint is left.
+    ///
+    /// The choice and the accounting happen under one lock, so requests deciding at the same
+    /// time on different threads see each other's load instead of all picking the same
+    /// least-loaded endpoint.
     pub fn choose(
         &self,
         routing: &Routing<'_>,
         exclude: &[EndpointId],
-    ) -> Option<(Arc<Endpoint>, Decision)> {
+    ) -> Option<(LoadGuard, Decision)> {
         let endpoints = self.endpoints();
+        let state = self.state();
         let decision = match self.policy {
             Policy::Affinity => {
-                let candidates: Vec<Candidate> = {
-                    let state = self.state();
-                    endpoints
-                        .iter()
-                        .map(|e| Candidate {
-                            id: e.id,
-                            healthy: e.health.is_healthy(),
-                            in_flight_tokens: e.load.tokens(),
-                            held_tokens: self.tokens(
-                                usize::try_from(state.index.held_chunks(e.id))
-                                    .unwrap_or(usize::MAX)
-                                    .saturating_mul(self.chunk_bytes),
-                            ),
-                            matched_tokens: self
-                                .tokens(routing.matched.chunks_on(e.id) * self.chunk_bytes),
-                        })
-                        .collect()
-                };
+                let candidates: Vec<Candidate> = endpoints
+                    .iter()
+                    .map(|e| Candidate {
+                        id: e.id,
+                        healthy: e.health.is_healthy(),
+                        in_flight_tokens: e.load.tokens(),
+                        resident_tokens: self.tokens(
+                            usize::try_from(state.index.resident_bytes(e.id)).unwrap_or(usize::MAX),
+                        ) + e.load.placing_tokens(),
+                        matched_tokens: self
+                            .tokens(routing.matched.chunks_on(e.id) * self.chunk_bytes),
+                    })
+                    .collect();
                 balance::choose(
                     &candidates,
                     &Ask {
@@ -174,7 +175,17 @@ impl Dispatcher {
             }
         };
         let endpoint = endpoints.iter().find(|e| e.id == decision.endpoint)?.clone();
-        Some((endpoint, decision))
+        let guard =
+            LoadGuard::new(endpoint, decision.uncached_tokens, routing.expected_output_tokens);
+        // A conversation new to this endpoint brings its whole context along.
+        let arrives = routing.home.is_none_or(|h| h.endpoint != decision.endpoint);
+        let guard = if self.policy == Policy::Affinity && arrives {
+            guard.placing(routing.prompt_tokens)
+        } else {
+            guard
+        };
+        drop(state);
+        Some((guard, decision))
     }
 
     fn choose_plain(
@@ -205,14 +216,16 @@ impl Dispatcher {
         })
     }
 
-    /// Records that `endpoint` accepted the request: its prefix is now there, and its
-    /// session is bound there.
-    pub fn record(&self, routing: &Routing<'_>, endpoint: EndpointId, now: Instant) {
+    /// Records that the guard's endpoint accepted the request: its prefix and its
+    /// conversation's context are now there, and its session is bound there.
+    pub fn record(&self, routing: &Routing<'_>, guard: &mut LoadGuard, now: Instant) {
         if self.policy != Policy::Affinity {
             return;
         }
+        let endpoint = guard.endpoint().id;
         let mut state = self.state();
-        state.index.insert(&routing.prompt, endpoint);
+        state.index.insert(&routing.prompt, endpoint, &routing.matched);
+        guard.placed();
         if let Some(key) = routing.session {
             state.sessions.bind(key, endpoint, now);
         }

@@ -114,6 +114,7 @@ pub struct Endpoint {
 pub struct Load {
     requests: AtomicU64,
     tokens: AtomicU64,
+    placing: AtomicU64,
 }
 
 impl Load {
@@ -126,6 +127,13 @@ impl Load {
     /// have not produced a first byte yet, plus the expected output of requests in flight.
     pub fn tokens(&self) -> u64 {
         self.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens of new conversations sent here whose placement is not recorded in the
+    /// prefix index yet: their resident context, counted from the moment they are routed so
+    /// that new conversations routed at the same time see each other.
+    pub fn placing_tokens(&self) -> u64 {
+        self.placing.load(Ordering::Relaxed)
     }
 }
 
@@ -179,6 +187,7 @@ pub struct LoadGuard {
     endpoint: Arc<Endpoint>,
     prefill: u64,
     decode: u64,
+    placing: u64,
 }
 
 impl LoadGuard {
@@ -186,7 +195,27 @@ impl LoadGuard {
     pub fn new(endpoint: Arc<Endpoint>, prefill: u64, decode: u64) -> Self {
         endpoint.load.requests.fetch_add(1, Ordering::Relaxed);
         endpoint.load.tokens.fetch_add(prefill + decode, Ordering::Relaxed);
-        Self { endpoint, prefill, decode }
+        Self { endpoint, prefill, decode, placing: 0 }
+    }
+
+    /// Counts `tokens` of resident context for a new conversation being placed here, until
+    /// [`LoadGuard::placed`] (or the end of the request).
+    #[must_use]
+    pub fn placing(mut self, tokens: u64) -> Self {
+        self.endpoint.load.placing.fetch_add(tokens, Ordering::Relaxed);
+        self.placing += tokens;
+        self
+    }
+
+    /// The placement is recorded in the prefix index; stop counting it here.
+    pub fn placed(&mut self) {
+        let placing = std::mem::take(&mut self.placing);
+        self.endpoint.load.placing.fetch_sub(placing, Ordering::Relaxed);
+    }
+
+    /// The endpoint this guard accounts on.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
     }
 
     /// The first response byte arrived: prefill is over.
@@ -198,6 +227,7 @@ impl LoadGuard {
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
+        self.placed();
         let load = &self.endpoint.load;
         load.tokens.fetch_sub(self.prefill + self.decode, Ordering::Relaxed);
         load.requests.fetch_sub(1, Ordering::Relaxed);
@@ -304,6 +334,12 @@ mod tests {
         assert_eq!(e.load.tokens(), 7);
         drop(g);
         assert_eq!((e.load.requests(), e.load.tokens()), (0, 0));
+        let mut g = LoadGuard::new(e.clone(), 1, 1).placing(50);
+        assert_eq!(e.load.placing_tokens(), 50);
+        g.placed();
+        assert_eq!(e.load.placing_tokens(), 0);
+        drop(LoadGuard::new(e.clone(), 1, 1).placing(9));
+        assert_eq!(e.load.placing_tokens(), 0, "a failed request releases its placement");
     }
 
     #[test]

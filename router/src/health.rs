@@ -7,13 +7,14 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use tracing::{info, warn};
 
+use crate::proxy::Upstream;
 use crate::server::App;
 
 /// Probes every endpoint once.
-pub(crate) async fn probe_all(app: &App) {
+pub(crate) async fn probe_all(app: &App, upstream: &Upstream) {
     let endpoints = app.dispatcher.endpoints();
     let timeout = app.config.health.timeout;
-    let results = join_all(endpoints.iter().map(|e| app.upstream.get(e, "/health", timeout))).await;
+    let results = join_all(endpoints.iter().map(|e| upstream.get(e, "/health", timeout))).await;
     for (endpoint, result) in endpoints.iter().zip(results) {
         match result {
             Ok(_) => {
@@ -31,11 +32,11 @@ pub(crate) async fn probe_all(app: &App) {
 }
 
 /// Probes forever on the configured interval.
-pub(crate) async fn run(app: Arc<App>) {
+pub(crate) async fn run(app: Arc<App>, upstream: Upstream) {
     let mut tick = tokio::time::interval(app.config.health.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        probe_all(&app).await;
+        probe_all(&app, &upstream).await;
     }
 }

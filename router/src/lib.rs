@@ -16,6 +16,7 @@ mod discovery;
 mod dispatch;
 mod endpoint;
 mod error;
+mod handler;
 mod health;
 mod metrics;
 mod models;

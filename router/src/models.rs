@@ -9,18 +9,22 @@ use serde_json::Value;
 
 use crate::body::ResponseBody;
 use crate::error::{json_response, ApiError};
+use crate::proxy::Upstream;
 use crate::server::App;
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks every endpoint for its models and merges the lists by model id (first seen wins).
-pub(crate) async fn list(app: &App) -> Result<Response<ResponseBody>, ApiError> {
+pub(crate) async fn list(
+    app: &App,
+    upstream: &Upstream,
+) -> Result<Response<ResponseBody>, ApiError> {
     let endpoints = app.dispatcher.endpoints();
     if endpoints.is_empty() {
         return Err(ApiError::NoEndpoints);
     }
     let answers =
-        join_all(endpoints.iter().map(|e| app.upstream.get(e, "/v1/models", LIST_TIMEOUT))).await;
+        join_all(endpoints.iter().map(|e| upstream.get(e, "/v1/models", LIST_TIMEOUT))).await;
     let mut data: Vec<Value> = Vec::new();
     let mut last_error = None;
     let mut any = false;

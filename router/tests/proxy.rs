@@ -116,3 +116,30 @@ async fn in_flight_load_returns_to_zero_after_responses() {
     }
     assert_eq!(left, (0.0, 0.0));
 }
+
+#[tokio::test]
+async fn metrics_listener_serves_only_metrics() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let engine = kvtier_testkit::StubEngine::start("e0").await.unwrap();
+    let config = kvtier_router::RouterConfig::new(vec![support::spec(&engine)]);
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    let discovery: Arc<dyn kvtier_router::Discovery> =
+        Arc::new(kvtier_router::StaticDiscovery::new(config.endpoints.clone()));
+    tokio::spawn(kvtier_router::run(config, api, Some(metrics), discovery, std::future::pending()));
+    let get = |path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    let m = get("/metrics").await;
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(m.contains("kvtier_router_endpoint_healthy"));
+    assert!(get("/v1/models").await.starts_with("HTTP/1.1 404"));
+}

@@ -1,0 +1,227 @@
+//! Request handling: the OpenAI routes (with retries), and the router's own routes.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tracing::{debug, info, warn};
+
+use crate::body::ResponseBody;
+use crate::endpoint::EndpointId;
+use crate::error::{json_response, ApiError};
+use crate::metrics::{EndpointLabels, OutcomeLabels, ReasonLabels, RouteLabels};
+use crate::models;
+use crate::proxy::{Upstream, UpstreamError};
+use crate::request::{self, Route};
+use crate::server::App;
+use crate::session::session_key;
+
+/// The metrics listener's only route.
+pub(crate) fn metrics_only(app: &App, req: &Request<Incoming>) -> Response<ResponseBody> {
+    if req.uri().path() == "/metrics" {
+        metrics_response(app)
+    } else {
+        ApiError::NotFound(req.uri().path().to_owned()).into_response()
+    }
+}
+
+/// Serves one request of the API surface.
+pub(crate) async fn handle(
+    app: &App,
+    upstream: &Upstream,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let path = req.uri().path();
+    let (route, result) = match (req.method(), path) {
+        (&Method::POST, "/v1/chat/completions") => {
+            ("chat_completions", proxy(app, upstream, Route::Chat, req, start).await)
+        }
+        (&Method::POST, "/v1/completions") => {
+            ("completions", proxy(app, upstream, Route::Completions, req, start).await)
+        }
+        (&Method::GET, "/v1/models") => ("models", models::list(app, upstream).await),
+        (&Method::GET, "/health") => ("health", Ok(health_response(app))),
+        (&Method::GET, "/metrics") => ("metrics", Ok(metrics_response(app))),
+        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
+            ("other", Err(ApiError::MethodNotAllowed))
+        }
+        (_, other) => ("other", Err(ApiError::NotFound(other.to_owned()))),
+    };
+    let (outcome, response) = match result {
+        Ok(res) => (status_outcome(res.status()), res),
+        Err(e) => {
+            debug!(error = %e, route, "request refused");
+            (e.metric_label(), e.into_response())
+        }
+    };
+    app.metrics.requests.get_or_create(&OutcomeLabels { route, outcome }).inc();
+    response
+}
+
+fn status_outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "ok",
+        400..=499 => "upstream_status_4xx",
+        500..=599 => "upstream_status_5xx",
+        _ => "upstream_status_other",
+    }
+}
+
+async fn read_body(app: &App, body: Incoming, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+    let limit = app.config.client.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(app.config.client.body_timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::BodyTimeout(app.config.client.body_timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) => match e.downcast::<hyper::Error>() {
+            Ok(e) => Err(ApiError::ReadBody(*e)),
+            Err(_) => Err(ApiError::BodyTooLarge { limit }),
+        },
+    }
+}
+
+async fn proxy(
+    app: &App,
+    upstream: &Upstream,
+    route: Route,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_body(app, body, &parts.headers).await?;
+    let view = request::parse(route, &body)?;
+    let session = session_key(&parts.headers, &app.config.session.headers, view.user.as_deref());
+    let routing = app.dispatcher.prepare(&view, session.map(|(k, _)| k), start);
+    let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
+    let attempts = app.config.upstream.max_attempts.get();
+    let mut tried: Vec<EndpointId> = Vec::new();
+    let mut last_error = None;
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            let backoff = app.config.upstream.retry_backoff * 2u32.saturating_pow(attempt - 1);
+            tokio::time::sleep(backoff).await;
+        }
+        let Some((mut guard, decision)) = app.dispatcher.choose(&routing, &tried) else {
+            break;
+        };
+        let endpoint = guard.endpoint().clone();
+        let m = &app.metrics;
+        m.decisions.get_or_create(&ReasonLabels { reason: decision.reason.label() }).inc();
+        if let Some(moved) = decision.moved {
+            m.moves.get_or_create(&ReasonLabels { reason: moved.label() }).inc();
+        }
+        debug!(
+            endpoint = %endpoint.name,
+            reason = decision.reason.label(),
+            matched_tokens = decision.matched_tokens,
+            attempt,
+            "routed"
+        );
+        let sent = upstream
+            .send(&endpoint, parts.method.clone(), path, &parts.headers, body.clone())
+            .await;
+        let unhealthy_after = app.config.health.unhealthy_after.get();
+        match sent {
+            Ok(res) if res.status().is_server_error() && attempt + 1 < attempts => {
+                if endpoint.health.record_failure(unhealthy_after) {
+                    warn!(endpoint = %endpoint.name, "endpoint unhealthy after repeated 5xx");
+                }
+                m.retries.get_or_create(&ReasonLabels { reason: "upstream_status_5xx" }).inc();
+                tried.push(endpoint.id);
+                last_error = None;
+            }
+            Ok(res) => {
+                if res.status().is_server_error() {
+                    endpoint.health.record_failure(unhealthy_after);
+                } else if endpoint.health.record_success() {
+                    info!(endpoint = %endpoint.name, "endpoint healthy again");
+                }
+                if res.status().is_success() {
+                    app.dispatcher.record(&routing, &mut guard, Instant::now());
+                    #[allow(clippy::cast_precision_loss)]
+                    m.predicted_prefix_tokens.observe(decision.matched_tokens as f64);
+                }
+                let ttfb = m
+                    .time_to_first_byte
+                    .get_or_create(&RouteLabels { route: route.label() })
+                    .clone();
+                let (mut head, incoming) = res.into_parts();
+                head.headers.remove(header::CONNECTION);
+                head.headers.remove("keep-alive");
+                return Ok(Response::from_parts(
+                    head,
+                    ResponseBody::upstream(incoming, guard, start, ttfb),
+                ));
+            }
+            Err(error) => {
+                if error.endpoint_down() {
+                    if endpoint.health.mark_down() {
+                        warn!(endpoint = %endpoint.name, %error, "endpoint down");
+                    }
+                } else {
+                    endpoint.health.record_failure(unhealthy_after);
+                }
+                if attempt + 1 < attempts {
+                    m.retries.get_or_create(&ReasonLabels { reason: error.metric_label() }).inc();
+                }
+                tried.push(endpoint.id);
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(match last_error {
+        Some(e) => ApiError::Upstream(e),
+        None if tried.is_empty() => ApiError::NoEndpoints,
+        None => ApiError::Upstream(UpstreamError::Status(StatusCode::BAD_GATEWAY)),
+    })
+}
+
+fn health_response(app: &App) -> Response<ResponseBody> {
+    let endpoints = app.dispatcher.endpoints();
+    let healthy = endpoints.iter().filter(|e| e.health.is_healthy()).count();
+    let body = serde_json::json!({
+        "status": "ok",
+        "endpoints": endpoints.len(),
+        "healthy_endpoints": healthy,
+    });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+fn metrics_response(app: &App) -> Response<ResponseBody> {
+    let m = &app.metrics;
+    for e in app.dispatcher.endpoints().iter() {
+        let labels = EndpointLabels { endpoint: e.name.clone() };
+        m.in_flight_requests
+            .get_or_create(&labels)
+            .set(i64::try_from(e.load.requests()).unwrap_or(i64::MAX));
+        m.in_flight_tokens
+            .get_or_create(&labels)
+            .set(i64::try_from(e.load.tokens()).unwrap_or(i64::MAX));
+        m.endpoint_healthy.get_or_create(&labels).set(i64::from(e.health.is_healthy()));
+    }
+    let (chunks, sessions) = app.dispatcher.sweep(Instant::now());
+    m.index_chunks.set(i64::try_from(chunks).unwrap_or(i64::MAX));
+    m.sessions.set(i64::try_from(sessions).unwrap_or(i64::MAX));
+    let mut text = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &app.registry) {
+        warn!(%error, "encoding metrics failed");
+    }
+    let mut res = Response::new(ResponseBody::full(Bytes::from(text)));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    res
+}
