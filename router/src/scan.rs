@@ -760,15 +760,20 @@ pub(crate) mod cost {
         let serde = time(&|| {
             black_box(serde_json::from_slice::<serde::de::IgnoredAny>(&body).ok());
         });
-        let view = time(&|| {
+        let parse = time(&|| {
             black_box(crate::request::parse(crate::request::Route::Chat, &body).ok());
+        });
+        let view = crate::request::parse(crate::request::Route::Chat, &body).expect("valid body");
+        let hashes = time(&|| {
+            black_box(view.segments.chunk_hashes(1, kvtier_api::prefix::DEFAULT_CHUNK_BYTES));
         });
         let backslashes = body.iter().filter(|&&b| b == b'\\').count();
         println!("body {} bytes, one backslash per {} bytes", body.len(), body.len() / backslashes);
         println!("memcpy            {memcpy:8.1} µs  1.00x");
         println!("utf-8 of all      {utf8:8.1} µs  {:.2}x memcpy", utf8 / memcpy);
         println!("scan              {scan:8.1} µs  {:.2}x memcpy", scan / memcpy);
-        println!("request::parse    {view:8.1} µs  {:.2}x memcpy", view / memcpy);
+        println!("request::parse    {parse:8.1} µs  {:.2}x memcpy", parse / memcpy);
+        println!("prefix hashes     {hashes:8.1} µs  {:.2}x memcpy", hashes / memcpy);
         println!("serde IgnoredAny  {serde:8.1} µs  {:.2}x memcpy", serde / memcpy);
     }
 }

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
+use kvtier_api::prefix::xxh3_64_with_seed;
 use kvtier_api::session::{CHILD_SESSION_HEADERS, MAX_SESSION_ID_BYTES};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::endpoint::EndpointId;
 
