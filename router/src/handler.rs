@@ -138,7 +138,7 @@ async fn proxy(
                 }
                 m.retries.get_or_create(&ReasonLabels { reason: "upstream_status_5xx" }).inc();
                 tried.push(endpoint.id);
-                last_error = None;
+                last_error = Some(UpstreamError::Status(res.status()));
             }
             Ok(res) => {
                 if res.status().is_server_error() {
@@ -179,11 +179,7 @@ async fn proxy(
             }
         }
     }
-    Err(match last_error {
-        Some(e) => ApiError::Upstream(e),
-        None if tried.is_empty() => ApiError::NoEndpoints,
-        None => ApiError::Upstream(UpstreamError::Status(StatusCode::BAD_GATEWAY)),
-    })
+    Err(last_error.map_or(ApiError::NoEndpoints, ApiError::Upstream))
 }
 
 fn health_response(app: &App) -> Response<ResponseBody> {

@@ -113,3 +113,16 @@ async fn nothing_is_retried_after_bytes_reached_the_client() {
     let other = &s.engines[1 - index_of(&home)];
     assert!(other.received().is_empty(), "the stream was not retried elsewhere");
 }
+
+#[tokio::test]
+async fn fewer_endpoints_than_attempts_all_failing_is_a_502_naming_the_answer() {
+    let s = stack(2, |c| c.upstream.max_attempts = std::num::NonZeroU32::new(5).unwrap()).await;
+    for e in &s.engines {
+        e.set_status(500);
+    }
+    let r = s.chat(body(0), &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("500"), "{message}");
+    assert_eq!(s.engines.iter().map(|e| e.received().len()).sum::<usize>(), 2, "each tried once");
+}
