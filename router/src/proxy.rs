@@ -56,9 +56,11 @@ impl UpstreamError {
 }
 
 /// Headers that describe one connection, not the request (RFC 9110 §7.6.1), plus those the
-/// router sets itself.
+/// router sets itself. `Expect: 100-continue` was answered by the router when it read the
+/// body; the endpoint gets the whole body at once.
 const NOT_FORWARDED: &[HeaderName] = &[
     header::CONNECTION,
+    header::EXPECT,
     header::HOST,
     header::CONTENT_LENGTH,
     header::TRANSFER_ENCODING,

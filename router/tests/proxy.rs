@@ -14,13 +14,16 @@ async fn request_body_reaches_the_endpoint_byte_identical() {
     let s = stack(1, |_| {}).await;
     // Odd spacing, key order, escapes and unicode: re-serialising would change every one.
     let body = "{ \"messages\" :[{\"content\":\"caf\\u00e9 \\\"q\\\"\\n\",   \"role\":\"user\"}],\n\"model\":\"m\" , \"temperature\":0.70}";
-    let r = s.chat(body, &[("authorization", "Bearer k"), ("x-custom", "1")]).await;
+    let r = s
+        .chat(body, &[("authorization", "Bearer k"), ("x-custom", "1"), ("expect", "100-continue")])
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let got = s.engines[0].received();
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].body[..], body.as_bytes());
     assert_eq!(got[0].headers.get("authorization").unwrap(), "Bearer k");
     assert_eq!(got[0].headers.get("x-custom").unwrap(), "1");
+    assert!(got[0].headers.get("expect").is_none(), "the router already took the body");
     assert_eq!(got[0].path, "/v1/chat/completions");
 
     let prompt = r#"{"prompt":"once upon","model":"m","max_tokens":3}"#;
