@@ -23,7 +23,10 @@
 //! them will hold their context and serve every later turn, each turn's work growing with
 //! it. Adding the context already living on `E` makes a new conversation prefer the endpoint
 //! with the least of it unless the shared prefix saves more than the imbalance: conversations
-//! that share only a system prompt do not pile onto the endpoint that saw it first.
+//! that share only a system prompt do not pile onto the endpoint that saw it first. And a new
+//! conversation is only placed where `R(E) ≤ min R + P`: the transient queue term `L` (an
+//! endpoint whose requests just finished looks cheaper than one still prefilling) can then
+//! never run one endpoint more than two conversations of this size ahead of the least loaded.
 //!
 //! # Decision
 //!
@@ -31,8 +34,9 @@
 //!    request continues) stays there while the home is healthy and
 //!    `cost(home) ≤ min cost(E) + overload_bound`. Reason `session` or `prefix`.
 //! 2. Otherwise (no home, home gone or unhealthy, home overloaded) the healthy endpoint with
-//!    the lowest `cost_new` (for no home or a dead home) or `cost` (overloaded home) wins;
-//!    reason `prefix` when the winner's predicted match beats the others', else `load`.
+//!    the lowest `cost_new` among those with `R(E) ≤ min R + P` (for no home or a dead
+//!    home) or the lowest `cost` (overloaded home) wins; reason `prefix` when the winner's
+//!    predicted match beats the others', else `load`.
 //! 3. If no endpoint is healthy, the same rule runs over all of them (health may be stale,
 //!    and trying beats refusing): reason `fallback`.
 //!
@@ -192,13 +196,21 @@ pub fn choose(candidates: &[Candidate], ask: &Ask<'_>) -> Option<Decision> {
         }
     };
 
+    // A new conversation may go only where the resident context is within one conversation
+    // of this size of the least: whatever the timing of concurrent decisions, no endpoint
+    // runs more than two such conversations ahead.
+    let min_resident = pool().map(|c| c.resident_tokens).min().unwrap_or(0);
+    let settle = || {
+        let window = min_resident.saturating_add(ask.prompt_tokens);
+        best(pool().filter(|c| c.resident_tokens <= window), |c| cost_new(ask, c))
+    };
     let Some(home) = ask.home else {
-        let c = best(pool(), |c| cost_new(ask, c))?;
+        let c = settle()?;
         return Some(decide(c, by_match(c), None));
     };
     let Some(at_home) = pool().find(|c| c.id == home.endpoint && (c.healthy || !any_healthy))
     else {
-        let c = best(pool(), |c| cost_new(ask, c))?;
+        let c = settle()?;
         return Some(decide(c, by_match(c), Some(Move::HomeUnavailable)));
     };
     let c = best(pool(), |c| cost(ask, c))?;
@@ -279,6 +291,18 @@ mod tests {
         let cands = [cand(1, 0, 12_000, 2_000), cand(2, 0, 11_000, 0)];
         let d = choose(&cands, &ask(12_000, None)).expect("d");
         assert_eq!((d.endpoint, d.reason), (EndpointId::new(1), Reason::Prefix));
+    }
+
+    #[test]
+    fn a_new_conversation_never_lands_more_than_one_conversation_above_the_least_resident() {
+        // Endpoint 1 finished its requests (no queue) and holds the shared prefix; endpoint 2
+        // is still prefilling new conversations. Cost alone would pick 1 again and again.
+        let cands = [cand(1, 0, 2 * 2_800, 2_000), cand(2, 2 * 2_900, 2_800, 0)];
+        let d = choose(&cands, &ask(2_800, None)).expect("d");
+        assert_eq!(d.endpoint, EndpointId::new(1), "within one conversation of the least");
+        let cands = [cand(1, 0, 3 * 2_800, 2_000), cand(2, 2 * 2_900, 2_800, 0)];
+        let d = choose(&cands, &ask(2_800, None)).expect("d");
+        assert_eq!(d.endpoint, EndpointId::new(2), "two conversations ahead: excluded");
     }
 
     #[test]
