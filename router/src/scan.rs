@@ -76,15 +76,7 @@ macro_rules! string_blocks {
             // Escaped `"`, `\\`, `n`, `t` are valid; anything else is looked at one by one.
             let mut rare = escaped & inside & !(c.common_escape | c.quote | c.backslash);
             while rare != 0 {
-                let at = $self.i + rare.trailing_zeros() as usize;
-                match bytes[rare.trailing_zeros() as usize] {
-                    b'/' | b'b' | b'f' | b'r' => {}
-                    b'u' => $self.hex4(at + 1)?,
-                    _ => {
-                        $self.i = at;
-                        return $self.err("invalid escape");
-                    }
-                }
+                $self.escaped_char($self.i + rare.trailing_zeros() as usize)?;
                 rare &= rare - 1;
             }
             if ends != 0 {
@@ -226,11 +218,19 @@ impl Scanner<'_> {
         Ok(())
     }
 
-    fn hex4(&self, at: usize) -> Result<(), ScanError> {
-        if self.b.get(at..at + 4).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-            Ok(())
-        } else {
-            Err(ScanError { what: "invalid \\u escape", at })
+    /// Checks the character at `at`, which follows a backslash (and, for `\\u`, its four hex
+    /// digits).
+    fn escaped_char(&self, at: usize) -> Result<(), ScanError> {
+        match self.b.get(at) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(()),
+            Some(b'u') => {
+                if self.b.get(at + 1..at + 5).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                    Ok(())
+                } else {
+                    Err(ScanError { what: "invalid \\u escape", at: at + 1 })
+                }
+            }
+            _ => Err(ScanError { what: "invalid escape", at }),
         }
     }
 
@@ -246,11 +246,7 @@ impl Scanner<'_> {
         loop {
             let Some(x) = self.peek() else { return self.err("unterminated string") };
             if escaped {
-                match x {
-                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                    b'u' => self.hex4(self.i + 1)?,
-                    _ => return self.err("invalid escape"),
-                }
+                self.escaped_char(self.i)?;
                 escaped = false;
             } else {
                 match x {
@@ -279,22 +275,42 @@ impl Scanner<'_> {
         Ok(())
     }
 
-    fn enter(&mut self) -> Result<(), ScanError> {
+    /// At an opening bracket: steps in. True when the container closes at once (`close`).
+    fn enter(&mut self, close: u8) -> Result<bool, ScanError> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             return self.err("nesting too deep");
         }
         self.i += 1;
         self.ws();
-        Ok(())
+        if self.peek() == Some(close) {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// After an element: true on `,` (another follows), false on `close` (stepped out).
+    fn next_or_close(&mut self, close: u8, what: &'static str) -> Result<bool, ScanError> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.i += 1;
+                Ok(true)
+            }
+            Some(c) if c == close => {
+                self.i += 1;
+                self.depth -= 1;
+                Ok(false)
+            }
+            _ => self.err(what),
+        }
     }
 
     /// At `[`. Records element ranges into `elements` when given.
     fn array(&mut self, mut elements: Option<&mut Vec<Range<usize>>>) -> Result<(), ScanError> {
-        self.enter()?;
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            self.depth -= 1;
+        if self.enter(b']')? {
             return Ok(());
         }
         loop {
@@ -304,15 +320,8 @@ impl Scanner<'_> {
             if let Some(e) = elements.as_deref_mut() {
                 e.push(start..self.i);
             }
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b']') => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(());
-                }
-                _ => return self.err("expected ',' or ']'"),
+            if !self.next_or_close(b']', "expected ',' or ']'")? {
+                return Ok(());
             }
         }
     }
@@ -324,10 +333,7 @@ impl Scanner<'_> {
         wants: impl Fn(&[u8], u32) -> bool,
         member: &mut dyn FnMut(Member),
     ) -> Result<(), ScanError> {
-        self.enter()?;
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            self.depth -= 1;
+        if self.enter(b'}')? {
             return Ok(());
         }
         loop {
@@ -351,15 +357,8 @@ impl Scanner<'_> {
                 None
             };
             member(Member { key, value: start..self.i, elements });
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(());
-                }
-                _ => return self.err("expected ',' or '}'"),
+            if !self.next_or_close(b'}', "expected ',' or '}'")? {
+                return Ok(());
             }
         }
     }
