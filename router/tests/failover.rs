@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use kvtier_testkit::StubEngine;
 use support::{stack, text};
 use tokio::net::TcpListener;
@@ -95,14 +95,10 @@ async fn nothing_is_retried_after_bytes_reached_the_client() {
     let home = s.chat(body(0), &[("x-session-id", "s")]).await.served_by().unwrap();
     let e = &s.engines[index_of(&home)];
     let gate = e.gate_streams();
-    let mut req = Request::new(Full::new(bytes::Bytes::from(format!(
-        r#"{{"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
-        text(1, 100)
-    ))));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = s.url("/v1/chat/completions").parse().unwrap();
-    req.headers_mut().insert("x-session-id", "s".parse().unwrap());
-    let res = s.client.request(req).await.unwrap();
+    let streamed =
+        format!(r#"{{"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#, text(1, 100));
+    let res =
+        s.open(Method::POST, "/v1/chat/completions", streamed, &[("x-session-id", "s")]).await;
     let mut stream = res.into_body();
     gate.add_permits(1);
     let first = stream.frame().await.unwrap().unwrap();

@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use support::stack;
 
 #[tokio::test]
@@ -36,12 +36,8 @@ async fn request_body_reaches_the_endpoint_byte_identical() {
 async fn streams_pass_through_chunk_by_chunk() {
     let s = stack(1, |_| {}).await;
     let gate = s.engines[0].gate_streams();
-    let mut req = Request::new(Full::new(bytes::Bytes::from_static(
-        br#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-    )));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = s.url("/v1/chat/completions").parse().unwrap();
-    let res = s.client.request(req).await.unwrap();
+    let streamed = r#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let res = s.open(Method::POST, "/v1/chat/completions", streamed, &[]).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers().get("content-type").unwrap(), "text/event-stream");
     let mut body = res.into_body();

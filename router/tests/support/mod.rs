@@ -72,13 +72,14 @@ impl Stack {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub async fn send(
+    /// Sends a request and returns the response with its body still streaming.
+    pub async fn open(
         &self,
         method: Method,
         path: &str,
         body: impl Into<Bytes>,
         headers: &[(&str, &str)],
-    ) -> Reply {
+    ) -> http::Response<hyper::body::Incoming> {
         let mut req = Request::new(Full::new(body.into()));
         *req.method_mut() = method;
         *req.uri_mut() = self.url(path).parse().unwrap();
@@ -86,7 +87,17 @@ impl Stack {
         for (k, v) in headers {
             req.headers_mut().insert(http::HeaderName::try_from(*k).unwrap(), v.parse().unwrap());
         }
-        let res = self.client.request(req).await.unwrap();
+        self.client.request(req).await.unwrap()
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let res = self.open(method, path, body, headers).await;
         let status = res.status();
         let headers = res.headers().clone();
         let body = res.into_body().collect().await.unwrap().to_bytes();
