@@ -33,7 +33,7 @@ pub struct Routing<'a> {
     matched: Match,
     home: Option<Home>,
     /// Output tokens this request is expected to produce.
-    pub expected_output_tokens: u64,
+    expected_output_tokens: u64,
 }
 
 /// Chooses endpoints and records placements.
@@ -231,10 +231,14 @@ impl Dispatcher {
         }
     }
 
-    /// Drops idle session bindings; returns (index entries, session bindings) for gauges.
-    pub fn sweep(&self, now: Instant) -> (usize, usize) {
-        let mut state = self.state();
-        state.sessions.sweep(now);
+    /// Drops idle session bindings.
+    pub fn sweep(&self, now: Instant) {
+        self.state().sessions.sweep(now);
+    }
+
+    /// (prefix-index entries, session bindings), for gauges.
+    pub fn sizes(&self) -> (usize, usize) {
+        let state = self.state();
         (state.index.len(), state.sessions.len())
     }
 }

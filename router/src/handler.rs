@@ -205,7 +205,7 @@ fn metrics_response(app: &App) -> Response<ResponseBody> {
             .set(i64::try_from(e.load.tokens()).unwrap_or(i64::MAX));
         m.endpoint_healthy.get_or_create(&labels).set(i64::from(e.health.is_healthy()));
     }
-    let (chunks, sessions) = app.dispatcher.sweep(Instant::now());
+    let (chunks, sessions) = app.dispatcher.sizes();
     m.index_chunks.set(i64::try_from(chunks).unwrap_or(i64::MAX));
     m.sessions.set(i64::try_from(sessions).unwrap_or(i64::MAX));
     let mut text = String::new();

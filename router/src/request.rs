@@ -183,17 +183,14 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
     match route {
         Route::Chat => {
             f.get("messages").ok_or(InvalidBody::Missing("messages"))?;
-            let wrong = InvalidBody::WrongType {
-                field: "messages",
-                expected: "a non-empty array of objects",
-            };
-            let list = f.messages.as_ref().ok_or(wrong)?;
-            if list.is_empty() || list.iter().any(|m| body[m.start] != b'{') {
-                return Err(InvalidBody::WrongType {
+            let list = f
+                .messages
+                .as_ref()
+                .filter(|l| !l.is_empty() && l.iter().all(|m| body[m.start] == b'{'))
+                .ok_or(InvalidBody::WrongType {
                     field: "messages",
                     expected: "a non-empty array of objects",
-                });
-            }
+                })?;
             for m in list {
                 segments.push(&body[m.clone()]);
             }
