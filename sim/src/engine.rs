@@ -1,0 +1,854 @@
+//! The engine model: continuous batching with chunked prefill over a block-granular KV cache,
+//! in simulated time. No I/O and no clock: the driver ([`crate::server`]) feeds requests in
+//! and calls [`Engine::step`]; tests drive it directly.
+//!
+//! One step is one forward pass. It decodes one token for every running request past its
+//! prefill, then spends the rest of the token budget on prefill chunks, oldest request first,
+//! then admits waiting requests while KV blocks and the budget allow (vLLM's V1 scheduler
+//! order). Its duration is the fixed cost of a pass, a cost per decoding sequence and per token
+//! of context they read, the prefill chunks' cost (growing with their position), and the time
+//! to load KV found in a host tier for requests admitted in this step (loads block the step,
+//! as a synchronous connector load does).
+//!
+//! KV lives in blocks of `block_tokens`. A full prompt block is identified by the chained hash
+//! of its text ([`crate::tokens`]). Under strategy `hbm` and `tiered`, a computed block stays
+//! in HBM after its request ends, in least-recently-used order, until its space is needed;
+//! under `tiered` every computed block is also written to DRAM (write-through, as LMCache
+//! stores on save), DRAM evicts to NVMe when there is an NVMe tier, and a request whose
+//! prefix continues in DRAM or NVMe loads it instead of computing it. Generated tokens are
+//! not cached: the next turn of an agent resends them as text the engine did not produce.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// How the engine keeps KV between requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// No prefix caching: every prompt is computed in full.
+    None,
+    /// Prefix caching in HBM only.
+    Hbm,
+    /// HBM prefix caching plus host tiers (DRAM, optionally NVMe).
+    Tiered,
+}
+
+impl Strategy {
+    /// Fixed label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Strategy::None => "none",
+            Strategy::Hbm => "hbm",
+            Strategy::Tiered => "tiered",
+        }
+    }
+
+    /// All strategies, in the study's order.
+    pub const ALL: [Strategy; 3] = [Strategy::None, Strategy::Hbm, Strategy::Tiered];
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Strategy::None),
+            "hbm" => Ok(Strategy::Hbm),
+            "tiered" => Ok(Strategy::Tiered),
+            other => Err(format!("unknown strategy {other:?}: none, hbm or tiered")),
+        }
+    }
+}
+
+/// Time costs, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct CostModel {
+    /// Prefill cost of a token at position 0.
+    pub prefill_s_per_token: f64,
+    /// Added prefill cost of a token per token of context before it.
+    pub prefill_s_per_token_per_position: f64,
+    /// Fixed cost of a forward pass.
+    pub step_s: f64,
+    /// Added cost per decoding sequence.
+    pub decode_s_per_sequence: f64,
+    /// Added cost per token of context a decoding sequence reads.
+    pub decode_s_per_context_token: f64,
+    /// Bytes of KV in one block.
+    pub block_bytes: f64,
+    /// DRAM -> HBM bytes per second.
+    pub dram_bytes_per_s: f64,
+    /// NVMe -> HBM bytes per second.
+    pub nvme_bytes_per_s: f64,
+}
+
+impl CostModel {
+    /// Cost of prefilling positions `start..end` of a prompt.
+    #[must_use]
+    pub fn prefill(&self, start: u64, end: u64) -> f64 {
+        let (s, e) = (start as f64, end as f64);
+        self.prefill_s_per_token * (e - s)
+            + self.prefill_s_per_token_per_position * (e * e - s * s) / 2.0
+    }
+}
+
+/// Engine limits and costs.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Caching strategy.
+    pub strategy: Strategy,
+    /// Tokens per KV block.
+    pub block_tokens: u32,
+    /// KV blocks in HBM.
+    pub hbm_blocks: u64,
+    /// KV blocks in DRAM (`tiered` only).
+    pub dram_blocks: u64,
+    /// KV blocks on NVMe (`tiered` only).
+    pub nvme_blocks: u64,
+    /// Token budget per step.
+    pub max_batched_tokens: u32,
+    /// Most running sequences.
+    pub max_num_seqs: u32,
+    /// Longest prompt plus output accepted.
+    pub max_model_len: u32,
+    /// Time costs.
+    pub cost: CostModel,
+}
+
+/// One request as the engine sees it.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// Caller's id, unique among live requests.
+    pub id: u64,
+    /// Prompt length in tokens.
+    pub prompt_tokens: u32,
+    /// Chained hashes of the prompt's full blocks.
+    pub blocks: Vec<u64>,
+    /// Tokens to generate (at least 1).
+    pub max_tokens: u32,
+    /// Simulated arrival time.
+    pub arrival: f64,
+}
+
+/// Why the engine refuses a request outright.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Prompt plus output exceed the model's context.
+    #[error("This model's maximum context length is {max} tokens. However, you requested {requested} tokens ({prompt} in the messages, {output} in the completion). Please reduce the length of the messages or completion.")]
+    TooLong {
+        /// The limit.
+        max: u32,
+        /// Prompt + output.
+        requested: u64,
+        /// Prompt.
+        prompt: u32,
+        /// Output.
+        output: u32,
+    },
+    /// The request alone needs more KV than HBM holds.
+    #[error("the request needs {needed} KV blocks but the engine has {capacity}")]
+    NoRoom {
+        /// Blocks needed.
+        needed: u64,
+        /// Blocks in HBM.
+        capacity: u64,
+    },
+}
+
+/// What happened to a request during a step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Prefill finished and the first token was sampled.
+    FirstToken {
+        /// Request.
+        id: u64,
+        /// Prompt tokens found in HBM.
+        hbm_hit_tokens: u64,
+        /// Prompt tokens loaded from DRAM or NVMe.
+        tier_hit_tokens: u64,
+    },
+    /// Tokens generated in this step (the first token included).
+    Tokens {
+        /// Request.
+        id: u64,
+        /// How many.
+        n: u32,
+    },
+    /// The request generated all its tokens and left the engine.
+    Finished {
+        /// Request.
+        id: u64,
+    },
+}
+
+/// One step's outcome.
+#[derive(Clone, Debug, Default)]
+pub struct Step {
+    /// Simulated start time.
+    pub start: f64,
+    /// Duration in simulated seconds.
+    pub duration: f64,
+    /// What happened, in order.
+    pub events: Vec<Event>,
+}
+
+/// Running totals, in tokens unless named otherwise (the figures `/metrics` exposes).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_queries: u64,
+    /// Prompt tokens found in HBM.
+    pub prefix_hits: u64,
+    /// Prompt tokens loaded from DRAM.
+    pub dram_hits: u64,
+    /// Prompt tokens loaded from NVMe.
+    pub nvme_hits: u64,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: u64,
+    /// Prompt tokens computed by prefill.
+    pub computed_tokens: u64,
+    /// Tokens generated.
+    pub generation_tokens: u64,
+    /// Requests finished.
+    pub finished: u64,
+    /// Requests aborted by their client.
+    pub aborted: u64,
+    /// Requests preempted (their KV released, recomputed later).
+    pub preemptions: u64,
+    /// Blocks evicted from HBM.
+    pub hbm_evictions: u64,
+    /// Blocks evicted from DRAM.
+    pub dram_evictions: u64,
+    /// Blocks evicted from NVMe.
+    pub nvme_evictions: u64,
+    /// Seconds spent loading KV from host tiers.
+    pub load_seconds: f64,
+    /// Seconds spent in steps.
+    pub busy_seconds: f64,
+    /// Steps run.
+    pub steps: u64,
+}
+
+/// Point-in-time figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Gauges {
+    /// Requests in the running batch.
+    pub running: usize,
+    /// Requests waiting for admission.
+    pub waiting: usize,
+    /// HBM blocks in use by running requests.
+    pub hbm_used_blocks: u64,
+    /// HBM blocks holding cached KV that no request uses.
+    pub hbm_cached_blocks: u64,
+    /// DRAM blocks held.
+    pub dram_blocks: u64,
+    /// NVMe blocks held.
+    pub nvme_blocks: u64,
+    /// Distinct prompt blocks held in any tier.
+    pub held_blocks: u64,
+}
+
+/// A least-recently-used set of block hashes with a capacity.
+#[derive(Debug, Default)]
+struct Lru {
+    capacity: u64,
+    by_hash: HashMap<u64, u64>,
+    by_tick: BTreeMap<u64, u64>,
+}
+
+impl Lru {
+    fn new(capacity: u64) -> Self {
+        Self { capacity, ..Self::default() }
+    }
+
+    fn contains(&self, h: u64) -> bool {
+        self.by_hash.contains_key(&h)
+    }
+
+    fn len(&self) -> u64 {
+        self.by_hash.len() as u64
+    }
+
+    fn remove(&mut self, h: u64) -> bool {
+        match self.by_hash.remove(&h) {
+            Some(t) => {
+                self.by_tick.remove(&t);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inserts or refreshes `h`; returns what was evicted to make room.
+    fn touch(&mut self, h: u64, tick: u64, evicted: &mut Vec<u64>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if let Some(old) = self.by_hash.insert(h, tick) {
+            self.by_tick.remove(&old);
+        }
+        self.by_tick.insert(tick, h);
+        while self.by_hash.len() as u64 > self.capacity {
+            let Some((_, victim)) = self.by_tick.pop_first() else { break };
+            self.by_hash.remove(&victim);
+            evicted.push(victim);
+        }
+    }
+}
+
+/// A cached HBM block: how many running requests use it, and its LRU tick when none does.
+#[derive(Debug, Clone, Copy)]
+struct HbmBlock {
+    refs: u32,
+    tick: u64,
+}
+
+#[derive(Debug)]
+struct Request {
+    sub: Submission,
+    /// Tokens whose KV is in HBM (hits, loads and computed), prompt and generated.
+    computed: u64,
+    /// Prefill target: the prompt, plus what was generated before a preemption.
+    target: u64,
+    generated: u32,
+    /// Cached blocks this request holds a reference to.
+    pinned: Vec<u64>,
+    /// Blocks it holds that are not in the cache (partial, generated, or being computed).
+    private: u64,
+    /// Index of the next prompt block to publish to the cache once computed.
+    next_publish: usize,
+    first_token_sent: bool,
+    /// Whether its prompt was counted in the prefix-cache figures (once, not again after a
+    /// preemption).
+    counted: bool,
+    hbm_hit_tokens: u64,
+    tier_hit_tokens: u64,
+}
+
+impl Request {
+    fn context(&self) -> u64 {
+        u64::from(self.sub.prompt_tokens) + u64::from(self.generated)
+    }
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    time: f64,
+    tick: u64,
+    waiting: VecDeque<Request>,
+    running: Vec<Request>,
+    hbm: HashMap<u64, HbmBlock>,
+    /// Cached HBM blocks with no reference, by LRU tick.
+    evictable: BTreeMap<u64, u64>,
+    /// HBM blocks held privately by running requests.
+    private_blocks: u64,
+    dram: Lru,
+    nvme: Lru,
+    counters: Counters,
+}
+
+impl Engine {
+    /// An idle engine at simulated time 0.
+    #[must_use]
+    pub fn new(config: EngineConfig) -> Self {
+        Self {
+            config,
+            time: 0.0,
+            tick: 0,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            hbm: HashMap::new(),
+            evictable: BTreeMap::new(),
+            private_blocks: 0,
+            dram: Lru::new(config.dram_blocks),
+            nvme: Lru::new(config.nvme_blocks),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Simulated time at the end of the last step.
+    #[must_use]
+    pub fn time(&self) -> f64 {
+        self.time
+    }
+
+    /// Moves an idle engine's clock forward to `t` (never back).
+    pub fn advance_to(&mut self, t: f64) {
+        if t > self.time {
+            self.time = t;
+        }
+    }
+
+    /// Whether no request is waiting or running.
+    #[must_use]
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Running totals.
+    #[must_use]
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Point-in-time figures.
+    #[must_use]
+    pub fn gauges(&self) -> Gauges {
+        let cached = self.evictable.len() as u64;
+        let held = if self.config.strategy == Strategy::Tiered {
+            let mut n = self.dram.len() + self.nvme.len();
+            n += self
+                .hbm
+                .keys()
+                .filter(|h| !self.dram.contains(**h) && !self.nvme.contains(**h))
+                .count() as u64;
+            n
+        } else {
+            self.hbm.len() as u64
+        };
+        Gauges {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            hbm_used_blocks: self.private_blocks + self.hbm.len() as u64 - cached,
+            hbm_cached_blocks: cached,
+            dram_blocks: self.dram.len(),
+            nvme_blocks: self.nvme.len(),
+            held_blocks: held,
+        }
+    }
+
+    /// Share of HBM KV blocks in use by running requests (vLLM's KV cache usage).
+    #[must_use]
+    pub fn kv_usage(&self) -> f64 {
+        if self.config.hbm_blocks == 0 {
+            return 0.0;
+        }
+        self.gauges().hbm_used_blocks as f64 / self.config.hbm_blocks as f64
+    }
+
+    /// Checks a request against the engine's hard limits.
+    ///
+    /// # Errors
+    /// When it can never run here.
+    pub fn check(&self, prompt_tokens: u32, max_tokens: u32) -> Result<(), Refusal> {
+        Self::check_config(&self.config, prompt_tokens, max_tokens)
+    }
+
+    /// Checks a request against the hard limits of an engine configured with `config`.
+    ///
+    /// # Errors
+    /// When it can never run there.
+    pub fn check_config(
+        config: &EngineConfig,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> Result<(), Refusal> {
+        let requested = u64::from(prompt_tokens) + u64::from(max_tokens);
+        if requested > u64::from(config.max_model_len) {
+            return Err(Refusal::TooLong {
+                max: config.max_model_len,
+                requested,
+                prompt: prompt_tokens,
+                output: max_tokens,
+            });
+        }
+        let needed = requested.div_ceil(u64::from(config.block_tokens));
+        if needed > config.hbm_blocks {
+            return Err(Refusal::NoRoom { needed, capacity: config.hbm_blocks });
+        }
+        Ok(())
+    }
+
+    /// Queues a request (admitted at the first step that starts at or after its arrival).
+    ///
+    /// # Errors
+    /// When it can never run here.
+    pub fn submit(&mut self, mut sub: Submission) -> Result<(), Refusal> {
+        sub.max_tokens = sub.max_tokens.max(1);
+        self.check(sub.prompt_tokens, sub.max_tokens)?;
+        let bt = u64::from(self.config.block_tokens);
+        sub.blocks.truncate((u64::from(sub.prompt_tokens) / bt) as usize);
+        let target = u64::from(sub.prompt_tokens);
+        self.waiting.push_back(Request {
+            sub,
+            computed: 0,
+            target,
+            generated: 0,
+            pinned: Vec::new(),
+            private: 0,
+            next_publish: 0,
+            first_token_sent: false,
+            counted: false,
+            hbm_hit_tokens: 0,
+            tier_hit_tokens: 0,
+        });
+        Ok(())
+    }
+
+    /// Drops a request whose client went away, releasing its KV.
+    pub fn abort(&mut self, id: u64) {
+        if let Some(i) = self.waiting.iter().position(|r| r.sub.id == id) {
+            if let Some(r) = self.waiting.remove(i) {
+                self.release(r);
+            }
+            self.counters.aborted += 1;
+        } else if let Some(i) = self.running.iter().position(|r| r.sub.id == id) {
+            let r = self.running.remove(i);
+            self.release(r);
+            self.counters.aborted += 1;
+        }
+    }
+
+    /// Arrival time of the first waiting request, when nothing runs (the driver sleeps until
+    /// then).
+    #[must_use]
+    pub fn next_arrival(&self) -> Option<f64> {
+        self.waiting.front().map(|r| r.sub.arrival)
+    }
+
+    fn free_blocks(&self) -> u64 {
+        self.config.hbm_blocks.saturating_sub(self.private_blocks + self.hbm.len() as u64)
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Frees one cached block (least recently used), if any.
+    fn evict_one(&mut self) -> bool {
+        let Some((_, h)) = self.evictable.pop_first() else { return false };
+        self.hbm.remove(&h);
+        self.counters.hbm_evictions += 1;
+        true
+    }
+
+    /// Makes `n` blocks free by evicting cached ones. False when impossible (nothing changed
+    /// in that case only if no eviction was needed).
+    fn make_room(&mut self, n: u64) -> bool {
+        while self.free_blocks() < n {
+            if !self.evict_one() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn pin(&mut self, h: u64) {
+        if let Some(b) = self.hbm.get_mut(&h) {
+            if b.refs == 0 {
+                self.evictable.remove(&b.tick);
+            }
+            b.refs += 1;
+        }
+    }
+
+    fn unpin(&mut self, h: u64) {
+        let tick = self.next_tick();
+        if let Some(b) = self.hbm.get_mut(&h) {
+            b.refs = b.refs.saturating_sub(1);
+            if b.refs == 0 {
+                if self.config.strategy == Strategy::None {
+                    self.hbm.remove(&h);
+                } else {
+                    b.tick = tick;
+                    self.evictable.insert(tick, h);
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, mut r: Request) {
+        for h in std::mem::take(&mut r.pinned) {
+            self.unpin(h);
+        }
+        self.private_blocks -= r.private;
+    }
+
+    /// Writes a computed block to DRAM, demoting DRAM's victims to NVMe.
+    fn store(&mut self, h: u64) {
+        let tick = self.next_tick();
+        let mut evicted = Vec::new();
+        self.nvme.remove(h);
+        self.dram.touch(h, tick, &mut evicted);
+        for v in evicted {
+            self.counters.dram_evictions += 1;
+            let mut gone = Vec::new();
+            self.nvme.touch(v, tick, &mut gone);
+            self.counters.nvme_evictions += gone.len() as u64;
+        }
+    }
+
+    /// Tries to admit the head of the waiting queue. Returns the load time it adds to the
+    /// step, or None when it does not fit now.
+    fn admit_head(&mut self) -> Option<f64> {
+        let bt = u64::from(self.config.block_tokens);
+        let head = self.waiting.front()?;
+        let target = head.target;
+        let caching = self.config.strategy != Strategy::None;
+        // At least one token is always computed, so the last token can be sampled.
+        let max_hit_blocks = ((target - 1) / bt) as usize;
+        let blocks = &head.sub.blocks;
+        let mut hbm_hit = 0;
+        if caching {
+            while hbm_hit < blocks.len().min(max_hit_blocks)
+                && self.hbm.contains_key(&blocks[hbm_hit])
+            {
+                hbm_hit += 1;
+            }
+        }
+        let mut tier_hit = hbm_hit;
+        let mut from_nvme = 0u64;
+        if self.config.strategy == Strategy::Tiered {
+            while tier_hit < blocks.len().min(max_hit_blocks) {
+                let h = blocks[tier_hit];
+                if self.dram.contains(h) {
+                } else if self.nvme.contains(h) {
+                    from_nvme += 1;
+                } else {
+                    break;
+                }
+                tier_hit += 1;
+            }
+        }
+        let total_blocks = target.div_ceil(bt);
+        let needed = total_blocks - hbm_hit as u64;
+        // The hit blocks are pinned before room is made, so they cannot be evicted for it.
+        let hits: Vec<u64> = blocks[..hbm_hit].to_vec();
+        let evictable_hits =
+            hits.iter().filter(|h| self.hbm.get(h).is_some_and(|b| b.refs == 0)).count() as u64;
+        if self.free_blocks() + self.evictable.len() as u64 - evictable_hits < needed {
+            return None;
+        }
+        let mut r = self.waiting.pop_front()?;
+        for &h in &hits {
+            self.pin(h);
+        }
+        let ok = self.make_room(needed);
+        debug_assert!(ok, "room was checked");
+        r.pinned = hits;
+        // Loaded blocks join the cache at once; the rest are private until computed.
+        let loaded = (tier_hit - hbm_hit) as u64;
+        let loaded_hashes = r.sub.blocks[hbm_hit..tier_hit].to_vec();
+        for h in loaded_hashes {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.hbm.entry(h) {
+                v.insert(HbmBlock { refs: 1, tick: 0 });
+            } else {
+                self.pin(h);
+            }
+            r.pinned.push(h);
+            // A load refreshes the block in DRAM (and promotes it from NVMe).
+            self.store(h);
+        }
+        r.private = needed - loaded;
+        self.private_blocks += r.private;
+        r.computed = tier_hit as u64 * bt;
+        r.next_publish = tier_hit;
+        if !r.counted {
+            r.counted = true;
+            r.hbm_hit_tokens = hbm_hit as u64 * bt;
+            r.tier_hit_tokens = loaded * bt;
+            self.counters.prefix_queries += u64::from(r.sub.prompt_tokens);
+            self.counters.prefix_hits += r.hbm_hit_tokens;
+            self.counters.dram_hits += (loaded - from_nvme) * bt;
+            self.counters.nvme_hits += from_nvme * bt;
+            self.counters.prompt_tokens += u64::from(r.sub.prompt_tokens);
+        }
+        let c = &self.config.cost;
+        let load = (loaded - from_nvme) as f64 * c.block_bytes / c.dram_bytes_per_s
+            + from_nvme as f64 * c.block_bytes / c.nvme_bytes_per_s;
+        self.counters.load_seconds += load;
+        self.running.push(r);
+        Some(load)
+    }
+
+    /// Blocks a decoding request lacks for this step's token.
+    fn decode_blocks_short(&self, r: &Request) -> u64 {
+        if r.computed < r.target {
+            return 0;
+        }
+        let bt = u64::from(self.config.block_tokens);
+        let held = r.pinned.len() as u64 + r.private;
+        (r.context() + 1).div_ceil(bt).saturating_sub(held)
+    }
+
+    /// Preempts the most recently admitted running request: its KV is released and it waits
+    /// again at the head of the queue, to be recomputed.
+    fn preempt_newest(&mut self) -> bool {
+        let Some(mut r) = self.running.pop() else { return false };
+        for h in std::mem::take(&mut r.pinned) {
+            self.unpin(h);
+        }
+        self.private_blocks -= r.private;
+        r.private = 0;
+        r.computed = 0;
+        r.next_publish = 0;
+        r.target = r.context();
+        self.counters.preemptions += 1;
+        self.waiting.push_front(r);
+        true
+    }
+
+    /// Runs one step starting at the engine's time. None when there is nothing to run (the
+    /// caller then advances the clock to the next arrival).
+    pub fn step(&mut self) -> Option<Step> {
+        let start = self.time;
+        let mut budget = u64::from(self.config.max_batched_tokens);
+        let mut duration = 0.0;
+        let mut events = Vec::new();
+
+        // 1. Decode: one token for each request past its prefill. A request whose context
+        //    crosses into a new block needs one more; cached blocks are evicted for it and,
+        //    failing that, the newest running requests are preempted (vLLM's recompute
+        //    preemption) until the rest fit.
+        loop {
+            let short: u64 = self.running.iter().map(|r| self.decode_blocks_short(r)).sum();
+            if self.make_room(short) || !self.preempt_newest() {
+                break;
+            }
+        }
+        let mut decoding = Vec::new();
+        for i in 0..self.running.len() {
+            let short = self.decode_blocks_short(&self.running[i]);
+            let r = &self.running[i];
+            if r.computed < r.target || budget == 0 || short > self.free_blocks() {
+                continue;
+            }
+            self.running[i].private += short;
+            self.private_blocks += short;
+            budget -= 1;
+            decoding.push(i);
+        }
+
+        // 2. Prefill chunks for running requests, oldest first.
+        let mut chunks: Vec<(usize, u64, u64)> = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if r.computed < r.target {
+                let n = (r.target - r.computed).min(budget);
+                chunks.push((i, r.computed, r.computed + n));
+                budget -= n;
+            }
+        }
+
+        // 3. Admit waiting requests that have arrived, while blocks and budget allow.
+        while budget > 0 && self.running.len() < self.config.max_num_seqs as usize {
+            match self.waiting.front() {
+                Some(r) if r.sub.arrival <= start => {}
+                _ => break,
+            }
+            let Some(load) = self.admit_head() else { break };
+            duration += load;
+            let i = self.running.len() - 1;
+            let r = &self.running[i];
+            let n = (r.target - r.computed).min(budget);
+            chunks.push((i, r.computed, r.computed + n));
+            budget -= n;
+        }
+
+        if decoding.is_empty() && chunks.is_empty() {
+            return None;
+        }
+
+        // Cost of the pass.
+        let c = self.config.cost;
+        duration += c.step_s;
+        let mut decode_ctx = 0u64;
+        for &i in &decoding {
+            decode_ctx += self.running[i].context();
+        }
+        duration += decoding.len() as f64 * c.decode_s_per_sequence
+            + decode_ctx as f64 * c.decode_s_per_context_token;
+        for &(_, s, e) in &chunks {
+            duration += c.prefill(s, e);
+        }
+
+        // Apply progress.
+        for &i in &decoding {
+            let r = &mut self.running[i];
+            r.generated += 1;
+            self.counters.generation_tokens += 1;
+            events.push(Event::Tokens { id: r.sub.id, n: 1 });
+        }
+        for &(i, s, e) in &chunks {
+            self.counters.computed_tokens += e - s;
+            self.running[i].computed = e;
+            self.publish(i);
+            let r = &mut self.running[i];
+            if e == r.target {
+                // The pass that ends the prefill samples the next token.
+                r.generated += 1;
+                self.counters.generation_tokens += 1;
+                if !r.first_token_sent {
+                    r.first_token_sent = true;
+                    events.push(Event::FirstToken {
+                        id: r.sub.id,
+                        hbm_hit_tokens: r.hbm_hit_tokens,
+                        tier_hit_tokens: r.tier_hit_tokens,
+                    });
+                }
+                events.push(Event::Tokens { id: r.sub.id, n: 1 });
+            }
+        }
+        // Finished requests leave the batch.
+        let mut k = 0;
+        while k < self.running.len() {
+            if self.running[k].generated >= self.running[k].sub.max_tokens {
+                let r = self.running.remove(k);
+                events.push(Event::Finished { id: r.sub.id });
+                self.counters.finished += 1;
+                self.release(r);
+            } else {
+                k += 1;
+            }
+        }
+
+        self.time = start + duration;
+        self.counters.busy_seconds += duration;
+        self.counters.steps += 1;
+        Some(Step { start, duration, events })
+    }
+
+    /// Moves the newly computed full prompt blocks of running request `i` into the cache.
+    fn publish(&mut self, i: usize) {
+        if self.config.strategy == Strategy::None {
+            return;
+        }
+        let bt = u64::from(self.config.block_tokens);
+        loop {
+            let r = &self.running[i];
+            let b = r.next_publish;
+            if b >= r.sub.blocks.len() || (b as u64 + 1) * bt > r.computed {
+                break;
+            }
+            let h = r.sub.blocks[b];
+            self.running[i].next_publish += 1;
+            if let Some(block) = self.hbm.get(&h) {
+                // Computed twice (two requests raced on the same prefix): keep one copy.
+                if block.refs == 0 {
+                    let t = block.tick;
+                    self.evictable.remove(&t);
+                }
+                if let Some(block) = self.hbm.get_mut(&h) {
+                    block.refs += 1;
+                }
+            } else {
+                self.hbm.insert(h, HbmBlock { refs: 1, tick: 0 });
+            }
+            let r = &mut self.running[i];
+            r.pinned.push(h);
+            r.private -= 1;
+            self.private_blocks -= 1;
+            if self.config.strategy == Strategy::Tiered {
+                self.store(h);
+            }
+        }
+    }
+}

@@ -1,0 +1,853 @@
+//! The HTTP surface of a simulated engine (vLLM's OpenAI server, as far as clients and
+//! routers use it) and the task that drives the engine in scaled real time.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, warn};
+
+use crate::engine::{Counters, Engine, EngineConfig, Event, Gauges, Strategy, Submission};
+use crate::profile::Profile;
+use crate::tokens::{self, Message, Rendered};
+
+/// Largest request body accepted (vLLM has no fixed limit; agent prompts reach a few MB).
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// Output is sent to clients at most this often per request (real time), so a fast time
+/// scale does not turn into one network write per simulated token.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+/// Steps closer than this (real time) to the clock are run without sleeping.
+const SLEEP_SLACK: Duration = Duration::from_micros(500);
+
+/// Maps simulated seconds to real time: `scale` simulated seconds pass per real second.
+#[derive(Debug, Clone, Copy)]
+pub struct SimClock {
+    origin: Instant,
+    scale: f64,
+}
+
+impl SimClock {
+    /// A clock at simulated time 0 now.
+    #[must_use]
+    pub fn new(scale: f64) -> Self {
+        Self { origin: Instant::now(), scale }
+    }
+
+    /// Current simulated time.
+    #[must_use]
+    pub fn now(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64() * self.scale
+    }
+
+    /// The real instant of simulated time `t`.
+    #[must_use]
+    pub fn instant(&self, t: f64) -> Instant {
+        self.origin + Duration::from_secs_f64((t / self.scale).max(0.0))
+    }
+
+    /// Simulated seconds per real second.
+    #[must_use]
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+}
+
+/// How to run a simulated engine.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// The engine's profile.
+    pub profile: Profile,
+    /// KV strategy.
+    pub strategy: Strategy,
+    /// Simulated seconds per real second.
+    pub time_scale: f64,
+    /// Model id served (defaults to the profile's).
+    pub served_model: Option<String>,
+}
+
+/// What the engine task publishes for `/metrics` and for callers in the same process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    /// Simulated time of the engine.
+    pub time: f64,
+    /// How far the engine ran behind the clock at worst, in simulated seconds (a machine
+    /// too slow for the time scale shows here).
+    pub max_lag: f64,
+    /// Running totals.
+    pub counters: Counters,
+    /// Point-in-time figures.
+    pub gauges: Gauges,
+    /// Share of HBM blocks in use.
+    pub kv_usage: f64,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Submit(Submission, mpsc::UnboundedSender<Update>),
+    Abort(u64),
+}
+
+/// What the engine tells a request's handler.
+#[derive(Debug)]
+enum Update {
+    First { cached: u64 },
+    Tokens(u32),
+    Done,
+}
+
+#[derive(Debug)]
+struct Shared {
+    model: String,
+    config: EngineConfig,
+    clock: SimClock,
+    tx: mpsc::UnboundedSender<Msg>,
+    snapshot: Mutex<Snapshot>,
+    next_id: AtomicU64,
+    profile: String,
+}
+
+/// A running simulated engine.
+#[derive(Debug)]
+pub struct Sim {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Sim {
+    /// Starts a simulated engine on `listener`, with its clock at 0 now.
+    ///
+    /// # Panics
+    /// If the listener has no local address.
+    #[must_use]
+    pub fn serve(listener: TcpListener, options: SimOptions) -> Self {
+        Self::serve_with_clock(listener, options.clone(), SimClock::new(options.time_scale))
+    }
+
+    /// Starts a simulated engine on `listener` that shares `clock` (several replicas and a
+    /// replay in one process keep one notion of simulated time).
+    ///
+    /// # Panics
+    /// If the listener has no local address.
+    #[must_use]
+    pub fn serve_with_clock(listener: TcpListener, options: SimOptions, clock: SimClock) -> Self {
+        let addr = listener.local_addr().expect("bound listener");
+        let config = options.profile.engine_config(options.strategy);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            model: options.served_model.unwrap_or_else(|| options.profile.served_model.clone()),
+            config,
+            clock,
+            tx,
+            snapshot: Mutex::new(Snapshot::default()),
+            next_id: AtomicU64::new(1),
+            profile: options.profile.name.clone(),
+        });
+        let driver = tokio::spawn(drive(Engine::new(config), shared.clone(), rx));
+        let st = shared.clone();
+        let server = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let st = st.clone();
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(&st, req).await) }
+                    });
+                    if let Err(e) =
+                        http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+                    {
+                        debug!("connection: {e}");
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Self { addr, shared, tasks: vec![driver, server] }
+    }
+
+    /// `http://127.0.0.1:port`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The latest figures.
+    #[must_use]
+    pub fn snapshot(&self) -> Snapshot {
+        *lock(&self.shared.snapshot)
+    }
+
+    /// The engine's configuration.
+    #[must_use]
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A request's delivery state in the driver.
+#[derive(Debug)]
+struct Slot {
+    tx: mpsc::UnboundedSender<Update>,
+    pending: u32,
+    last_flush: Instant,
+}
+
+/// Runs the engine against the clock: a step that ends in the simulated future is waited
+/// for, then its events are delivered; requests that arrive meanwhile join at the next step.
+async fn drive(mut engine: Engine, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let clock = shared.clock;
+    let mut slots: HashMap<u64, Slot> = HashMap::new();
+    let mut max_lag = 0.0f64;
+    let mut last_publish = Instant::now();
+    let publish = |engine: &Engine, max_lag: f64| {
+        *lock(&shared.snapshot) = Snapshot {
+            time: engine.time(),
+            max_lag,
+            counters: engine.counters(),
+            gauges: engine.gauges(),
+            kv_usage: engine.kv_usage(),
+        };
+    };
+    publish(&engine, 0.0);
+    loop {
+        // Take in what arrived.
+        loop {
+            let msg = if engine.is_idle() && slots.is_empty() {
+                publish(&engine, max_lag);
+                match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            };
+            match msg {
+                Msg::Submit(sub, tx) => {
+                    if engine.is_idle() {
+                        engine.advance_to(sub.arrival);
+                    }
+                    let id = sub.id;
+                    match engine.submit(sub) {
+                        Ok(()) => {
+                            slots.insert(id, Slot { tx, pending: 0, last_flush: Instant::now() });
+                        }
+                        // Checked by the handler already; a refusal here only drops the
+                        // request, which its handler reports.
+                        Err(e) => warn!("refused after the check: {e}"),
+                    }
+                }
+                Msg::Abort(id) => {
+                    engine.abort(id);
+                    slots.remove(&id);
+                }
+            }
+        }
+
+        let Some(step) = engine.step() else {
+            // Nothing runnable: the waiting head has not arrived yet.
+            match engine.next_arrival() {
+                Some(t) if t > engine.time() => engine.advance_to(t),
+                _ => {
+                    // Blocked (cannot happen with a consistent engine); wait for news.
+                    if let Some(Msg::Submit(sub, tx)) = rx.recv().await {
+                        let id = sub.id;
+                        if engine.submit(sub).is_ok() {
+                            slots.insert(id, Slot { tx, pending: 0, last_flush: Instant::now() });
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        let end = step.start + step.duration;
+        let now = clock.now();
+        max_lag = max_lag.max(now - end);
+        let due = clock.instant(end);
+        if due > Instant::now() + SLEEP_SLACK {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let real_now = Instant::now();
+        for ev in step.events {
+            match ev {
+                Event::FirstToken { id, hbm_hit_tokens, tier_hit_tokens } => {
+                    if let Some(s) = slots.get_mut(&id) {
+                        let cached = hbm_hit_tokens + tier_hit_tokens;
+                        if s.tx.send(Update::First { cached }).is_err() {
+                            engine.abort(id);
+                            slots.remove(&id);
+                        }
+                    }
+                }
+                Event::Tokens { id, n } => {
+                    if let Some(s) = slots.get_mut(&id) {
+                        s.pending += n;
+                        if real_now.duration_since(s.last_flush) >= FLUSH_EVERY || s.pending == n {
+                            let ok = s.tx.send(Update::Tokens(s.pending)).is_ok();
+                            s.pending = 0;
+                            s.last_flush = real_now;
+                            if !ok {
+                                engine.abort(id);
+                                slots.remove(&id);
+                            }
+                        }
+                    }
+                }
+                Event::Finished { id } => {
+                    if let Some(s) = slots.remove(&id) {
+                        if s.pending > 0 {
+                            let _ = s.tx.send(Update::Tokens(s.pending));
+                        }
+                        let _ = s.tx.send(Update::Done);
+                    }
+                }
+            }
+        }
+        if real_now.duration_since(last_publish) >= Duration::from_millis(50) {
+            publish(&engine, max_lag);
+            last_publish = real_now;
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut res = Response::new(Full::new(body.into()).boxed());
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    res
+}
+
+/// An error in vLLM's shape.
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    let kind = match status {
+        StatusCode::NOT_FOUND => "NotFoundError",
+        StatusCode::PAYLOAD_TOO_LARGE => "RequestEntityTooLarge",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        _ => "BadRequestError",
+    };
+    let body = serde_json::json!({
+        "object": "error",
+        "message": message,
+        "type": kind,
+        "param": null,
+        "code": status.as_u16(),
+    });
+    json(status, body.to_string())
+}
+
+async fn handle(st: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health") => Response::new(Full::new(Bytes::new()).boxed()),
+        (&Method::GET, "/v1/models") => models(st),
+        (&Method::GET, "/metrics") => metrics(st),
+        (&Method::POST, "/v1/chat/completions") => generate(st, req, Api::Chat).await,
+        (&Method::POST, "/v1/completions") => generate(st, req, Api::Completions).await,
+        (_, "/health" | "/v1/models" | "/metrics" | "/v1/chat/completions" | "/v1/completions") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, "Not Found"),
+    }
+}
+
+fn models(st: &Shared) -> Response<Body> {
+    let body = serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": st.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kvtier-sim",
+            "root": st.model,
+            "max_model_len": st.config.max_model_len,
+        }],
+    });
+    json(StatusCode::OK, body.to_string())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Completions,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerateBody<'a> {
+    model: Option<String>,
+    #[serde(default, borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    prompt: Option<PromptField>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u64>),
+}
+
+/// Output tokens when the request names none.
+const DEFAULT_MAX_TOKENS: u32 = 256;
+
+async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+                );
+            }
+            return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}"));
+        }
+    };
+    let parsed: GenerateBody<'_> = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
+    };
+    if let Some(m) = &parsed.model {
+        if *m != st.model {
+            return error(StatusCode::NOT_FOUND, &format!("The model `{m}` does not exist."));
+        }
+    }
+    let bt = st.config.block_tokens;
+    let prompt = match api {
+        Api::Chat => {
+            let Some(messages) = parsed.messages.as_deref() else {
+                return error(StatusCode::BAD_REQUEST, "`messages` is required");
+            };
+            if messages.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "`messages` must not be empty");
+            }
+            let mut r = Rendered::default();
+            let s = r.chat(parsed.tools, messages);
+            tokens::measure(&st.model, &s, bt)
+        }
+        Api::Completions => {
+            let mut owned = Vec::new();
+            let mut s = kvtier_api::prefix::Segments::new();
+            match &parsed.prompt {
+                Some(PromptField::Text(t)) => s.push(t.as_bytes()),
+                Some(PromptField::Texts(ts)) => {
+                    for t in ts {
+                        s.push(t.as_bytes());
+                    }
+                }
+                Some(PromptField::Ids(ids)) => {
+                    // One token per id.
+                    owned = ids.iter().map(|i| format!("{i:>4}")).collect();
+                }
+                None => return error(StatusCode::BAD_REQUEST, "`prompt` is required"),
+            }
+            for o in &owned {
+                s.push(o.as_bytes());
+            }
+            if s.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "`prompt` must not be empty");
+            }
+            let mut p = tokens::measure(&st.model, &s, bt);
+            if let Some(PromptField::Ids(ids)) = &parsed.prompt {
+                p.tokens = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+            }
+            p
+        }
+    };
+    let max_tokens =
+        parsed.max_completion_tokens.or(parsed.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS).max(1);
+    let check = Engine::check_config(&st.config, prompt.tokens, max_tokens);
+    if let Err(refusal) = check {
+        return error(StatusCode::BAD_REQUEST, &refusal.to_string());
+    }
+    let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sub = Submission {
+        id,
+        prompt_tokens: prompt.tokens,
+        blocks: prompt.blocks,
+        max_tokens,
+        arrival: st.clock.now(),
+    };
+    if st.tx.send(Msg::Submit(sub, tx)).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped");
+    }
+    let guard = AbortOnDrop { id, tx: st.tx.clone(), armed: true };
+    let meta = Meta {
+        id: format!("{}-{id}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }),
+        model: st.model.clone(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        prompt_tokens: prompt.tokens,
+        api,
+    };
+    if parsed.stream {
+        let include_usage = parsed.stream_options.is_some_and(|o| o.include_usage);
+        stream_response(meta, rx, guard, include_usage)
+    } else {
+        whole_response(meta, rx, guard).await
+    }
+}
+
+/// Tells the engine to drop a request whose client went away before it finished.
+#[derive(Debug)]
+struct AbortOnDrop {
+    id: u64,
+    tx: mpsc::UnboundedSender<Msg>,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Msg::Abort(self.id));
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Meta {
+    id: String,
+    model: String,
+    created: u64,
+    prompt_tokens: u32,
+    api: Api,
+}
+
+/// Text for `n` generated tokens.
+fn text_of(n: u32) -> String {
+    "tok ".repeat(n as usize)
+}
+
+fn usage(meta: &Meta, completion: u32, cached: u64) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": meta.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": u64::from(meta.prompt_tokens) + u64::from(completion),
+        "prompt_tokens_details": { "cached_tokens": cached },
+    })
+}
+
+async fn whole_response(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<Update>,
+    mut guard: AbortOnDrop,
+) -> Response<Body> {
+    let (mut generated, mut cached) = (0u32, 0u64);
+    loop {
+        match rx.recv().await {
+            Some(Update::First { cached: c }) => cached = c,
+            Some(Update::Tokens(n)) => generated += n,
+            Some(Update::Done) => break,
+            None => {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "the engine dropped the request")
+            }
+        }
+    }
+    guard.armed = false;
+    let choice = match meta.api {
+        Api::Chat => serde_json::json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": text_of(generated) },
+            "finish_reason": "length",
+        }),
+        Api::Completions => serde_json::json!({
+            "index": 0, "text": text_of(generated), "finish_reason": "length",
+        }),
+    };
+    let body = serde_json::json!({
+        "id": meta.id,
+        "object": if meta.api == Api::Chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": usage(&meta, generated, cached),
+    });
+    json(StatusCode::OK, body.to_string())
+}
+
+fn stream_response(
+    meta: Meta,
+    rx: mpsc::UnboundedReceiver<Update>,
+    guard: AbortOnDrop,
+    include_usage: bool,
+) -> Response<Body> {
+    let object = if meta.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |meta: &Meta, choice: serde_json::Value| -> Bytes {
+        let v = serde_json::json!({
+            "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+            "choices": [choice],
+        });
+        Bytes::from(format!("data: {v}\n\n"))
+    };
+    let delta = |meta: &Meta, text: String, finish: Option<&str>| -> serde_json::Value {
+        match meta.api {
+            Api::Chat => serde_json::json!({
+                "index": 0, "delta": { "content": text }, "finish_reason": finish,
+            }),
+            Api::Completions => serde_json::json!({
+                "index": 0, "text": text, "finish_reason": finish,
+            }),
+        }
+    };
+    let mut state = (0u32, 0u64, Some(guard));
+    let frames = UnboundedReceiverStream::new(rx).map(move |u| {
+        let bytes = match u {
+            Update::First { cached } => {
+                state.1 = cached;
+                if meta.api == Api::Chat {
+                    chunk(
+                        &meta,
+                        serde_json::json!({
+                            "index": 0,
+                            "delta": { "role": "assistant", "content": "" },
+                            "finish_reason": null,
+                        }),
+                    )
+                } else {
+                    Bytes::new()
+                }
+            }
+            Update::Tokens(n) => {
+                state.0 += n;
+                chunk(&meta, delta(&meta, text_of(n), None))
+            }
+            Update::Done => {
+                if let Some(mut g) = state.2.take() {
+                    g.armed = false;
+                }
+                let mut out = String::from_utf8_lossy(&chunk(
+                    &meta,
+                    delta(&meta, String::new(), Some("length")),
+                ))
+                .into_owned();
+                if include_usage {
+                    let v = serde_json::json!({
+                        "id": meta.id, "object": object, "created": meta.created,
+                        "model": meta.model, "choices": [],
+                        "usage": usage(&meta, state.0, state.1),
+                    });
+                    let _ = write!(out, "data: {v}\n\n");
+                }
+                out.push_str("data: [DONE]\n\n");
+                Bytes::from(out)
+            }
+        };
+        Ok::<_, Infallible>(Frame::data(bytes))
+    });
+    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    res.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    res
+}
+
+fn metrics(st: &Shared) -> Response<Body> {
+    let s = *lock(&st.snapshot);
+    let c = s.counters;
+    let g = s.gauges;
+    let bt = u64::from(st.config.block_tokens);
+    let m = &st.model;
+    let mut out = String::with_capacity(4096);
+    let mut put = |kind: &str, name: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            let _ = writeln!(out, "{name}{suffix}{{model_name=\"{m}\"{sep}{labels}}} {v}");
+        }
+    };
+    put(
+        "gauge",
+        "vllm:num_requests_running",
+        "Requests in the running batch.",
+        &[("", g.running as f64)],
+    );
+    put(
+        "gauge",
+        "vllm:num_requests_waiting",
+        "Requests waiting for admission.",
+        &[("", g.waiting as f64)],
+    );
+    put(
+        "gauge",
+        "vllm:kv_cache_usage_perc",
+        "Share of KV blocks in use (1 = 100%).",
+        &[("", s.kv_usage)],
+    );
+    put(
+        "gauge",
+        "vllm:gpu_cache_usage_perc",
+        "Share of KV blocks in use (older name).",
+        &[("", s.kv_usage)],
+    );
+    put(
+        "counter",
+        "vllm:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        &[("", c.prefix_queries as f64)],
+    );
+    put(
+        "counter",
+        "vllm:prefix_cache_hits",
+        "Prompt tokens found in the prefix cache (HBM).",
+        &[("", c.prefix_hits as f64)],
+    );
+    put(
+        "counter",
+        "vllm:prompt_tokens",
+        "Prompt tokens of admitted requests.",
+        &[("", c.prompt_tokens as f64)],
+    );
+    put(
+        "counter",
+        "vllm:generation_tokens",
+        "Generated tokens.",
+        &[("", c.generation_tokens as f64)],
+    );
+    put("counter", "vllm:num_preemptions", "Preemptions.", &[("", c.preemptions as f64)]);
+    put(
+        "counter",
+        "vllm:request_success",
+        "Finished requests.",
+        &[("finished_reason=\"length\"", c.finished as f64)],
+    );
+    let cache_info = format!(
+        "block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\"",
+        bt,
+        st.config.hbm_blocks,
+        st.config.strategy != Strategy::None
+    );
+    put("gauge", "vllm:cache_config_info", "KV cache configuration.", &[(&cache_info, 1.0)]);
+    put(
+        "counter",
+        "kvtier_sim_tier_hit_tokens",
+        "Prompt tokens loaded from a host tier.",
+        &[("tier=\"dram\"", c.dram_hits as f64), ("tier=\"nvme\"", c.nvme_hits as f64)],
+    );
+    put(
+        "counter",
+        "kvtier_sim_computed_tokens",
+        "Prompt tokens computed by prefill.",
+        &[("", c.computed_tokens as f64)],
+    );
+    put(
+        "counter",
+        "kvtier_sim_evicted_blocks",
+        "KV blocks evicted, per tier.",
+        &[
+            ("tier=\"hbm\"", c.hbm_evictions as f64),
+            ("tier=\"dram\"", c.dram_evictions as f64),
+            ("tier=\"nvme\"", c.nvme_evictions as f64),
+        ],
+    );
+    put(
+        "gauge",
+        "kvtier_sim_held_tokens",
+        "Prompt tokens of KV held, per tier and in any tier.",
+        &[
+            ("tier=\"hbm\"", ((g.hbm_used_blocks + g.hbm_cached_blocks) * bt) as f64),
+            ("tier=\"dram\"", (g.dram_blocks * bt) as f64),
+            ("tier=\"nvme\"", (g.nvme_blocks * bt) as f64),
+            ("tier=\"any\"", (g.held_blocks * bt) as f64),
+        ],
+    );
+    put(
+        "counter",
+        "kvtier_sim_load_seconds",
+        "Simulated seconds spent loading KV from host tiers.",
+        &[("", c.load_seconds)],
+    );
+    put(
+        "counter",
+        "kvtier_sim_busy_seconds",
+        "Simulated seconds spent in forward passes.",
+        &[("", c.busy_seconds)],
+    );
+    put("gauge", "kvtier_sim_time_seconds", "The engine's simulated time.", &[("", s.time)]);
+    put(
+        "gauge",
+        "kvtier_sim_max_lag_seconds",
+        "Worst lag of the engine behind the clock, simulated seconds.",
+        &[("", s.max_lag)],
+    );
+    let info = format!(
+        "profile=\"{}\",strategy=\"{}\",time_scale=\"{}\"",
+        st.profile,
+        st.config.strategy.label(),
+        st.clock.scale()
+    );
+    put("gauge", "kvtier_sim_info", "Profile, strategy and time scale.", &[(&info, 1.0)]);
+    let mut res = Response::new(Full::new(Bytes::from(out)).boxed());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}

@@ -1,0 +1,212 @@
+//! The engine model in simulated time: caching, eviction, tiers, batching.
+
+use kvtier_sim::engine::{CostModel, Engine, EngineConfig, Event, Refusal, Strategy, Submission};
+
+const BT: u32 = 64;
+
+fn config(strategy: Strategy, hbm_tokens: u64, dram_tokens: u64) -> EngineConfig {
+    EngineConfig {
+        strategy,
+        block_tokens: BT,
+        hbm_blocks: hbm_tokens / u64::from(BT),
+        dram_blocks: dram_tokens / u64::from(BT),
+        nvme_blocks: 0,
+        max_batched_tokens: 8192,
+        max_num_seqs: 64,
+        max_model_len: 200_000,
+        cost: CostModel {
+            prefill_s_per_token: 1e-4,
+            prefill_s_per_token_per_position: 1e-9,
+            step_s: 0.02,
+            decode_s_per_sequence: 1e-3,
+            decode_s_per_context_token: 1e-8,
+            block_bytes: 64.0 * 100_000.0,
+            dram_bytes_per_s: 20e9,
+            nvme_bytes_per_s: 5e9,
+        },
+    }
+}
+
+/// A conversation prompt: `tokens` tokens whose blocks are `conv`-specific.
+fn prompt(conv: u64, tokens: u32) -> Vec<u64> {
+    (0..u64::from(tokens / BT)).map(|i| conv << 32 | i).collect()
+}
+
+fn sub(id: u64, conv: u64, tokens: u32, arrival: f64) -> Submission {
+    Submission { id, prompt_tokens: tokens, blocks: prompt(conv, tokens), max_tokens: 4, arrival }
+}
+
+/// Runs until `id` finishes; returns (time to first token, cached tokens at admission).
+fn serve(e: &mut Engine, s: Submission) -> (f64, u64) {
+    let (id, arrival) = (s.id, s.arrival);
+    e.advance_to(arrival);
+    e.submit(s).expect("fits");
+    let mut first = None;
+    loop {
+        let step = e.step().expect("work to do");
+        for ev in step.events {
+            match ev {
+                Event::FirstToken { id: i, hbm_hit_tokens, tier_hit_tokens } if i == id => {
+                    first = Some((
+                        step.start + step.duration - arrival,
+                        hbm_hit_tokens + tier_hit_tokens,
+                    ));
+                }
+                Event::Finished { id: i } if i == id => {
+                    return first.expect("first token before the end")
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn a_repeated_prompt_hits_and_is_faster() {
+    let mut e = Engine::new(config(Strategy::Hbm, 400_000, 0));
+    let (cold, hit0) = serve(&mut e, sub(1, 7, 50_000, 0.0));
+    let (warm, hit1) = serve(&mut e, sub(2, 7, 50_000, 100.0));
+    assert_eq!(hit0, 0);
+    // Every full block but the last token's: 50,000 / 64 = 781 blocks, the last one ends at
+    // 49,984 < 50,000, so all 781 hit.
+    assert_eq!(hit1, 781 * 64);
+    assert!(warm * 20.0 < cold, "warm {warm} s vs cold {cold} s");
+    let c = e.counters();
+    assert_eq!(c.prefix_queries, 100_000);
+    assert_eq!(c.prefix_hits, 781 * 64);
+    assert_eq!(c.computed_tokens, 100_000 - 781 * 64);
+}
+
+#[test]
+fn strategy_none_never_hits() {
+    let mut e = Engine::new(config(Strategy::None, 400_000, 0));
+    let (a, _) = serve(&mut e, sub(1, 7, 20_000, 0.0));
+    let (b, hit) = serve(&mut e, sub(2, 7, 20_000, 100.0));
+    assert_eq!(hit, 0);
+    assert!((a - b).abs() < 1e-9);
+    assert_eq!(e.gauges().hbm_cached_blocks, 0, "nothing is kept");
+}
+
+#[test]
+fn eviction_under_pressure_is_least_recently_used() {
+    // HBM holds 100k tokens: conversations of 40k each, three of them, then the first again.
+    let mut e = Engine::new(config(Strategy::Hbm, 100_000, 0));
+    serve(&mut e, sub(1, 1, 40_000, 0.0));
+    serve(&mut e, sub(2, 2, 40_000, 100.0));
+    serve(&mut e, sub(3, 3, 40_000, 200.0));
+    assert!(e.counters().hbm_evictions > 0);
+    // Conversation 1 was the least recently used: its blocks went first.
+    let (_, hit1) = serve(&mut e, sub(4, 1, 40_000, 300.0));
+    assert!(hit1 < 40_000 / 2, "conversation 1 should be mostly evicted, hit {hit1}");
+    // Conversation 3 is the most recent: fully cached before conversation 1 came back? Its
+    // blocks are now older than conversation 1's, but younger than 2's, so 2 went first.
+    let (_, hit3) = serve(&mut e, sub(5, 3, 40_000, 400.0));
+    assert!(hit3 > 30_000, "conversation 3 should mostly survive, hit {hit3}");
+}
+
+#[test]
+fn tiered_loads_evicted_prefixes_at_link_speed() {
+    let hbm = 100_000;
+    let run = |strategy| {
+        let mut e = Engine::new(config(strategy, hbm, 1_000_000));
+        serve(&mut e, sub(1, 1, 60_000, 0.0));
+        serve(&mut e, sub(2, 2, 60_000, 100.0)); // pushes conversation 1 out of HBM
+        let back = serve(&mut e, sub(3, 1, 60_000, 200.0));
+        (back, e.counters())
+    };
+    let ((hbm_ttft, hbm_hit), _) = run(Strategy::Hbm);
+    let ((tier_ttft, tier_hit), c) = run(Strategy::Tiered);
+    assert!(hbm_hit < 60_000 / 2, "HBM alone lost it: {hbm_hit}");
+    assert!(tier_hit >= 59_000, "the tier kept it: {tier_hit}");
+    assert!(c.dram_hits > 0);
+    // The load costs bandwidth time: blocks x block bytes / DRAM bandwidth.
+    let blocks_from_dram = c.dram_hits / u64::from(BT);
+    let expected_load = blocks_from_dram as f64 * 64.0 * 100_000.0 / 20e9;
+    assert!((c.load_seconds - expected_load).abs() < 1e-9, "{} vs {expected_load}", c.load_seconds);
+    assert!(tier_ttft >= expected_load);
+    assert!(tier_ttft * 5.0 < hbm_ttft, "tiered {tier_ttft} s vs HBM {hbm_ttft} s");
+}
+
+#[test]
+fn chunked_prefill_shares_steps_with_decode() {
+    let mut e = Engine::new(config(Strategy::Hbm, 400_000, 0));
+    e.submit(Submission {
+        id: 1,
+        prompt_tokens: 1000,
+        blocks: prompt(1, 1000),
+        max_tokens: 1000,
+        arrival: 0.0,
+    })
+    .expect("fits");
+    // Request 1 decodes; request 2's long prefill arrives and is chunked at 8192 per step.
+    let mut steps = 0;
+    while steps < 5 {
+        e.step().expect("work");
+        steps += 1;
+    }
+    e.submit(sub(2, 2, 40_000, e.time())).expect("fits");
+    let mut decode_tokens_during_prefill = 0;
+    let mut prefill_steps = 0;
+    loop {
+        let s = e.step().expect("work");
+        prefill_steps += 1;
+        decode_tokens_during_prefill +=
+            s.events.iter().filter(|ev| matches!(ev, Event::Tokens { id: 1, .. })).count();
+        if s.events.iter().any(|ev| matches!(ev, Event::FirstToken { id: 2, .. })) {
+            break;
+        }
+    }
+    // 40,000 tokens less the decode token per step, 8192 per step: 5 steps.
+    assert_eq!(prefill_steps, 5);
+    assert_eq!(decode_tokens_during_prefill, 5, "decode went on during the prefill");
+}
+
+#[test]
+fn too_long_and_too_big_are_refused() {
+    let e = Engine::new(config(Strategy::Hbm, 50_000, 0));
+    assert!(matches!(e.check(300_000, 10), Err(Refusal::TooLong { max: 200_000, .. })));
+    assert!(matches!(e.check(60_000, 10), Err(Refusal::NoRoom { .. })));
+    assert!(e.check(40_000, 10).is_ok());
+}
+
+#[test]
+fn memory_pressure_preempts_and_everyone_finishes() {
+    // Ten 9k-token requests with long outputs on 50k tokens of HBM: they cannot all stay.
+    let mut e = Engine::new(config(Strategy::Hbm, 50_000, 0));
+    for id in 0..10 {
+        e.submit(Submission {
+            id,
+            prompt_tokens: 9_000,
+            blocks: prompt(id, 9_000),
+            max_tokens: 2_000,
+            arrival: 0.0,
+        })
+        .expect("fits");
+    }
+    let mut finished = 0;
+    let mut guard = 0;
+    while finished < 10 {
+        let s = e.step().expect("work");
+        finished += s.events.iter().filter(|ev| matches!(ev, Event::Finished { .. })).count();
+        guard += 1;
+        assert!(guard < 1_000_000, "stuck");
+        let g = e.gauges();
+        assert!(g.hbm_used_blocks + g.hbm_cached_blocks <= 50_000 / 64, "over capacity: {g:?}");
+    }
+    assert!(e.is_idle());
+    assert!(e.counters().preemptions > 0);
+    let g = e.gauges();
+    assert_eq!(g.hbm_used_blocks, 0, "all blocks released: {g:?}");
+}
+
+#[test]
+fn an_abort_releases_kv() {
+    let mut e = Engine::new(config(Strategy::Hbm, 100_000, 0));
+    e.submit(sub(1, 1, 30_000, 0.0)).expect("fits");
+    e.step().expect("work");
+    assert!(e.gauges().hbm_used_blocks > 0);
+    e.abort(1);
+    assert!(e.is_idle());
+    assert_eq!(e.gauges().hbm_used_blocks, 0);
+    assert_eq!(e.counters().aborted, 1);
+}

@@ -1,0 +1,126 @@
+//! The simulator's HTTP surface on loopback: what clients and routers read from vLLM.
+
+use std::time::Duration;
+
+use kvtier_sim::{Profile, Sim, SimOptions, Strategy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn start(strategy: Strategy) -> Sim {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
+    // 1000x: a 20k-token prefill (~1.7 s simulated) takes under 2 ms.
+    Sim::serve(listener, SimOptions { profile, strategy, time_scale: 1000.0, served_model: None })
+}
+
+/// One HTTP/1.1 exchange with `Connection: close`; returns (status, body).
+async fn exchange(sim: &Sim, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(sim.addr()).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: sim\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text[9..12].parse().expect("status");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn chat(text: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "messages": [{"role": "system", "content": text}, {"role": "user", "content": "go"}],
+        "max_tokens": 8,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b'{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_repeated_prompt_reports_cached_tokens_and_metrics_move() {
+    let sim = start(Strategy::Hbm).await;
+    let text = "lorem ipsum ".repeat(8_000); // 96 kB, 24k tokens
+    let (status, body) = exchange(&sim, "POST", "/v1/chat/completions", &chat(&text, false)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert!(prompt > 24_000, "{prompt}");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    // The same conversation again, streamed: its prefix is cached.
+    let (status, body) = exchange(&sim, "POST", "/v1/chat/completions", &chat(&text, true)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("data: [DONE]"), "{body}");
+    let usage = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["usage"].is_object())
+        .expect("a usage chunk");
+    let cached = usage["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached");
+    assert!(cached >= prompt - 64 && cached < prompt, "cached {cached} of {prompt}");
+
+    tokio::time::sleep(Duration::from_millis(100)).await; // the snapshot is published every 50 ms
+    let (status, m) = exchange(&sim, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&m, "vllm:prefix_cache_queries_total"), (2 * prompt) as f64);
+    assert_eq!(metric(&m, "vllm:prefix_cache_hits_total"), cached as f64);
+    assert_eq!(metric(&m, "vllm:generation_tokens_total"), 16.0);
+    assert_eq!(metric(&m, "vllm:num_requests_running"), 0.0);
+    assert!(metric(&m, "kvtier_sim_held_tokens") > 0.0);
+}
+
+#[tokio::test]
+async fn completions_models_and_health() {
+    let sim = start(Strategy::None).await;
+    let (status, body) = exchange(&sim, "GET", "/v1/models", "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("meta-llama/Llama-3.1-8B-Instruct"), "{body}");
+    assert_eq!(exchange(&sim, "GET", "/health", "").await.0, 200);
+    let req = r#"{"prompt":"abcdefgh","max_tokens":3,"stream":true}"#;
+    let (status, body) = exchange(&sim, "POST", "/v1/completions", req).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"finish_reason\":\"length\""), "{body}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_vllm_shaped_errors() {
+    let sim = start(Strategy::Hbm).await;
+    let (status, body) = exchange(&sim, "POST", "/v1/chat/completions", "{not json").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"object\":\"error\""), "{body}");
+    let (status, body) = exchange(
+        &sim,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"other","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let huge = "x".repeat(4 * 140_000);
+    let (status, body) = exchange(&sim, "POST", "/v1/chat/completions", &chat(&huge, false)).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("maximum context length is 131072"), "{body}");
+    let (status, _) = exchange(&sim, "POST", "/v1/chat/completions", r#"{"messages":[]}"#).await;
+    assert_eq!(status, 400);
+    assert_eq!(exchange(&sim, "GET", "/v1/chat/completions", "").await.0, 405);
+    assert_eq!(exchange(&sim, "GET", "/nope", "").await.0, 404);
+    // The engine still serves after all that.
+    let (status, _) = exchange(&sim, "POST", "/v1/chat/completions", &chat("fine", false)).await;
+    assert_eq!(status, 200);
+}
