@@ -77,6 +77,11 @@ pub struct CostModel {
     pub dram_bytes_per_s: f64,
     /// NVMe -> HBM bytes per second.
     pub nvme_bytes_per_s: f64,
+    /// HBM -> DRAM bytes per second for write-through saves (the step waits for them).
+    pub store_bytes_per_s: f64,
+    /// Host-side cost per prompt token of a tiered lookup (hashing the prompt into chunk
+    /// keys and asking the tiers), paid once per admitted request.
+    pub lookup_s_per_token: f64,
 }
 
 impl CostModel {
@@ -218,8 +223,10 @@ pub struct Counters {
     pub dram_evictions: u64,
     /// Blocks evicted from NVMe.
     pub nvme_evictions: u64,
-    /// Seconds spent loading KV from host tiers.
+    /// Seconds spent loading KV from host tiers (and looking it up).
     pub load_seconds: f64,
+    /// Seconds spent saving KV to DRAM.
+    pub store_seconds: f64,
     /// Seconds spent in steps.
     pub busy_seconds: f64,
     /// Steps run.
@@ -660,8 +667,11 @@ impl Engine {
             self.counters.prompt_tokens += u64::from(r.sub.prompt_tokens);
         }
         let c = &self.config.cost;
-        let load = (loaded - from_nvme) as f64 * c.block_bytes / c.dram_bytes_per_s
+        let mut load = (loaded - from_nvme) as f64 * c.block_bytes / c.dram_bytes_per_s
             + from_nvme as f64 * c.block_bytes / c.nvme_bytes_per_s;
+        if self.config.strategy == Strategy::Tiered {
+            load += target as f64 * c.lookup_s_per_token;
+        }
         self.counters.load_seconds += load;
         self.running.push(r);
         Some(load)
@@ -777,10 +787,11 @@ impl Engine {
             self.counters.generation_tokens += 1;
             events.push(Event::Tokens { id: r.sub.id, n: 1 });
         }
+        let mut stored = 0;
         for &(i, s, e) in &chunks {
             self.counters.computed_tokens += e - s;
             self.running[i].computed = e;
-            self.publish(i);
+            stored += self.publish(i);
             let r = &mut self.running[i];
             if e == r.target {
                 // The pass that ends the prefill samples the next token.
@@ -796,6 +807,11 @@ impl Engine {
                 }
                 events.push(Event::Tokens { id: r.sub.id, n: 1 });
             }
+        }
+        if stored > 0 {
+            let save = stored as f64 * c.block_bytes / c.store_bytes_per_s;
+            self.counters.store_seconds += save;
+            duration += save;
         }
         // Finished requests leave the batch.
         let mut k = 0;
@@ -817,9 +833,10 @@ impl Engine {
     }
 
     /// Moves the newly computed full prompt blocks of running request `i` into the cache.
-    fn publish(&mut self, i: usize) {
+    fn publish(&mut self, i: usize) -> u64 {
+        let mut stored = 0;
         if self.config.strategy == Strategy::None {
-            return;
+            return stored;
         }
         let bt = u64::from(self.config.block_tokens);
         loop {
@@ -848,7 +865,9 @@ impl Engine {
             self.private_blocks -= 1;
             if self.config.strategy == Strategy::Tiered {
                 self.store(h);
+                stored += 1;
             }
         }
+        stored
     }
 }

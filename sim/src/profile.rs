@@ -142,6 +142,11 @@ pub struct Tiers {
     /// Effective NVMe -> HBM load bandwidth, in GB/s.
     #[serde(default = "default_nvme_gb_s")]
     pub nvme_load_gb_s: f64,
+    /// Effective HBM -> DRAM save bandwidth, in GB/s (the step waits for saves).
+    pub store_gb_s: f64,
+    /// Host-side connector cost per prompt token and request, in microseconds (hashing the
+    /// prompt into chunk keys and looking them up).
+    pub lookup_us_per_token: f64,
 }
 
 fn default_nvme_gb_s() -> f64 {
@@ -214,11 +219,15 @@ impl Profile {
             ("decode.step_s", p.decode.step_s),
             ("tiers.dram_load_gb_s", p.tiers.dram_load_gb_s),
             ("tiers.nvme_load_gb_s", p.tiers.nvme_load_gb_s),
+            ("tiers.store_gb_s", p.tiers.store_gb_s),
         ];
         for (what, v) in positive {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(format!("{what} must be a positive number, got {v}")));
             }
+        }
+        if !(p.tiers.lookup_us_per_token.is_finite() && p.tiers.lookup_us_per_token >= 0.0) {
+            return Err(invalid("tiers.lookup_us_per_token must be a number >= 0".into()));
         }
         if p.gpu.memory_utilization > 1.0 {
             return Err(invalid("gpu.memory_utilization must be at most 1".into()));
@@ -297,6 +306,8 @@ impl Profile {
                 block_bytes: (kv * bt) as f64,
                 dram_bytes_per_s: self.tiers.dram_load_gb_s * GB,
                 nvme_bytes_per_s: self.tiers.nvme_load_gb_s * GB,
+                store_bytes_per_s: self.tiers.store_gb_s * GB,
+                lookup_s_per_token: self.tiers.lookup_us_per_token * 1e-6,
             },
         }
     }

@@ -23,6 +23,8 @@ fn config(strategy: Strategy, hbm_tokens: u64, dram_tokens: u64) -> EngineConfig
             block_bytes: 64.0 * 100_000.0,
             dram_bytes_per_s: 20e9,
             nvme_bytes_per_s: 5e9,
+            store_bytes_per_s: f64::INFINITY,
+            lookup_s_per_token: 0.0,
         },
     }
 }
@@ -209,4 +211,106 @@ fn an_abort_releases_kv() {
     assert!(e.is_idle());
     assert_eq!(e.gauges().hbm_used_blocks, 0);
     assert_eq!(e.counters().aborted, 1);
+}
+
+/// `convs` agent conversations that each extend their prompt by 2k tokens per turn, with
+/// 20 s of think time between turns, on an HBM of 200k tokens. Returns (mean
+/// TTFT, cached tokens over prompt tokens).
+fn agent_workload(strategy: Strategy, convs: usize) -> (f64, f64) {
+    agent_workload_on(config(strategy, 200_000, 2_000_000), convs)
+}
+
+fn agent_workload_on(config: EngineConfig, convs: usize) -> (f64, f64) {
+    let mut e = Engine::new(config);
+    let turns = 8u32;
+    // Next arrival and turn number per conversation; None while in flight or done.
+    let mut next: Vec<Option<(f64, u32)>> = (0..convs).map(|c| Some((c as f64 * 3.0, 0))).collect();
+    let mut turn_of = vec![0u32; convs];
+    let mut sent_at = vec![0.0; convs];
+    let mut ttfts = Vec::new();
+    let (mut prompt_tokens, mut cached) = (0u64, 0u64);
+    loop {
+        if e.is_idle() {
+            let Some(t) = next.iter().flatten().map(|(t, _)| *t).min_by(f64::total_cmp) else {
+                break;
+            };
+            e.advance_to(t);
+        }
+        for c in 0..convs {
+            if let Some((t, turn)) = next[c] {
+                if t <= e.time() {
+                    let tokens = 30_000 + turn * 2_000;
+                    let blocks = prompt(c as u64, tokens);
+                    e.submit(Submission {
+                        id: c as u64,
+                        prompt_tokens: tokens,
+                        blocks,
+                        max_tokens: 50,
+                        arrival: t,
+                    })
+                    .expect("fits");
+                    sent_at[c] = t;
+                    turn_of[c] = turn;
+                    next[c] = None;
+                    prompt_tokens += u64::from(tokens);
+                }
+            }
+        }
+        let Some(step) = e.step() else {
+            if let Some(t) = e.next_arrival() {
+                e.advance_to(t);
+            }
+            continue;
+        };
+        let end = step.start + step.duration;
+        for ev in step.events {
+            match ev {
+                Event::FirstToken { id, hbm_hit_tokens, tier_hit_tokens } => {
+                    ttfts.push(end - sent_at[id as usize]);
+                    cached += hbm_hit_tokens + tier_hit_tokens;
+                }
+                Event::Finished { id } => {
+                    let c = id as usize;
+                    if turn_of[c] + 1 < turns {
+                        next[c] = Some((end + 20.0, turn_of[c] + 1));
+                    }
+                }
+                Event::Tokens { .. } => {}
+            }
+        }
+    }
+    assert_eq!(ttfts.len(), convs * turns as usize);
+    (ttfts.iter().sum::<f64>() / ttfts.len() as f64, cached as f64 / prompt_tokens as f64)
+}
+
+#[test]
+fn when_the_working_set_overflows_hbm_only_tiers_keep_it() {
+    // 16 conversations of 30-44k tokens cycle through 200k tokens of HBM: LRU keeps nothing
+    // a conversation needs by the time it comes back.
+    let (none_ttft, none_hit) = agent_workload(Strategy::None, 16);
+    let (hbm_ttft, hbm_hit) = agent_workload(Strategy::Hbm, 16);
+    let (tier_ttft, tier_hit) = agent_workload(Strategy::Tiered, 16);
+    assert_eq!(none_hit, 0.0);
+    assert!(tier_hit > 0.8 && tier_hit > hbm_hit, "hits: hbm {hbm_hit}, tiered {tier_hit}");
+    assert!(hbm_ttft <= none_ttft * 1.0001, "TTFT: none {none_ttft}, hbm {hbm_ttft}");
+    assert!(tier_ttft * 3.0 < hbm_ttft, "TTFT: hbm {hbm_ttft}, tiered {tier_ttft}");
+}
+
+#[test]
+fn when_the_working_set_fits_hbm_the_tier_adds_nothing() {
+    let (none_ttft, _) = agent_workload(Strategy::None, 4);
+    let (hbm_ttft, hbm_hit) = agent_workload(Strategy::Hbm, 4);
+    let (tier_ttft, tier_hit) = agent_workload(Strategy::Tiered, 4);
+    assert!(hbm_hit > 0.8, "{hbm_hit}");
+    assert!((tier_hit - hbm_hit).abs() < 1e-9, "hbm {hbm_hit}, tiered {tier_hit}");
+    assert!((tier_ttft - hbm_ttft).abs() < 1e-9, "hbm {hbm_ttft}, tiered {tier_ttft}");
+    assert!(hbm_ttft * 3.0 < none_ttft, "none {none_ttft}, hbm {hbm_ttft}");
+    // With a connector that costs host time per lookup and waits for its saves, the tier
+    // only adds cost here (the study's low-load finding).
+    let mut costly = config(Strategy::Tiered, 200_000, 2_000_000);
+    costly.cost.store_bytes_per_s = 20e9;
+    costly.cost.lookup_s_per_token = 1e-6;
+    let (costly_ttft, costly_hit) = agent_workload_on(costly, 4);
+    assert!((costly_hit - hbm_hit).abs() < 1e-9);
+    assert!(costly_ttft > hbm_ttft * 1.05, "hbm {hbm_ttft}, tiered with overhead {costly_ttft}");
 }
