@@ -1,11 +1,17 @@
 //! `kvtier`: one binary, one subcommand per role.
 
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use kvtier_router::{RouterArgs, StaticDiscovery};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvtier_bench::{demo, replay, report, trace};
+use kvtier_router::{Policy, RouterArgs, StaticDiscovery};
+use kvtier_sim::plan::{self, PlanInput};
+use kvtier_sim::profile::{Gpus, ModelShape};
+use kvtier_sim::{Profile, Sim, SimOptions, Strategy};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -22,12 +28,213 @@ enum Role {
     /// OpenAI-compatible router: sticky sessions, whole-prompt prefix affinity, token-cost
     /// load balancing, failover.
     Router(RouterArgs),
+    /// A simulated engine: vLLM's OpenAI surface over a model of batching, prefill, an HBM
+    /// prefix cache and host KV tiers, at a chosen multiple of real time.
+    Sim(SimArgs),
+    /// Replay agent traces against an OpenAI endpoint and report TTFT, throughput and cache
+    /// hits.
+    Bench(BenchArgs),
+    /// The whole stack on this machine: simulated replicas, the router and trace replay,
+    /// for each KV strategy and routing policy, under stress and at low load.
+    Demo(DemoArgs),
+    /// KV arithmetic and the recommended strategy for a model, GPUs and load.
+    Plan(PlanArgs),
+}
+
+/// Parses a duration in simulated seconds: `90`, `90s`, `20m`, `1h`.
+fn sim_seconds(s: &str) -> Result<f64, String> {
+    if let Ok(v) = s.parse::<f64>() {
+        if v.is_finite() && v >= 0.0 {
+            return Ok(v);
+        }
+        return Err(format!("{s:?} is not a duration"));
+    }
+    humantime::parse_duration(s).map(|d| d.as_secs_f64()).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    listen: std::net::SocketAddr,
+    /// A built-in profile (minimax-m2.5-2xmi300x, llama-3.1-8b-h100) or a profile file.
+    #[arg(long, default_value = "minimax-m2.5-2xmi300x")]
+    profile: String,
+    /// Simulated seconds per real second.
+    #[arg(long, default_value = "1", value_parser = positive)]
+    time_scale: f64,
+    /// How KV is kept between requests.
+    #[arg(long, default_value = "hbm")]
+    strategy: Strategy,
+    /// Model id to serve instead of the profile's.
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Base URL of the OpenAI endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    endpoint: String,
+    /// Folder of trace files (kv-cache-tester format).
+    #[arg(long)]
+    traces: PathBuf,
+    /// Model to send (default: the endpoint's first).
+    #[arg(long)]
+    model: Option<String>,
+    /// Users at the start.
+    #[arg(long, default_value_t = 1)]
+    start_users: usize,
+    /// Most users at once.
+    #[arg(long, default_value_t = 32)]
+    max_users: usize,
+    /// Users are added only while this TTFT percentile stays under --max-ttft.
+    #[arg(long, default_value = "95", value_parser = positive)]
+    ttft_percentile: f64,
+    /// TTFT limit (simulated time when --time-scale is set).
+    #[arg(long, default_value = "60s", value_parser = sim_seconds)]
+    max_ttft: f64,
+    /// A conversation ends (truncated) at its first request longer than this many tokens;
+    /// conversations whose first request is longer are not used.
+    #[arg(long, default_value_t = 100_000)]
+    max_context: u64,
+    /// How long to run.
+    #[arg(long, default_value = "20m", value_parser = sim_seconds)]
+    duration: f64,
+    /// Replace finished conversations with fresh ones.
+    #[arg(long)]
+    recycle: bool,
+    /// Do not send X-Session-ID.
+    #[arg(long)]
+    no_session_header: bool,
+    /// Run this many times faster than real time (match the simulator's --time-scale).
+    #[arg(long, default_value = "1", value_parser = positive)]
+    time_scale: f64,
+    /// Longest wait between turns.
+    #[arg(long, default_value = "60s", value_parser = sim_seconds)]
+    max_delay: f64,
+    /// Assessment period.
+    #[arg(long, default_value = "30s", value_parser = sim_seconds)]
+    period: f64,
+    /// Seed for trace order and prompt text.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Ask the engine to ignore end-of-sequence (vLLM's ignore_eos).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Folder for the reports.
+    #[arg(long, default_value = "kvtier-bench-out")]
+    out: PathBuf,
+    /// Name of the run.
+    #[arg(long, default_value = "replay")]
+    label: String,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RegimeArg {
+    Stress,
+    LowLoad,
+    Both,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Folder of trace files (default: the traces shipped in the binary).
+    #[arg(long)]
+    traces: Option<PathBuf>,
+    /// Use at most this many traces (in name order).
+    #[arg(long)]
+    max_traces: Option<usize>,
+    /// Simulated replicas behind the router.
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    /// Engine profile.
+    #[arg(long, default_value = "minimax-m2.5-2xmi300x")]
+    profile: String,
+    /// Simulated seconds per real second.
+    #[arg(long, default_value = "40", value_parser = positive)]
+    time_scale: f64,
+    /// Simulated time per run.
+    #[arg(long, default_value = "20m", value_parser = sim_seconds)]
+    duration: f64,
+    /// TTFT limit for the user ramp.
+    #[arg(long, default_value = "60s", value_parser = sim_seconds)]
+    max_ttft: f64,
+    /// Longest request in tokens.
+    #[arg(long, default_value_t = 100_000)]
+    max_context: u64,
+    /// Which regime to run.
+    #[arg(long, value_enum, default_value = "both")]
+    regime: RegimeArg,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Folder for the reports.
+    #[arg(long, default_value = "kvtier-demo")]
+    out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Take the model and GPUs from a profile; other flags override.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Transformer layers.
+    #[arg(long)]
+    layers: Option<u32>,
+    /// KV heads per layer.
+    #[arg(long)]
+    kv_heads: Option<u32>,
+    /// Head dimension.
+    #[arg(long)]
+    head_dim: Option<u32>,
+    /// KV dtype: fp8, bf16, fp16 or fp32.
+    #[arg(long)]
+    kv_dtype: Option<String>,
+    /// Weights in GB over all GPUs of a replica.
+    #[arg(long)]
+    weights_gb: Option<f64>,
+    /// GPUs per replica.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// HBM per GPU in GB.
+    #[arg(long)]
+    hbm_gb: Option<f64>,
+    /// vLLM's --gpu-memory-utilization.
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
+    /// GB per replica for activations and graphs.
+    #[arg(long)]
+    reserved_gb: Option<f64>,
+    /// Conversations live at once.
+    #[arg(long)]
+    users: u64,
+    /// Context per conversation in tokens.
+    #[arg(long)]
+    context: u64,
+    /// DRAM a node can give to KV, in GB.
+    #[arg(long)]
+    host_dram_gb: Option<f64>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The control runtime: accepting, discovery, health checks. Each role starts the
-    // threads its work needs (the router: one worker runtime per CPU).
+    // The control runtime: accepting, discovery, health checks, the simulator's engine and
+    // the replay. Each role starts the threads its work needs (the router: one worker
+    // runtime per CPU).
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -45,11 +252,21 @@ fn main() -> ExitCode {
     }
 }
 
+fn out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes());
+    let _ = o.flush();
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // The demo starts and stops a router per run; its lifecycle lines would bury the table.
+    let default_filter = if matches!(cli.role, Role::Demo(_)) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("KVTIER_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("KVTIER_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
+        .with_writer(std::io::stderr)
         .init();
     match cli.role {
         Role::Router(args) => {
@@ -66,8 +283,183 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kvtier_router::run(config, listener, metrics_listener, discovery, shutdown_signal())
                 .await?;
         }
+        Role::Sim(a) => sim(a).await?,
+        Role::Bench(a) => bench(a).await?,
+        Role::Demo(a) => demo_cmd(a).await?,
+        Role::Plan(a) => out(&plan_cmd(&a)?),
     }
     Ok(())
+}
+
+async fn sim(a: SimArgs) -> anyhow::Result<()> {
+    let profile = Profile::load(&a.profile)?;
+    let listener =
+        TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+    let c = profile.engine_config(a.strategy);
+    tracing::info!(
+        listen = %a.listen,
+        profile = %profile.name,
+        strategy = a.strategy.label(),
+        time_scale = a.time_scale,
+        hbm_kv_tokens = c.hbm_blocks * u64::from(c.block_tokens),
+        dram_kv_tokens = c.dram_blocks * u64::from(c.block_tokens),
+        "simulated engine serving"
+    );
+    let _sim = Sim::serve(
+        listener,
+        SimOptions {
+            profile,
+            strategy: a.strategy,
+            time_scale: a.time_scale,
+            served_model: a.served_model_name,
+        },
+    );
+    shutdown_signal().await;
+    Ok(())
+}
+
+fn load_traces(dir: &std::path::Path) -> anyhow::Result<Vec<trace::Trace>> {
+    let (good, bad) =
+        trace::load_dir(dir).with_context(|| format!("reading traces from {}", dir.display()))?;
+    for e in &bad {
+        tracing::warn!("skipping trace {e}");
+    }
+    if good.is_empty() {
+        bail!("no usable traces in {} ({} skipped)", dir.display(), bad.len());
+    }
+    Ok(good)
+}
+
+async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let traces = load_traces(&a.traces)?;
+    let opts = replay::ReplayOptions {
+        endpoint: a.endpoint.trim_end_matches('/').to_owned(),
+        model: a.model,
+        seed: a.seed,
+        start_users: a.start_users,
+        max_users: a.max_users,
+        ttft_percentile: a.ttft_percentile / 100.0,
+        max_ttft: a.max_ttft,
+        max_context: a.max_context,
+        duration: a.duration,
+        recycle: a.recycle,
+        time_scale: a.time_scale,
+        session_header: !a.no_session_header,
+        max_delay: a.max_delay,
+        period: a.period,
+        ignore_eos: a.ignore_eos,
+        request_timeout: 1800.0,
+        progress: !a.no_progress,
+        label: a.label,
+    };
+    let r = replay::run(traces, opts).await?;
+    report::write_all(&r, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    out(&report::markdown(&r));
+    out(&format!("\nReports in {}\n", a.out.display()));
+    Ok(())
+}
+
+async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
+    let mut traces = match &a.traces {
+        Some(dir) => load_traces(dir)?,
+        None => demo::shipped_traces(),
+    };
+    if let Some(n) = a.max_traces {
+        traces.truncate(n.max(1));
+    }
+    if a.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let regimes = match a.regime {
+        RegimeArg::Stress => vec![demo::STRESS],
+        RegimeArg::LowLoad => vec![demo::LOW],
+        RegimeArg::Both => vec![demo::STRESS, demo::LOW],
+    };
+    let opts = demo::DemoOptions {
+        traces,
+        profile: Profile::load(&a.profile)?,
+        replicas: a.replicas,
+        time_scale: a.time_scale,
+        duration: a.duration,
+        max_ttft: a.max_ttft,
+        max_context: a.max_context,
+        seed: a.seed,
+        regimes,
+        policies: vec![Policy::RoundRobin, Policy::Affinity],
+        strategies: Strategy::ALL.to_vec(),
+        out: a.out.clone(),
+        progress: !a.no_progress,
+    };
+    let started = std::time::Instant::now();
+    let (_, text) = demo::run(&opts).await?;
+    out(&text);
+    out(&format!(
+        "Reports and plots in {} ({:.0} s).\n",
+        a.out.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn plan_cmd(a: &PlanArgs) -> anyhow::Result<String> {
+    let base = match &a.profile {
+        Some(p) => Some(Profile::load(p)?),
+        None => None,
+    };
+    let need = |v: Option<u32>, from: Option<u32>, flag: &str| -> anyhow::Result<u32> {
+        v.or(from).with_context(|| format!("--{flag} is required without --profile"))
+    };
+    let kv_dtype_bytes = match a.kv_dtype.as_deref() {
+        Some("fp8" | "fp8_e4m3" | "fp8_e5m2") => Some(1),
+        Some("bf16" | "fp16" | "half" | "bfloat16" | "float16") => Some(2),
+        Some("fp32" | "float32") => Some(4),
+        Some(other) => bail!("unknown --kv-dtype {other:?}: fp8, bf16, fp16 or fp32"),
+        None => None,
+    };
+    let model = ModelShape {
+        layers: need(a.layers, base.as_ref().map(|p| p.model.layers), "layers")?,
+        kv_heads: need(a.kv_heads, base.as_ref().map(|p| p.model.kv_heads), "kv-heads")?,
+        head_dim: need(a.head_dim, base.as_ref().map(|p| p.model.head_dim), "head-dim")?,
+        kv_dtype_bytes: need(
+            kv_dtype_bytes,
+            base.as_ref().map(|p| p.model.kv_dtype_bytes),
+            "kv-dtype",
+        )?,
+        weights_gb: a.weights_gb.or(base.as_ref().map(|p| p.model.weights_gb)).unwrap_or(0.0),
+        max_model_len: base.as_ref().map_or(0, |p| p.model.max_model_len),
+    };
+    let gpus = Gpus {
+        count: need(a.gpus, base.as_ref().map(|p| p.gpu.count), "gpus")?,
+        hbm_gb: a
+            .hbm_gb
+            .or(base.as_ref().map(|p| p.gpu.hbm_gb))
+            .context("--hbm-gb is required without --profile")?,
+        hbm_bandwidth_gb_s: base.as_ref().map_or(0.0, |p| p.gpu.hbm_bandwidth_gb_s),
+        memory_utilization: a
+            .gpu_memory_utilization
+            .or(base.as_ref().map(|p| p.gpu.memory_utilization))
+            .unwrap_or(0.9),
+        reserved_gb: a.reserved_gb.or(base.as_ref().map(|p| p.gpu.reserved_gb)).unwrap_or(0.0),
+    };
+    if !(gpus.memory_utilization > 0.0 && gpus.memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1]");
+    }
+    if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 || gpus.count == 0 {
+        bail!("layers, KV heads, head dim and GPUs must be positive");
+    }
+    let input = PlanInput {
+        model,
+        gpus,
+        users: a.users,
+        context_tokens: a.context,
+        host_dram_gb: a.host_dram_gb,
+    };
+    let p = plan::plan(&input);
+    let mut text = plan::render(&input, &p);
+    if a.weights_gb.is_none() && base.is_none() {
+        text.push_str("note                 --weights-gb not given: HBM KV capacity counts the weights as 0, an upper bound\n");
+    }
+    Ok(text)
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,396 @@
+//! `kvtier demo`: the whole stack on one machine. Simulated replicas and the router run in
+//! this process, on loopback; the replay drives them with agent traces for each KV strategy
+//! (none, hbm, tiered) and each routing policy (round-robin, kvtier's), under a stress
+//! regime and a low-load one, and the results come out as the study's stress table.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kvtier_router::{EndpointSpec, Policy, RouterConfig, StaticDiscovery};
+use kvtier_sim::{Profile, Sim, SimClock, SimOptions, Strategy};
+use tokio::net::TcpListener;
+
+use crate::replay::{self, Replay, ReplayOptions};
+use crate::report::{self, Summary};
+use crate::trace::{self, Trace};
+
+/// Traces compiled into the binary (`bench/traces/`).
+pub const SHIPPED: &[(&str, &str)] = &[
+    ("trace_0012.json", include_str!("../traces/trace_0012.json")),
+    ("trace_0048.json", include_str!("../traces/trace_0048.json")),
+    ("trace_0084.json", include_str!("../traces/trace_0084.json")),
+    ("trace_0129.json", include_str!("../traces/trace_0129.json")),
+    ("trace_0228.json", include_str!("../traces/trace_0228.json")),
+    ("trace_0462.json", include_str!("../traces/trace_0462.json")),
+    ("trace_0489.json", include_str!("../traces/trace_0489.json")),
+    ("trace_0576.json", include_str!("../traces/trace_0576.json")),
+];
+
+/// The shipped traces, parsed.
+///
+/// # Panics
+/// If a shipped trace does not parse (a test guards this).
+#[must_use]
+pub fn shipped_traces() -> Vec<Trace> {
+    SHIPPED
+        .iter()
+        .map(|(name, text)| trace::parse(Path::new(name), text).expect("shipped traces parse"))
+        .collect()
+}
+
+/// A load regime.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Regime {
+    /// Name.
+    pub name: &'static str,
+    /// Most users per replica.
+    pub users_per_replica: usize,
+    /// Users per replica at the start.
+    pub start_per_replica: usize,
+}
+
+/// The study's stress: 32 users per engine, ramped from 8 while p95 TTFT < 60 s.
+pub const STRESS: Regime = Regime { name: "stress", users_per_replica: 32, start_per_replica: 8 };
+/// Low load: one user per engine.
+pub const LOW: Regime = Regime { name: "low-load", users_per_replica: 1, start_per_replica: 1 };
+
+/// How to run the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Traces to replay.
+    pub traces: Vec<Trace>,
+    /// Engine profile.
+    pub profile: Profile,
+    /// Simulated replicas.
+    pub replicas: usize,
+    /// Simulated seconds per real second.
+    pub time_scale: f64,
+    /// Simulated seconds per run.
+    pub duration: f64,
+    /// TTFT limit for the ramp, simulated seconds.
+    pub max_ttft: f64,
+    /// Longest request, tokens.
+    pub max_context: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Regimes to run.
+    pub regimes: Vec<Regime>,
+    /// Routing policies to compare.
+    pub policies: Vec<Policy>,
+    /// Strategies to compare.
+    pub strategies: Vec<Strategy>,
+    /// Where reports go.
+    pub out: PathBuf,
+    /// Progress bars.
+    pub progress: bool,
+}
+
+/// One configuration's outcome.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// Regime name.
+    pub regime: &'static str,
+    /// Policy.
+    pub policy: Policy,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Headline figures.
+    pub summary: Summary,
+    /// Largest KV the replicas held at once, in tokens, summed over replicas (any tier).
+    pub held_tokens: u64,
+    /// Worst lag of an engine behind the clock, simulated seconds.
+    pub max_lag: f64,
+    /// The replay.
+    pub replay: Replay,
+}
+
+fn policy_label(p: Policy) -> &'static str {
+    match p {
+        Policy::Affinity => "kvtier",
+        other => other.label(),
+    }
+}
+
+/// Runs one configuration: replicas and router up, replay, everything down.
+///
+/// # Errors
+/// When a socket cannot be bound or the replay cannot start.
+pub async fn run_one(
+    opts: &DemoOptions,
+    regime: Regime,
+    policy: Policy,
+    strategy: Strategy,
+) -> anyhow::Result<RunResult> {
+    let clock = SimClock::new(opts.time_scale);
+    let mut sims = Vec::with_capacity(opts.replicas);
+    for _ in 0..opts.replicas {
+        let l = TcpListener::bind("127.0.0.1:0").await.context("binding a replica")?;
+        sims.push(Sim::serve_with_clock(
+            l,
+            SimOptions {
+                profile: opts.profile.clone(),
+                strategy,
+                time_scale: opts.time_scale,
+                served_model: None,
+            },
+            clock,
+        ));
+    }
+    let endpoints = sims
+        .iter()
+        .map(|s| EndpointSpec::parse(&s.url()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("replica address")?;
+    let mut config = RouterConfig::new(endpoints.clone());
+    config.policy = policy;
+    config.workers = std::num::NonZeroUsize::MIN;
+    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the router")?;
+    let router_url = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let discovery = Arc::new(StaticDiscovery::new(endpoints));
+    let router = tokio::spawn(async move {
+        let _ = kvtier_router::run(config, listener, None, discovery, async {
+            let _ = stop_rx.await;
+        })
+        .await;
+    });
+
+    // Sample what the replicas hold while the replay runs.
+    let sims = Arc::new(sims);
+    let peak = Arc::new(Mutex::new((0u64, 0.0f64)));
+    let running = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (sims, peak, running) = (sims.clone(), peak.clone(), running.clone());
+        tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                let mut held = 0;
+                let mut lag = 0.0f64;
+                for s in sims.iter() {
+                    let snap = s.snapshot();
+                    held += snap.gauges.held_blocks * u64::from(s.config().block_tokens);
+                    lag = lag.max(snap.max_lag);
+                }
+                {
+                    let mut p = peak.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    p.0 = p.0.max(held);
+                    p.1 = p.1.max(lag);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let label = format!("{}/{}/{}", regime.name, policy_label(policy), strategy.label());
+    let ropts = ReplayOptions {
+        endpoint: router_url,
+        model: Some(opts.profile.served_model.clone()),
+        seed: opts.seed,
+        start_users: regime.start_per_replica * opts.replicas,
+        max_users: regime.users_per_replica * opts.replicas,
+        max_ttft: opts.max_ttft,
+        max_context: opts.max_context,
+        duration: opts.duration,
+        recycle: true,
+        time_scale: opts.time_scale,
+        progress: opts.progress,
+        label: label.clone(),
+        ..ReplayOptions::default()
+    };
+    let result = replay::run(opts.traces.clone(), ropts).await;
+    running.store(false, Ordering::Relaxed);
+    let _ = sampler.await;
+    let _ = stop_tx.send(());
+    let _ = router.await;
+    let replay = result.with_context(|| format!("replaying {label}"))?;
+    let (held, lag) = *peak.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(RunResult {
+        regime: regime.name,
+        policy,
+        strategy,
+        summary: report::summarize(&replay),
+        held_tokens: held,
+        max_lag: lag,
+        replay,
+    })
+}
+
+/// Runs every configuration, writes the reports, and returns the results table.
+///
+/// # Errors
+/// When a run cannot start or a report cannot be written.
+pub async fn run(opts: &DemoOptions) -> anyhow::Result<(Vec<RunResult>, String)> {
+    let mut results = Vec::new();
+    for &regime in &opts.regimes {
+        for &policy in &opts.policies {
+            for &strategy in &opts.strategies {
+                let r = run_one(opts, regime, policy, strategy).await?;
+                let dir = opts.out.join(regime.name).join(format!(
+                    "{}-{}",
+                    policy_label(policy),
+                    strategy.label()
+                ));
+                report::write_all(&r.replay, &dir)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+                results.push(r);
+            }
+        }
+    }
+    let text = tables(opts, &results);
+    std::fs::create_dir_all(&opts.out)?;
+    std::fs::write(opts.out.join("demo.md"), &text)?;
+    plots(opts, &results)?;
+    Ok((results, text))
+}
+
+/// The demo's Markdown: one table per regime, then the study's ratios.
+#[must_use]
+pub fn tables(opts: &DemoOptions, results: &[RunResult]) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "# kvtier demo\n\n{} simulated replicas of `{}`, {} simulated s per run at {}x, {} traces, seed {}. \
+         Times are simulated seconds. Working set held: the most KV (any tier, summed over replicas) held at once.\n",
+        opts.replicas, opts.profile.name, opts.duration, opts.time_scale, opts.traces.len(), opts.seed
+    );
+    for regime in &opts.regimes {
+        let rows: Vec<&RunResult> = results.iter().filter(|r| r.regime == regime.name).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            m,
+            "## {} ({} users per replica at most, p95 TTFT limit {} s)\n",
+            regime.name, regime.users_per_replica, opts.max_ttft
+        );
+        m.push_str(report::TABLE_HEADER);
+        for r in &rows {
+            m.push_str(&report::table_row(&r.summary, Some(r.held_tokens)));
+        }
+        m.push('\n');
+        for &policy in &opts.policies {
+            let get = |s: Strategy| rows.iter().find(|r| r.policy == policy && r.strategy == s);
+            if let (Some(h), Some(t)) = (get(Strategy::Hbm), get(Strategy::Tiered)) {
+                let (h, t) = (&h.summary, &t.summary);
+                let _ = writeln!(
+                    m,
+                    "- {} routing, tiered vs hbm: TTFT avg {}, p95 {}, max {}; requests completed {}; working set held {}.",
+                    policy_label(policy),
+                    lower(h.ttft_avg, t.ttft_avg),
+                    lower(h.ttft_p95, t.ttft_p95),
+                    lower(h.ttft_max, t.ttft_max),
+                    more(h.completed as f64, t.completed as f64),
+                    more(
+                        rows.iter().find(|r| r.policy == policy && r.strategy == Strategy::Hbm).map_or(0, |r| r.held_tokens) as f64,
+                        rows.iter().find(|r| r.policy == policy && r.strategy == Strategy::Tiered).map_or(0, |r| r.held_tokens) as f64
+                    ),
+                );
+            }
+        }
+        for &strategy in &opts.strategies {
+            let get = |p: Policy| rows.iter().find(|r| r.policy == p && r.strategy == strategy);
+            if let (Some(rr), Some(kv)) = (get(Policy::RoundRobin), get(Policy::Affinity)) {
+                let (rr, kv) = (&rr.summary, &kv.summary);
+                let _ = writeln!(
+                    m,
+                    "- {} strategy, kvtier vs round-robin routing: TTFT avg {}, p95 {}; requests completed {}; cache hit {:.1}% vs {:.1}%.",
+                    strategy.label(),
+                    lower(rr.ttft_avg, kv.ttft_avg),
+                    lower(rr.ttft_p95, kv.ttft_p95),
+                    more(rr.completed as f64, kv.completed as f64),
+                    kv.cache_hit_rate * 100.0,
+                    rr.cache_hit_rate * 100.0,
+                );
+            }
+        }
+        let lag = rows.iter().map(|r| r.max_lag).fold(0.0, f64::max);
+        let _ = writeln!(
+            m,
+            "\nWorst engine lag behind the clock: {lag:.2} simulated s{}.\n",
+            if lag > 5.0 {
+                " (this machine is slow for the time scale; lower --time-scale)"
+            } else {
+                ""
+            }
+        );
+    }
+    m
+}
+
+/// "2.1x lower" / "1.3x higher" for a quantity where lower is better.
+fn lower(reference: f64, ours: f64) -> String {
+    if ours <= 0.0 || reference <= 0.0 {
+        return format!("{ours:.2} vs {reference:.2}");
+    }
+    if ours <= reference {
+        format!("{:.1}x lower", reference / ours)
+    } else {
+        format!("{:.1}x higher", ours / reference)
+    }
+}
+
+/// "2.3x more" / "1.2x fewer" for a quantity where more is better.
+fn more(reference: f64, ours: f64) -> String {
+    if ours <= 0.0 || reference <= 0.0 {
+        return format!("{ours:.0} vs {reference:.0}");
+    }
+    if ours >= reference {
+        format!("{:.2}x more", ours / reference)
+    } else {
+        format!("{:.2}x fewer", reference / ours)
+    }
+}
+
+fn plots(opts: &DemoOptions, results: &[RunResult]) -> anyhow::Result<()> {
+    for regime in &opts.regimes {
+        let rows: Vec<&RunResult> = results.iter().filter(|r| r.regime == regime.name).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let series = |f: fn(&report::Period) -> f64| -> Vec<(String, Vec<f64>, Vec<f64>)> {
+            rows.iter()
+                .map(|r| {
+                    let ps = report::periods(&r.replay);
+                    (
+                        format!("{} {}", policy_label(r.policy), r.strategy.label()),
+                        ps.iter().map(|p| p.end).collect(),
+                        ps.iter().map(f).collect(),
+                    )
+                })
+                .collect()
+        };
+        let dir = opts.out.join(regime.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("ttft_p95.svg"),
+            crate::plot::lines(
+                &format!("p95 TTFT per period, {}", regime.name),
+                "simulated s",
+                "TTFT (s)",
+                &series(|p| p.ttft_p95),
+            ),
+        )?;
+        std::fs::write(
+            dir.join("throughput.svg"),
+            crate::plot::lines(
+                &format!("Input throughput, {}", regime.name),
+                "simulated s",
+                "prompt tokens / s",
+                &series(|p| p.input_tokens_per_s),
+            ),
+        )?;
+        std::fs::write(
+            dir.join("cache_hit.svg"),
+            crate::plot::lines(
+                &format!("Cache hit rate, {}", regime.name),
+                "simulated s",
+                "cached / prompt tokens",
+                &series(|p| p.cache_hit_rate),
+            ),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,654 @@
+//! Replays agent traces against an OpenAI endpoint, the way a fleet of coding agents loads
+//! it: each user is one conversation that sends its turns in order, waiting for each answer
+//! and then the recorded think time; subagents in a row run concurrently and the parent
+//! waits for them. Users are added while the TTFT percentile stays under the limit (the
+//! ramp production load balancers apply), and with `recycle` a finished conversation is
+//! replaced by a fresh one.
+//!
+//! Times are simulated seconds: the replay sleeps `delay / time_scale` and multiplies what it
+//! measures by `time_scale`, so it runs against a simulator at the same scale.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::synth::{self, Conversation, RequestOptions};
+use crate::trace::{self, Agent, Step, Trace, Turn};
+
+/// How to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Base URL of the OpenAI endpoint (`http://host:port`).
+    pub endpoint: String,
+    /// `model` to send (None: the first model `/v1/models` lists).
+    pub model: Option<String>,
+    /// Seed for trace order and prompt text.
+    pub seed: u64,
+    /// Users at the start.
+    pub start_users: usize,
+    /// Most users at once.
+    pub max_users: usize,
+    /// Users are added only while this TTFT percentile stays under `max_ttft`.
+    pub ttft_percentile: f64,
+    /// TTFT limit, simulated seconds.
+    pub max_ttft: f64,
+    /// A conversation ends (truncated) at its first request longer than this, in tokens.
+    pub max_context: u64,
+    /// Stop after this many simulated seconds.
+    pub duration: f64,
+    /// Replace finished conversations with fresh ones.
+    pub recycle: bool,
+    /// Simulated seconds per real second.
+    pub time_scale: f64,
+    /// Send `X-Session-ID` per conversation.
+    pub session_header: bool,
+    /// Longest wait between turns, simulated seconds.
+    pub max_delay: f64,
+    /// Length of an assessment period, simulated seconds.
+    pub period: f64,
+    /// Ask the engine to ignore end-of-sequence.
+    pub ignore_eos: bool,
+    /// A request is abandoned after this many simulated seconds.
+    pub request_timeout: f64,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Name of this run in reports.
+    pub label: String,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:8000".into(),
+            model: None,
+            seed: 1,
+            start_users: 1,
+            max_users: 32,
+            ttft_percentile: 0.95,
+            max_ttft: 60.0,
+            max_context: 100_000,
+            duration: 1200.0,
+            recycle: false,
+            time_scale: 1.0,
+            session_header: true,
+            max_delay: 60.0,
+            period: 30.0,
+            ignore_eos: false,
+            request_timeout: 1800.0,
+            progress: false,
+            label: "run".into(),
+        }
+    }
+}
+
+/// One request as measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// `user-NNN`, the conversation's user slot.
+    pub user: String,
+    /// Conversation instance (0, 1, …, in start order).
+    pub conversation: u64,
+    /// Trace id.
+    pub trace_id: String,
+    /// `parent` or the subagent id.
+    pub agent: String,
+    /// Index of the turn within its agent.
+    pub request_idx: usize,
+    /// Whether the trace's request was streamed (the replay always streams, to see TTFT).
+    pub trace_streamed: bool,
+    /// Input tokens per the trace.
+    pub input_tokens: u64,
+    /// Output tokens per the trace.
+    pub output_tokens_expected: u64,
+    /// Output tokens the endpoint reported (or counted).
+    pub output_tokens_actual: u64,
+    /// Blocks an unbounded cache would have held (the trace's own reuse).
+    pub trace_hit_blocks: u64,
+    /// The other blocks.
+    pub trace_miss_blocks: u64,
+    /// Prompt tokens the endpoint reported.
+    pub prompt_tokens: Option<u64>,
+    /// Cached prompt tokens the endpoint reported.
+    pub cached_tokens: Option<u64>,
+    /// Send time, simulated seconds since the start of the replay.
+    pub start: f64,
+    /// First token time.
+    pub first_token: Option<f64>,
+    /// Completion (or failure) time.
+    pub end: f64,
+    /// Wait before this request per the trace (capped).
+    pub delay_expected: f64,
+    /// Wait actually taken.
+    pub delay_actual: f64,
+    /// Whether it completed with status 200 and a full stream.
+    pub success: bool,
+    /// Why not.
+    pub error: Option<String>,
+}
+
+impl Record {
+    /// Time to first token.
+    #[must_use]
+    pub fn ttft(&self) -> Option<f64> {
+        self.first_token.map(|f| f - self.start)
+    }
+}
+
+/// A user slot event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserEvent {
+    /// Simulated time.
+    pub time: f64,
+    /// User slot.
+    pub user: String,
+    /// `started`, `completed`, `truncated`.
+    pub event: &'static str,
+    /// Trace id.
+    pub trace_id: String,
+}
+
+/// Users at each assessment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assessment {
+    /// Simulated time.
+    pub time: f64,
+    /// Users active after the decision.
+    pub users: usize,
+    /// Users added.
+    pub added: usize,
+    /// The TTFT percentile of the period (None: nothing completed).
+    pub ttft_pctl: Option<f64>,
+}
+
+/// What a replay produced.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Options it ran with.
+    pub options: ReplayOptions,
+    /// Model sent.
+    pub model: String,
+    /// Every finished request (successful or not), in completion order.
+    pub records: Vec<Record>,
+    /// Requests still in flight when the replay stopped.
+    pub unfinished: usize,
+    /// User slot events.
+    pub users: Vec<UserEvent>,
+    /// Ramp decisions.
+    pub assessments: Vec<Assessment>,
+    /// Simulated seconds the replay ran.
+    pub elapsed: f64,
+}
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No usable trace.
+    #[error("no usable traces (of {0} read)")]
+    NoTraces(usize),
+    /// The endpoint's model list could not be read.
+    #[error("cannot list models at {endpoint}: {reason}")]
+    Models {
+        /// Endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// Bad options.
+    #[error("{0}")]
+    Options(String),
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+#[derive(Debug)]
+struct Ctx {
+    opts: ReplayOptions,
+    model: String,
+    client: HttpClient,
+    origin: Instant,
+    records: mpsc::UnboundedSender<Record>,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Ctx {
+    fn now(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64() * self.opts.time_scale
+    }
+
+    fn real(&self, sim_seconds: f64) -> Duration {
+        Duration::from_secs_f64((sim_seconds / self.opts.time_scale).max(0.0))
+    }
+}
+
+/// How a conversation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Completed,
+    Truncated,
+}
+
+fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(http)
+}
+
+/// Lists the endpoint's first model.
+///
+/// # Errors
+/// When the endpoint does not answer with a model list.
+pub async fn first_model(endpoint: &str) -> Result<String, ReplayError> {
+    let err = |reason: String| ReplayError::Models { endpoint: endpoint.to_owned(), reason };
+    let uri: http::Uri =
+        format!("{endpoint}/v1/models").parse().map_err(|e| err(format!("{e}")))?;
+    let req = Request::get(uri).body(Full::new(Bytes::new())).map_err(|e| err(e.to_string()))?;
+    let res = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .map_err(|_| err("no answer in 10 s".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    let status = res.status();
+    let body = res.into_body().collect().await.map_err(|e| err(e.to_string()))?.to_bytes();
+    if !status.is_success() {
+        return Err(err(format!("status {status}")));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| err(e.to_string()))?;
+    v["data"][0]["id"].as_str().map(str::to_owned).ok_or_else(|| err("empty model list".into()))
+}
+
+/// Replays `traces` against the endpoint.
+///
+/// # Errors
+/// When there is nothing to replay or the endpoint cannot be asked for its model.
+pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, ReplayError> {
+    if !(opts.time_scale.is_finite() && opts.time_scale > 0.0) {
+        return Err(ReplayError::Options("time scale must be positive".into()));
+    }
+    if opts.max_users == 0 || opts.period <= 0.0 || opts.duration <= 0.0 {
+        return Err(ReplayError::Options("max users, period and duration must be positive".into()));
+    }
+    let read = traces.len();
+    // Conversations whose first request is already too long are left out, as
+    // kv-cache-tester does; the rest are shuffled by the seed.
+    let mut order: Vec<Arc<Trace>> =
+        traces.into_iter().filter(|t| t.first_input() <= opts.max_context).map(Arc::new).collect();
+    if order.is_empty() {
+        return Err(ReplayError::NoTraces(read));
+    }
+    order.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut rng = synth::Rng::new(opts.seed);
+    for i in (1..order.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    let model = match &opts.model {
+        Some(m) => m.clone(),
+        None => first_model(&opts.endpoint).await?,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Ctx {
+        opts: opts.clone(),
+        model: model.clone(),
+        client: client(),
+        origin: Instant::now(),
+        records: tx,
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+    });
+
+    let bar = progress_bar(&opts);
+    let mut next_conversation = 0u64;
+    let mut queue: VecDeque<Arc<Trace>> = order.iter().cloned().collect();
+    let mut users = Vec::new();
+    let mut tasks: JoinSet<(String, String, End)> = JoinSet::new();
+    let mut user_no = 0usize;
+    let mut start_user = |tasks: &mut JoinSet<(String, String, End)>,
+                          queue: &mut VecDeque<Arc<Trace>>,
+                          users: &mut Vec<UserEvent>,
+                          user: Option<String>|
+     -> bool {
+        if queue.is_empty() && opts.recycle {
+            queue.extend(order.iter().cloned());
+        }
+        let Some(trace) = queue.pop_front() else { return false };
+        let user = user.unwrap_or_else(|| {
+            user_no += 1;
+            format!("user-{user_no:03}")
+        });
+        let conv = next_conversation;
+        next_conversation += 1;
+        users.push(UserEvent {
+            time: ctx.now(),
+            user: user.clone(),
+            event: "started",
+            trace_id: trace.id.clone(),
+        });
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            let end = run_conversation(&ctx, &trace, conv, &user).await;
+            (user, trace.id.clone(), end)
+        });
+        true
+    };
+    for _ in 0..opts.start_users.clamp(1, opts.max_users) {
+        start_user(&mut tasks, &mut queue, &mut users, None);
+    }
+
+    let mut records = Vec::new();
+    let mut assessments = Vec::new();
+    let mut period_ttfts: Vec<f64> = Vec::new();
+    let mut cooldown = 0u32;
+    let mut next_assessment = opts.period;
+    let deadline = ctx.origin + ctx.real(opts.duration);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            Some(r) = rx.recv() => {
+                if let Some(t) = r.ttft() {
+                    if r.success { period_ttfts.push(t); }
+                }
+                records.push(r);
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok((user, trace_id, end)) = done {
+                    users.push(UserEvent {
+                        time: ctx.now(),
+                        user: user.clone(),
+                        event: if end == End::Completed { "completed" } else { "truncated" },
+                        trace_id,
+                    });
+                    if opts.recycle {
+                        start_user(&mut tasks, &mut queue, &mut users, Some(user));
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let now = ctx.now();
+        if let Some(b) = &bar {
+            b.set_position(now.min(opts.duration) as u64);
+            b.set_message(format!("{} users, {} requests done", tasks.len(), records.len()));
+        }
+        if Instant::now() >= deadline || (tasks.is_empty() && queue.is_empty()) {
+            break;
+        }
+        if now >= next_assessment {
+            next_assessment += opts.period;
+            let pctl = percentile(&mut period_ttfts, opts.ttft_percentile);
+            period_ttfts.clear();
+            let mut added = 0;
+            match pctl {
+                Some(p) if p >= opts.max_ttft => cooldown = 2,
+                Some(p) if cooldown == 0 => {
+                    let headroom = (1.0 - p / opts.max_ttft) * 100.0;
+                    let want = 1 + (headroom / 15.0) as usize;
+                    for _ in 0..want {
+                        if tasks.len() >= opts.max_users
+                            || !start_user(&mut tasks, &mut queue, &mut users, None)
+                        {
+                            break;
+                        }
+                        added += 1;
+                    }
+                }
+                Some(_) => cooldown -= 1,
+                None => {
+                    // Nothing finished this period. With no one active, start someone.
+                    if tasks.is_empty() && start_user(&mut tasks, &mut queue, &mut users, None) {
+                        added += 1;
+                    }
+                }
+            }
+            assessments.push(Assessment { time: now, users: tasks.len(), added, ttft_pctl: pctl });
+        }
+    }
+    let elapsed = ctx.now().min(opts.duration);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    while let Ok(r) = rx.try_recv() {
+        records.push(r);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let unfinished = ctx.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Replay { options: opts, model, records, unfinished, users, assessments, elapsed })
+}
+
+fn progress_bar(opts: &ReplayOptions) -> Option<indicatif::ProgressBar> {
+    if !opts.progress {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(opts.duration as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} simulated s  {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(opts.label.clone());
+    Some(bar)
+}
+
+/// The `p` percentile (0..1) by nearest rank; None for no samples.
+pub fn percentile(samples: &mut [f64], p: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+    Some(samples[rank - 1])
+}
+
+async fn run_conversation(ctx: &Ctx, trace: &Trace, conv: u64, user: &str) -> End {
+    let seed = synth::mix(&[ctx.opts.seed, synth::name_hash(&trace.id), conv]);
+    let session = format!("{}-{conv}-{}", ctx.opts.label, trace.id);
+    run_agent(ctx, trace, &trace.root, seed, session, user.to_owned(), conv).await
+}
+
+fn run_agent<'a>(
+    ctx: &'a Ctx,
+    trace: &'a Trace,
+    agent: &'a Agent,
+    seed: u64,
+    session: String,
+    user: String,
+    conv: u64,
+) -> Pin<Box<dyn Future<Output = End> + Send + 'a>> {
+    Box::pin(async move {
+        let agent_seed = synth::mix(&[seed, synth::name_hash(&agent.id)]);
+        let mut history = Conversation::new(agent_seed, trace.block_size, agent.preamble_tokens);
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut prev: Option<&Turn> = None;
+        let mut idx = 0;
+        let mut i = 0;
+        while i < agent.steps.len() {
+            match &agent.steps[i] {
+                Step::Turn(turn) => {
+                    if turn.input > ctx.opts.max_context {
+                        return End::Truncated;
+                    }
+                    let delay = prev.map_or(0.0, |p| {
+                        turn.think_time
+                            .unwrap_or_else(|| (turn.t - p.t - p.api_time.unwrap_or(0.0)).max(0.0))
+                    });
+                    let delay = delay.min(ctx.opts.max_delay);
+                    let before = ctx.now();
+                    if delay > 0.0 {
+                        tokio::time::sleep(ctx.real(delay)).await;
+                    }
+                    let delay_actual = ctx.now() - before;
+                    let hits = trace::known_prefix(&seen, turn) as u64;
+                    seen.extend(turn.hash_ids.iter().copied());
+                    let opts = RequestOptions {
+                        model: &ctx.model,
+                        stream: true,
+                        ignore_eos: ctx.opts.ignore_eos,
+                    };
+                    let body = history.next_body(turn, prev.map_or(0, |p| p.output), &opts);
+                    let mut record = Record {
+                        user: user.clone(),
+                        conversation: conv,
+                        trace_id: trace.id.clone(),
+                        agent: agent.id.clone(),
+                        request_idx: idx,
+                        trace_streamed: turn.streamed,
+                        input_tokens: turn.input,
+                        output_tokens_expected: turn.output,
+                        output_tokens_actual: 0,
+                        trace_hit_blocks: hits,
+                        trace_miss_blocks: turn.hash_ids.len() as u64 - hits,
+                        prompt_tokens: None,
+                        cached_tokens: None,
+                        start: 0.0,
+                        first_token: None,
+                        end: 0.0,
+                        delay_expected: delay,
+                        delay_actual,
+                        success: false,
+                        error: None,
+                    };
+                    send(ctx, &session, body, &mut record).await;
+                    let _ = ctx.records.send(record);
+                    prev = Some(turn);
+                    idx += 1;
+                    i += 1;
+                }
+                Step::Subagent(_) => {
+                    // Subagents in a row run together; the parent waits for all of them.
+                    let mut group = Vec::new();
+                    while let Some(Step::Subagent(sub)) = agent.steps.get(i) {
+                        group.push(run_agent(
+                            ctx,
+                            trace,
+                            sub,
+                            seed,
+                            format!("{session}-{}", sub.id),
+                            user.clone(),
+                            conv,
+                        ));
+                        i += 1;
+                    }
+                    futures_util::future::join_all(group).await;
+                }
+            }
+        }
+        End::Completed
+    })
+}
+
+/// Sends one request and measures it into `record`.
+async fn send(ctx: &Ctx, session: &str, body: Vec<u8>, record: &mut Record) {
+    use std::sync::atomic::Ordering::Relaxed;
+    ctx.in_flight.fetch_add(1, Relaxed);
+    record.start = ctx.now();
+    let outcome = tokio::time::timeout(
+        ctx.real(ctx.opts.request_timeout),
+        exchange(ctx, session, body, record),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(())) => record.success = true,
+        Ok(Err(e)) => record.error = Some(e),
+        Err(_) => record.error = Some(format!("no answer within {} s", ctx.opts.request_timeout)),
+    }
+    record.end = ctx.now();
+    ctx.in_flight.fetch_sub(1, Relaxed);
+}
+
+async fn exchange(
+    ctx: &Ctx,
+    session: &str,
+    body: Vec<u8>,
+    record: &mut Record,
+) -> Result<(), String> {
+    let uri: http::Uri = format!("{}/v1/chat/completions", ctx.opts.endpoint)
+        .parse()
+        .map_err(|e| format!("bad endpoint: {e}"))?;
+    let mut req = Request::post(uri).header(header::CONTENT_TYPE, "application/json");
+    if ctx.opts.session_header {
+        req = req.header("x-session-id", session);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+    let res = ctx.client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+    let status = res.status();
+    let mut body = res.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+        return Err(format!("status {}: {text}", status.as_u16()));
+    }
+    let mut sse = SseUsage::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("stream broke: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            if record.first_token.is_none() && data.windows(6).any(|w| w == b"data: ") {
+                record.first_token = Some(ctx.now());
+            }
+            sse.feed(data);
+        }
+    }
+    if !sse.done {
+        return Err("stream ended without [DONE]".into());
+    }
+    record.output_tokens_actual = sse.completion_tokens.unwrap_or(sse.content_chunks);
+    record.prompt_tokens = sse.prompt_tokens;
+    record.cached_tokens = sse.cached_tokens;
+    Ok(())
+}
+
+/// Reads the usage out of an OpenAI SSE stream, line by line.
+#[derive(Debug, Default)]
+pub struct SseUsage {
+    partial: Vec<u8>,
+    /// `data: [DONE]` seen.
+    pub done: bool,
+    /// Chunks with choices.
+    pub content_chunks: u64,
+    /// Reported prompt tokens.
+    pub prompt_tokens: Option<u64>,
+    /// Reported completion tokens.
+    pub completion_tokens: Option<u64>,
+    /// Reported cached prompt tokens.
+    pub cached_tokens: Option<u64>,
+}
+
+impl SseUsage {
+    /// Feeds received bytes.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.partial.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(nl) = self.partial[start..].iter().position(|&b| b == b'\n') {
+            let line = &self.partial[start..start + nl];
+            start += nl + 1;
+            let Some(payload) = line.strip_prefix(b"data: ") else { continue };
+            if payload == b"[DONE]" {
+                self.done = true;
+                continue;
+            }
+            if payload.windows(8).any(|w| w == b"\"usage\":") {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
+                    let u = &v["usage"];
+                    if u.is_object() {
+                        self.prompt_tokens = u["prompt_tokens"].as_u64();
+                        self.completion_tokens = u["completion_tokens"].as_u64();
+                        self.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64();
+                    }
+                    if v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                        self.content_chunks += 1;
+                    }
+                    continue;
+                }
+            }
+            self.content_chunks += 1;
+        }
+        self.partial.drain(..start);
+    }
+}

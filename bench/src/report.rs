@@ -1,0 +1,363 @@
+//! What a replay writes: per-request and per-period CSVs, a Markdown summary, SVG plots.
+//!
+//! `detailed_results.csv` uses kv-cache-tester's column names where the meaning matches
+//! (user_id, request_idx, trace_id, timestamp, input_tokens, ttft, ttlt, itl, …) and adds
+//! what only this replay knows (the agent, the tokens the endpoint reported as cached).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::replay::{percentile, Record, Replay};
+
+/// Headline figures of one replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Run name.
+    pub label: String,
+    /// Requests that completed.
+    pub completed: usize,
+    /// Requests that failed.
+    pub failed: usize,
+    /// Requests still in flight at the end.
+    pub unfinished: usize,
+    /// TTFT mean, simulated seconds.
+    pub ttft_avg: f64,
+    /// TTFT median.
+    pub ttft_p50: f64,
+    /// TTFT 95th percentile.
+    pub ttft_p95: f64,
+    /// TTFT maximum.
+    pub ttft_max: f64,
+    /// Prompt tokens of completed requests per simulated second.
+    pub input_tokens_per_s: f64,
+    /// Output tokens of completed requests per simulated second.
+    pub output_tokens_per_s: f64,
+    /// Cached prompt tokens over prompt tokens, as the endpoint reported.
+    pub cache_hit_rate: f64,
+    /// The trace's own reuse over the same requests (an unbounded cache's hit rate).
+    pub trace_hit_rate: f64,
+    /// Largest sum of live conversations' contexts in a period, tokens.
+    pub working_set_tokens: u64,
+    /// Most users at once.
+    pub peak_users: usize,
+    /// Simulated seconds.
+    pub elapsed: f64,
+}
+
+/// Computes the headline figures.
+#[must_use]
+pub fn summarize(r: &Replay) -> Summary {
+    let ok: Vec<&Record> = r.records.iter().filter(|x| x.success).collect();
+    let mut ttfts: Vec<f64> = ok.iter().filter_map(|x| x.ttft()).collect();
+    let avg = if ttfts.is_empty() { 0.0 } else { ttfts.iter().sum::<f64>() / ttfts.len() as f64 };
+    let p50 = percentile(&mut ttfts, 0.5).unwrap_or(0.0);
+    let p95 = percentile(&mut ttfts, 0.95).unwrap_or(0.0);
+    let max = ttfts.iter().copied().fold(0.0, f64::max);
+    let prompt: u64 = ok.iter().map(|x| x.prompt_tokens.unwrap_or(x.input_tokens)).sum();
+    let cached: u64 = ok.iter().map(|x| x.cached_tokens.unwrap_or(0)).sum();
+    let output: u64 = ok.iter().map(|x| x.output_tokens_actual).sum();
+    let blocks: u64 = ok.iter().map(|x| x.trace_hit_blocks + x.trace_miss_blocks).sum();
+    let hits: u64 = ok.iter().map(|x| x.trace_hit_blocks).sum();
+    let elapsed = r.elapsed.max(1e-9);
+    let periods = periods(r);
+    Summary {
+        label: r.options.label.clone(),
+        completed: ok.len(),
+        failed: r.records.len() - ok.len(),
+        unfinished: r.unfinished,
+        ttft_avg: avg,
+        ttft_p50: p50,
+        ttft_p95: p95,
+        ttft_max: max,
+        input_tokens_per_s: prompt as f64 / elapsed,
+        output_tokens_per_s: output as f64 / elapsed,
+        cache_hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
+        trace_hit_rate: if blocks == 0 { 0.0 } else { hits as f64 / blocks as f64 },
+        working_set_tokens: periods.iter().map(|p| p.working_set_tokens).max().unwrap_or(0),
+        peak_users: r.assessments.iter().map(|a| a.users).max().unwrap_or(0).max(
+            r.users.iter().filter(|u| u.event == "started").count().min(r.options.start_users),
+        ),
+        elapsed: r.elapsed,
+    }
+}
+
+/// One assessment period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Period {
+    /// Number, from 1.
+    pub number: usize,
+    /// Start, simulated seconds.
+    pub start: f64,
+    /// End.
+    pub end: f64,
+    /// Users after the period's assessment.
+    pub users: usize,
+    /// Users added at its assessment.
+    pub users_added: usize,
+    /// Requests completed in it.
+    pub completed: usize,
+    /// Requests that failed in it.
+    pub failed: usize,
+    /// Requests sent in it.
+    pub launched: usize,
+    /// Prompt tokens per second, attributed at first token.
+    pub input_tokens_per_s: f64,
+    /// Output tokens per second, attributed at completion.
+    pub output_tokens_per_s: f64,
+    /// TTFT mean.
+    pub ttft_avg: f64,
+    /// TTFT median.
+    pub ttft_p50: f64,
+    /// TTFT 95th percentile.
+    pub ttft_p95: f64,
+    /// TTFT 99th percentile.
+    pub ttft_p99: f64,
+    /// Cached over prompt tokens.
+    pub cache_hit_rate: f64,
+    /// Sum over conversations active in the period of their largest request.
+    pub working_set_tokens: u64,
+}
+
+/// The replay cut into assessment periods.
+#[must_use]
+pub fn periods(r: &Replay) -> Vec<Period> {
+    let len = r.options.period;
+    let n = ((r.elapsed / len).ceil() as usize).max(1);
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        let (start, end) = (k as f64 * len, (k + 1) as f64 * len);
+        let inside = |t: f64| t >= start && t < end;
+        let done: Vec<&Record> = r.records.iter().filter(|x| x.success && inside(x.end)).collect();
+        let firsts: Vec<&Record> =
+            r.records.iter().filter(|x| x.success && x.first_token.is_some_and(inside)).collect();
+        let mut ttfts: Vec<f64> = firsts.iter().filter_map(|x| x.ttft()).collect();
+        let prompt: u64 = firsts.iter().map(|x| x.prompt_tokens.unwrap_or(x.input_tokens)).sum();
+        let cached: u64 = firsts.iter().map(|x| x.cached_tokens.unwrap_or(0)).sum();
+        let mut ws = std::collections::HashMap::<(u64, &str), u64>::new();
+        for x in r.records.iter().filter(|x| inside(x.start)) {
+            let e = ws.entry((x.conversation, x.agent.as_str())).or_default();
+            *e = (*e).max(x.input_tokens);
+        }
+        let a = r.assessments.iter().find(|a| a.time >= end - 1e-9);
+        out.push(Period {
+            number: k + 1,
+            start,
+            end,
+            users: a.map_or(0, |a| a.users),
+            users_added: a.map_or(0, |a| a.added),
+            completed: done.len(),
+            failed: r.records.iter().filter(|x| !x.success && inside(x.end)).count(),
+            launched: r.records.iter().filter(|x| inside(x.start)).count(),
+            input_tokens_per_s: prompt as f64 / len,
+            output_tokens_per_s: done.iter().map(|x| x.output_tokens_actual).sum::<u64>() as f64
+                / len,
+            ttft_avg: if ttfts.is_empty() {
+                0.0
+            } else {
+                ttfts.iter().sum::<f64>() / ttfts.len() as f64
+            },
+            ttft_p50: percentile(&mut ttfts, 0.5).unwrap_or(0.0),
+            ttft_p95: percentile(&mut ttfts, 0.95).unwrap_or(0.0),
+            ttft_p99: percentile(&mut ttfts, 0.99).unwrap_or(0.0),
+            cache_hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
+            working_set_tokens: ws.values().sum(),
+        });
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// `detailed_results.csv`.
+#[must_use]
+pub fn detailed_csv(r: &Replay) -> String {
+    let mut o = String::from(
+        "user_id,request_idx,trace_id,timestamp,request_type,input_tokens,output_tokens_expected,\
+         output_tokens_actual,cache_hit_blocks,cache_miss_blocks,ttft,ttlt,itl,delay_expected,\
+         delay_actual,success,error_message,queue_time,effective_ttft,request_start_time,\
+         prefill_complete_time,request_complete_time,agent_id,conversation,prompt_tokens_reported,\
+         cached_tokens_reported\n",
+    );
+    for x in &r.records {
+        let ttft = x.ttft();
+        let ttlt = x.end - x.start;
+        let itl = match ttft {
+            Some(t) if x.output_tokens_actual > 1 => {
+                (ttlt - t) / (x.output_tokens_actual - 1) as f64
+            }
+            _ => 0.0,
+        };
+        let opt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "{},{},{},{:.4},{},{},{},{},{},{},{},{:.4},{:.5},{:.4},{:.4},{},{},0,{},{:.4},{},{:.4},{},{},{},{}",
+            x.user,
+            x.request_idx,
+            x.trace_id,
+            x.start,
+            if x.trace_streamed { "streaming" } else { "non_streaming" },
+            x.input_tokens,
+            x.output_tokens_expected,
+            x.output_tokens_actual,
+            x.trace_hit_blocks,
+            x.trace_miss_blocks,
+            opt(ttft),
+            ttlt,
+            itl,
+            x.delay_expected,
+            x.delay_actual,
+            x.success,
+            csv_field(x.error.as_deref().unwrap_or("")),
+            opt(ttft),
+            x.start,
+            opt(x.first_token),
+            x.end,
+            csv_field(&x.agent),
+            x.conversation,
+            x.prompt_tokens.map(|v| v.to_string()).unwrap_or_default(),
+            x.cached_tokens.map(|v| v.to_string()).unwrap_or_default(),
+        );
+    }
+    o
+}
+
+/// `summary_trace_replay.csv`: one row per assessment period.
+#[must_use]
+pub fn periods_csv(r: &Replay) -> String {
+    let mut o = String::from(
+        "period_number,start_time,end_time,active_users,users_added,requests_completed,\
+         requests_failed,requests_launched,input_tokens_per_second,output_tokens_per_second,\
+         ttft_avg,ttft_p50,ttft_p95,ttft_p99,avg_cache_hit_rate,working_set_tokens\n",
+    );
+    for p in periods(r) {
+        let _ = writeln!(
+            o,
+            "{},{:.1},{:.1},{},{},{},{},{},{:.1},{:.1},{:.3},{:.3},{:.3},{:.3},{:.4},{}",
+            p.number,
+            p.start,
+            p.end,
+            p.users,
+            p.users_added,
+            p.completed,
+            p.failed,
+            p.launched,
+            p.input_tokens_per_s,
+            p.output_tokens_per_s,
+            p.ttft_avg,
+            p.ttft_p50,
+            p.ttft_p95,
+            p.ttft_p99,
+            p.cache_hit_rate,
+            p.working_set_tokens
+        );
+    }
+    o
+}
+
+/// `user_lifecycle.csv`.
+#[must_use]
+pub fn users_csv(r: &Replay) -> String {
+    let mut o = String::from("timestamp,user_id,event_type,trace_id\n");
+    for u in &r.users {
+        let _ = writeln!(o, "{:.3},{},{},{}", u.time, u.user, u.event, u.trace_id);
+    }
+    o
+}
+
+/// The headline table's header, shaped like the study's stress table.
+pub const TABLE_HEADER: &str = "| run | requests completed | failed | TTFT avg (s) | p50 | p95 | max | input tok/s | working set (k tok) | cache hit |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+
+/// One row of the headline table.
+#[must_use]
+pub fn table_row(s: &Summary, working_set_override: Option<u64>) -> String {
+    format!(
+        "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1}% |\n",
+        s.label,
+        s.completed,
+        s.failed,
+        s.ttft_avg,
+        s.ttft_p50,
+        s.ttft_p95,
+        s.ttft_max,
+        s.input_tokens_per_s,
+        working_set_override.unwrap_or(s.working_set_tokens) as f64 / 1000.0,
+        s.cache_hit_rate * 100.0,
+    )
+}
+
+/// `summary.md`.
+#[must_use]
+pub fn markdown(r: &Replay) -> String {
+    let s = summarize(r);
+    let o = &r.options;
+    let mut m = String::new();
+    let _ = writeln!(m, "# Replay {}\n", o.label);
+    let _ = writeln!(
+        m,
+        "Endpoint {} (model `{}`), seed {}, {} to {} users while p{:.0} TTFT < {} s, max context {} tokens, {} simulated s at time scale {}{}.\n",
+        o.endpoint, r.model, o.seed, o.start_users, o.max_users, o.ttft_percentile * 100.0,
+        o.max_ttft, o.max_context, o.duration, o.time_scale,
+        if o.recycle { ", recycling conversations" } else { "" }
+    );
+    m.push_str(TABLE_HEADER);
+    m.push_str(&table_row(&s, None));
+    let _ = writeln!(
+        m,
+        "\nOutput {:.1} tok/s; trace reuse (unbounded cache) {:.1}%; peak users {}; {} requests in flight at the end (not counted).",
+        s.output_tokens_per_s, s.trace_hit_rate * 100.0, s.peak_users, s.unfinished
+    );
+    m.push_str("\nFiles: `detailed_results.csv` (per request), `summary_trace_replay.csv` (per period), `user_lifecycle.csv`, `ttft.svg`, `throughput.svg`, `cache_hit.svg`.\n");
+    m
+}
+
+/// Writes every report file of one replay into `dir`.
+///
+/// # Errors
+/// When a file cannot be written.
+pub fn write_all(r: &Replay, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("detailed_results.csv"), detailed_csv(r))?;
+    std::fs::write(dir.join("summary_trace_replay.csv"), periods_csv(r))?;
+    std::fs::write(dir.join("user_lifecycle.csv"), users_csv(r))?;
+    std::fs::write(dir.join("summary.md"), markdown(r))?;
+    let ps = periods(r);
+    let xs: Vec<f64> = ps.iter().map(|p| p.end).collect();
+    let series = |f: fn(&Period) -> f64| ps.iter().map(f).collect::<Vec<f64>>();
+    std::fs::write(
+        dir.join("ttft.svg"),
+        crate::plot::lines(
+            "TTFT per period",
+            "simulated s",
+            "TTFT (s)",
+            &[
+                ("p50".into(), xs.clone(), series(|p| p.ttft_p50)),
+                ("p95".into(), xs.clone(), series(|p| p.ttft_p95)),
+            ],
+        ),
+    )?;
+    std::fs::write(
+        dir.join("throughput.svg"),
+        crate::plot::lines(
+            "Input throughput per period",
+            "simulated s",
+            "prompt tokens / s",
+            &[("input".into(), xs.clone(), series(|p| p.input_tokens_per_s))],
+        ),
+    )?;
+    std::fs::write(
+        dir.join("cache_hit.svg"),
+        crate::plot::lines(
+            "Cache hit rate per period (server-reported)",
+            "simulated s",
+            "cached / prompt tokens",
+            &[("hit rate".into(), xs, series(|p| p.cache_hit_rate))],
+        ),
+    )?;
+    Ok(())
+}

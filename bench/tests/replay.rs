@@ -1,0 +1,142 @@
+//! Replays over real HTTP on loopback: simulated replicas behind the router, and the demo's
+//! path end to end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvtier_bench::demo::{self, DemoOptions, Regime};
+use kvtier_bench::replay::{self, ReplayOptions};
+use kvtier_bench::report;
+use kvtier_router::{EndpointSpec, Policy, RouterConfig, StaticDiscovery};
+use kvtier_sim::{Profile, Sim, SimClock, SimOptions, Strategy};
+use tokio::net::TcpListener;
+
+const SCALE: f64 = 400.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_through_the_router_sees_the_traces_reuse() {
+    let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
+    let clock = SimClock::new(SCALE);
+    let mut sims = Vec::new();
+    for _ in 0..2 {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let options = SimOptions {
+            profile: profile.clone(),
+            strategy: Strategy::Hbm,
+            time_scale: SCALE,
+            served_model: None,
+        };
+        sims.push(Sim::serve_with_clock(l, options, clock));
+    }
+    let endpoints: Vec<EndpointSpec> =
+        sims.iter().map(|s| EndpointSpec::parse(&s.url()).expect("url")).collect();
+    let mut config = RouterConfig::new(endpoints.clone());
+    config.policy = Policy::Affinity;
+    config.workers = std::num::NonZeroUsize::MIN;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = tokio::spawn(kvtier_router::run(
+        config,
+        listener,
+        None,
+        Arc::new(StaticDiscovery::new(endpoints)),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let traces: Vec<_> = demo::shipped_traces().into_iter().take(3).collect();
+    let turns: usize = traces.iter().map(|t| t.root.all_turns().len()).sum();
+    let opts = ReplayOptions {
+        endpoint: url,
+        model: None,
+        seed: 5,
+        start_users: 3,
+        max_users: 3,
+        duration: 4.0 * 3600.0,
+        time_scale: SCALE,
+        max_delay: 30.0,
+        label: "test".into(),
+        ..ReplayOptions::default()
+    };
+    let r = replay::run(traces, opts).await.expect("replay");
+    let _ = stop.send(());
+    let _ = router.await;
+
+    assert_eq!(r.model, "meta-llama/Llama-3.1-8B-Instruct", "asked the endpoint");
+    let failures: Vec<_> = r.records.iter().filter(|x| !x.success).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(r.records.len(), turns, "every turn of the three conversations was sent");
+    assert_eq!(r.users.iter().filter(|u| u.event == "completed").count(), 3);
+    for x in &r.records {
+        // Sized as the trace, plus at most two blocks of message framing.
+        let prompt = x.prompt_tokens.expect("usage");
+        assert!(
+            (x.input_tokens..=x.input_tokens + 128).contains(&prompt),
+            "{prompt} vs {}",
+            x.input_tokens
+        );
+        assert_eq!(x.output_tokens_actual, x.output_tokens_expected.max(1));
+        assert!(x.ttft().is_some_and(|t| t > 0.0));
+    }
+    // Sticky routing keeps each conversation's prefix on one replica: the engines report
+    // the trace's reuse (within the blocks framing shifts per turn).
+    let s = report::summarize(&r);
+    assert!(
+        s.cache_hit_rate > s.trace_hit_rate - 0.05,
+        "engines {} vs trace {}",
+        s.cache_hit_rate,
+        s.trace_hit_rate
+    );
+
+    // Reports.
+    let dir = std::env::temp_dir().join(format!("kvtier-replay-{}", std::process::id()));
+    report::write_all(&r, &dir).expect("reports");
+    let csv = std::fs::read_to_string(dir.join("detailed_results.csv")).expect("csv");
+    assert!(csv.starts_with("user_id,request_idx,trace_id,timestamp,request_type,input_tokens,"));
+    assert_eq!(csv.lines().count(), turns + 1);
+    for f in [
+        "summary_trace_replay.csv",
+        "user_lifecycle.csv",
+        "summary.md",
+        "ttft.svg",
+        "throughput.svg",
+        "cache_hit.svg",
+    ] {
+        let text = std::fs::read_to_string(dir.join(f)).expect(f);
+        assert!(!text.is_empty(), "{f}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_configuration_and_tabulates_it() {
+    let out = std::env::temp_dir().join(format!("kvtier-demo-{}", std::process::id()));
+    let opts = DemoOptions {
+        traces: demo::shipped_traces().into_iter().take(2).collect(),
+        profile: Profile::load("llama-3.1-8b-h100").expect("profile"),
+        replicas: 2,
+        time_scale: SCALE,
+        duration: 600.0,
+        max_ttft: 60.0,
+        max_context: 100_000,
+        seed: 1,
+        regimes: vec![Regime { name: "tiny", users_per_replica: 1, start_per_replica: 1 }],
+        policies: vec![Policy::RoundRobin, Policy::Affinity],
+        strategies: vec![Strategy::Hbm],
+        out: PathBuf::from(&out),
+        progress: false,
+    };
+    let (results, text) = demo::run(&opts).await.expect("demo");
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| r.summary.completed > 0 && r.summary.failed == 0));
+    assert!(
+        text.contains("| tiny/kvtier/hbm |") && text.contains("| tiny/round-robin/hbm |"),
+        "{text}"
+    );
+    assert!(text.contains("hbm strategy, kvtier vs round-robin routing"), "{text}");
+    assert!(out.join("demo.md").is_file() && out.join("tiny/ttft_p95.svg").is_file());
+    assert!(out.join("tiny/kvtier-hbm/detailed_results.csv").is_file());
+    std::fs::remove_dir_all(&out).ok();
+}
