@@ -80,17 +80,30 @@ pub fn lines(
     );
     for (k, (name, xs, ys)) in series.iter().enumerate() {
         let c = COLOURS[k % COLOURS.len()];
-        let pts: Vec<String> = xs
-            .iter()
-            .zip(ys)
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
-            .collect();
-        let _ = writeln!(
-            o,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
-            pts.join(" ")
-        );
+        // A missing value (NaN) breaks the line rather than drawing it at zero.
+        let points: Vec<(f64, f64)> = xs.iter().copied().zip(ys.iter().copied()).collect();
+        for run in points.split(|(x, y)| !(x.is_finite() && y.is_finite())) {
+            match run {
+                [] => {}
+                [(x, y)] => {
+                    let _ = writeln!(
+                        o,
+                        r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{c}"/>"#,
+                        sx(*x),
+                        sy(*y)
+                    );
+                }
+                _ => {
+                    let pts: Vec<String> =
+                        run.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
+                    let _ = writeln!(
+                        o,
+                        r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                        pts.join(" ")
+                    );
+                }
+            }
+        }
         let ly = TOP + 10.0 + k as f64 * 18.0;
         let lx = LEFT + pw + 12.0;
         let _ = writeln!(
@@ -130,4 +143,24 @@ fn fmt(v: f64) -> String {
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_values_break_the_line() {
+        let svg = lines(
+            "t <1>",
+            "x",
+            "y",
+            &[("a".into(), vec![1.0, 2.0, 3.0, 4.0, 5.0], vec![1.0, 2.0, f64::NAN, 4.0, 5.0])],
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("t &lt;1&gt;"), "titles are escaped");
+        let lone = lines("t", "x", "y", &[("a".into(), vec![1.0, 2.0], vec![f64::NAN, 2.0])]);
+        assert_eq!(lone.matches("<circle").count(), 1);
+    }
 }

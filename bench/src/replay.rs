@@ -36,6 +36,9 @@ pub struct ReplayOptions {
     pub seed: u64,
     /// Users at the start.
     pub start_users: usize,
+    /// The starting users begin evenly spread over this many simulated seconds (0: all at
+    /// once), so their cold first requests do not all queue at the same instant.
+    pub ramp_up: f64,
     /// Most users at once.
     pub max_users: usize,
     /// Users are added only while this TTFT percentile stays under `max_ttft`.
@@ -73,6 +76,7 @@ impl Default for ReplayOptions {
             model: None,
             seed: 1,
             start_users: 1,
+            ramp_up: 0.0,
             max_users: 32,
             ttft_percentile: 0.95,
             max_ttft: 60.0,
@@ -218,6 +222,9 @@ struct Ctx {
     origin: Instant,
     records: mpsc::UnboundedSender<Record>,
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Send times of requests still waiting for their first token, by serial number.
+    waiting: std::sync::Mutex<std::collections::HashMap<u64, f64>>,
+    serial: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx {
@@ -302,6 +309,8 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
         origin: Instant::now(),
         records: tx,
         in_flight: std::sync::atomic::AtomicUsize::new(0),
+        waiting: std::sync::Mutex::new(std::collections::HashMap::new()),
+        serial: std::sync::atomic::AtomicU64::new(0),
     });
 
     let bar = progress_bar(&opts);
@@ -313,7 +322,8 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
     let mut start_user = |tasks: &mut JoinSet<(String, String, End)>,
                           queue: &mut VecDeque<Arc<Trace>>,
                           users: &mut Vec<UserEvent>,
-                          user: Option<String>|
+                          user: Option<String>,
+                          after: f64|
      -> bool {
         if queue.is_empty() && opts.recycle {
             queue.extend(order.iter().cloned());
@@ -326,20 +336,25 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
         let conv = next_conversation;
         next_conversation += 1;
         users.push(UserEvent {
-            time: ctx.now(),
+            time: ctx.now() + after,
             user: user.clone(),
             event: "started",
             trace_id: trace.id.clone(),
         });
         let ctx = ctx.clone();
         tasks.spawn(async move {
+            if after > 0.0 {
+                tokio::time::sleep(ctx.real(after)).await;
+            }
             let end = run_conversation(&ctx, &trace, conv, &user).await;
             (user, trace.id.clone(), end)
         });
         true
     };
-    for _ in 0..opts.start_users.clamp(1, opts.max_users) {
-        start_user(&mut tasks, &mut queue, &mut users, None);
+    let initial = opts.start_users.clamp(1, opts.max_users);
+    for k in 0..initial {
+        let after = opts.ramp_up.max(0.0) * k as f64 / initial as f64;
+        start_user(&mut tasks, &mut queue, &mut users, None, after);
     }
 
     let mut records = Vec::new();
@@ -366,7 +381,7 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
                         trace_id,
                     });
                     if opts.recycle {
-                        start_user(&mut tasks, &mut queue, &mut users, Some(user));
+                        start_user(&mut tasks, &mut queue, &mut users, Some(user), 0.0);
                     }
                 }
             }
@@ -382,6 +397,15 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
         }
         if now >= next_assessment {
             next_assessment += opts.period;
+            // A request still waiting for its first token has a TTFT of at least its age;
+            // counting it keeps the ramp from adding users while cold prefills queue up
+            // (their TTFTs would only show a few periods later).
+            period_ttfts.extend(
+                lock(&ctx.waiting)
+                    .values()
+                    .map(|start| now - start)
+                    .filter(|age| *age >= opts.max_ttft),
+            );
             let pctl = percentile(&mut period_ttfts, opts.ttft_percentile);
             period_ttfts.clear();
             let mut added = 0;
@@ -392,7 +416,7 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
                     let want = 1 + (headroom / 15.0) as usize;
                     for _ in 0..want {
                         if tasks.len() >= opts.max_users
-                            || !start_user(&mut tasks, &mut queue, &mut users, None)
+                            || !start_user(&mut tasks, &mut queue, &mut users, None, 0.0)
                         {
                             break;
                         }
@@ -402,7 +426,8 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
                 Some(_) => cooldown -= 1,
                 None => {
                     // Nothing finished this period. With no one active, start someone.
-                    if tasks.is_empty() && start_user(&mut tasks, &mut queue, &mut users, None) {
+                    if tasks.is_empty() && start_user(&mut tasks, &mut queue, &mut users, None, 0.0)
+                    {
                         added += 1;
                     }
                 }
@@ -435,6 +460,10 @@ fn progress_bar(opts: &ReplayOptions) -> Option<indicatif::ProgressBar> {
     }
     bar.set_prefix(opts.label.clone());
     Some(bar)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The `p` percentile (0..1) by nearest rank; None for no samples.
@@ -549,11 +578,14 @@ async fn send(ctx: &Ctx, session: &str, body: Vec<u8>, record: &mut Record) {
     use std::sync::atomic::Ordering::Relaxed;
     ctx.in_flight.fetch_add(1, Relaxed);
     record.start = ctx.now();
+    let serial = ctx.serial.fetch_add(1, Relaxed);
+    lock(&ctx.waiting).insert(serial, record.start);
     let outcome = tokio::time::timeout(
         ctx.real(ctx.opts.request_timeout),
-        exchange(ctx, session, body, record),
+        exchange(ctx, session, body, record, serial),
     )
     .await;
+    lock(&ctx.waiting).remove(&serial);
     match outcome {
         Ok(Ok(())) => record.success = true,
         Ok(Err(e)) => record.error = Some(e),
@@ -568,6 +600,7 @@ async fn exchange(
     session: &str,
     body: Vec<u8>,
     record: &mut Record,
+    serial: u64,
 ) -> Result<(), String> {
     let uri: http::Uri = format!("{}/v1/chat/completions", ctx.opts.endpoint)
         .parse()
@@ -591,6 +624,7 @@ async fn exchange(
         if let Some(data) = frame.data_ref() {
             if record.first_token.is_none() && data.windows(6).any(|w| w == b"data: ") {
                 record.first_token = Some(ctx.now());
+                lock(&ctx.waiting).remove(&serial);
             }
             sse.feed(data);
         }
@@ -650,5 +684,41 @@ impl SseUsage {
             self.content_chunks += 1;
         }
         self.partial.drain(..start);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_across_frame_boundaries() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"tok tok \"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":900,\"completion_tokens\":2,",
+            "\"prompt_tokens_details\":{\"cached_tokens\":832}}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for split in [1, 7, 50, 101, stream.len() - 3] {
+            let mut u = SseUsage::default();
+            u.feed(&stream.as_bytes()[..split]);
+            assert!(!u.done);
+            u.feed(&stream.as_bytes()[split..]);
+            assert!(u.done, "split {split}");
+            assert_eq!(u.prompt_tokens, Some(900));
+            assert_eq!(u.completion_tokens, Some(2));
+            assert_eq!(u.cached_tokens, Some(832));
+            assert_eq!(u.content_chunks, 2);
+        }
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.95), Some(95.0));
+        assert_eq!(percentile(&mut v, 0.5), Some(50.0));
+        assert_eq!(percentile(&mut [3.0], 0.99), Some(3.0));
+        assert_eq!(percentile(&mut [], 0.5), None);
     }
 }

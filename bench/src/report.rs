@@ -40,6 +40,8 @@ pub struct Summary {
     pub working_set_tokens: u64,
     /// Most users at once.
     pub peak_users: usize,
+    /// Distinct traces replayed.
+    pub traces_used: usize,
     /// Simulated seconds.
     pub elapsed: f64,
 }
@@ -77,6 +79,12 @@ pub fn summarize(r: &Replay) -> Summary {
         peak_users: r.assessments.iter().map(|a| a.users).max().unwrap_or(0).max(
             r.users.iter().filter(|u| u.event == "started").count().min(r.options.start_users),
         ),
+        traces_used: r
+            .records
+            .iter()
+            .map(|x| x.trace_id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
         elapsed: r.elapsed,
     }
 }
@@ -116,6 +124,20 @@ pub struct Period {
     pub cache_hit_rate: f64,
     /// Sum over conversations active in the period of their largest request.
     pub working_set_tokens: u64,
+    /// Requests whose first token came in the period (the TTFT and hit-rate sample).
+    pub first_tokens: usize,
+}
+
+impl Period {
+    /// `v`, or NaN (not plotted) when the period has no TTFT sample.
+    #[must_use]
+    pub fn sampled(&self, v: f64) -> f64 {
+        if self.first_tokens == 0 {
+            f64::NAN
+        } else {
+            v
+        }
+    }
 }
 
 /// The replay cut into assessment periods.
@@ -161,6 +183,7 @@ pub fn periods(r: &Replay) -> Vec<Period> {
             ttft_p99: percentile(&mut ttfts, 0.99).unwrap_or(0.0),
             cache_hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
             working_set_tokens: ws.values().sum(),
+            first_tokens: firsts.len(),
         });
     }
     out
@@ -336,8 +359,8 @@ pub fn write_all(r: &Replay, dir: &Path) -> std::io::Result<()> {
             "simulated s",
             "TTFT (s)",
             &[
-                ("p50".into(), xs.clone(), series(|p| p.ttft_p50)),
-                ("p95".into(), xs.clone(), series(|p| p.ttft_p95)),
+                ("p50".into(), xs.clone(), series(|p| p.sampled(p.ttft_p50))),
+                ("p95".into(), xs.clone(), series(|p| p.sampled(p.ttft_p95))),
             ],
         ),
     )?;
@@ -356,7 +379,7 @@ pub fn write_all(r: &Replay, dir: &Path) -> std::io::Result<()> {
             "Cache hit rate per period (server-reported)",
             "simulated s",
             "cached / prompt tokens",
-            &[("hit rate".into(), xs, series(|p| p.cache_hit_rate))],
+            &[("hit rate".into(), xs, series(|p| p.sampled(p.cache_hit_rate)))],
         ),
     )?;
     Ok(())

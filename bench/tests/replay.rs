@@ -122,7 +122,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
         max_ttft: 60.0,
         max_context: 100_000,
         seed: 1,
-        regimes: vec![Regime { name: "tiny", users_per_replica: 1, start_per_replica: 1 }],
+        regimes: vec![Regime { name: "tiny", pressure: 0.1, users_per_replica: Some(1) }],
         policies: vec![Policy::RoundRobin, Policy::Affinity],
         strategies: vec![Strategy::Hbm],
         out: PathBuf::from(&out),

@@ -92,6 +92,9 @@ struct BenchArgs {
     /// Users at the start.
     #[arg(long, default_value_t = 1)]
     start_users: usize,
+    /// Spread the starting users' first requests over this long.
+    #[arg(long, default_value = "0s", value_parser = sim_seconds)]
+    ramp_up: f64,
     /// Most users at once.
     #[arg(long, default_value_t = 32)]
     max_users: usize,
@@ -162,7 +165,7 @@ struct DemoArgs {
     #[arg(long, default_value = "minimax-m2.5-2xmi300x")]
     profile: String,
     /// Simulated seconds per real second.
-    #[arg(long, default_value = "40", value_parser = positive)]
+    #[arg(long, default_value = "100", value_parser = positive)]
     time_scale: f64,
     /// Simulated time per run.
     #[arg(long, default_value = "20m", value_parser = sim_seconds)]
@@ -176,6 +179,18 @@ struct DemoArgs {
     /// Which regime to run.
     #[arg(long, value_enum, default_value = "both")]
     regime: RegimeArg,
+    /// Stress: working set per replica over its HBM KV capacity.
+    #[arg(long, default_value_t = demo::STRESS.pressure, value_parser = positive)]
+    stress_pressure: f64,
+    /// Stress: users per replica (instead of --stress-pressure).
+    #[arg(long)]
+    stress_users: Option<usize>,
+    /// Low load: working set per replica over its HBM KV capacity.
+    #[arg(long, default_value_t = demo::LOW.pressure, value_parser = positive)]
+    low_pressure: f64,
+    /// Low load: users per replica (instead of --low-pressure).
+    #[arg(long)]
+    low_users: Option<usize>,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -337,6 +352,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         model: a.model,
         seed: a.seed,
         start_users: a.start_users,
+        ramp_up: a.ramp_up,
         max_users: a.max_users,
         ttft_percentile: a.ttft_percentile / 100.0,
         max_ttft: a.max_ttft,
@@ -370,10 +386,17 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
     if a.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
+    let stress = demo::Regime {
+        pressure: a.stress_pressure,
+        users_per_replica: a.stress_users,
+        ..demo::STRESS
+    };
+    let low =
+        demo::Regime { pressure: a.low_pressure, users_per_replica: a.low_users, ..demo::LOW };
     let regimes = match a.regime {
-        RegimeArg::Stress => vec![demo::STRESS],
-        RegimeArg::LowLoad => vec![demo::LOW],
-        RegimeArg::Both => vec![demo::STRESS, demo::LOW],
+        RegimeArg::Stress => vec![stress],
+        RegimeArg::LowLoad => vec![low],
+        RegimeArg::Both => vec![stress, low],
     };
     let opts = demo::DemoOptions {
         traces,

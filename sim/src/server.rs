@@ -826,6 +826,12 @@ fn metrics(st: &Shared) -> Response<Body> {
     );
     put(
         "counter",
+        "kvtier_sim_store_seconds",
+        "Simulated seconds spent saving KV to DRAM.",
+        &[("", c.store_seconds)],
+    );
+    put(
+        "counter",
         "kvtier_sim_busy_seconds",
         "Simulated seconds spent in forward passes.",
         &[("", c.busy_seconds)],
