@@ -3,6 +3,10 @@
 //! - [`prefix`]: how the router hashes a request's text into chained chunk hashes, so that
 //!   every router replica (and, later, residency events) agree on what a prefix is.
 //! - [`session`]: which request headers carry an agent session id.
+//! - [`chunk`]: how token ids name KV chunks in the node-agent's tiers.
+//! - [`agent`]: the node-agent's wire protocol.
 
+pub mod agent;
+pub mod chunk;
 pub mod prefix;
 pub mod session;

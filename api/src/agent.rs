@@ -1,0 +1,747 @@
+//! The node-agent's wire protocol: versioned, length-prefixed binary frames over a Unix
+//! socket (design.md, "Node-agent protocol").
+//!
+//! Every frame is a 16-byte header — magic `KVTA`, version, operation, request id, body
+//! length, all little-endian — and a body of at most [`MAX_BODY`] bytes. Every count in a
+//! body is bounded ([`MAX_KEYS`], [`MAX_NAME`]) and checked against the bytes that remain
+//! before anything is allocated, so a malformed or hostile frame costs the agent one error
+//! and that connection only. A reply carries the request's id and its operation with the
+//! high bit set; failures come back as [`Response::Error`].
+//!
+//! The pool itself (the memfd) travels once, with the reply to [`Request::Hello`], as
+//! `SCM_RIGHTS` ancillary data; everything after names pool slots by index.
+
+use crate::chunk::ChunkKey;
+
+/// `KVTA`.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"KVTA");
+/// Protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Header bytes.
+pub const HEADER: usize = 16;
+/// Largest body.
+pub const MAX_BODY: usize = 4 << 20;
+/// Most keys (or slots) in one frame: a scheduler step's worth of long contexts.
+pub const MAX_KEYS: usize = 65_536;
+/// Longest name.
+pub const MAX_NAME: usize = 256;
+/// Longest lease.
+pub const MAX_LEASE_MS: u32 = 10 * 60 * 1000;
+
+/// A frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Operation code.
+    pub op: u16,
+    /// Chosen by the client, echoed in the reply.
+    pub request_id: u32,
+    /// Body bytes that follow.
+    pub body_len: u32,
+}
+
+/// Where a chunk is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tier {
+    /// Not held.
+    Absent = 0,
+    /// In a DRAM pool slot.
+    Dram = 1,
+    /// On NVMe only (a prefetch brings it to DRAM).
+    Nvme = 2,
+    /// Being written or loaded; not yet readable.
+    Busy = 3,
+}
+
+impl Tier {
+    fn from_u8(v: u8) -> Result<Self, ProtocolError> {
+        Ok(match v {
+            0 => Tier::Absent,
+            1 => Tier::Dram,
+            2 => Tier::Nvme,
+            3 => Tier::Busy,
+            _ => return Err(ProtocolError::Invalid(format!("tier {v}"))),
+        })
+    }
+}
+
+/// One chunk to commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// Its key.
+    pub key: ChunkKey,
+    /// The reserved slot it was written to.
+    pub slot: u32,
+    /// Bytes written.
+    pub len: u32,
+    /// xxh3-64 of those bytes.
+    pub checksum: u64,
+}
+
+/// Client to agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// First frame: who is attaching. The reply brings the pool.
+    Hello {
+        /// Client name, for logs.
+        client: String,
+        /// Client process id, for logs.
+        pid: u32,
+    },
+    /// Where each key is, and how many lead the list in DRAM.
+    Lookup {
+        /// Keys, in prefix order.
+        keys: Vec<ChunkKey>,
+    },
+    /// Slots to write new chunks into.
+    Reserve {
+        /// How many.
+        n: u32,
+    },
+    /// Chunks written into reserved slots.
+    Commit {
+        /// The chunks.
+        chunks: Vec<Commit>,
+    },
+    /// Reserved slots not used.
+    Release {
+        /// The slots.
+        slots: Vec<u32>,
+    },
+    /// Keep these chunks in DRAM until unpinned or the lease runs out.
+    Pin {
+        /// Keys.
+        keys: Vec<ChunkKey>,
+        /// Lease in milliseconds.
+        lease_ms: u32,
+    },
+    /// Drop pins.
+    Unpin {
+        /// Keys.
+        keys: Vec<ChunkKey>,
+    },
+    /// Bring these from NVMe to DRAM ahead of the next turn.
+    Prefetch {
+        /// Keys.
+        keys: Vec<ChunkKey>,
+    },
+    /// Counters.
+    Stats,
+}
+
+/// Agent counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Pool slots.
+    pub slots: u32,
+    /// Slots holding committed chunks.
+    pub used: u32,
+    /// Slots reserved and not yet committed.
+    pub reserved: u32,
+    /// Chunks pinned.
+    pub pinned: u32,
+    /// Lookups of keys found in DRAM.
+    pub hits: u64,
+    /// Lookups of keys not found.
+    pub misses: u64,
+    /// Chunks evicted from DRAM.
+    pub evictions: u64,
+}
+
+/// Agent to client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// The pool: its size and slot size (the memfd comes as ancillary data).
+    Hello {
+        /// Pool bytes.
+        pool_bytes: u64,
+        /// Bytes per slot.
+        slot_bytes: u32,
+        /// Slots.
+        slots: u32,
+    },
+    /// Per key: tier and, in DRAM, its slot; and the length of the leading run in DRAM.
+    Lookup {
+        /// Keys from the start that are in DRAM.
+        prefix: u32,
+        /// Tier per key.
+        tiers: Vec<Tier>,
+        /// Slot per key (`u32::MAX` when not in DRAM).
+        slots: Vec<u32>,
+    },
+    /// Slots granted (fewer than asked when the pool is full of pinned chunks).
+    Reserve {
+        /// The slots.
+        slots: Vec<u32>,
+    },
+    /// Done; how many items it applied to.
+    Ack {
+        /// Items applied.
+        applied: u32,
+    },
+    /// Counters.
+    Stats(Stats),
+    /// The request failed.
+    Error {
+        /// Error class.
+        code: ErrorCode,
+        /// For humans.
+        message: String,
+    },
+}
+
+/// Error classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame was malformed; the agent closes the connection after this reply.
+    Malformed = 1,
+    /// The request names slots or keys it may not use.
+    Invalid = 2,
+    /// No room.
+    Full = 3,
+    /// Hello was not the first frame, or came twice.
+    State = 4,
+}
+
+/// Why a frame cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Not a kvtier frame.
+    #[error("bad magic {0:#010x}")]
+    Magic(u32),
+    /// Another version.
+    #[error("protocol version {0}, this agent speaks {VERSION}")]
+    Version(u16),
+    /// Body over [`MAX_BODY`].
+    #[error("body of {0} bytes exceeds {MAX_BODY}")]
+    TooLarge(u32),
+    /// Unknown operation.
+    #[error("unknown operation {0:#06x}")]
+    Op(u16),
+    /// The body ended early or has bytes left over.
+    #[error("body length: {0}")]
+    Length(String),
+    /// A count or value out of range.
+    #[error("invalid field: {0}")]
+    Invalid(String),
+}
+
+mod op {
+    pub const HELLO: u16 = 1;
+    pub const LOOKUP: u16 = 2;
+    pub const RESERVE: u16 = 3;
+    pub const COMMIT: u16 = 4;
+    pub const RELEASE: u16 = 5;
+    pub const PIN: u16 = 6;
+    pub const UNPIN: u16 = 7;
+    pub const PREFETCH: u16 = 8;
+    pub const STATS: u16 = 9;
+    pub const REPLY: u16 = 0x8000;
+    pub const ACK: u16 = 0x7ff0;
+    pub const ERROR: u16 = 0x7fff;
+}
+
+/// Parses a header.
+///
+/// # Errors
+/// Wrong magic or version, or a body over the limit.
+pub fn decode_header(b: &[u8; HEADER]) -> Result<Header, ProtocolError> {
+    let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if magic != MAGIC {
+        return Err(ProtocolError::Magic(magic));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != VERSION {
+        return Err(ProtocolError::Version(version));
+    }
+    let op = u16::from_le_bytes([b[6], b[7]]);
+    let request_id = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    let body_len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    if body_len as usize > MAX_BODY {
+        return Err(ProtocolError::TooLarge(body_len));
+    }
+    Ok(Header { op, request_id, body_len })
+}
+
+fn frame(op: u16, request_id: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&op.to_le_bytes());
+    out.extend_from_slice(&request_id.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+#[derive(Default)]
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn key(&mut self, k: ChunkKey) {
+        self.0.extend_from_slice(&k.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        // Names longer than the limit are cut at a character boundary.
+        let mut end = s.len().min(MAX_NAME);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let s = &s.as_bytes()[..end];
+        self.u16(s.len() as u16);
+        self.0.extend_from_slice(s);
+    }
+    fn keys(&mut self, ks: &[ChunkKey]) {
+        self.u32(ks.len() as u32);
+        for k in ks {
+            self.key(*k);
+        }
+    }
+    fn u32s(&mut self, vs: &[u32]) {
+        self.u32(vs.len() as u32);
+        for v in vs {
+            self.u32(*v);
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
+        if self.0.len() < n {
+            return Err(ProtocolError::Length(format!(
+                "needs {n} more bytes, has {}",
+                self.0.len()
+            )));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn key(&mut self) -> Result<ChunkKey, ProtocolError> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(ChunkKey(u128::from_le_bytes(a)))
+    }
+    fn str(&mut self) -> Result<String, ProtocolError> {
+        let n = self.u16()? as usize;
+        if n > MAX_NAME {
+            return Err(ProtocolError::Invalid(format!("name of {n} bytes")));
+        }
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| ProtocolError::Invalid("name is not UTF-8".into()))
+    }
+    /// A count of items of `size` bytes each, checked against the limit and the bytes left.
+    fn count(&mut self, size: usize) -> Result<usize, ProtocolError> {
+        let n = self.u32()? as usize;
+        if n > MAX_KEYS {
+            return Err(ProtocolError::Invalid(format!("{n} items, at most {MAX_KEYS}")));
+        }
+        if n * size > self.0.len() {
+            return Err(ProtocolError::Length(format!(
+                "{n} items of {size} bytes in {}",
+                self.0.len()
+            )));
+        }
+        Ok(n)
+    }
+    fn keys(&mut self) -> Result<Vec<ChunkKey>, ProtocolError> {
+        let n = self.count(16)?;
+        (0..n).map(|_| self.key()).collect()
+    }
+    fn u32s(&mut self) -> Result<Vec<u32>, ProtocolError> {
+        let n = self.count(4)?;
+        (0..n).map(|_| self.u32()).collect()
+    }
+    fn end(&self) -> Result<(), ProtocolError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Length(format!("{} bytes left over", self.0.len())))
+        }
+    }
+}
+
+impl Request {
+    /// The whole frame.
+    #[must_use]
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        let mut w = W::default();
+        let op = match self {
+            Request::Hello { client, pid } => {
+                w.str(client);
+                w.u32(*pid);
+                op::HELLO
+            }
+            Request::Lookup { keys } => {
+                w.keys(keys);
+                op::LOOKUP
+            }
+            Request::Reserve { n } => {
+                w.u32(*n);
+                op::RESERVE
+            }
+            Request::Commit { chunks } => {
+                w.u32(chunks.len() as u32);
+                for c in chunks {
+                    w.key(c.key);
+                    w.u32(c.slot);
+                    w.u32(c.len);
+                    w.u64(c.checksum);
+                }
+                op::COMMIT
+            }
+            Request::Release { slots } => {
+                w.u32s(slots);
+                op::RELEASE
+            }
+            Request::Pin { keys, lease_ms } => {
+                w.u32(*lease_ms);
+                w.keys(keys);
+                op::PIN
+            }
+            Request::Unpin { keys } => {
+                w.keys(keys);
+                op::UNPIN
+            }
+            Request::Prefetch { keys } => {
+                w.keys(keys);
+                op::PREFETCH
+            }
+            Request::Stats => op::STATS,
+        };
+        frame(op, request_id, &w.0)
+    }
+
+    /// Parses a request body.
+    ///
+    /// # Errors
+    /// Unknown operation, a body that is too short or too long, or a field out of range.
+    pub fn decode(op: u16, body: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = R(body);
+        let req = match op {
+            op::HELLO => Request::Hello { client: r.str()?, pid: r.u32()? },
+            op::LOOKUP => Request::Lookup { keys: r.keys()? },
+            op::RESERVE => {
+                let n = r.u32()?;
+                if n as usize > MAX_KEYS {
+                    return Err(ProtocolError::Invalid(format!("reserve {n}, at most {MAX_KEYS}")));
+                }
+                Request::Reserve { n }
+            }
+            op::COMMIT => {
+                let n = r.count(32)?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push(Commit {
+                        key: r.key()?,
+                        slot: r.u32()?,
+                        len: r.u32()?,
+                        checksum: r.u64()?,
+                    });
+                }
+                Request::Commit { chunks }
+            }
+            op::RELEASE => Request::Release { slots: r.u32s()? },
+            op::PIN => {
+                let lease_ms = r.u32()?;
+                if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
+                    return Err(ProtocolError::Invalid(format!(
+                        "lease {lease_ms} ms, must be 1..={MAX_LEASE_MS}"
+                    )));
+                }
+                Request::Pin { lease_ms, keys: r.keys()? }
+            }
+            op::UNPIN => Request::Unpin { keys: r.keys()? },
+            op::PREFETCH => Request::Prefetch { keys: r.keys()? },
+            op::STATS => Request::Stats,
+            other => return Err(ProtocolError::Op(other)),
+        };
+        r.end()?;
+        Ok(req)
+    }
+
+    /// Operation code of this request.
+    #[must_use]
+    pub fn op(&self) -> u16 {
+        match self {
+            Request::Hello { .. } => op::HELLO,
+            Request::Lookup { .. } => op::LOOKUP,
+            Request::Reserve { .. } => op::RESERVE,
+            Request::Commit { .. } => op::COMMIT,
+            Request::Release { .. } => op::RELEASE,
+            Request::Pin { .. } => op::PIN,
+            Request::Unpin { .. } => op::UNPIN,
+            Request::Prefetch { .. } => op::PREFETCH,
+            Request::Stats => op::STATS,
+        }
+    }
+}
+
+impl Response {
+    /// The whole frame, answering request `request_id`.
+    #[must_use]
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        let mut w = W::default();
+        let op = match self {
+            Response::Hello { pool_bytes, slot_bytes, slots } => {
+                w.u64(*pool_bytes);
+                w.u32(*slot_bytes);
+                w.u32(*slots);
+                op::HELLO | op::REPLY
+            }
+            Response::Lookup { prefix, tiers, slots } => {
+                w.u32(*prefix);
+                w.u32(tiers.len() as u32);
+                for t in tiers {
+                    w.u8(*t as u8);
+                }
+                w.u32s(slots);
+                op::LOOKUP | op::REPLY
+            }
+            Response::Reserve { slots } => {
+                w.u32s(slots);
+                op::RESERVE | op::REPLY
+            }
+            Response::Ack { applied } => {
+                w.u32(*applied);
+                op::ACK | op::REPLY
+            }
+            Response::Stats(s) => {
+                for v in [s.slots, s.used, s.reserved, s.pinned] {
+                    w.u32(v);
+                }
+                for v in [s.hits, s.misses, s.evictions] {
+                    w.u64(v);
+                }
+                op::STATS | op::REPLY
+            }
+            Response::Error { code, message } => {
+                w.u16(*code as u16);
+                w.str(message);
+                op::ERROR | op::REPLY
+            }
+        };
+        frame(op, request_id, &w.0)
+    }
+
+    /// Parses a reply body.
+    ///
+    /// # Errors
+    /// As [`Request::decode`].
+    pub fn decode(op: u16, body: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = R(body);
+        if op & op::REPLY == 0 {
+            return Err(ProtocolError::Op(op));
+        }
+        let res = match op & !op::REPLY {
+            op::HELLO => {
+                Response::Hello { pool_bytes: r.u64()?, slot_bytes: r.u32()?, slots: r.u32()? }
+            }
+            op::LOOKUP => {
+                let prefix = r.u32()?;
+                let n = r.count(1)?;
+                let tiers = (0..n)
+                    .map(|_| r.u8().and_then(Tier::from_u8))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let slots = r.u32s()?;
+                if slots.len() != tiers.len() || prefix as usize > tiers.len() {
+                    return Err(ProtocolError::Invalid("lookup reply lengths disagree".into()));
+                }
+                Response::Lookup { prefix, tiers, slots }
+            }
+            op::RESERVE => Response::Reserve { slots: r.u32s()? },
+            op::ACK => Response::Ack { applied: r.u32()? },
+            op::STATS => Response::Stats(Stats {
+                slots: r.u32()?,
+                used: r.u32()?,
+                reserved: r.u32()?,
+                pinned: r.u32()?,
+                hits: r.u64()?,
+                misses: r.u64()?,
+                evictions: r.u64()?,
+            }),
+            op::ERROR => {
+                let code = match r.u16()? {
+                    1 => ErrorCode::Malformed,
+                    2 => ErrorCode::Invalid,
+                    3 => ErrorCode::Full,
+                    4 => ErrorCode::State,
+                    c => return Err(ProtocolError::Invalid(format!("error code {c}"))),
+                };
+                Response::Error { code, message: r.str()? }
+            }
+            other => return Err(ProtocolError::Op(other | op::REPLY)),
+        };
+        r.end()?;
+        Ok(res)
+    }
+}
+
+/// Splits a buffer holding one whole frame into its header and body.
+///
+/// # Errors
+/// A bad header, or a buffer whose length disagrees with it.
+pub fn split_frame(buf: &[u8]) -> Result<(Header, &[u8]), ProtocolError> {
+    let Some(h) = buf.get(..HEADER) else {
+        return Err(ProtocolError::Length(format!("{} bytes, a header is {HEADER}", buf.len())));
+    };
+    let mut a = [0u8; HEADER];
+    a.copy_from_slice(h);
+    let header = decode_header(&a)?;
+    let body = &buf[HEADER..];
+    if body.len() != header.body_len as usize {
+        return Err(ProtocolError::Length(format!(
+            "header says {} body bytes, frame has {}",
+            header.body_len,
+            body.len()
+        )));
+    }
+    Ok((header, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> impl Strategy<Value = ChunkKey> + Clone {
+        any::<u128>().prop_map(ChunkKey)
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        let keys = prop::collection::vec(key(), 0..40);
+        prop_oneof![
+            ("[a-z0-9-]{0,40}", any::<u32>())
+                .prop_map(|(client, pid)| Request::Hello { client, pid }),
+            keys.clone().prop_map(|keys| Request::Lookup { keys }),
+            (0..=MAX_KEYS as u32).prop_map(|n| Request::Reserve { n }),
+            prop::collection::vec((key(), any::<u32>(), any::<u32>(), any::<u64>()), 0..20)
+                .prop_map(|v| {
+                    Request::Commit {
+                        chunks: v
+                            .into_iter()
+                            .map(|(key, slot, len, checksum)| Commit { key, slot, len, checksum })
+                            .collect(),
+                    }
+                }),
+            prop::collection::vec(any::<u32>(), 0..40).prop_map(|slots| Request::Release { slots }),
+            (keys.clone(), 1..=MAX_LEASE_MS)
+                .prop_map(|(keys, lease_ms)| Request::Pin { keys, lease_ms }),
+            keys.clone().prop_map(|keys| Request::Unpin { keys }),
+            keys.prop_map(|keys| Request::Prefetch { keys }),
+            Just(Request::Stats),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in request(), id in any::<u32>()) {
+            let bytes = req.encode(id);
+            let (h, body) = split_frame(&bytes).expect("own frame");
+            prop_assert_eq!(h.request_id, id);
+            prop_assert_eq!(h.op, req.op());
+            prop_assert_eq!(Request::decode(h.op, body).expect("own body"), req);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(op in any::<u16>(), body in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Request::decode(op, &body);
+            let _ = Response::decode(op, &body);
+        }
+
+        #[test]
+        fn truncated_or_padded_bodies_are_refused(req in request(), cut in 1usize..8) {
+            let bytes = req.encode(1);
+            let (h, body) = split_frame(&bytes).expect("own frame");
+            if body.len() >= cut {
+                prop_assert!(Request::decode(h.op, &body[..body.len() - cut]).is_err());
+            }
+            let mut padded = body.to_vec();
+            padded.push(0);
+            prop_assert!(Request::decode(h.op, &padded).is_err());
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let all = [
+            Response::Hello { pool_bytes: 1 << 30, slot_bytes: 1 << 20, slots: 1024 },
+            Response::Lookup {
+                prefix: 1,
+                tiers: vec![Tier::Dram, Tier::Nvme],
+                slots: vec![7, u32::MAX],
+            },
+            Response::Reserve { slots: vec![1, 2, 3] },
+            Response::Ack { applied: 3 },
+            Response::Stats(Stats {
+                slots: 9,
+                used: 3,
+                reserved: 1,
+                pinned: 2,
+                hits: 5,
+                misses: 6,
+                evictions: 7,
+            }),
+            Response::Error { code: ErrorCode::Full, message: "full".into() },
+        ];
+        for r in all {
+            let bytes = r.encode(42);
+            let (h, body) = split_frame(&bytes).expect("frame");
+            assert_eq!(h.request_id, 42);
+            assert_eq!(Response::decode(h.op, body).expect("body"), r);
+        }
+    }
+
+    #[test]
+    fn hostile_headers_and_counts_are_refused_before_allocating() {
+        let mut f = Request::Stats.encode(1);
+        f[0] = b'X';
+        assert!(matches!(split_frame(&f), Err(ProtocolError::Magic(_))));
+        let mut f = Request::Stats.encode(1);
+        f[4] = 9;
+        assert!(matches!(split_frame(&f), Err(ProtocolError::Version(9))));
+        let mut f = Request::Stats.encode(1);
+        f[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(split_frame(&f), Err(ProtocolError::TooLarge(_))));
+        // A lookup that claims 60,000 keys in 4 bytes of body.
+        let body = 60_000u32.to_le_bytes();
+        assert!(matches!(Request::decode(2, &body), Err(ProtocolError::Length(_))));
+        let body = (MAX_KEYS as u32 + 1).to_le_bytes();
+        assert!(matches!(Request::decode(2, &body), Err(ProtocolError::Invalid(_))));
+        // A zero lease.
+        let mut body = 0u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(Request::decode(6, &body), Err(ProtocolError::Invalid(_))));
+    }
+}
