@@ -39,6 +39,32 @@ enum Role {
     Demo(DemoArgs),
     /// KV arithmetic and the recommended strategy for a model, GPUs and load.
     Plan(PlanArgs),
+    /// The node's KV tiers: a locked DRAM pool shared with every engine replica on the node
+    /// over a Unix socket.
+    NodeAgent(NodeAgentArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeAgentArgs {
+    /// Unix socket the connectors attach to.
+    #[arg(long, env = "KVTIER_AGENT_SOCKET", default_value = "/run/kvtier/agent.sock")]
+    socket: PathBuf,
+    /// DRAM pool size (e.g. 64GiB).
+    #[arg(long, env = "KVTIER_AGENT_DRAM", value_parser = bytes_arg)]
+    dram: u64,
+    /// Bytes per slot: one KV chunk (at least 512KiB).
+    #[arg(long, env = "KVTIER_AGENT_SLOT", default_value = "2MiB", value_parser = bytes_arg)]
+    slot: u64,
+    /// Lock the pool in memory: required, best-effort or off.
+    #[arg(long, env = "KVTIER_AGENT_MLOCK", default_value = "required")]
+    mlock: kvtier_node_agent::LockMode,
+    /// Back the pool with huge pages (reserve them on the node first).
+    #[arg(long, env = "KVTIER_AGENT_HUGE_PAGES")]
+    huge_pages: bool,
+}
+
+fn bytes_arg(s: &str) -> Result<u64, String> {
+    kvtier_router::parse_bytes(s)
 }
 
 /// Parses a duration in simulated seconds: `90`, `90s`, `20m`, `1h`.
@@ -302,6 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Bench(a) => bench(a).await?,
         Role::Demo(a) => demo_cmd(a).await?,
         Role::Plan(a) => out(&plan_cmd(&a)?),
+        Role::NodeAgent(a) => node_agent(a).await?,
     }
     Ok(())
 }
@@ -330,6 +357,38 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         },
     );
     shutdown_signal().await;
+    Ok(())
+}
+
+async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
+    use kvtier_node_agent::{server, Agent, DramPool, Index, Lru, PoolConfig};
+    let slot_bytes = u32::try_from(a.slot).context("--slot is too large")?;
+    let pool = DramPool::create(PoolConfig {
+        bytes: a.dram,
+        slot_bytes,
+        lock: a.mlock,
+        huge_pages: a.huge_pages,
+    })?;
+    tracing::info!(
+        socket = %a.socket.display(),
+        bytes = pool.bytes(),
+        slots = pool.slots(),
+        slot_bytes,
+        locked = pool.locked(),
+        "node-agent serving"
+    );
+    let index = Index::new(pool.slots(), slot_bytes, Box::<Lru>::default());
+    let agent = Arc::new(Agent::new(pool, index));
+    if let Some(dir) = a.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener =
+        server::bind(&a.socket).with_context(|| format!("binding {}", a.socket.display()))?;
+    tokio::select! {
+        () = server::serve(listener, agent) => {}
+        () = shutdown_signal() => {}
+    }
+    let _ = std::fs::remove_file(&a.socket);
     Ok(())
 }
 

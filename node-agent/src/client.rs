@@ -1,0 +1,197 @@
+//! A blocking client of the agent: what the connector (and the tests) use. It attaches,
+//! receives and maps the pool, and sends one request at a time.
+
+use std::io::{IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use kvtier_api::agent::{decode_header, Commit, Request, Response, Stats, Tier, HEADER};
+use kvtier_api::chunk::ChunkKey;
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+use crate::pool::{checksum, MappedPool};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket trouble.
+    #[error("agent socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent sent something that is not a reply.
+    #[error("agent reply: {0}")]
+    Protocol(#[from] kvtier_api::agent::ProtocolError),
+    /// The agent refused.
+    #[error("agent refused ({code:?}): {message}")]
+    Refused {
+        /// Class.
+        code: kvtier_api::agent::ErrorCode,
+        /// Reason.
+        message: String,
+    },
+    /// A reply of another kind than asked for.
+    #[error("unexpected reply {0:?}")]
+    Unexpected(Box<Response>),
+}
+
+/// An attached client.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    next_id: u32,
+    pool: MappedPool,
+    slots: u32,
+    slot_bytes: u32,
+}
+
+/// Result of a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// Keys from the start held in DRAM.
+    pub prefix: u32,
+    /// Tier per key.
+    pub tiers: Vec<Tier>,
+    /// Slot per key.
+    pub slots: Vec<u32>,
+}
+
+impl Client {
+    /// Attaches to the agent at `path` as `name`, and maps its pool.
+    ///
+    /// # Errors
+    /// When the socket cannot be reached, the agent refuses, or no pool comes with the reply.
+    pub fn connect(path: &Path, name: &str) -> Result<Self, ClientError> {
+        let mut stream = UnixStream::connect(path)?;
+        let hello = Request::Hello { client: name.to_owned(), pid: std::process::id() };
+        stream.write_all(&hello.encode(0))?;
+        // The reply's first bytes carry the memfd.
+        let mut header = [0u8; HEADER];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let got = recvmsg(
+            &stream,
+            &mut [IoSliceMut::new(&mut header)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?
+        .bytes;
+        let mut fd = None;
+        for msg in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+                fd = fds.next();
+            }
+        }
+        if got < HEADER {
+            stream.read_exact(&mut header[got..])?;
+        }
+        let h = decode_header(&header)?;
+        let mut body = vec![0u8; h.body_len as usize];
+        stream.read_exact(&mut body)?;
+        match Response::decode(h.op, &body)? {
+            Response::Hello { pool_bytes, slot_bytes, slots } => {
+                let fd = fd.ok_or_else(|| std::io::Error::other("the agent sent no pool"))?;
+                let pool = MappedPool::map(fd, pool_bytes, slot_bytes)?;
+                Ok(Self { stream, next_id: 1, pool, slots, slot_bytes })
+            }
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Slots in the pool.
+    #[must_use]
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Bytes per slot.
+    #[must_use]
+    pub fn slot_bytes(&self) -> u32 {
+        self.slot_bytes
+    }
+
+    /// The mapped pool.
+    #[must_use]
+    pub fn pool(&self) -> &MappedPool {
+        &self.pool
+    }
+
+    /// The mapped pool, writable (only into reserved slots).
+    pub fn pool_mut(&mut self) -> &mut MappedPool {
+        &mut self.pool
+    }
+
+    /// Sends `req` and reads its reply.
+    ///
+    /// # Errors
+    /// Socket or protocol trouble, or the agent's refusal.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.stream.write_all(&req.encode(id))?;
+        let mut header = [0u8; HEADER];
+        self.stream.read_exact(&mut header)?;
+        let h = decode_header(&header)?;
+        let mut body = vec![0u8; h.body_len as usize];
+        self.stream.read_exact(&mut body)?;
+        match Response::decode(h.op, &body)? {
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Where each key is.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn lookup(&mut self, keys: &[ChunkKey]) -> Result<Lookup, ClientError> {
+        match self.call(&Request::Lookup { keys: keys.to_vec() })? {
+            Response::Lookup { prefix, tiers, slots } => Ok(Lookup { prefix, tiers, slots }),
+            r => Err(ClientError::Unexpected(Box::new(r))),
+        }
+    }
+
+    /// Up to `n` slots to write.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn reserve(&mut self, n: u32) -> Result<Vec<u32>, ClientError> {
+        match self.call(&Request::Reserve { n })? {
+            Response::Reserve { slots } => Ok(slots),
+            r => Err(ClientError::Unexpected(Box::new(r))),
+        }
+    }
+
+    /// Copies `data` into reserved `slot` and commits it under `key`; true when accepted.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn put(&mut self, key: ChunkKey, slot: u32, data: &[u8]) -> Result<bool, ClientError> {
+        self.pool.slot_mut(slot)[..data.len()].copy_from_slice(data);
+        let c = Commit { key, slot, len: data.len() as u32, checksum: checksum(data) };
+        Ok(self.ack(&Request::Commit { chunks: vec![c] })? == 1)
+    }
+
+    /// Sends a request answered by an acknowledgement; returns how many items it applied to.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn ack(&mut self, req: &Request) -> Result<u32, ClientError> {
+        match self.call(req)? {
+            Response::Ack { applied } => Ok(applied),
+            r => Err(ClientError::Unexpected(Box::new(r))),
+        }
+    }
+
+    /// Counters.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn stats(&mut self) -> Result<Stats, ClientError> {
+        match self.call(&Request::Stats)? {
+            Response::Stats(s) => Ok(s),
+            r => Err(ClientError::Unexpected(Box::new(r))),
+        }
+    }
+}

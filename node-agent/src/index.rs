@@ -1,0 +1,486 @@
+//! What the DRAM pool holds: chunk keys to slots, reservations, pins with leases, and the
+//! eviction order. Pure bookkeeping (time is passed in), so every rule is tested directly.
+//!
+//! A slot is in exactly one state: free, reserved by a client (being written), or holding a
+//! committed chunk. A committed chunk may be pinned by clients; each pin is a lease that
+//! expires, so a client that dies or forgets leaks nothing. Pinned chunks are never evicted.
+//! Reserving takes free slots first, then evicts unpinned chunks in the policy's order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kvtier_api::agent::{Stats, Tier};
+use kvtier_api::chunk::ChunkKey;
+
+/// A connected client.
+pub type ClientId = u64;
+
+/// Milliseconds on the agent's monotonic clock.
+pub type Millis = u64;
+
+/// The order in which unpinned chunks leave DRAM.
+pub trait EvictionPolicy: Send + std::fmt::Debug {
+    /// A chunk was committed.
+    fn insert(&mut self, key: ChunkKey);
+    /// A chunk was used.
+    fn touch(&mut self, key: ChunkKey);
+    /// A chunk left.
+    fn remove(&mut self, key: ChunkKey);
+    /// The next chunk to evict among those `evictable` allows, removed from the policy.
+    fn victim(&mut self, evictable: &dyn Fn(&ChunkKey) -> bool) -> Option<ChunkKey>;
+}
+
+/// Least recently used.
+#[derive(Debug, Default)]
+pub struct Lru {
+    tick: u64,
+    by_key: HashMap<ChunkKey, u64>,
+    by_tick: BTreeMap<u64, ChunkKey>,
+}
+
+impl EvictionPolicy for Lru {
+    fn insert(&mut self, key: ChunkKey) {
+        self.touch(key);
+    }
+
+    fn touch(&mut self, key: ChunkKey) {
+        self.tick += 1;
+        if let Some(old) = self.by_key.insert(key, self.tick) {
+            self.by_tick.remove(&old);
+        }
+        self.by_tick.insert(self.tick, key);
+    }
+
+    fn remove(&mut self, key: ChunkKey) {
+        if let Some(t) = self.by_key.remove(&key) {
+            self.by_tick.remove(&t);
+        }
+    }
+
+    fn victim(&mut self, evictable: &dyn Fn(&ChunkKey) -> bool) -> Option<ChunkKey> {
+        let (&t, &k) = self.by_tick.iter().find(|(_, k)| evictable(k))?;
+        self.by_tick.remove(&t);
+        self.by_key.remove(&k);
+        Some(k)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    slot: u32,
+    len: u32,
+    checksum: u64,
+    /// Lease deadline per pinning client.
+    pins: HashMap<ClientId, Millis>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    Reserved(ClientId),
+    Held(ChunkKey),
+}
+
+/// Why a commit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The slot is not reserved by this client.
+    #[error("slot {0} is not reserved by this client")]
+    NotReserved(u32),
+    /// More bytes than a slot holds.
+    #[error("{len} bytes do not fit a {slot_bytes}-byte slot")]
+    TooLong {
+        /// Claimed length.
+        len: u32,
+        /// Slot size.
+        slot_bytes: u32,
+    },
+    /// The bytes in the slot do not match the checksum.
+    #[error("slot {0}: checksum mismatch")]
+    Checksum(u32),
+}
+
+/// The DRAM pool's bookkeeping.
+#[derive(Debug)]
+pub struct Index {
+    slot_bytes: u32,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    entries: HashMap<ChunkKey, Entry>,
+    policy: Box<dyn EvictionPolicy>,
+    stats: Stats,
+}
+
+impl Index {
+    /// `slots` free slots of `slot_bytes` each, evicting in `policy`'s order.
+    #[must_use]
+    pub fn new(slots: u32, slot_bytes: u32, policy: Box<dyn EvictionPolicy>) -> Self {
+        Self {
+            slot_bytes,
+            slots: vec![Slot::Free; slots as usize],
+            // Popped from the end: slot 0 first.
+            free: (0..slots).rev().collect(),
+            entries: HashMap::new(),
+            policy,
+            stats: Stats { slots, ..Stats::default() },
+        }
+    }
+
+    /// Counters and occupancy.
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.used = self.entries.len() as u32;
+        s.reserved = self.slots.iter().filter(|x| matches!(x, Slot::Reserved(_))).count() as u32;
+        s.pinned = self.entries.values().filter(|e| !e.pins.is_empty()).count() as u32;
+        s
+    }
+
+    /// Slot and length of a held chunk.
+    #[must_use]
+    pub fn get(&self, key: &ChunkKey) -> Option<(u32, u32, u64)> {
+        self.entries.get(key).map(|e| (e.slot, e.len, e.checksum))
+    }
+
+    /// Tier and slot per key, and how many keys from the start are in DRAM. Hits count as
+    /// use for eviction.
+    pub fn lookup(&mut self, keys: &[ChunkKey]) -> (u32, Vec<Tier>, Vec<u32>) {
+        let mut tiers = Vec::with_capacity(keys.len());
+        let mut slots = Vec::with_capacity(keys.len());
+        let mut prefix = 0u32;
+        let mut leading = true;
+        for k in keys {
+            match self.entries.get(k) {
+                Some(e) => {
+                    tiers.push(Tier::Dram);
+                    slots.push(e.slot);
+                    self.policy.touch(*k);
+                    self.stats.hits += 1;
+                    if leading {
+                        prefix += 1;
+                    }
+                }
+                None => {
+                    tiers.push(Tier::Absent);
+                    slots.push(u32::MAX);
+                    self.stats.misses += 1;
+                    leading = false;
+                }
+            }
+        }
+        (prefix, tiers, slots)
+    }
+
+    /// Drops leases that ran out by `now`.
+    pub fn expire(&mut self, now: Millis) {
+        for e in self.entries.values_mut() {
+            e.pins.retain(|_, deadline| *deadline > now);
+        }
+    }
+
+    fn evict_one(&mut self) -> Option<u32> {
+        let entries = &self.entries;
+        let victim = self.policy.victim(&|k| entries.get(k).is_some_and(|e| e.pins.is_empty()))?;
+        let e = self.entries.remove(&victim)?;
+        self.slots[e.slot as usize] = Slot::Free;
+        self.stats.evictions += 1;
+        Some(e.slot)
+    }
+
+    /// Up to `n` slots for `client` to write into: free ones first, then evicted ones.
+    pub fn reserve(&mut self, client: ClientId, n: u32, now: Millis) -> Vec<u32> {
+        self.expire(now);
+        let mut out = Vec::with_capacity(n as usize);
+        while out.len() < n as usize {
+            let slot = match self.free.pop() {
+                Some(s) => s,
+                None => match self.evict_one() {
+                    Some(s) => s,
+                    None => break,
+                },
+            };
+            self.slots[slot as usize] = Slot::Reserved(client);
+            out.push(slot);
+        }
+        out
+    }
+
+    /// Gives back reserved slots; returns how many were this client's.
+    pub fn release(&mut self, client: ClientId, slots: &[u32]) -> u32 {
+        let mut n = 0;
+        for &s in slots {
+            if self.slots.get(s as usize) == Some(&Slot::Reserved(client)) {
+                self.slots[s as usize] = Slot::Free;
+                self.free.push(s);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Makes the chunk written into reserved `slot` readable under `key`, after `verify`
+    /// confirms the slot's bytes match `checksum`. A key already held keeps its first copy
+    /// and the slot is freed.
+    ///
+    /// # Errors
+    /// When the slot is not this client's reservation, the length does not fit, or the
+    /// bytes do not match.
+    pub fn commit(
+        &mut self,
+        client: ClientId,
+        key: ChunkKey,
+        slot: u32,
+        len: u32,
+        checksum: u64,
+        verify: impl FnOnce(u32, u32, u64) -> bool,
+    ) -> Result<(), CommitError> {
+        if self.slots.get(slot as usize) != Some(&Slot::Reserved(client)) {
+            return Err(CommitError::NotReserved(slot));
+        }
+        if len > self.slot_bytes {
+            return Err(CommitError::TooLong { len, slot_bytes: self.slot_bytes });
+        }
+        if !verify(slot, len, checksum) {
+            return Err(CommitError::Checksum(slot));
+        }
+        if self.entries.contains_key(&key) {
+            self.slots[slot as usize] = Slot::Free;
+            self.free.push(slot);
+            self.policy.touch(key);
+            return Ok(());
+        }
+        self.slots[slot as usize] = Slot::Held(key);
+        self.entries.insert(key, Entry { slot, len, checksum, pins: HashMap::new() });
+        self.policy.insert(key);
+        Ok(())
+    }
+
+    /// Pins held chunks for `client` until `now + lease_ms`; returns how many it pinned.
+    pub fn pin(&mut self, client: ClientId, keys: &[ChunkKey], now: Millis, lease_ms: u32) -> u32 {
+        let deadline = now + Millis::from(lease_ms);
+        let mut n = 0;
+        for k in keys {
+            if let Some(e) = self.entries.get_mut(k) {
+                e.pins.insert(client, deadline);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Drops `client`'s pins on `keys`; returns how many it held.
+    pub fn unpin(&mut self, client: ClientId, keys: &[ChunkKey]) -> u32 {
+        let mut n = 0;
+        for k in keys {
+            if let Some(e) = self.entries.get_mut(k) {
+                if e.pins.remove(&client).is_some() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// A client went away: its reservations are freed and its pins dropped.
+    pub fn client_gone(&mut self, client: ClientId) {
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if *s == Slot::Reserved(client) {
+                *s = Slot::Free;
+                self.free.push(i as u32);
+            }
+        }
+        for e in self.entries.values_mut() {
+            e.pins.remove(&client);
+        }
+    }
+
+    /// Checks the invariants: every slot in exactly one state, counts consistent.
+    ///
+    /// # Panics
+    /// When an invariant is broken (tests call it after every step).
+    pub fn check(&self) {
+        let free = self.slots.iter().filter(|s| **s == Slot::Free).count();
+        assert_eq!(free, self.free.len(), "free list and slot states disagree");
+        let held = self.slots.iter().filter(|s| matches!(s, Slot::Held(_))).count();
+        assert_eq!(held, self.entries.len(), "held slots and entries disagree");
+        for (k, e) in &self.entries {
+            assert_eq!(
+                self.slots[e.slot as usize],
+                Slot::Held(*k),
+                "entry points at a slot it does not hold"
+            );
+            assert!(e.len <= self.slot_bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn k(i: u128) -> ChunkKey {
+        ChunkKey(i)
+    }
+
+    fn ok(_: u32, _: u32, _: u64) -> bool {
+        true
+    }
+
+    fn index(slots: u32) -> Index {
+        Index::new(slots, 1024, Box::<Lru>::default())
+    }
+
+    #[test]
+    fn reserve_commit_lookup() {
+        let mut ix = index(4);
+        let s = ix.reserve(1, 2, 0);
+        assert_eq!(s, vec![0, 1]);
+        ix.commit(1, k(10), s[0], 100, 7, ok).expect("commit");
+        ix.commit(1, k(11), s[1], 100, 7, ok).expect("commit");
+        let (prefix, tiers, slots) = ix.lookup(&[k(10), k(11), k(12), k(10)]);
+        assert_eq!(prefix, 2);
+        assert_eq!(tiers, vec![Tier::Dram, Tier::Dram, Tier::Absent, Tier::Dram]);
+        assert_eq!(slots, vec![0, 1, u32::MAX, 0]);
+        ix.check();
+    }
+
+    #[test]
+    fn full_pool_evicts_least_recently_used_but_never_pinned() {
+        let mut ix = index(3);
+        for i in 0..3 {
+            let s = ix.reserve(1, 1, 0)[0];
+            ix.commit(1, k(i), s, 10, 0, ok).expect("commit");
+        }
+        ix.lookup(&[k(0)]); // 0 is now the most recent; 1 is the oldest.
+        ix.pin(2, &[k(1)], 0, 1000);
+        let s = ix.reserve(1, 1, 10);
+        assert_eq!(s.len(), 1);
+        assert!(ix.get(&k(2)).is_none(), "2 was the oldest unpinned");
+        assert!(ix.get(&k(1)).is_some() && ix.get(&k(0)).is_some());
+        ix.check();
+    }
+
+    #[test]
+    fn leases_expire_and_dead_clients_leak_nothing() {
+        let mut ix = index(2);
+        for i in 0..2 {
+            let s = ix.reserve(1, 1, 0)[0];
+            ix.commit(1, k(i), s, 10, 0, ok).expect("commit");
+        }
+        ix.pin(7, &[k(0), k(1)], 0, 100);
+        assert!(ix.reserve(1, 1, 50).is_empty(), "everything is pinned");
+        assert_eq!(ix.reserve(1, 1, 100).len(), 1, "the leases ran out at 100 ms");
+        // A client dies holding a reservation and a pin.
+        let mut ix = index(2);
+        let s = ix.reserve(9, 1, 0)[0];
+        ix.commit(9, k(5), s, 10, 0, ok).expect("commit");
+        ix.pin(9, &[k(5)], 0, 60_000);
+        let _held = ix.reserve(9, 1, 0);
+        ix.client_gone(9);
+        assert_eq!(ix.stats().reserved, 0);
+        assert_eq!(ix.stats().pinned, 0);
+        assert_eq!(ix.reserve(1, 2, 1).len(), 2);
+        ix.check();
+    }
+
+    #[test]
+    fn commits_are_checked() {
+        let mut ix = index(2);
+        let s = ix.reserve(1, 1, 0)[0];
+        assert_eq!(ix.commit(2, k(1), s, 10, 0, ok), Err(CommitError::NotReserved(s)));
+        assert!(matches!(ix.commit(1, k(1), s, 4096, 0, ok), Err(CommitError::TooLong { .. })));
+        assert_eq!(ix.commit(1, k(1), s, 10, 0, |_, _, _| false), Err(CommitError::Checksum(s)));
+        assert!(ix.get(&k(1)).is_none(), "a bad chunk is never served");
+        ix.commit(1, k(1), s, 10, 0, ok).expect("still reserved after a refused commit");
+        // The same key again keeps the first copy and frees the slot.
+        let s2 = ix.reserve(1, 1, 0)[0];
+        ix.commit(1, k(1), s2, 10, 0, ok).expect("dedupe");
+        assert_eq!(ix.stats().used, 1);
+        ix.check();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve(u64, u32),
+        Commit(u64, u128, usize),
+        Release(u64, usize),
+        Pin(u64, u128, u32),
+        Unpin(u64, u128),
+        Lookup(u128),
+        Gone(u64),
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3u64, 0..5u32).prop_map(|(c, n)| Op::Reserve(c, n)),
+            (0..3u64, 0..20u128, 0..8usize).prop_map(|(c, k, i)| Op::Commit(c, k, i)),
+            (0..3u64, 0..8usize).prop_map(|(c, i)| Op::Release(c, i)),
+            (0..3u64, 0..20u128, 1..500u32).prop_map(|(c, k, l)| Op::Pin(c, k, l)),
+            (0..3u64, 0..20u128).prop_map(|(c, k)| Op::Unpin(c, k)),
+            (0..20u128).prop_map(Op::Lookup),
+            (0..3u64).prop_map(Op::Gone),
+            (0..300u64).prop_map(Op::Tick),
+        ]
+    }
+
+    proptest! {
+        /// Whatever clients do, slots are never lost or double-booked, counts never exceed
+        /// capacity, and a pinned chunk survives until its lease ends.
+        #[test]
+        fn accounting_holds(ops in prop::collection::vec(op(), 1..200)) {
+            let mut ix = index(6);
+            let mut now = 0;
+            let mut mine: HashMap<u64, Vec<u32>> = HashMap::new();
+            // (client, key) -> lease deadline, for pins the index accepted.
+            let mut pins: HashMap<(u64, u128), u64> = HashMap::new();
+            for o in ops {
+                match o {
+                    Op::Reserve(c, n) => {
+                        let got = ix.reserve(c, n, now);
+                        prop_assert!(got.len() <= n as usize);
+                        mine.entry(c).or_default().extend(got);
+                    }
+                    Op::Commit(c, key, i) => {
+                        if let Some(v) = mine.get_mut(&c) {
+                            if i < v.len() {
+                                let s = v.remove(i);
+                                let _ = ix.commit(c, k(key), s, 10, 0, ok);
+                            }
+                        }
+                    }
+                    Op::Release(c, i) => {
+                        if let Some(v) = mine.get_mut(&c) {
+                            if i < v.len() {
+                                let s = v.remove(i);
+                                prop_assert_eq!(ix.release(c, &[s]), 1);
+                            }
+                        }
+                    }
+                    Op::Pin(c, key, lease) => {
+                        if ix.pin(c, &[k(key)], now, lease) == 1 {
+                            pins.insert((c, key), now + u64::from(lease));
+                        }
+                    }
+                    Op::Unpin(c, key) => { ix.unpin(c, &[k(key)]); pins.remove(&(c, key)); }
+                    Op::Lookup(key) => { ix.lookup(&[k(key)]); }
+                    Op::Gone(c) => {
+                        ix.client_gone(c);
+                        mine.remove(&c);
+                        pins.retain(|(pc, _), _| *pc != c);
+                    }
+                    Op::Tick(dt) => now += dt,
+                }
+                ix.check();
+                let s = ix.stats();
+                prop_assert!(s.used + s.reserved <= s.slots);
+                // A chunk pinned under a live lease is still there.
+                for ((_, key), deadline) in &pins {
+                    if *deadline > now {
+                        prop_assert!(ix.get(&k(*key)).is_some(), "pinned {} was evicted", key);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! kvtier's node-agent: one per node, owning the node's KV tiers and sharing them with every
+//! engine replica on the node.
+//!
+//! - [`pool`]: the DRAM pool, one locked memfd in fixed-size slots that clients map;
+//! - [`index`]: which chunk is in which slot, reservations, pins with leases, eviction;
+//! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
+//! - [`client`]: the blocking client the connector uses.
+//!
+//! Not yet here (issue 5 continues): the NVMe tier and its restart recovery, residency
+//! events for the router, Prometheus metrics.
+
+pub mod client;
+pub mod index;
+pub mod pool;
+pub mod server;
+
+pub use client::Client;
+pub use index::{Index, Lru};
+pub use pool::{DramPool, LockMode, PoolConfig};
+pub use server::Agent;

@@ -1,0 +1,241 @@
+//! The DRAM pool: one memfd, mapped, populated and locked, split into fixed-size slots.
+//!
+//! The memfd is what attached processes receive (SCM_RIGHTS) and map themselves, so a GPU
+//! copy goes straight between device memory and this pool. It is locked (`mlock`) so the
+//! kernel never pages KV out from under a DMA; when locking is not allowed the error names
+//! the limit to raise, and the pool runs unlocked only when told to.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use memmap2::{MmapMut, MmapOptions};
+use rustix::fs::{memfd_create, MemfdFlags};
+
+/// Smallest slot: one chunk of KV must be big enough for copies to run at link speed.
+pub const MIN_SLOT_BYTES: u32 = 512 * 1024;
+
+/// What to do about `mlock`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Fail when the pool cannot be locked.
+    Required,
+    /// Lock when allowed; otherwise log and run unlocked.
+    BestEffort,
+    /// Do not lock (tests, machines without the privilege).
+    Off,
+}
+
+impl std::str::FromStr for LockMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "required" => Ok(LockMode::Required),
+            "best-effort" => Ok(LockMode::BestEffort),
+            "off" => Ok(LockMode::Off),
+            o => Err(format!("unknown lock mode {o:?}: required, best-effort or off")),
+        }
+    }
+}
+
+/// Pool settings.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    /// Pool bytes (rounded down to whole slots).
+    pub bytes: u64,
+    /// Bytes per slot.
+    pub slot_bytes: u32,
+    /// Locking.
+    pub lock: LockMode,
+    /// Back the pool with huge pages (needs them reserved on the node).
+    pub huge_pages: bool,
+}
+
+/// Why the pool could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Bad sizes.
+    #[error("{0}")]
+    Config(String),
+    /// The kernel refused.
+    #[error("{what}: {source}")]
+    Os {
+        /// The step.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// mlock was refused.
+    #[error(
+        "cannot lock {bytes} bytes of pool memory ({source}). Raise the memlock limit \
+         (`ulimit -l unlimited`; in Kubernetes, the container's memlock rlimit or the \
+         IPC_LOCK capability), or start with --mlock best-effort to run unlocked"
+    )]
+    Lock {
+        /// Pool size.
+        bytes: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The pool.
+#[derive(Debug)]
+pub struct DramPool {
+    fd: OwnedFd,
+    map: MmapMut,
+    slot_bytes: u32,
+    slots: u32,
+    locked: bool,
+}
+
+impl DramPool {
+    /// Creates, populates and (per `config.lock`) locks the pool.
+    ///
+    /// # Errors
+    /// Sizes out of range, or the kernel refusing the memfd, its size, the mapping or the
+    /// lock.
+    pub fn create(config: PoolConfig) -> Result<Self, PoolError> {
+        if config.slot_bytes < MIN_SLOT_BYTES {
+            return Err(PoolError::Config(format!(
+                "slot of {} bytes: at least {MIN_SLOT_BYTES} (one KV chunk per DMA)",
+                config.slot_bytes
+            )));
+        }
+        let slots = config.bytes / u64::from(config.slot_bytes);
+        let slots = u32::try_from(slots)
+            .map_err(|_| PoolError::Config(format!("{slots} slots is too many")))?;
+        if slots == 0 {
+            return Err(PoolError::Config(format!(
+                "a pool of {} bytes holds no {}-byte slot",
+                config.bytes, config.slot_bytes
+            )));
+        }
+        let bytes = u64::from(slots) * u64::from(config.slot_bytes);
+        let mut flags = MemfdFlags::CLOEXEC;
+        if config.huge_pages {
+            flags |= MemfdFlags::HUGETLB;
+        }
+        let fd = memfd_create("kvtier-dram-pool", flags)
+            .map_err(|e| PoolError::Os { what: "memfd_create", source: e.into() })?;
+        rustix::fs::ftruncate(&fd, bytes)
+            .map_err(|e| PoolError::Os { what: "sizing the pool", source: e.into() })?;
+        let file =
+            File::from(fd.try_clone().map_err(|e| PoolError::Os { what: "dup", source: e })?);
+        let len = usize::try_from(bytes).map_err(|_| PoolError::Config("pool too large".into()))?;
+        // SAFETY: the memfd is private to this process until handed to clients, who only
+        // write into slots the agent reserved for them; nothing truncates it while mapped.
+        let map = unsafe { MmapOptions::new().len(len).populate().map_mut(&file) }
+            .map_err(|e| PoolError::Os { what: "mapping the pool", source: e })?;
+        let mut pool = Self { fd, map, slot_bytes: config.slot_bytes, slots, locked: false };
+        match config.lock {
+            LockMode::Off => {}
+            LockMode::Required => {
+                pool.map.lock().map_err(|source| PoolError::Lock { bytes, source })?;
+                pool.locked = true;
+            }
+            LockMode::BestEffort => match pool.map.lock() {
+                Ok(()) => pool.locked = true,
+                Err(source) => tracing::warn!("{}", PoolError::Lock { bytes, source }),
+            },
+        }
+        Ok(pool)
+    }
+
+    /// The memfd clients map.
+    #[must_use]
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Slots.
+    #[must_use]
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Bytes per slot.
+    #[must_use]
+    pub fn slot_bytes(&self) -> u32 {
+        self.slot_bytes
+    }
+
+    /// Pool bytes.
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.slots) * u64::from(self.slot_bytes)
+    }
+
+    /// Whether the pool is locked in memory.
+    #[must_use]
+    pub fn locked(&self) -> bool {
+        self.locked
+    }
+
+    /// The first `len` bytes of `slot`.
+    ///
+    /// # Panics
+    /// If the slot or length is out of range (the index checks both first).
+    #[must_use]
+    pub fn bytes_of(&self, slot: u32, len: u32) -> &[u8] {
+        let start = slot as usize * self.slot_bytes as usize;
+        &self.map[start..start + len as usize]
+    }
+
+    /// Slot `slot`, writable (the agent's own copies: NVMe reads, tests).
+    ///
+    /// # Panics
+    /// If the slot is out of range.
+    pub fn slot_mut(&mut self, slot: u32) -> &mut [u8] {
+        let start = slot as usize * self.slot_bytes as usize;
+        &mut self.map[start..start + self.slot_bytes as usize]
+    }
+}
+
+/// xxh3-64 of a chunk's bytes: the checksum every chunk carries.
+#[must_use]
+pub fn checksum(bytes: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot(bytes)
+}
+
+/// A client's view of the pool: the memfd it received, mapped shared.
+#[derive(Debug)]
+pub struct MappedPool {
+    map: MmapMut,
+    slot_bytes: u32,
+}
+
+impl MappedPool {
+    /// Maps a received pool memfd of `bytes` bytes.
+    ///
+    /// # Errors
+    /// When the mapping fails.
+    pub fn map(fd: OwnedFd, bytes: u64, slot_bytes: u32) -> std::io::Result<Self> {
+        let file = File::from(fd);
+        let len = usize::try_from(bytes).map_err(|_| std::io::Error::other("pool too large"))?;
+        // SAFETY: the agent owns the pool's lifetime and never shrinks it; this client only
+        // writes into slots it reserved, and reads slots the index says hold committed chunks.
+        let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }?;
+        Ok(Self { map, slot_bytes })
+    }
+
+    /// Slot `slot`.
+    ///
+    /// # Panics
+    /// If out of range.
+    #[must_use]
+    pub fn slot(&self, slot: u32) -> &[u8] {
+        let start = slot as usize * self.slot_bytes as usize;
+        &self.map[start..start + self.slot_bytes as usize]
+    }
+
+    /// Slot `slot`, writable.
+    ///
+    /// # Panics
+    /// If out of range.
+    pub fn slot_mut(&mut self, slot: u32) -> &mut [u8] {
+        let start = slot as usize * self.slot_bytes as usize;
+        &mut self.map[start..start + self.slot_bytes as usize]
+    }
+}

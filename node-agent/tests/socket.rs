@@ -1,0 +1,183 @@
+//! The agent on a real Unix socket, with real clients (threads and a second process).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvtier_api::agent::{Request, Tier};
+use kvtier_api::chunk::ChunkKey;
+use kvtier_node_agent::client::ClientError;
+use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
+
+const SLOT: u32 = 512 * 1024;
+
+/// Starts an agent with `slots` slots on a fresh socket path; returns the path.
+fn start(slots: u32) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir =
+        std::env::temp_dir().join(format!("kvtier-agent-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("agent.sock");
+    let pool = DramPool::create(PoolConfig {
+        bytes: u64::from(slots) * u64::from(SLOT),
+        slot_bytes: SLOT,
+        lock: LockMode::BestEffort,
+        huge_pages: false,
+    })
+    .expect("pool");
+    let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
+    let listener = {
+        let _g = rt.enter();
+        server::bind(&path).expect("bind")
+    };
+    rt.spawn(server::serve(listener, agent.clone()));
+    (path, agent, rt)
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn chunk(seed: u8) -> Vec<u8> {
+    (0..SLOT as usize).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn two_clients_share_one_pool() {
+    let (path, agent, _rt) = start(8);
+    let mut a = Client::connect(&path, "writer").expect("attach");
+    let mut b = Client::connect(&path, "reader").expect("attach");
+    assert_eq!(a.slots(), 8);
+    let key = ChunkKey(42);
+    let slot = a.reserve(1).expect("reserve")[0];
+    assert!(a.put(key, slot, &chunk(7)).expect("commit"));
+    let found = b.lookup(&[key, ChunkKey(43)]).expect("lookup");
+    assert_eq!(found.prefix, 1);
+    assert_eq!(found.tiers, vec![Tier::Dram, Tier::Absent]);
+    // The reader sees the writer's bytes through its own mapping of the same memfd.
+    assert_eq!(b.pool().slot(found.slots[0]), &chunk(7)[..]);
+    assert_eq!(agent.stats().used, 1);
+}
+
+#[test]
+fn a_corrupt_chunk_is_never_served() {
+    let (path, _agent, _rt) = start(4);
+    let mut a = Client::connect(&path, "c").expect("attach");
+    let slot = a.reserve(1).expect("reserve")[0];
+    a.pool_mut().slot_mut(slot)[..16].copy_from_slice(&[1; 16]);
+    let bad = kvtier_api::agent::Commit { key: ChunkKey(1), slot, len: 16, checksum: 12345 };
+    assert_eq!(a.ack(&Request::Commit { chunks: vec![bad] }).expect("reply"), 0);
+    assert_eq!(a.lookup(&[ChunkKey(1)]).expect("lookup").tiers, vec![Tier::Absent]);
+}
+
+#[test]
+fn a_malformed_frame_closes_only_its_connection() {
+    let (path, _agent, _rt) = start(4);
+    let mut good = Client::connect(&path, "good").expect("attach");
+    // Garbage instead of a header.
+    let mut raw = UnixStream::connect(&path).expect("connect");
+    raw.write_all(&[0xff; 64]).expect("write");
+    let mut reply = Vec::new();
+    raw.read_to_end(&mut reply).expect("the agent answers, then closes");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("bad magic"), "{text:?}");
+    // A first frame that is not hello.
+    let mut raw = UnixStream::connect(&path).expect("connect");
+    raw.write_all(&Request::Stats.encode(5)).expect("write");
+    let mut reply = Vec::new();
+    raw.read_to_end(&mut reply).expect("closed");
+    assert!(String::from_utf8_lossy(&reply).contains("must be hello"));
+    // A frame claiming a huge body.
+    let mut raw = UnixStream::connect(&path).expect("connect");
+    let mut f = Request::Stats.encode(1);
+    f[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    raw.write_all(&f).expect("write");
+    let mut reply = Vec::new();
+    raw.read_to_end(&mut reply).expect("closed");
+    assert!(String::from_utf8_lossy(&reply).contains("exceeds"));
+    // The well-behaved client never noticed.
+    assert_eq!(good.stats().expect("stats").slots, 4);
+}
+
+#[test]
+fn a_client_that_goes_away_leaks_nothing() {
+    let (path, agent, _rt) = start(4);
+    {
+        let mut c = Client::connect(&path, "doomed").expect("attach");
+        let slot = c.reserve(2).expect("reserve");
+        assert!(c.put(ChunkKey(9), slot[0], &chunk(1)).expect("commit"));
+        assert_eq!(
+            c.ack(&Request::Pin { keys: vec![ChunkKey(9)], lease_ms: 600_000 }).expect("pin"),
+            1
+        );
+        let s = c.stats().expect("stats");
+        assert_eq!((s.pinned, s.reserved), (1, 1));
+    } // dropped: the socket closes.
+    let mut waited = 0;
+    while agent.stats().pinned != 0 || agent.stats().reserved != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+        assert!(waited < 500, "pins and reservations of a dead client were kept");
+    }
+    assert_eq!(agent.stats().used, 1, "its committed chunk stays, unpinned");
+    let mut other = Client::connect(&path, "next").expect("attach");
+    assert_eq!(other.reserve(4).expect("reserve").len(), 4, "every slot can be had again");
+}
+
+#[test]
+fn refusals_come_back_as_errors() {
+    let (path, _agent, _rt) = start(2);
+    let mut c = Client::connect(&path, "c").expect("attach");
+    let err = c.call(&Request::Hello { client: "again".into(), pid: 1 }).expect_err("second hello");
+    assert!(matches!(err, ClientError::Refused { .. }), "{err}");
+    // Committing a slot it never reserved applies nothing.
+    let c2 = kvtier_api::agent::Commit { key: ChunkKey(1), slot: 1, len: 0, checksum: 0 };
+    assert_eq!(c.ack(&Request::Commit { chunks: vec![c2] }).expect("reply"), 0);
+}
+
+/// Run as a child process by `two_processes_share_one_pool`: writes one chunk and exits
+/// holding a pin. Without the environment variable it does nothing.
+#[test]
+fn child_writer() {
+    let Ok(path) = std::env::var("KVTIER_TEST_AGENT_SOCKET") else { return };
+    let mut c = Client::connect(std::path::Path::new(&path), "child").expect("attach");
+    let slot = c.reserve(1).expect("reserve")[0];
+    assert!(c.put(ChunkKey(77), slot, &chunk(3)).expect("commit"));
+    assert_eq!(
+        c.ack(&Request::Pin { keys: vec![ChunkKey(77)], lease_ms: 600_000 }).expect("pin"),
+        1
+    );
+    // Exit without unpinning: the agent must drop the pin when the process is gone.
+}
+
+#[test]
+fn two_processes_share_one_pool() {
+    if std::env::var("KVTIER_TEST_AGENT_SOCKET").is_ok() {
+        return; // we are the child of another run of this test
+    }
+    let (path, agent, _rt) = start(4);
+    let exe = std::env::current_exe().expect("test binary");
+    let status = std::process::Command::new(exe)
+        .args(["--exact", "child_writer", "--quiet"])
+        .env("KVTIER_TEST_AGENT_SOCKET", &path)
+        .status()
+        .expect("spawn child");
+    assert!(status.success(), "child failed");
+    let mut me = Client::connect(&path, "parent").expect("attach");
+    let found = me.lookup(&[ChunkKey(77)]).expect("lookup");
+    assert_eq!(found.prefix, 1, "the child's chunk is in the pool");
+    assert_eq!(me.pool().slot(found.slots[0]), &chunk(3)[..], "with the child's bytes");
+    let mut waited = 0;
+    while agent.stats().pinned != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+        assert!(waited < 500, "the dead child's pin was kept");
+    }
+}
