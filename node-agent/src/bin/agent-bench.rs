@@ -1,0 +1,144 @@
+//! Node-agent benchmark: ratios against references measured in the same run.
+//!
+//! - store: copy a chunk into a reserved slot of the shared pool and commit it (the agent
+//!   verifies its checksum); load: look it up and copy it out. Both against `memcpy` of the
+//!   same sizes between two private buffers.
+//! - lookup latency for a 100k-token context (400 keys of 256 tokens), p50 and p99.
+//! - operations per second with 8 clients at once (lookup of 400 keys each).
+//!
+//! `cargo run --release -p kvtier-node-agent --bin agent-bench`
+
+#![allow(clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvtier_api::chunk::ChunkKey;
+use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
+
+const SLOT: u32 = 2 << 20;
+const SLOTS: u32 = 512; // 1 GiB
+const ROUNDS: usize = 5;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let dir = std::env::temp_dir().join(format!("kvtier-agent-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("agent.sock");
+    let pool = DramPool::create(PoolConfig {
+        bytes: u64::from(SLOT) * u64::from(SLOTS),
+        slot_bytes: SLOT,
+        lock: LockMode::BestEffort,
+        huge_pages: false,
+    })?;
+    println!(
+        "pool: {} MiB in {} slots of {} KiB, locked: {}",
+        pool.bytes() >> 20,
+        SLOTS,
+        SLOT >> 10,
+        pool.locked()
+    );
+    // KVTIER_BENCH_VERIFY=0 measures the agent trusting the client's checksums.
+    let verify = std::env::var("KVTIER_BENCH_VERIFY").map_or(true, |v| v != "0");
+    println!("commit verification: {verify}");
+    let agent = Arc::new(
+        Agent::new(pool, Index::new(SLOTS, SLOT, Box::<Lru>::default())).verify_commits(verify),
+    );
+    let listener = {
+        let _g = rt.enter();
+        server::bind(&path)?
+    };
+    rt.spawn(server::serve(listener, agent.clone()));
+
+    let mut c = Client::connect(&path, "bench")?;
+    let chunk: Vec<u8> = (0..SLOT as usize).map(|i| (i * 7) as u8).collect();
+    let n = 256u32; // 512 MiB per pass
+    let bytes = f64::from(n) * f64::from(SLOT);
+
+    // Reference: memcpy of the same sizes between private buffers.
+    // Touched once first, so no pass pays page faults the pool (populated) does not.
+    let mut dst = vec![1u8; SLOT as usize * n as usize];
+    let mut memcpy = Vec::new();
+    let mut store = Vec::new();
+    let mut load = Vec::new();
+    let mut out = vec![0u8; SLOT as usize];
+    for round in 0..ROUNDS {
+        let t = Instant::now();
+        for i in 0..n as usize {
+            dst[i * SLOT as usize..(i + 1) * SLOT as usize].copy_from_slice(&chunk);
+            std::hint::black_box(&mut dst);
+        }
+        memcpy.push(bytes / t.elapsed().as_secs_f64() / 1e9);
+
+        let keys: Vec<ChunkKey> =
+            (0..n).map(|i| ChunkKey((round as u128) << 64 | u128::from(i))).collect();
+        let t = Instant::now();
+        // One reservation and one commit frame per 32 chunks, as a connector does per step.
+        for batch in keys.chunks(32) {
+            let slots = c.reserve(batch.len() as u32)?;
+            let items: Vec<(ChunkKey, u32, &[u8])> =
+                batch.iter().zip(&slots).map(|(k, s)| (*k, *s, &chunk[..])).collect();
+            assert_eq!(c.put_many(&items)? as usize, batch.len());
+        }
+        store.push(bytes / t.elapsed().as_secs_f64() / 1e9);
+
+        let t = Instant::now();
+        let found = c.lookup(&keys)?;
+        for s in &found.slots {
+            out.copy_from_slice(c.pool().slot(*s));
+            std::hint::black_box(&mut out);
+        }
+        load.push(bytes / t.elapsed().as_secs_f64() / 1e9);
+        assert_eq!(found.prefix, n);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (m, s, l) = (med(&mut memcpy), med(&mut store), med(&mut load));
+    println!("memcpy {m:.2} GB/s | store {s:.2} GB/s = {:.2} of memcpy | load {l:.2} GB/s = {:.2} of memcpy (medians of {ROUNDS})", s / m, l / m);
+
+    // Lookup latency, 400 keys.
+    let keys: Vec<ChunkKey> = (0..400u128).map(ChunkKey).collect();
+    let mut lat = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let _ = c.lookup(&keys)?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "lookup of 400 keys: p50 {:?}, p99 {:?}",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+
+    // Throughput with 8 clients.
+    let stop = Instant::now() + Duration::from_secs(3);
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let path = path.clone();
+            let keys = keys.clone();
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut c = Client::connect(&path, &format!("c{i}")).map_err(|e| e.to_string())?;
+                let mut ops = 0;
+                while Instant::now() < stop {
+                    c.lookup(&keys).map_err(|e| e.to_string())?;
+                    ops += 1;
+                }
+                Ok(ops)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| "client thread panicked")??;
+    }
+    println!(
+        "8 clients, lookups of 400 keys: {:.0} ops/s ({:.0} keys/s)",
+        total as f64 / 3.0,
+        total as f64 * 400.0 / 3.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
