@@ -61,6 +61,9 @@ struct NodeAgentArgs {
     /// Back the pool with huge pages (reserve them on the node first).
     #[arg(long, env = "KVTIER_AGENT_HUGE_PAGES")]
     huge_pages: bool,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long, env = "KVTIER_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn bytes_arg(s: &str) -> Result<u64, String> {
@@ -384,6 +387,10 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
     }
     let listener =
         server::bind(&a.socket).with_context(|| format!("binding {}", a.socket.display()))?;
+    if let Some(addr) = a.metrics_listen {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(server::serve_metrics(l, agent.clone()));
+    }
     tokio::select! {
         () = server::serve(listener, agent) => {}
         () = shutdown_signal() => {}

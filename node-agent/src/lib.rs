@@ -6,8 +6,8 @@
 //! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
 //! - [`client`]: the blocking client the connector uses.
 //!
-//! Not yet here (issue 5 continues): the NVMe tier and its restart recovery, residency
-//! events for the router, Prometheus metrics.
+//! Not yet here (issue 5 continues): the NVMe tier and its restart recovery, and residency
+//! events for the router.
 
 pub mod client;
 pub mod index;

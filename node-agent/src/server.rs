@@ -28,6 +28,17 @@ pub struct Agent {
     epoch: Instant,
     next_client: AtomicU64,
     verify_commits: bool,
+    counters: Counters,
+}
+
+/// Agent-level counters (the index keeps hits, misses and evictions).
+#[derive(Debug, Default)]
+struct Counters {
+    clients: AtomicU64,
+    commits: AtomicU64,
+    commits_refused: AtomicU64,
+    bytes_committed: AtomicU64,
+    malformed: AtomicU64,
 }
 
 impl Agent {
@@ -40,6 +51,7 @@ impl Agent {
             epoch: Instant::now(),
             next_client: AtomicU64::new(1),
             verify_commits: true,
+            counters: Counters::default(),
         }
     }
 
@@ -106,10 +118,19 @@ impl Agent {
                 let mut applied = 0;
                 for (c, ok) in chunks.iter().zip(verified) {
                     match ix.commit(client, c.key, c.slot, c.len, c.checksum, |_, _, _| ok) {
-                        Ok(()) => applied += 1,
-                        Err(e) => debug!(client, "commit refused: {e}"),
+                        Ok(()) => {
+                            applied += 1;
+                            self.counters
+                                .bytes_committed
+                                .fetch_add(u64::from(c.len), Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            self.counters.commits_refused.fetch_add(1, Ordering::Relaxed);
+                            debug!(client, "commit refused: {e}");
+                        }
                     }
                 }
+                self.counters.commits.fetch_add(u64::from(applied), Ordering::Relaxed);
                 Response::Ack { applied }
             }
             Request::Release { slots } => {
@@ -127,6 +148,132 @@ impl Agent {
             }
             Request::Stats => Response::Stats(self.stats()),
         }
+    }
+}
+
+impl Agent {
+    /// The agent's figures in Prometheus' text format.
+    #[must_use]
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let s = self.stats();
+        let slot = u64::from(self.pool.slot_bytes());
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut o = String::with_capacity(2048);
+        let mut put = |kind: &str, name: &str, help: &str, labels: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            let _ = writeln!(o, "{name}{suffix}{labels} {v}");
+        };
+        put(
+            "gauge",
+            "kvtier_agent_capacity_bytes",
+            "Pool capacity per tier.",
+            "{tier=\"dram\"}",
+            self.pool.bytes(),
+        );
+        put(
+            "gauge",
+            "kvtier_agent_used_bytes",
+            "Bytes of slots holding committed chunks.",
+            "{tier=\"dram\"}",
+            u64::from(s.used) * slot,
+        );
+        put(
+            "gauge",
+            "kvtier_agent_reserved_bytes",
+            "Bytes of slots reserved by clients.",
+            "{tier=\"dram\"}",
+            u64::from(s.reserved) * slot,
+        );
+        put(
+            "gauge",
+            "kvtier_agent_pinned_chunks",
+            "Chunks pinned by a live lease.",
+            "",
+            u64::from(s.pinned),
+        );
+        put(
+            "gauge",
+            "kvtier_agent_locked",
+            "Whether the DRAM pool is locked in memory.",
+            "",
+            u64::from(self.pool.locked()),
+        );
+        put("gauge", "kvtier_agent_clients", "Attached clients.", "", get(&c.clients));
+        put(
+            "counter",
+            "kvtier_agent_lookup_hits",
+            "Keys found, per tier.",
+            "{tier=\"dram\"}",
+            s.hits,
+        );
+        put("counter", "kvtier_agent_lookup_misses", "Keys not found in any tier.", "", s.misses);
+        put(
+            "counter",
+            "kvtier_agent_evictions",
+            "Chunks evicted, per tier.",
+            "{tier=\"dram\"}",
+            s.evictions,
+        );
+        put("counter", "kvtier_agent_commits", "Chunks committed.", "", get(&c.commits));
+        put(
+            "counter",
+            "kvtier_agent_commits_refused",
+            "Commits refused (not reserved, too long, checksum).",
+            "",
+            get(&c.commits_refused),
+        );
+        put(
+            "counter",
+            "kvtier_agent_committed_bytes",
+            "Bytes committed.",
+            "",
+            get(&c.bytes_committed),
+        );
+        put(
+            "counter",
+            "kvtier_agent_malformed_frames",
+            "Connections closed for a malformed frame.",
+            "",
+            get(&c.malformed),
+        );
+        o
+    }
+}
+
+/// Serves `/metrics` (Prometheus text) over HTTP on `listener` until the task is dropped.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
+    use http_body_util::Full;
+    use hyper::{Response as HttpResponse, StatusCode};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let agent = agent.clone();
+                    async move {
+                        let (status, body) = if req.method() == hyper::Method::GET
+                            && req.uri().path() == "/metrics"
+                        {
+                            (StatusCode::OK, agent.metrics_text())
+                        } else {
+                            (StatusCode::NOT_FOUND, "only GET /metrics is served here\n".to_owned())
+                        };
+                        let mut res = HttpResponse::new(Full::new(bytes::Bytes::from(body)));
+                        *res.status_mut() = status;
+                        res.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
     }
 }
 
@@ -157,11 +304,18 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
         let agent = agent.clone();
         conns.spawn(async move {
             let client = agent.next_client.fetch_add(1, Ordering::Relaxed);
+            agent.counters.clients.fetch_add(1, Ordering::Relaxed);
             match connection(&agent, client, stream).await {
                 Ok(()) => debug!(client, "client left"),
-                Err(reason) => warn!(client, "closing connection: {reason}"),
+                Err(reason) => {
+                    if reason.starts_with("malformed") {
+                        agent.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    warn!(client, "closing connection: {reason}");
+                }
             }
             agent.index().client_gone(client);
+            agent.counters.clients.fetch_sub(1, Ordering::Relaxed);
         });
         while conns.try_join_next().is_some() {}
     }

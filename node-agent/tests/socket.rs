@@ -181,3 +181,29 @@ fn two_processes_share_one_pool() {
         assert!(waited < 500, "the dead child's pin was kept");
     }
 }
+
+#[test]
+fn metrics_move() {
+    let (path, agent, rt) = start(4);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.spawn(server::serve_metrics(listener, agent.clone()));
+    let mut c = Client::connect(&path, "m").expect("attach");
+    let slot = c.reserve(1).expect("reserve")[0];
+    assert!(c.put(ChunkKey(1), slot, &chunk(1)).expect("commit"));
+    c.lookup(&[ChunkKey(1), ChunkKey(2)]).expect("lookup");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for line in [
+        "kvtier_agent_used_bytes{tier=\"dram\"} 524288",
+        "kvtier_agent_commits_total 1",
+        "kvtier_agent_lookup_hits_total{tier=\"dram\"} 1",
+        "kvtier_agent_lookup_misses_total 1",
+        "kvtier_agent_clients 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+}
