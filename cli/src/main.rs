@@ -64,6 +64,12 @@ struct NodeAgentArgs {
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long, env = "KVTIER_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Directory of the NVMe tier (one file per chunk); none: DRAM only.
+    #[arg(long, env = "KVTIER_AGENT_NVME_DIR")]
+    nvme_dir: Option<PathBuf>,
+    /// NVMe tier capacity (e.g. 1TiB).
+    #[arg(long, env = "KVTIER_AGENT_NVME_BYTES", value_parser = bytes_arg, requires = "nvme_dir")]
+    nvme_bytes: Option<u64>,
 }
 
 fn bytes_arg(s: &str) -> Result<u64, String> {
@@ -381,7 +387,22 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
         "node-agent serving"
     );
     let index = Index::new(pool.slots(), slot_bytes, Box::<Lru>::default());
-    let agent = Arc::new(Agent::new(pool, index));
+    let mut agent = Agent::new(pool, index);
+    if let Some(dir) = &a.nvme_dir {
+        let bytes = a.nvme_bytes.context("--nvme-bytes is required with --nvme-dir")?;
+        let (tier, recovery) = kvtier_node_agent::nvme::NvmeTier::open(dir, bytes)
+            .with_context(|| format!("opening the NVMe tier in {}", dir.display()))?;
+        tracing::info!(
+            dir = %dir.display(),
+            bytes,
+            direct = tier.direct(),
+            kept = recovery.kept,
+            discarded = recovery.discarded,
+            "NVMe tier ready"
+        );
+        agent = agent.with_nvme(tier);
+    }
+    let agent = Arc::new(agent);
     if let Some(dir) = a.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -6,11 +6,14 @@
 //! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
 //! - [`client`]: the blocking client the connector uses.
 //!
-//! Not yet here (issue 5 continues): the NVMe tier and its restart recovery, and residency
-//! events for the router.
+//! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart.
+//!
+//! Not yet here (issue 5 continues): residency events for the router, write-back (only
+//! write-through today), io_uring.
 
 pub mod client;
 pub mod index;
+pub mod nvme;
 pub mod pool;
 pub mod server;
 

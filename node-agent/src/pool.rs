@@ -97,6 +97,12 @@ impl DramPool {
     /// Sizes out of range, or the kernel refusing the memfd, its size, the mapping or the
     /// lock.
     pub fn create(config: PoolConfig) -> Result<Self, PoolError> {
+        if !config.slot_bytes.is_multiple_of(4096) {
+            return Err(PoolError::Config(format!(
+                "slot of {} bytes: must be a multiple of 4 KiB (page and O_DIRECT alignment)",
+                config.slot_bytes
+            )));
+        }
         if config.slot_bytes < MIN_SLOT_BYTES {
             return Err(PoolError::Config(format!(
                 "slot of {} bytes: at least {MIN_SLOT_BYTES} (one KV chunk per DMA)",
@@ -183,7 +189,36 @@ impl DramPool {
         &self.map[start..start + len as usize]
     }
 
-    /// Slot `slot`, writable (the agent's own copies: NVMe reads, tests).
+    /// All of slot `slot` (page-aligned: NVMe writes go straight from here).
+    ///
+    /// # Panics
+    /// If the slot is out of range.
+    #[must_use]
+    pub fn slot(&self, slot: u32) -> &[u8] {
+        self.bytes_of(slot, self.slot_bytes)
+    }
+
+    /// Writes `data` at the start of `slot` through the memfd (the agent's own copies, e.g.
+    /// an NVMe read, while clients keep their mappings).
+    ///
+    /// # Errors
+    /// When the write fails.
+    ///
+    /// # Panics
+    /// If `data` is longer than a slot.
+    pub fn write_slot(&self, slot: u32, data: &[u8]) -> std::io::Result<()> {
+        assert!(data.len() <= self.slot_bytes as usize, "larger than a slot");
+        let mut offset = u64::from(slot) * u64::from(self.slot_bytes);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = rustix::io::pwrite(&self.fd, rest, offset).map_err(std::io::Error::from)?;
+            rest = &rest[n..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Slot `slot`, writable (tests).
     ///
     /// # Panics
     /// If the slot is out of range.

@@ -18,6 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::index::{ClientId, Index, Millis};
+use crate::nvme::NvmeTier;
 use crate::pool::{checksum, DramPool};
 
 /// What every connection shares.
@@ -29,7 +30,13 @@ pub struct Agent {
     next_client: AtomicU64,
     verify_commits: bool,
     counters: Counters,
+    nvme: Option<Mutex<NvmeTier>>,
 }
+
+/// The client id the agent uses for its own reservations and pins (write-through, prefetch).
+const AGENT: ClientId = ClientId::MAX;
+/// How long a chunk being written through is pinned at most.
+const WRITE_LEASE_MS: u32 = 60_000;
 
 /// Agent-level counters (the index keeps hits, misses and evictions).
 #[derive(Debug, Default)]
@@ -52,6 +59,71 @@ impl Agent {
             next_client: AtomicU64::new(1),
             verify_commits: true,
             counters: Counters::default(),
+            nvme: None,
+        }
+    }
+
+    /// Adds an NVMe tier: committed chunks are written through to it, lookups report what
+    /// only it holds, and prefetch brings such chunks back into DRAM.
+    #[must_use]
+    pub fn with_nvme(mut self, tier: NvmeTier) -> Self {
+        self.nvme = Some(Mutex::new(tier));
+        self
+    }
+
+    fn nvme(&self) -> Option<std::sync::MutexGuard<'_, NvmeTier>> {
+        self.nvme.as_ref().map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Writes committed chunks through to NVMe, each pinned while its slot is read.
+    fn write_through(&self, chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64)]) {
+        if self.nvme.is_none() || chunks.is_empty() {
+            return;
+        }
+        let keys: Vec<_> = chunks.iter().map(|c| c.0).collect();
+        self.index().pin(AGENT, &keys, self.now(), WRITE_LEASE_MS);
+        for &(key, slot, len, sum) in chunks {
+            if let Some(mut t) = self.nvme() {
+                if let Err(e) = t.write(key, self.pool.slot(slot), len, sum) {
+                    warn!("NVMe write of a chunk failed (it stays in DRAM only): {e}");
+                }
+            }
+        }
+        self.index().unpin(AGENT, &keys);
+    }
+
+    /// Brings `key` from NVMe into a DRAM slot; true when it is in DRAM afterwards.
+    fn load(&self, key: kvtier_api::chunk::ChunkKey) -> bool {
+        if self.index().get(&key).is_some() {
+            return true;
+        }
+        let Some(mut tier) = self.nvme() else { return false };
+        if !tier.contains(&key) {
+            return false;
+        }
+        let Some(slot) = self.index().reserve(AGENT, 1, self.now()).pop() else { return false };
+        let loaded = match tier.read(key) {
+            Ok((bytes, len, sum)) => match self.pool.write_slot(slot, bytes) {
+                Ok(()) => Some((len, sum)),
+                Err(e) => {
+                    warn!("copying a chunk into the pool failed: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                warn!("NVMe read: {e}");
+                None
+            }
+        };
+        drop(tier);
+        let mut ix = self.index();
+        match loaded {
+            // Verified against its checksum by the read.
+            Some((len, sum)) => ix.commit(AGENT, key, slot, len, sum, |_, _, _| true).is_ok(),
+            None => {
+                ix.release(AGENT, &[slot]);
+                false
+            }
         }
     }
 
@@ -94,7 +166,14 @@ impl Agent {
                 message: "hello was already received".into(),
             },
             Request::Lookup { keys } => {
-                let (prefix, tiers, slots) = self.index().lookup(&keys);
+                let (prefix, mut tiers, slots) = self.index().lookup(&keys);
+                if let Some(t) = self.nvme() {
+                    for (tier, key) in tiers.iter_mut().zip(&keys) {
+                        if *tier == agent::Tier::Absent && t.contains(key) {
+                            *tier = agent::Tier::Nvme;
+                        }
+                    }
+                }
                 Response::Lookup { prefix, tiers, slots }
             }
             Request::Reserve { n } => {
@@ -116,10 +195,14 @@ impl Agent {
                     .collect();
                 let mut ix = self.index();
                 let mut applied = 0;
+                let mut written = Vec::new();
                 for (c, ok) in chunks.iter().zip(verified) {
                     match ix.commit(client, c.key, c.slot, c.len, c.checksum, |_, _, _| ok) {
                         Ok(()) => {
                             applied += 1;
+                            if let Some((slot, len, sum)) = ix.get(&c.key) {
+                                written.push((c.key, slot, len, sum));
+                            }
                             self.counters
                                 .bytes_committed
                                 .fetch_add(u64::from(c.len), Ordering::Relaxed);
@@ -131,6 +214,8 @@ impl Agent {
                     }
                 }
                 self.counters.commits.fetch_add(u64::from(applied), Ordering::Relaxed);
+                drop(ix);
+                self.write_through(&written);
                 Response::Ack { applied }
             }
             Request::Release { slots } => {
@@ -141,9 +226,7 @@ impl Agent {
             }
             Request::Unpin { keys } => Response::Ack { applied: self.index().unpin(client, &keys) },
             Request::Prefetch { keys } => {
-                // No NVMe tier yet: what is in DRAM is already "prefetched".
-                let (_, tiers, _) = self.index().lookup(&keys);
-                let applied = tiers.iter().filter(|t| **t == agent::Tier::Dram).count() as u32;
+                let applied = keys.iter().filter(|k| self.load(**k)).count() as u32;
                 Response::Ack { applied }
             }
             Request::Stats => Response::Stats(self.stats()),
@@ -160,85 +243,108 @@ impl Agent {
         let slot = u64::from(self.pool.slot_bytes());
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut o = String::with_capacity(2048);
-        let mut put = |kind: &str, name: &str, help: &str, labels: &str, v: u64| {
+        let nvme = self.nvme().map(|t| (t.capacity(), t.stats(), t.direct()));
+        let mut o = String::with_capacity(4096);
+        // One family at a time: its help, its type, then all its samples.
+        let mut family = |kind: &str, name: &str, help: &str, samples: &[(&str, u64)]| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
             let suffix = if kind == "counter" { "_total" } else { "" };
-            let _ = writeln!(o, "{name}{suffix}{labels} {v}");
+            for (labels, v) in samples {
+                let _ = writeln!(o, "{name}{suffix}{labels} {v}");
+            }
         };
-        put(
+        let (dram, nv) = ("{tier=\"dram\"}", "{tier=\"nvme\"}");
+        let tiers = |d: u64, n: Option<u64>| -> Vec<(&'static str, u64)> {
+            let mut v = vec![("{tier=\"dram\"}", d)];
+            if let Some(n) = n {
+                v.push(("{tier=\"nvme\"}", n));
+            }
+            v
+        };
+        family(
             "gauge",
             "kvtier_agent_capacity_bytes",
-            "Pool capacity per tier.",
-            "{tier=\"dram\"}",
-            self.pool.bytes(),
+            "Capacity per tier.",
+            &tiers(self.pool.bytes(), nvme.map(|n| n.0)),
         );
-        put(
+        family(
             "gauge",
             "kvtier_agent_used_bytes",
-            "Bytes of slots holding committed chunks.",
-            "{tier=\"dram\"}",
-            u64::from(s.used) * slot,
+            "Bytes holding chunks, per tier.",
+            &tiers(u64::from(s.used) * slot, nvme.map(|n| n.1.used_bytes)),
         );
-        put(
+        family(
             "gauge",
             "kvtier_agent_reserved_bytes",
             "Bytes of slots reserved by clients.",
-            "{tier=\"dram\"}",
-            u64::from(s.reserved) * slot,
+            &[(dram, u64::from(s.reserved) * slot)],
         );
-        put(
+        family(
             "gauge",
             "kvtier_agent_pinned_chunks",
             "Chunks pinned by a live lease.",
-            "",
-            u64::from(s.pinned),
+            &[("", u64::from(s.pinned))],
         );
-        put(
+        family(
             "gauge",
             "kvtier_agent_locked",
             "Whether the DRAM pool is locked in memory.",
-            "",
-            u64::from(self.pool.locked()),
+            &[("", u64::from(self.pool.locked()))],
         );
-        put("gauge", "kvtier_agent_clients", "Attached clients.", "", get(&c.clients));
-        put(
-            "counter",
-            "kvtier_agent_lookup_hits",
-            "Keys found, per tier.",
-            "{tier=\"dram\"}",
-            s.hits,
-        );
-        put("counter", "kvtier_agent_lookup_misses", "Keys not found in any tier.", "", s.misses);
-        put(
+        family("gauge", "kvtier_agent_clients", "Attached clients.", &[("", get(&c.clients))]);
+        family("counter", "kvtier_agent_lookup_hits", "Keys found in DRAM.", &[(dram, s.hits)]);
+        family("counter", "kvtier_agent_lookup_misses", "Keys not in DRAM.", &[("", s.misses)]);
+        family(
             "counter",
             "kvtier_agent_evictions",
             "Chunks evicted, per tier.",
-            "{tier=\"dram\"}",
-            s.evictions,
+            &tiers(s.evictions, nvme.map(|n| n.1.evictions)),
         );
-        put("counter", "kvtier_agent_commits", "Chunks committed.", "", get(&c.commits));
-        put(
+        family("counter", "kvtier_agent_commits", "Chunks committed.", &[("", get(&c.commits))]);
+        family(
             "counter",
             "kvtier_agent_commits_refused",
             "Commits refused (not reserved, too long, checksum).",
-            "",
-            get(&c.commits_refused),
+            &[("", get(&c.commits_refused))],
         );
-        put(
+        family(
             "counter",
             "kvtier_agent_committed_bytes",
             "Bytes committed.",
-            "",
-            get(&c.bytes_committed),
+            &[("", get(&c.bytes_committed))],
         );
-        put(
+        family(
             "counter",
             "kvtier_agent_malformed_frames",
             "Connections closed for a malformed frame.",
-            "",
-            get(&c.malformed),
+            &[("", get(&c.malformed))],
         );
+        if let Some((_, n, direct)) = nvme {
+            family(
+                "counter",
+                "kvtier_agent_nvme_writes",
+                "Chunks written to NVMe.",
+                &[(nv, n.writes)],
+            );
+            family(
+                "counter",
+                "kvtier_agent_nvme_reads",
+                "Chunks read back from NVMe.",
+                &[(nv, n.reads)],
+            );
+            family(
+                "counter",
+                "kvtier_agent_nvme_corrupt",
+                "NVMe reads that failed their checksum (dropped).",
+                &[(nv, n.corrupt)],
+            );
+            family(
+                "gauge",
+                "kvtier_agent_nvme_direct",
+                "Whether NVMe I/O uses O_DIRECT.",
+                &[("", u64::from(direct))],
+            );
+        }
         o
     }
 }

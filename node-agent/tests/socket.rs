@@ -8,12 +8,21 @@ use std::sync::Arc;
 use kvtier_api::agent::{Request, Tier};
 use kvtier_api::chunk::ChunkKey;
 use kvtier_node_agent::client::ClientError;
+use kvtier_node_agent::nvme::NvmeTier;
 use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
 
 const SLOT: u32 = 512 * 1024;
 
 /// Starts an agent with `slots` slots on a fresh socket path; returns the path.
 fn start(slots: u32) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
+    start_with(slots, None)
+}
+
+/// As [`start`], with an NVMe tier in `nvme` when given.
+fn start_with(
+    slots: u32,
+    nvme: Option<&std::path::Path>,
+) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -30,7 +39,12 @@ fn start(slots: u32) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
         huge_pages: false,
     })
     .expect("pool");
-    let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
+    let mut agent = Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default()));
+    if let Some(dir) = nvme {
+        let (tier, _) = NvmeTier::open(dir, 64 << 20).expect("nvme tier");
+        agent = agent.with_nvme(tier);
+    }
+    let agent = Arc::new(agent);
     let listener = {
         let _g = rt.enter();
         server::bind(&path).expect("bind")
@@ -206,4 +220,101 @@ fn metrics_move() {
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
+}
+
+fn nvme_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kvtier-agent-nvme-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn chunks_evicted_from_dram_come_back_from_nvme() {
+    let dir = nvme_dir("wt");
+    let (path, _agent, _rt) = start_with(2, Some(&dir));
+    let mut c = Client::connect(&path, "c").expect("attach");
+    for k in 0..4u8 {
+        let slot = c.reserve(1).expect("reserve")[0];
+        assert!(c.put(ChunkKey(u128::from(k)), slot, &chunk(k)).expect("commit"));
+    }
+    let keys: Vec<ChunkKey> = (0..4).map(ChunkKey).collect();
+    let found = c.lookup(&keys).expect("lookup");
+    assert_eq!(found.tiers, vec![Tier::Nvme, Tier::Nvme, Tier::Dram, Tier::Dram]);
+    assert_eq!(c.ack(&Request::Prefetch { keys: keys[..1].to_vec() }).expect("prefetch"), 1);
+    let found = c.lookup(&keys[..1]).expect("lookup");
+    assert_eq!(found.tiers, vec![Tier::Dram]);
+    assert_eq!(c.pool().slot(found.slots[0]), &chunk(0)[..], "the bytes survived the round trip");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Run as a child by `a_killed_agent_restarts_with_nothing_corrupt`: an agent with an NVMe
+/// tier and a client that commits chunks until the process is killed.
+#[test]
+fn child_agent_writing_forever() {
+    let Ok(dir) = std::env::var("KVTIER_TEST_NVME_DIR") else { return };
+    let (path, _agent, _rt) = start_with(4, Some(std::path::Path::new(&dir)));
+    let mut c = Client::connect(&path, "writer").expect("attach");
+    for k in 0u128.. {
+        let slot = c.reserve(1).expect("reserve")[0];
+        c.put(ChunkKey(k), slot, &chunk(k as u8)).expect("commit");
+    }
+}
+
+#[test]
+fn a_killed_agent_restarts_with_nothing_corrupt() {
+    if std::env::var("KVTIER_TEST_NVME_DIR").is_ok() {
+        return;
+    }
+    let dir = nvme_dir("kill");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "child_agent_writing_forever", "--quiet"])
+        .env("KVTIER_TEST_NVME_DIR", &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let count = |ext: &str| {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let mut waited = 0;
+    while count("kvc") < 12 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        waited += 1;
+        assert!(waited < 4000, "the child wrote nothing");
+    }
+    child.kill().expect("SIGKILL"); // mid-write, most likely
+    let _ = child.wait();
+
+    let (tier, recovery) = NvmeTier::open(&dir, 64 << 20).expect("reopen");
+    assert_eq!(count("tmp"), 0, "half-written files are gone");
+    assert!(recovery.kept >= 12, "{recovery:?}");
+    drop(tier);
+    let (path, _agent, _rt) = start_with(4, Some(&dir));
+    let mut c = Client::connect(&path, "after").expect("attach");
+    let keys: Vec<ChunkKey> = (0..recovery.kept as u128 + 8).map(ChunkKey).collect();
+    let found = c.lookup(&keys).expect("lookup");
+    let mut checked = 0;
+    for (k, tier) in keys.iter().zip(&found.tiers) {
+        if *tier != Tier::Nvme {
+            continue;
+        }
+        assert_eq!(c.ack(&Request::Prefetch { keys: vec![*k] }).expect("prefetch"), 1);
+        let f = c.lookup(&[*k]).expect("lookup");
+        assert_eq!(
+            c.pool().slot(f.slots[0]),
+            &chunk(k.0 as u8)[..],
+            "chunk {} came back wrong",
+            k.0
+        );
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} chunks survived");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -139,6 +139,67 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         total as f64 / 3.0,
         total as f64 * 400.0 / 3.0
     );
+    nvme(&dir)?;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The NVMe tier against `dd` with O_DIRECT on the same filesystem, same sizes.
+fn nvme(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use kvtier_node_agent::nvme::NvmeTier;
+    let n: u32 = 128; // 256 MiB of 2 MiB chunks
+    let tier_dir = std::env::var_os("KVTIER_BENCH_NVME_DIR")
+        .map_or_else(|| dir.join("nvme"), std::path::PathBuf::from);
+    let _ = std::fs::remove_dir_all(&tier_dir);
+    let (mut tier, _) = NvmeTier::open(&tier_dir, 1 << 40)?;
+    println!("NVMe tier in {} (O_DIRECT: {})", tier_dir.display(), tier.direct());
+    let mut buf = memmap2::MmapMut::map_anon(SLOT as usize)?;
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i * 7) as u8;
+    }
+    let sum = kvtier_node_agent::pool::checksum(&buf);
+    let bytes = f64::from(n) * f64::from(SLOT);
+    let t = Instant::now();
+    for k in 0..n {
+        tier.write(ChunkKey(u128::from(k)), &buf, SLOT, sum)?;
+    }
+    let write = bytes / t.elapsed().as_secs_f64() / 1e9;
+    let t = Instant::now();
+    for k in 0..n {
+        let _ = tier.read(ChunkKey(u128::from(k)))?;
+    }
+    let read = bytes / t.elapsed().as_secs_f64() / 1e9;
+    // dd on the same filesystem: one file, the same bytes, O_DIRECT, synced at the end.
+    let file = tier_dir.join("dd.bin");
+    let dd = |args: &[String]| -> Option<f64> {
+        let out = std::process::Command::new("dd").args(args).output().ok()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err.lines().find(|l| l.contains("copied"))?;
+        // "268435456 bytes (268 MB, 256 MiB) copied, 0.21 s, 1.3 GB/s"
+        let secs: f64 = line.split("copied, ").nth(1)?.split_whitespace().next()?.parse().ok()?;
+        Some(bytes / secs / 1e9)
+    };
+    let of = format!("of={}", file.display());
+    let inf = format!("if={}", file.display());
+    let bs = format!("bs={}", SLOT);
+    let count = format!("count={n}");
+    let dd_write = dd(&[
+        "if=/dev/zero".into(),
+        of,
+        bs.clone(),
+        count.clone(),
+        "oflag=direct".into(),
+        "conv=fsync".into(),
+    ]);
+    let dd_read = dd(&[inf, "of=/dev/null".into(), bs, count, "iflag=direct".into()]);
+    match (dd_write, dd_read) {
+        (Some(dw), Some(dr)) => println!(
+            "NVMe write {write:.2} GB/s = {:.2} of dd ({dw:.2}) | read {read:.2} GB/s = {:.2} of dd ({dr:.2})",
+            write / dw,
+            read / dr
+        ),
+        _ => println!("NVMe write {write:.2} GB/s, read {read:.2} GB/s (dd not available for the reference)"),
+    }
+    let _ = std::fs::remove_dir_all(&tier_dir);
     Ok(())
 }

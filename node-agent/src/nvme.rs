@@ -1,0 +1,430 @@
+//! The NVMe tier: one file per chunk under a directory, written through when a chunk is
+//! committed to DRAM and read back into a pool slot on prefetch.
+//!
+//! A file is the chunk's bytes padded to 4 KiB, then a 4 KiB trailer (magic, key, length,
+//! checksum, and a checksum of the trailer itself). It is written as `<key>.tmp`, synced and
+//! renamed, so a crash mid-write leaves only a `.tmp` file, which the next start deletes;
+//! the index is rebuilt from the trailers, and a file whose trailer does not hold together is
+//! deleted too. The chunk's checksum is verified on every read; a mismatch deletes the file
+//! and reads as a miss. Files are written and read with `O_DIRECT` from page-aligned memory
+//! when the filesystem allows it (not tmpfs), buffered otherwise.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use kvtier_api::chunk::ChunkKey;
+use memmap2::MmapMut;
+
+use crate::index::{EvictionPolicy, Lru};
+use crate::pool::checksum;
+
+/// I/O alignment and trailer size.
+pub const BLOCK: usize = 4096;
+const MAGIC: u32 = u32::from_le_bytes(*b"KVTC");
+const VERSION: u16 = 1;
+
+fn padded(len: u32) -> usize {
+    (len as usize).div_ceil(BLOCK) * BLOCK
+}
+
+/// Bytes a chunk of `len` bytes takes on disk.
+#[must_use]
+pub fn file_bytes(len: u32) -> u64 {
+    (padded(len) + BLOCK) as u64
+}
+
+/// What a start found on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Chunks kept.
+    pub kept: u64,
+    /// Files deleted: unfinished writes and trailers that do not hold together.
+    pub discarded: u64,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NvmeStats {
+    /// Chunks written.
+    pub writes: u64,
+    /// Chunks read.
+    pub reads: u64,
+    /// Reads whose bytes did not match their checksum.
+    pub corrupt: u64,
+    /// Chunks deleted to make room.
+    pub evictions: u64,
+    /// Bytes on disk.
+    pub used_bytes: u64,
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NvmeError {
+    /// Not on this tier.
+    #[error("not on NVMe")]
+    Absent,
+    /// The bytes did not match the checksum; the file was deleted.
+    #[error("chunk failed its checksum and was dropped")]
+    Corrupt,
+    /// The filesystem failed.
+    #[error("NVMe tier: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    len: u32,
+    checksum: u64,
+}
+
+/// The tier.
+#[derive(Debug)]
+pub struct NvmeTier {
+    dir: PathBuf,
+    capacity: u64,
+    direct: bool,
+    entries: HashMap<ChunkKey, Entry>,
+    lru: Lru,
+    stats: NvmeStats,
+    /// Aligned read buffer, reused (a fresh mapping per read would fault every page in).
+    scratch: Option<MmapMut>,
+}
+
+fn name(key: ChunkKey) -> String {
+    format!("{:032x}.kvc", key.0)
+}
+
+fn trailer(key: ChunkKey, len: u32, sum: u64) -> [u8; 48] {
+    let mut t = [0u8; 48];
+    t[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    t[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    t[8..24].copy_from_slice(&key.0.to_le_bytes());
+    t[24..28].copy_from_slice(&len.to_le_bytes());
+    t[32..40].copy_from_slice(&sum.to_le_bytes());
+    let own = checksum(&t[..40]);
+    t[40..48].copy_from_slice(&own.to_le_bytes());
+    t
+}
+
+fn parse_trailer(t: &[u8]) -> Option<(ChunkKey, u32, u64)> {
+    let u32_at = |i: usize| u32::from_le_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&t[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    if t.len() < 48 || u32_at(0) != MAGIC || u16::from_le_bytes([t[4], t[5]]) != VERSION {
+        return None;
+    }
+    if checksum(&t[..40]) != u64_at(40) {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&t[8..24]);
+    Some((ChunkKey(u128::from_le_bytes(k)), u32_at(24), u64_at(32)))
+}
+
+/// A page-aligned scratch buffer (anonymous mapping), as `O_DIRECT` needs.
+fn aligned(len: usize) -> std::io::Result<MmapMut> {
+    MmapMut::map_anon(len.max(BLOCK))
+}
+
+impl NvmeTier {
+    /// Opens the tier in `dir` with room for `capacity` bytes, rebuilding its index from the
+    /// files there and deleting what an interrupted run left half-written.
+    ///
+    /// # Errors
+    /// When the directory cannot be created or read.
+    pub fn open(dir: &Path, capacity: u64) -> std::io::Result<(Self, Recovery)> {
+        std::fs::create_dir_all(dir)?;
+        let direct = probe_direct(dir);
+        let mut tier = Self {
+            dir: dir.to_owned(),
+            capacity,
+            direct,
+            entries: HashMap::new(),
+            lru: Lru::default(),
+            stats: NvmeStats::default(),
+            scratch: None,
+        };
+        let mut rec = Recovery::default();
+        let mut found: Vec<(std::time::SystemTime, ChunkKey, Entry)> = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let path = e.path();
+            let Some(file) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if file.ends_with(".tmp") {
+                std::fs::remove_file(&path)?;
+                rec.discarded += 1;
+                continue;
+            }
+            let Some(hex) = file.strip_suffix(".kvc") else { continue };
+            match tier.read_trailer(&path) {
+                Some((key, len, sum))
+                    if format!("{:032x}", key.0) == hex
+                        && e.metadata().map(|m| m.len()).ok() == Some(file_bytes(len)) =>
+                {
+                    let when =
+                        e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                    found.push((when, key, Entry { len, checksum: sum }));
+                }
+                _ => {
+                    std::fs::remove_file(&path)?;
+                    rec.discarded += 1;
+                }
+            }
+        }
+        // Oldest first, so the LRU order survives a restart roughly.
+        found.sort_by_key(|(when, key, _)| (*when, *key));
+        for (_, key, entry) in found {
+            tier.stats.used_bytes += file_bytes(entry.len);
+            tier.entries.insert(key, entry);
+            tier.lru.insert(key);
+            rec.kept += 1;
+        }
+        tier.make_room(0)?;
+        Ok((tier, rec))
+    }
+
+    fn read_trailer(&self, path: &Path) -> Option<(ChunkKey, u32, u64)> {
+        let mut f = self.open_read(path).ok()?;
+        let size = f.metadata().ok()?.len();
+        if size < BLOCK as u64 {
+            return None;
+        }
+        f.seek(SeekFrom::Start(size - BLOCK as u64)).ok()?;
+        let mut buf = aligned(BLOCK).ok()?;
+        f.read_exact(&mut buf[..BLOCK]).ok()?;
+        parse_trailer(&buf[..48])
+    }
+
+    fn open_read(&self, path: &Path) -> std::io::Result<File> {
+        let mut o = OpenOptions::new();
+        o.read(true);
+        if self.direct {
+            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        o.open(path)
+    }
+
+    /// Whether files are read and written with `O_DIRECT`.
+    #[must_use]
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether `key` is on this tier.
+    #[must_use]
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> NvmeStats {
+        self.stats
+    }
+
+    /// Capacity in bytes.
+    #[must_use]
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn make_room(&mut self, need: u64) -> std::io::Result<()> {
+        while self.stats.used_bytes + need > self.capacity {
+            let entries = &self.entries;
+            let Some(victim) = self.lru.victim(&|k| entries.contains_key(k)) else { break };
+            if let Some(e) = self.entries.remove(&victim) {
+                self.stats.used_bytes -= file_bytes(e.len);
+                self.stats.evictions += 1;
+                match std::fs::remove_file(self.dir.join(name(victim))) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a chunk: `data` holds its `len` bytes at the start of a page-aligned region of
+    /// at least `len` rounded up to 4 KiB (a pool slot). Already present: only refreshed.
+    ///
+    /// # Errors
+    /// When the file cannot be written; nothing is recorded then.
+    pub fn write(&mut self, key: ChunkKey, data: &[u8], len: u32, sum: u64) -> std::io::Result<()> {
+        if self.entries.contains_key(&key) {
+            self.lru.touch(key);
+            return Ok(());
+        }
+        let need = file_bytes(len);
+        if need > self.capacity {
+            return Ok(()); // larger than the whole tier: not kept
+        }
+        self.make_room(need)?;
+        let body = &data[..padded(len)];
+        let tmp = self.dir.join(format!("{:032x}.tmp", key.0));
+        let mut o = OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        if self.direct {
+            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        let mut f = o.open(&tmp)?;
+        let mut t = aligned(BLOCK)?;
+        t[..48].copy_from_slice(&trailer(key, len, sum));
+        let written = (|| {
+            f.write_all(body)?;
+            f.write_all(&t[..BLOCK])?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, self.dir.join(name(key)))?;
+            File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.entries.insert(key, Entry { len, checksum: sum });
+        self.lru.insert(key);
+        self.stats.writes += 1;
+        self.stats.used_bytes += need;
+        Ok(())
+    }
+
+    /// Reads a chunk into the tier's aligned buffer and checks it; returns its bytes, length
+    /// and checksum.
+    ///
+    /// # Errors
+    /// Absent, corrupt (the file is deleted), or an I/O failure.
+    pub fn read(&mut self, key: ChunkKey) -> Result<(&[u8], u32, u64), NvmeError> {
+        let e = *self.entries.get(&key).ok_or(NvmeError::Absent)?;
+        let path = self.dir.join(name(key));
+        let need = padded(e.len).max(BLOCK);
+        let mut buf = match self.scratch.take() {
+            Some(b) if b.len() >= need => b,
+            _ => aligned(need)?,
+        };
+        let read = (|| -> std::io::Result<()> {
+            let mut f = self.open_read(&path)?;
+            f.read_exact(&mut buf[..padded(e.len)])
+        })();
+        let ok = match read {
+            Ok(()) => checksum(&buf[..e.len as usize]) == e.checksum,
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => false,
+            Err(err) => return Err(err.into()),
+        };
+        if !ok {
+            self.scratch = Some(buf);
+            self.stats.corrupt += 1;
+            self.forget(key);
+            let _ = std::fs::remove_file(&path);
+            return Err(NvmeError::Corrupt);
+        }
+        self.lru.touch(key);
+        self.stats.reads += 1;
+        let buf = self.scratch.insert(buf);
+        Ok((&buf[..e.len as usize], e.len, e.checksum))
+    }
+
+    fn forget(&mut self, key: ChunkKey) {
+        if let Some(e) = self.entries.remove(&key) {
+            self.stats.used_bytes -= file_bytes(e.len);
+            self.lru.remove(key);
+        }
+    }
+}
+
+/// Whether the filesystem of `dir` takes `O_DIRECT` (tmpfs does not).
+fn probe_direct(dir: &Path) -> bool {
+    let p = dir.join(".kvtier-direct-probe");
+    let ok = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(&p)
+        .is_ok();
+    let _ = std::fs::remove_file(&p);
+    if !ok {
+        tracing::warn!(dir = %dir.display(), "the filesystem refuses O_DIRECT: NVMe tier uses buffered I/O");
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kvtier-nvme-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn data(seed: u8, len: usize) -> MmapMut {
+        let mut m = aligned(len.div_ceil(BLOCK) * BLOCK).expect("buffer");
+        for (i, b) in m.iter_mut().take(len).enumerate() {
+            *b = (i as u8).wrapping_mul(17).wrapping_add(seed);
+        }
+        m
+    }
+
+    #[test]
+    fn write_read_restart() {
+        let d = dir("rw");
+        let (mut t, rec) = NvmeTier::open(&d, 1 << 20).expect("open");
+        assert_eq!(rec, Recovery::default());
+        let a = data(1, 10_000);
+        let sum = checksum(&a[..10_000]);
+        t.write(ChunkKey(5), &a, 10_000, sum).expect("write");
+        let (buf, len, s) = t.read(ChunkKey(5)).expect("read");
+        assert_eq!((len, s), (10_000, sum));
+        assert_eq!(&buf[..10_000], &a[..10_000]);
+        // A half-written file and a file with a broken trailer, as a crash would leave.
+        std::fs::write(d.join(format!("{:032x}.tmp", 9u128)), b"partial").expect("tmp");
+        std::fs::write(d.join(format!("{:032x}.kvc", 10u128)), vec![0u8; 8192]).expect("torn");
+        drop(t);
+        let (mut t, rec) = NvmeTier::open(&d, 1 << 20).expect("reopen");
+        assert_eq!(rec, Recovery { kept: 1, discarded: 2 });
+        assert_eq!(&t.read(ChunkKey(5)).expect("read").0[..10_000], &a[..10_000]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_corrupt_file_reads_as_a_miss_and_is_dropped() {
+        let d = dir("corrupt");
+        let (mut t, _) = NvmeTier::open(&d, 1 << 20).expect("open");
+        let a = data(2, 5000);
+        t.write(ChunkKey(1), &a, 5000, checksum(&a[..5000])).expect("write");
+        // Flip a byte of the data in place (the trailer stays valid).
+        let path = d.join(name(ChunkKey(1)));
+        let mut bytes = std::fs::read(&path).expect("file");
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, bytes).expect("rewrite");
+        assert!(matches!(t.read(ChunkKey(1)), Err(NvmeError::Corrupt)));
+        assert!(!t.contains(&ChunkKey(1)) && !path.exists());
+        assert_eq!(t.stats().corrupt, 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn capacity_evicts_the_oldest_files() {
+        let d = dir("cap");
+        // Room for three 8 KiB chunks (8 KiB data + 4 KiB trailer each).
+        let (mut t, _) = NvmeTier::open(&d, 3 * 12_288).expect("open");
+        let a = data(3, 8192);
+        for k in 0..4u128 {
+            t.write(ChunkKey(k), &a, 8192, checksum(&a[..8192])).expect("write");
+        }
+        assert!(!t.contains(&ChunkKey(0)));
+        assert!((1..4).all(|k| t.contains(&ChunkKey(k))));
+        assert_eq!(t.stats().used_bytes, 3 * 12_288);
+        assert_eq!(std::fs::read_dir(&d).expect("dir").count(), 3);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
