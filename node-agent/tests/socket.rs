@@ -318,3 +318,64 @@ fn a_killed_agent_restarts_with_nothing_corrupt() {
     assert!(checked >= 12, "only {checked} chunks survived");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SplitMix64, for reproducible random frames.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn random_frames_for_a_second_break_nothing() {
+    let (path, agent, _rt) = start(8);
+    let mut good = Client::connect(&path, "good").expect("attach");
+    let mut rng = 0x5eed_u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut sent = 0;
+    while std::time::Instant::now() < deadline {
+        let mut raw = UnixStream::connect(&path).expect("connect");
+        raw.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        raw.write_all(&Request::Hello { client: "fuzz".into(), pid: 0 }.encode(0)).expect("hello");
+        let mut hello = [0u8; 32];
+        let _ = raw.read(&mut hello);
+        // Random bytes shorter than a header leave the agent waiting for the rest, as it
+        // should: then this side gives up on the connection, not the agent.
+        raw.set_read_timeout(Some(std::time::Duration::from_millis(50))).expect("timeout");
+        // A handful of frames per connection: a valid header with a random operation and
+        // body, or plain random bytes; the agent answers or closes, and never falls over.
+        for _ in 0..(next(&mut rng) % 6 + 1) {
+            let len = (next(&mut rng) % 300) as usize;
+            let body: Vec<u8> = (0..len).map(|_| next(&mut rng) as u8).collect();
+            let frame = if next(&mut rng).is_multiple_of(2) {
+                let mut f = Vec::with_capacity(16 + len);
+                f.extend_from_slice(b"KVTA");
+                f.extend_from_slice(&1u16.to_le_bytes());
+                f.extend_from_slice(&((next(&mut rng) % 12) as u16).to_le_bytes());
+                f.extend_from_slice(&7u32.to_le_bytes());
+                f.extend_from_slice(&(len as u32).to_le_bytes());
+                f.extend_from_slice(&body);
+                f
+            } else {
+                body
+            };
+            if raw.write_all(&frame).is_err() {
+                break;
+            }
+            sent += 1;
+            let mut reply = [0u8; 4096];
+            match raw.read(&mut reply) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(sent > 50, "only {sent} frames in a second");
+    let s = good.stats().expect("the agent still serves");
+    assert!(s.used + s.reserved <= s.slots);
+    let slot = good.reserve(1).expect("reserve")[0];
+    assert!(good.put(ChunkKey(1), slot, &chunk(1)).expect("commit"));
+    assert!(agent.stats().used >= 1);
+}
