@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use kvtier_api::agent::{decode_header, Commit, Request, Response, Stats, Tier, HEADER};
+use kvtier_api::agent::{
+    decode_header, Commit, ConversationKey, Request, Response, Stats, Tier, HEADER,
+};
 use kvtier_api::chunk::ChunkKey;
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
@@ -176,26 +178,35 @@ impl Client {
         }
     }
 
-    /// Copies `data` into reserved `slot` and commits it under `key`; true when accepted.
+    /// Copies `data` into reserved `slot` and commits it under `key` (no conversation);
+    /// true when accepted.
     ///
     /// # Errors
     /// As [`Client::call`].
     pub fn put(&mut self, key: ChunkKey, slot: u32, data: &[u8]) -> Result<bool, ClientError> {
-        let sum = copy_and_checksum(&mut self.pool.slot_mut(slot)[..data.len()], data);
-        let c = Commit { key, slot, len: data.len() as u32, checksum: sum };
-        Ok(self.ack(&Request::Commit { chunks: vec![c] })? == 1)
+        Ok(self.put_many(ConversationKey(0), &[(key, slot, data)])? == 1)
     }
 
-    /// Copies each chunk into its reserved slot and commits them in one frame; returns how
-    /// many were accepted.
+    /// Copies each chunk of `conversation` into its reserved slot and commits them in one
+    /// frame; returns how many were accepted.
     ///
     /// # Errors
     /// As [`Client::call`].
-    pub fn put_many(&mut self, chunks: &[(ChunkKey, u32, &[u8])]) -> Result<u32, ClientError> {
+    pub fn put_many(
+        &mut self,
+        conversation: ConversationKey,
+        chunks: &[(ChunkKey, u32, &[u8])],
+    ) -> Result<u32, ClientError> {
         let mut commits = Vec::with_capacity(chunks.len());
         for (key, slot, data) in chunks {
             let sum = copy_and_checksum(&mut self.pool.slot_mut(*slot)[..data.len()], data);
-            commits.push(Commit { key: *key, slot: *slot, len: data.len() as u32, checksum: sum });
+            commits.push(Commit {
+                key: *key,
+                slot: *slot,
+                len: data.len() as u32,
+                checksum: sum,
+                conversation: conversation.0,
+            });
         }
         self.ack(&Request::Commit { chunks: commits })
     }

@@ -69,6 +69,7 @@ struct Entry {
     slot: u32,
     len: u32,
     checksum: u64,
+    conversation: u64,
     /// Lease deadline per pinning client.
     pins: HashMap<ClientId, Millis>,
 }
@@ -108,6 +109,8 @@ pub struct Index {
     entries: HashMap<ChunkKey, Entry>,
     policy: Box<dyn EvictionPolicy>,
     stats: Stats,
+    /// Chunks evicted since the last [`Index::take_evicted`], with their conversation.
+    evicted: Vec<(ChunkKey, u64)>,
 }
 
 impl Index {
@@ -122,6 +125,7 @@ impl Index {
             entries: HashMap::new(),
             policy,
             stats: Stats { slots, ..Stats::default() },
+            evicted: Vec::new(),
         }
     }
 
@@ -133,6 +137,17 @@ impl Index {
         s.reserved = self.slots.iter().filter(|x| matches!(x, Slot::Reserved(_))).count() as u32;
         s.pinned = self.entries.values().filter(|e| !e.pins.is_empty()).count() as u32;
         s
+    }
+
+    /// Chunks evicted since the last call, with their conversation.
+    pub fn take_evicted(&mut self) -> Vec<(ChunkKey, u64)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// The conversation a held chunk belongs to.
+    #[must_use]
+    pub fn conversation_of(&self, key: &ChunkKey) -> Option<u64> {
+        self.entries.get(key).map(|e| e.conversation)
     }
 
     /// Slot and length of a held chunk.
@@ -183,6 +198,7 @@ impl Index {
         let e = self.entries.remove(&victim)?;
         self.slots[e.slot as usize] = Slot::Free;
         self.stats.evictions += 1;
+        self.evicted.push((victim, e.conversation));
         Some(e.slot)
     }
 
@@ -219,11 +235,12 @@ impl Index {
 
     /// Makes the chunk written into reserved `slot` readable under `key`, after `verify`
     /// confirms the slot's bytes match `checksum`. A key already held keeps its first copy
-    /// and the slot is freed.
+    /// and the slot is freed. Returns whether the chunk is newly held.
     ///
     /// # Errors
     /// When the slot is not this client's reservation, the length does not fit, or the
     /// bytes do not match.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit(
         &mut self,
         client: ClientId,
@@ -231,8 +248,9 @@ impl Index {
         slot: u32,
         len: u32,
         checksum: u64,
+        conversation: u64,
         verify: impl FnOnce(u32, u32, u64) -> bool,
-    ) -> Result<(), CommitError> {
+    ) -> Result<bool, CommitError> {
         if self.slots.get(slot as usize) != Some(&Slot::Reserved(client)) {
             return Err(CommitError::NotReserved(slot));
         }
@@ -246,12 +264,12 @@ impl Index {
             self.slots[slot as usize] = Slot::Free;
             self.free.push(slot);
             self.policy.touch(key);
-            return Ok(());
+            return Ok(false);
         }
         self.slots[slot as usize] = Slot::Held(key);
-        self.entries.insert(key, Entry { slot, len, checksum, pins: HashMap::new() });
+        self.entries.insert(key, Entry { slot, len, checksum, conversation, pins: HashMap::new() });
         self.policy.insert(key);
-        Ok(())
+        Ok(true)
     }
 
     /// Pins held chunks for `client` until `now + lease_ms`; returns how many it pinned.
@@ -335,8 +353,8 @@ mod tests {
         let mut ix = index(4);
         let s = ix.reserve(1, 2, 0);
         assert_eq!(s, vec![0, 1]);
-        ix.commit(1, k(10), s[0], 100, 7, ok).expect("commit");
-        ix.commit(1, k(11), s[1], 100, 7, ok).expect("commit");
+        ix.commit(1, k(10), s[0], 100, 7, 0, ok).expect("commit");
+        ix.commit(1, k(11), s[1], 100, 7, 0, ok).expect("commit");
         let (prefix, tiers, slots) = ix.lookup(&[k(10), k(11), k(12), k(10)]);
         assert_eq!(prefix, 2);
         assert_eq!(tiers, vec![Tier::Dram, Tier::Dram, Tier::Absent, Tier::Dram]);
@@ -349,7 +367,7 @@ mod tests {
         let mut ix = index(3);
         for i in 0..3 {
             let s = ix.reserve(1, 1, 0)[0];
-            ix.commit(1, k(i), s, 10, 0, ok).expect("commit");
+            ix.commit(1, k(i), s, 10, 0, 0, ok).expect("commit");
         }
         ix.lookup(&[k(0)]); // 0 is now the most recent; 1 is the oldest.
         ix.pin(2, &[k(1)], 0, 1000);
@@ -365,7 +383,7 @@ mod tests {
         let mut ix = index(2);
         for i in 0..2 {
             let s = ix.reserve(1, 1, 0)[0];
-            ix.commit(1, k(i), s, 10, 0, ok).expect("commit");
+            ix.commit(1, k(i), s, 10, 0, 0, ok).expect("commit");
         }
         ix.pin(7, &[k(0), k(1)], 0, 100);
         assert!(ix.reserve(1, 1, 50).is_empty(), "everything is pinned");
@@ -373,7 +391,7 @@ mod tests {
         // A client dies holding a reservation and a pin.
         let mut ix = index(2);
         let s = ix.reserve(9, 1, 0)[0];
-        ix.commit(9, k(5), s, 10, 0, ok).expect("commit");
+        ix.commit(9, k(5), s, 10, 0, 0, ok).expect("commit");
         ix.pin(9, &[k(5)], 0, 60_000);
         let _held = ix.reserve(9, 1, 0);
         ix.client_gone(9);
@@ -387,14 +405,14 @@ mod tests {
     fn commits_are_checked() {
         let mut ix = index(2);
         let s = ix.reserve(1, 1, 0)[0];
-        assert_eq!(ix.commit(2, k(1), s, 10, 0, ok), Err(CommitError::NotReserved(s)));
-        assert!(matches!(ix.commit(1, k(1), s, 4096, 0, ok), Err(CommitError::TooLong { .. })));
-        assert_eq!(ix.commit(1, k(1), s, 10, 0, |_, _, _| false), Err(CommitError::Checksum(s)));
+        assert_eq!(ix.commit(2, k(1), s, 10, 0, 0, ok), Err(CommitError::NotReserved(s)));
+        assert!(matches!(ix.commit(1, k(1), s, 4096, 0, 0, ok), Err(CommitError::TooLong { .. })));
+        assert_eq!(ix.commit(1, k(1), s, 10, 0, 0, |_, _, _| false), Err(CommitError::Checksum(s)));
         assert!(ix.get(&k(1)).is_none(), "a bad chunk is never served");
-        ix.commit(1, k(1), s, 10, 0, ok).expect("still reserved after a refused commit");
+        ix.commit(1, k(1), s, 10, 0, 0, ok).expect("still reserved after a refused commit");
         // The same key again keeps the first copy and frees the slot.
         let s2 = ix.reserve(1, 1, 0)[0];
-        ix.commit(1, k(1), s2, 10, 0, ok).expect("dedupe");
+        ix.commit(1, k(1), s2, 10, 0, 0, ok).expect("dedupe");
         assert_eq!(ix.stats().used, 1);
         ix.check();
     }
@@ -445,7 +463,7 @@ mod tests {
                         if let Some(v) = mine.get_mut(&c) {
                             if i < v.len() {
                                 let s = v.remove(i);
-                                let _ = ix.commit(c, k(key), s, 10, 0, ok);
+                                let _ = ix.commit(c, k(key), s, 10, 0, 0, ok);
                             }
                         }
                     }

@@ -8,8 +8,8 @@
 //!
 //! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart.
 //!
-//! Not yet here (issue 5 continues): residency events for the router, write-back (only
-//! write-through today), io_uring.
+//! Residency events (which conversations' chunks entered or left each tier) stream from
+//! [`server::serve_metrics`]. Not yet here: write-back (only write-through today), io_uring.
 
 pub mod client;
 pub mod index;

@@ -78,6 +78,7 @@ pub enum NvmeError {
 struct Entry {
     len: u32,
     checksum: u64,
+    conversation: u64,
 }
 
 /// The tier.
@@ -91,40 +92,49 @@ pub struct NvmeTier {
     stats: NvmeStats,
     /// Aligned read buffer, reused (a fresh mapping per read would fault every page in).
     scratch: Option<MmapMut>,
+    /// Chunks that left since the last [`NvmeTier::take_evicted`], with their conversation.
+    evicted: Vec<(ChunkKey, u64)>,
 }
 
 fn name(key: ChunkKey) -> String {
     format!("{:032x}.kvc", key.0)
 }
 
-fn trailer(key: ChunkKey, len: u32, sum: u64) -> [u8; 48] {
-    let mut t = [0u8; 48];
+const TRAILER: usize = 56;
+
+fn trailer(key: ChunkKey, e: Entry) -> [u8; TRAILER] {
+    let mut t = [0u8; TRAILER];
     t[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     t[4..6].copy_from_slice(&VERSION.to_le_bytes());
     t[8..24].copy_from_slice(&key.0.to_le_bytes());
-    t[24..28].copy_from_slice(&len.to_le_bytes());
-    t[32..40].copy_from_slice(&sum.to_le_bytes());
-    let own = checksum(&t[..40]);
-    t[40..48].copy_from_slice(&own.to_le_bytes());
+    t[24..28].copy_from_slice(&e.len.to_le_bytes());
+    t[32..40].copy_from_slice(&e.checksum.to_le_bytes());
+    t[40..48].copy_from_slice(&e.conversation.to_le_bytes());
+    let own = checksum(&t[..48]);
+    t[48..56].copy_from_slice(&own.to_le_bytes());
     t
 }
 
-fn parse_trailer(t: &[u8]) -> Option<(ChunkKey, u32, u64)> {
+fn parse_trailer(t: &[u8]) -> Option<(ChunkKey, Entry)> {
+    if t.len() < TRAILER {
+        return None;
+    }
     let u32_at = |i: usize| u32::from_le_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
     let u64_at = |i: usize| {
         let mut a = [0u8; 8];
         a.copy_from_slice(&t[i..i + 8]);
         u64::from_le_bytes(a)
     };
-    if t.len() < 48 || u32_at(0) != MAGIC || u16::from_le_bytes([t[4], t[5]]) != VERSION {
+    if u32_at(0) != MAGIC || u16::from_le_bytes([t[4], t[5]]) != VERSION {
         return None;
     }
-    if checksum(&t[..40]) != u64_at(40) {
+    if checksum(&t[..48]) != u64_at(48) {
         return None;
     }
     let mut k = [0u8; 16];
     k.copy_from_slice(&t[8..24]);
-    Some((ChunkKey(u128::from_le_bytes(k)), u32_at(24), u64_at(32)))
+    let e = Entry { len: u32_at(24), checksum: u64_at(32), conversation: u64_at(40) };
+    Some((ChunkKey(u128::from_le_bytes(k)), e))
 }
 
 /// A page-aligned scratch buffer (anonymous mapping), as `O_DIRECT` needs.
@@ -149,6 +159,7 @@ impl NvmeTier {
             lru: Lru::default(),
             stats: NvmeStats::default(),
             scratch: None,
+            evicted: Vec::new(),
         };
         let mut rec = Recovery::default();
         let mut found: Vec<(std::time::SystemTime, ChunkKey, Entry)> = Vec::new();
@@ -165,13 +176,13 @@ impl NvmeTier {
             }
             let Some(hex) = file.strip_suffix(".kvc") else { continue };
             match tier.read_trailer(&path) {
-                Some((key, len, sum))
+                Some((key, entry))
                     if format!("{:032x}", key.0) == hex
-                        && e.metadata().map(|m| m.len()).ok() == Some(file_bytes(len)) =>
+                        && e.metadata().map(|m| m.len()).ok() == Some(file_bytes(entry.len)) =>
                 {
                     let when =
                         e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
-                    found.push((when, key, Entry { len, checksum: sum }));
+                    found.push((when, key, entry));
                 }
                 _ => {
                     std::fs::remove_file(&path)?;
@@ -191,7 +202,7 @@ impl NvmeTier {
         Ok((tier, rec))
     }
 
-    fn read_trailer(&self, path: &Path) -> Option<(ChunkKey, u32, u64)> {
+    fn read_trailer(&self, path: &Path) -> Option<(ChunkKey, Entry)> {
         let mut f = self.open_read(path).ok()?;
         let size = f.metadata().ok()?.len();
         if size < BLOCK as u64 {
@@ -200,7 +211,7 @@ impl NvmeTier {
         f.seek(SeekFrom::Start(size - BLOCK as u64)).ok()?;
         let mut buf = aligned(BLOCK).ok()?;
         f.read_exact(&mut buf[..BLOCK]).ok()?;
-        parse_trailer(&buf[..48])
+        parse_trailer(&buf[..TRAILER])
     }
 
     fn open_read(&self, path: &Path) -> std::io::Result<File> {
@@ -243,6 +254,7 @@ impl NvmeTier {
             if let Some(e) = self.entries.remove(&victim) {
                 self.stats.used_bytes -= file_bytes(e.len);
                 self.stats.evictions += 1;
+                self.evicted.push((victim, e.conversation));
                 match std::fs::remove_file(self.dir.join(name(victim))) {
                     Ok(()) => {}
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -253,20 +265,29 @@ impl NvmeTier {
         Ok(())
     }
 
-    /// Writes a chunk: `data` holds its `len` bytes at the start of a page-aligned region of
-    /// at least `len` rounded up to 4 KiB (a pool slot). Already present: only refreshed.
+    /// Writes a chunk of `conversation`: `data` holds its `len` bytes at the start of a
+    /// page-aligned region of at least `len` rounded up to 4 KiB (a pool slot). Returns
+    /// whether it is newly on the tier (already present: only refreshed).
     ///
     /// # Errors
     /// When the file cannot be written; nothing is recorded then.
-    pub fn write(&mut self, key: ChunkKey, data: &[u8], len: u32, sum: u64) -> std::io::Result<()> {
+    pub fn write(
+        &mut self,
+        key: ChunkKey,
+        data: &[u8],
+        len: u32,
+        sum: u64,
+        conversation: u64,
+    ) -> std::io::Result<bool> {
         if self.entries.contains_key(&key) {
             self.lru.touch(key);
-            return Ok(());
+            return Ok(false);
         }
         let need = file_bytes(len);
         if need > self.capacity {
-            return Ok(()); // larger than the whole tier: not kept
+            return Ok(false); // larger than the whole tier: not kept
         }
+        let entry = Entry { len, checksum: sum, conversation };
         self.make_room(need)?;
         let body = &data[..padded(len)];
         let tmp = self.dir.join(format!("{:032x}.tmp", key.0));
@@ -277,7 +298,7 @@ impl NvmeTier {
         }
         let mut f = o.open(&tmp)?;
         let mut t = aligned(BLOCK)?;
-        t[..48].copy_from_slice(&trailer(key, len, sum));
+        t[..TRAILER].copy_from_slice(&trailer(key, entry));
         let written = (|| {
             f.write_all(body)?;
             f.write_all(&t[..BLOCK])?;
@@ -289,11 +310,11 @@ impl NvmeTier {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        self.entries.insert(key, Entry { len, checksum: sum });
+        self.entries.insert(key, entry);
         self.lru.insert(key);
         self.stats.writes += 1;
         self.stats.used_bytes += need;
-        Ok(())
+        Ok(true)
     }
 
     /// Reads a chunk into the tier's aligned buffer and checks it; returns its bytes, length
@@ -335,7 +356,24 @@ impl NvmeTier {
         if let Some(e) = self.entries.remove(&key) {
             self.stats.used_bytes -= file_bytes(e.len);
             self.lru.remove(key);
+            self.evicted.push((key, e.conversation));
         }
+    }
+
+    /// Chunks that left (evicted or dropped as corrupt) since the last call.
+    pub fn take_evicted(&mut self) -> Vec<(ChunkKey, u64)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// The conversation of a chunk on the tier.
+    #[must_use]
+    pub fn conversation_of(&self, key: &ChunkKey) -> Option<u64> {
+        self.entries.get(key).map(|e| e.conversation)
+    }
+
+    /// The conversation of every chunk on the tier (to count residency at start).
+    pub fn conversations(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.values().map(|e| e.conversation)
     }
 }
 
@@ -381,7 +419,7 @@ mod tests {
         assert_eq!(rec, Recovery::default());
         let a = data(1, 10_000);
         let sum = checksum(&a[..10_000]);
-        t.write(ChunkKey(5), &a, 10_000, sum).expect("write");
+        t.write(ChunkKey(5), &a, 10_000, sum, 0).expect("write");
         let (buf, len, s) = t.read(ChunkKey(5)).expect("read");
         assert_eq!((len, s), (10_000, sum));
         assert_eq!(&buf[..10_000], &a[..10_000]);
@@ -400,7 +438,7 @@ mod tests {
         let d = dir("corrupt");
         let (mut t, _) = NvmeTier::open(&d, 1 << 20).expect("open");
         let a = data(2, 5000);
-        t.write(ChunkKey(1), &a, 5000, checksum(&a[..5000])).expect("write");
+        t.write(ChunkKey(1), &a, 5000, checksum(&a[..5000]), 0).expect("write");
         // Flip a byte of the data in place (the trailer stays valid).
         let path = d.join(name(ChunkKey(1)));
         let mut bytes = std::fs::read(&path).expect("file");
@@ -419,7 +457,7 @@ mod tests {
         let (mut t, _) = NvmeTier::open(&d, 3 * 12_288).expect("open");
         let a = data(3, 8192);
         for k in 0..4u128 {
-            t.write(ChunkKey(k), &a, 8192, checksum(&a[..8192])).expect("write");
+            t.write(ChunkKey(k), &a, 8192, checksum(&a[..8192]), 0).expect("write");
         }
         assert!(!t.contains(&ChunkKey(0)));
         assert!((1..4).all(|k| t.contains(&ChunkKey(k))));

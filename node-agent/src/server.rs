@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvtier_api::agent::{self, decode_header, ErrorCode, ProtocolError, Request, Response, HEADER};
+use kvtier_api::agent::{
+    self, decode_header, ConversationKey, ErrorCode, ProtocolError, Request, ResidencyEvent,
+    Response, HEADER,
+};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
@@ -31,6 +34,72 @@ pub struct Agent {
     verify_commits: bool,
     counters: Counters,
     nvme: Option<Mutex<NvmeTier>>,
+    residency: Mutex<Residency>,
+}
+
+const DRAM: usize = 0;
+const NVME: usize = 1;
+
+/// Chunks per conversation per tier, and the stream of changes.
+#[derive(Debug)]
+struct Residency {
+    counts: std::collections::HashMap<u64, [u32; 2]>,
+    seq: u64,
+    tx: tokio::sync::broadcast::Sender<ResidencyEvent>,
+}
+
+impl Residency {
+    fn new() -> Self {
+        Self {
+            counts: std::collections::HashMap::new(),
+            seq: 0,
+            tx: tokio::sync::broadcast::channel(4096).0,
+        }
+    }
+
+    /// One chunk of `conversation` entered (`delta` 1) or left (-1) `tier`; an event when the
+    /// conversation's count there moves from or to zero.
+    fn change(&mut self, conversation: u64, tier: usize, delta: i32) {
+        if conversation == 0 {
+            return;
+        }
+        let c = self.counts.entry(conversation).or_insert([0, 0]);
+        let before = c[tier];
+        let after = if delta >= 0 { before.saturating_add(1) } else { before.saturating_sub(1) };
+        c[tier] = after;
+        if *c == [0, 0] {
+            self.counts.remove(&conversation);
+        }
+        if (before == 0) != (after == 0) {
+            self.seq += 1;
+            let _ = self.tx.send(ResidencyEvent {
+                seq: self.seq,
+                conversation: ConversationKey(conversation),
+                tier: if tier == DRAM { agent::Tier::Dram } else { agent::Tier::Nvme },
+                entered: after > 0,
+                chunks: after,
+            });
+        }
+    }
+
+    /// Current residency as `entered` events, and a subscription to what follows.
+    fn subscribe(&self) -> (Vec<ResidencyEvent>, tokio::sync::broadcast::Receiver<ResidencyEvent>) {
+        let mut now = Vec::new();
+        for (conv, c) in &self.counts {
+            for (tier, n) in [(agent::Tier::Dram, c[DRAM]), (agent::Tier::Nvme, c[NVME])] {
+                if n > 0 {
+                    now.push(ResidencyEvent {
+                        seq: self.seq,
+                        conversation: ConversationKey(*conv),
+                        tier,
+                        entered: true,
+                        chunks: n,
+                    });
+                }
+            }
+        }
+        (now, self.tx.subscribe())
+    }
 }
 
 /// The client id the agent uses for its own reservations and pins (write-through, prefetch).
@@ -60,13 +129,53 @@ impl Agent {
             verify_commits: true,
             counters: Counters::default(),
             nvme: None,
+            residency: Mutex::new(Residency::new()),
         }
+    }
+
+    fn residency(&self) -> std::sync::MutexGuard<'_, Residency> {
+        self.residency.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records what the index evicted from DRAM.
+    fn note_dram_evictions(&self, ix: &mut Index) {
+        let gone = ix.take_evicted();
+        if !gone.is_empty() {
+            let mut r = self.residency();
+            for (_, conv) in gone {
+                r.change(conv, DRAM, -1);
+            }
+        }
+    }
+
+    /// Records what the NVMe tier dropped.
+    fn note_nvme_evictions(&self, t: &mut NvmeTier) {
+        let gone = t.take_evicted();
+        if !gone.is_empty() {
+            let mut r = self.residency();
+            for (_, conv) in gone {
+                r.change(conv, NVME, -1);
+            }
+        }
+    }
+
+    /// The current residency and a subscription to its changes (`GET /residency`).
+    pub fn subscribe_residency(
+        &self,
+    ) -> (Vec<ResidencyEvent>, tokio::sync::broadcast::Receiver<ResidencyEvent>) {
+        self.residency().subscribe()
     }
 
     /// Adds an NVMe tier: committed chunks are written through to it, lookups report what
     /// only it holds, and prefetch brings such chunks back into DRAM.
     #[must_use]
     pub fn with_nvme(mut self, tier: NvmeTier) -> Self {
+        {
+            let mut r = self.residency();
+            for conv in tier.conversations() {
+                r.change(conv, NVME, 1);
+            }
+        }
         self.nvme = Some(Mutex::new(tier));
         self
     }
@@ -76,17 +185,20 @@ impl Agent {
     }
 
     /// Writes committed chunks through to NVMe, each pinned while its slot is read.
-    fn write_through(&self, chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64)]) {
+    fn write_through(&self, chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64, u64)]) {
         if self.nvme.is_none() || chunks.is_empty() {
             return;
         }
         let keys: Vec<_> = chunks.iter().map(|c| c.0).collect();
         self.index().pin(AGENT, &keys, self.now(), WRITE_LEASE_MS);
-        for &(key, slot, len, sum) in chunks {
+        for &(key, slot, len, sum, conv) in chunks {
             if let Some(mut t) = self.nvme() {
-                if let Err(e) = t.write(key, self.pool.slot(slot), len, sum) {
-                    warn!("NVMe write of a chunk failed (it stays in DRAM only): {e}");
+                match t.write(key, self.pool.slot(slot), len, sum, conv) {
+                    Ok(true) => self.residency().change(conv, NVME, 1),
+                    Ok(false) => {}
+                    Err(e) => warn!("NVMe write of a chunk failed (it stays in DRAM only): {e}"),
                 }
+                self.note_nvme_evictions(&mut t);
             }
         }
         self.index().unpin(AGENT, &keys);
@@ -101,7 +213,14 @@ impl Agent {
         if !tier.contains(&key) {
             return false;
         }
-        let Some(slot) = self.index().reserve(AGENT, 1, self.now()).pop() else { return false };
+        let conv = tier.conversation_of(&key).unwrap_or(0);
+        let slot = {
+            let mut ix = self.index();
+            let slot = ix.reserve(AGENT, 1, self.now()).pop();
+            self.note_dram_evictions(&mut ix);
+            slot
+        };
+        let Some(slot) = slot else { return false };
         let loaded = match tier.read(key) {
             Ok((bytes, len, sum)) => match self.pool.write_slot(slot, bytes) {
                 Ok(()) => Some((len, sum)),
@@ -115,11 +234,20 @@ impl Agent {
                 None
             }
         };
+        self.note_nvme_evictions(&mut tier);
         drop(tier);
         let mut ix = self.index();
         match loaded {
             // Verified against its checksum by the read.
-            Some((len, sum)) => ix.commit(AGENT, key, slot, len, sum, |_, _, _| true).is_ok(),
+            Some((len, sum)) => match ix.commit(AGENT, key, slot, len, sum, conv, |_, _, _| true) {
+                Ok(new) => {
+                    if new {
+                        self.residency().change(conv, DRAM, 1);
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
             None => {
                 ix.release(AGENT, &[slot]);
                 false
@@ -177,7 +305,10 @@ impl Agent {
                 Response::Lookup { prefix, tiers, slots }
             }
             Request::Reserve { n } => {
-                Response::Reserve { slots: self.index().reserve(client, n, now) }
+                let mut ix = self.index();
+                let slots = ix.reserve(client, n, now);
+                self.note_dram_evictions(&mut ix);
+                Response::Reserve { slots }
             }
             Request::Commit { chunks } => {
                 // Checksums are computed outside the lock: a slot is only ever written by
@@ -197,11 +328,16 @@ impl Agent {
                 let mut applied = 0;
                 let mut written = Vec::new();
                 for (c, ok) in chunks.iter().zip(verified) {
-                    match ix.commit(client, c.key, c.slot, c.len, c.checksum, |_, _, _| ok) {
-                        Ok(()) => {
+                    let conv = c.conversation;
+                    match ix.commit(client, c.key, c.slot, c.len, c.checksum, conv, |_, _, _| ok) {
+                        Ok(new) => {
                             applied += 1;
+                            if new {
+                                self.residency().change(conv, DRAM, 1);
+                            }
                             if let Some((slot, len, sum)) = ix.get(&c.key) {
-                                written.push((c.key, slot, len, sum));
+                                let conv = ix.conversation_of(&c.key).unwrap_or(conv);
+                                written.push((c.key, slot, len, sum, conv));
                             }
                             self.counters
                                 .bytes_committed
@@ -349,10 +485,12 @@ impl Agent {
     }
 }
 
-/// Serves `/metrics` (Prometheus text) over HTTP on `listener` until the task is dropped.
+type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// Serves HTTP on `listener` until the task is dropped: `GET /metrics` (Prometheus text) and
+/// `GET /residency` (residency events, one JSON object per line: the current residency as
+/// `entered` events, then every change, for as long as the client stays).
 pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
-    use http_body_util::Full;
-    use hyper::{Response as HttpResponse, StatusCode};
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let agent = agent.clone();
@@ -360,26 +498,70 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>)
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let agent = agent.clone();
-                    async move {
-                        let (status, body) = if req.method() == hyper::Method::GET
-                            && req.uri().path() == "/metrics"
-                        {
-                            (StatusCode::OK, agent.metrics_text())
-                        } else {
-                            (StatusCode::NOT_FOUND, "only GET /metrics is served here\n".to_owned())
-                        };
-                        let mut res = HttpResponse::new(Full::new(bytes::Bytes::from(body)));
-                        *res.status_mut() = status;
-                        res.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                        Ok::<_, std::convert::Infallible>(res)
-                    }
+                    async move { Ok::<_, std::convert::Infallible>(http_route(&agent, &req)) }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
         });
+    }
+}
+
+fn http_route(
+    agent: &Agent,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<HttpBody> {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    let text = |status: hyper::StatusCode, body: String, kind: &'static str| {
+        let mut res = hyper::Response::new(Full::new(bytes::Bytes::from(body)).boxed());
+        *res.status_mut() = status;
+        res.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+        res
+    };
+    if req.method() != hyper::Method::GET {
+        return text(hyper::StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), "text/plain");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            text(hyper::StatusCode::OK, agent.metrics_text(), "text/plain; version=0.0.4")
+        }
+        "/residency" => {
+            let (now, mut rx) = agent.subscribe_residency();
+            let (tx, out) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+            tokio::spawn(async move {
+                for e in now {
+                    if tx.send(e.to_json_line().into()).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(e) => {
+                            if tx.send(e.to_json_line().into()).await.is_err() {
+                                return;
+                            }
+                        }
+                        // A slow reader missed events: the gap in `seq` tells it to resubscribe.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
+            let frames = futures_util::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(out),
+                |b| Ok::<_, std::convert::Infallible>(Frame::data(b)),
+            );
+            let mut res = hyper::Response::new(BodyExt::boxed(StreamBody::new(frames)));
+            res.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            res
+        }
+        _ => {
+            text(hyper::StatusCode::NOT_FOUND, "GET /metrics or /residency\n".into(), "text/plain")
+        }
     }
 }
 

@@ -86,7 +86,13 @@ fn a_corrupt_chunk_is_never_served() {
     let mut a = Client::connect(&path, "c").expect("attach");
     let slot = a.reserve(1).expect("reserve")[0];
     a.pool_mut().slot_mut(slot)[..16].copy_from_slice(&[1; 16]);
-    let bad = kvtier_api::agent::Commit { key: ChunkKey(1), slot, len: 16, checksum: 12345 };
+    let bad = kvtier_api::agent::Commit {
+        key: ChunkKey(1),
+        slot,
+        len: 16,
+        checksum: 12345,
+        conversation: 0,
+    };
     assert_eq!(a.ack(&Request::Commit { chunks: vec![bad] }).expect("reply"), 0);
     assert_eq!(a.lookup(&[ChunkKey(1)]).expect("lookup").tiers, vec![Tier::Absent]);
 }
@@ -152,7 +158,13 @@ fn refusals_come_back_as_errors() {
     let err = c.call(&Request::Hello { client: "again".into(), pid: 1 }).expect_err("second hello");
     assert!(matches!(err, ClientError::Refused { .. }), "{err}");
     // Committing a slot it never reserved applies nothing.
-    let c2 = kvtier_api::agent::Commit { key: ChunkKey(1), slot: 1, len: 0, checksum: 0 };
+    let c2 = kvtier_api::agent::Commit {
+        key: ChunkKey(1),
+        slot: 1,
+        len: 0,
+        checksum: 0,
+        conversation: 0,
+    };
     assert_eq!(c.ack(&Request::Commit { chunks: vec![c2] }).expect("reply"), 0);
 }
 
@@ -378,4 +390,73 @@ fn random_frames_for_a_second_break_nothing() {
     let slot = good.reserve(1).expect("reserve")[0];
     assert!(good.put(ChunkKey(1), slot, &chunk(1)).expect("commit"));
     assert!(agent.stats().used >= 1);
+}
+
+#[test]
+fn residency_events_follow_a_conversation_through_the_tiers() {
+    use kvtier_api::agent::ConversationKey;
+    let dir = nvme_dir("res");
+    let (path, agent, rt) = start_with(2, Some(&dir));
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.spawn(server::serve_metrics(listener, agent.clone()));
+    let mut c = Client::connect(&path, "c").expect("attach");
+    let (a, b) = (ConversationKey::of_session("agent-a"), ConversationKey::of_session("agent-b"));
+    // Conversation a: one chunk, before anyone listens (it shows in the snapshot).
+    let s = c.reserve(1).expect("reserve");
+    assert_eq!(c.put_many(a, &[(ChunkKey(1), s[0], &chunk(1))]).expect("commit"), 1);
+
+    let mut events = std::io::BufReader::new(std::net::TcpStream::connect(addr).expect("connect"));
+    events.get_mut().write_all(b"GET /residency HTTP/1.1\r\nhost: a\r\n\r\n").expect("write");
+    events.get_mut().set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    let mut lines = Vec::new();
+    let mut next_event = || -> String {
+        loop {
+            let mut l = String::new();
+            std::io::BufRead::read_line(&mut events, &mut l).expect("a line within 5 s");
+            if l.starts_with('{') {
+                return l;
+            }
+        }
+    };
+    // Snapshot: a is in DRAM and on NVMe (written through).
+    lines.push(next_event());
+    lines.push(next_event());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&a.to_hex()) && l.contains("\"dram\"") && l.contains("entered")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains(&a.to_hex()) && l.contains("\"nvme\"")), "{lines:?}");
+    // Conversation b fills DRAM (2 slots) and pushes a out of it: b enters, a leaves DRAM.
+    let s = c.reserve(2).expect("reserve");
+    assert_eq!(
+        c.put_many(b, &[(ChunkKey(2), s[0], &chunk(2)), (ChunkKey(3), s[1], &chunk(3))])
+            .expect("commit"),
+        2
+    );
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(next_event());
+    }
+    assert!(
+        later
+            .iter()
+            .any(|l| l.contains(&a.to_hex()) && l.contains("\"dram\"") && l.contains("\"left\"")),
+        "{later:?}"
+    );
+    assert!(
+        later
+            .iter()
+            .any(|l| l.contains(&b.to_hex()) && l.contains("\"dram\"") && l.contains("entered")),
+        "{later:?}"
+    );
+    assert!(
+        later
+            .iter()
+            .any(|l| l.contains(&b.to_hex()) && l.contains("\"nvme\"") && l.contains("entered")),
+        "{later:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -78,7 +78,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let slots = c.reserve(batch.len() as u32)?;
             let items: Vec<(ChunkKey, u32, &[u8])> =
                 batch.iter().zip(&slots).map(|(k, s)| (*k, *s, &chunk[..])).collect();
-            assert_eq!(c.put_many(&items)? as usize, batch.len());
+            let conv = kvtier_api::agent::ConversationKey(1);
+            assert_eq!(c.put_many(conv, &items)? as usize, batch.len());
         }
         store.push(bytes / t.elapsed().as_secs_f64() / 1e9);
 
@@ -161,7 +162,7 @@ fn nvme(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = f64::from(n) * f64::from(SLOT);
     let t = Instant::now();
     for k in 0..n {
-        tier.write(ChunkKey(u128::from(k)), &buf, SLOT, sum)?;
+        tier.write(ChunkKey(u128::from(k)), &buf, SLOT, sum, 1)?;
     }
     let write = bytes / t.elapsed().as_secs_f64() / 1e9;
     let t = Instant::now();
