@@ -70,6 +70,16 @@ struct NodeAgentArgs {
     /// NVMe tier capacity (e.g. 1TiB).
     #[arg(long, env = "KVTIER_AGENT_NVME_BYTES", value_parser = bytes_arg, requires = "nvme_dir")]
     nvme_bytes: Option<u64>,
+    /// When chunks go to NVMe: `through` (at commit; they survive an agent restart) or
+    /// `back` (when DRAM evicts them; less NVMe traffic).
+    #[arg(long, env = "KVTIER_AGENT_NVME_MODE", value_enum, default_value = "through")]
+    nvme_mode: NvmeMode,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NvmeMode {
+    Through,
+    Back,
 }
 
 fn bytes_arg(s: &str) -> Result<u64, String> {
@@ -400,7 +410,7 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
             discarded = recovery.discarded,
             "NVMe tier ready"
         );
-        agent = agent.with_nvme(tier);
+        agent = agent.with_nvme(tier).nvme_write_back(matches!(a.nvme_mode, NvmeMode::Back));
     }
     let agent = Arc::new(agent);
     if let Some(dir) = a.socket.parent() {

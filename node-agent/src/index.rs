@@ -109,8 +109,24 @@ pub struct Index {
     entries: HashMap<ChunkKey, Entry>,
     policy: Box<dyn EvictionPolicy>,
     stats: Stats,
-    /// Chunks evicted since the last [`Index::take_evicted`], with their conversation.
-    evicted: Vec<(ChunkKey, u64)>,
+    /// Chunks evicted since the last [`Index::take_evicted`].
+    evicted: Vec<Evicted>,
+}
+
+/// A chunk that left DRAM: its slot now belongs to whoever reserved it, but until that client
+/// hears back it has not written there, so the agent can still copy the chunk out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Key.
+    pub key: ChunkKey,
+    /// The slot it was in.
+    pub slot: u32,
+    /// Length.
+    pub len: u32,
+    /// Checksum.
+    pub checksum: u64,
+    /// Conversation.
+    pub conversation: u64,
 }
 
 impl Index {
@@ -140,7 +156,7 @@ impl Index {
     }
 
     /// Chunks evicted since the last call, with their conversation.
-    pub fn take_evicted(&mut self) -> Vec<(ChunkKey, u64)> {
+    pub fn take_evicted(&mut self) -> Vec<Evicted> {
         std::mem::take(&mut self.evicted)
     }
 
@@ -198,7 +214,13 @@ impl Index {
         let e = self.entries.remove(&victim)?;
         self.slots[e.slot as usize] = Slot::Free;
         self.stats.evictions += 1;
-        self.evicted.push((victim, e.conversation));
+        self.evicted.push(Evicted {
+            key: victim,
+            slot: e.slot,
+            len: e.len,
+            checksum: e.checksum,
+            conversation: e.conversation,
+        });
         Some(e.slot)
     }
 

@@ -9,7 +9,7 @@
 //! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart.
 //!
 //! Residency events (which conversations' chunks entered or left each tier) stream from
-//! [`server::serve_metrics`]. Not yet here: write-back (only write-through today), io_uring.
+//! [`server::serve_metrics`]. Not yet here: io_uring (NVMe I/O is plain blocking calls).
 
 pub mod client;
 pub mod index;

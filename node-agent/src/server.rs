@@ -34,6 +34,8 @@ pub struct Agent {
     verify_commits: bool,
     counters: Counters,
     nvme: Option<Mutex<NvmeTier>>,
+    /// Write chunks to NVMe when DRAM evicts them, instead of at commit.
+    write_back: bool,
     residency: Mutex<Residency>,
 }
 
@@ -129,6 +131,7 @@ impl Agent {
             verify_commits: true,
             counters: Counters::default(),
             nvme: None,
+            write_back: false,
             residency: Mutex::new(Residency::new()),
         }
     }
@@ -138,14 +141,42 @@ impl Agent {
     }
 
     /// Records what the index evicted from DRAM.
-    fn note_dram_evictions(&self, ix: &mut Index) {
+    /// Records what the index evicted from DRAM and returns it (for write-back).
+    fn note_dram_evictions(&self, ix: &mut Index) -> Vec<crate::index::Evicted> {
         let gone = ix.take_evicted();
         if !gone.is_empty() {
             let mut r = self.residency();
-            for (_, conv) in gone {
-                r.change(conv, DRAM, -1);
+            for e in &gone {
+                r.change(e.conversation, DRAM, -1);
             }
         }
+        gone
+    }
+
+    /// In write-back mode, copies chunks DRAM just evicted to NVMe. Called before the slots'
+    /// new owner hears of them, so their bytes are still the evicted chunks'.
+    fn write_back(&self, gone: &[crate::index::Evicted]) {
+        if !self.write_back || gone.is_empty() {
+            return;
+        }
+        let Some(mut t) = self.nvme() else { return };
+        for e in gone {
+            match t.write(e.key, self.pool.slot(e.slot), e.len, e.checksum, e.conversation) {
+                Ok(true) => self.residency().change(e.conversation, NVME, 1),
+                Ok(false) => {}
+                Err(err) => warn!("NVMe write-back of an evicted chunk failed (it is lost): {err}"),
+            }
+        }
+        self.note_nvme_evictions(&mut t);
+    }
+
+    /// Writes chunks to NVMe when DRAM evicts them rather than when they are committed: less
+    /// NVMe traffic, but a chunk is only on NVMe once it has left DRAM, so an agent restart
+    /// loses what was only in DRAM.
+    #[must_use]
+    pub fn nvme_write_back(mut self, on: bool) -> Self {
+        self.write_back = on;
+        self
     }
 
     /// Records what the NVMe tier dropped.
@@ -186,7 +217,7 @@ impl Agent {
 
     /// Writes committed chunks through to NVMe, each pinned while its slot is read.
     fn write_through(&self, chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64, u64)]) {
-        if self.nvme.is_none() || chunks.is_empty() {
+        if self.nvme.is_none() || self.write_back || chunks.is_empty() {
             return;
         }
         let keys: Vec<_> = chunks.iter().map(|c| c.0).collect();
@@ -214,12 +245,21 @@ impl Agent {
             return false;
         }
         let conv = tier.conversation_of(&key).unwrap_or(0);
-        let slot = {
+        let (slot, gone) = {
             let mut ix = self.index();
             let slot = ix.reserve(AGENT, 1, self.now()).pop();
-            self.note_dram_evictions(&mut ix);
-            slot
+            (slot, self.note_dram_evictions(&mut ix))
         };
+        if !gone.is_empty() && self.write_back {
+            // The tier is locked here; write the evicted chunks back through it.
+            for e in &gone {
+                match tier.write(e.key, self.pool.slot(e.slot), e.len, e.checksum, e.conversation) {
+                    Ok(true) => self.residency().change(e.conversation, NVME, 1),
+                    Ok(false) => {}
+                    Err(err) => warn!("NVMe write-back of an evicted chunk failed: {err}"),
+                }
+            }
+        }
         let Some(slot) = slot else { return false };
         let loaded = match tier.read(key) {
             Ok((bytes, len, sum)) => match self.pool.write_slot(slot, bytes) {
@@ -307,7 +347,9 @@ impl Agent {
             Request::Reserve { n } => {
                 let mut ix = self.index();
                 let slots = ix.reserve(client, n, now);
-                self.note_dram_evictions(&mut ix);
+                let gone = self.note_dram_evictions(&mut ix);
+                drop(ix);
+                self.write_back(&gone);
                 Response::Reserve { slots }
             }
             Request::Commit { chunks } => {

@@ -23,6 +23,15 @@ fn start_with(
     slots: u32,
     nvme: Option<&std::path::Path>,
 ) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
+    start_mode(slots, nvme, false)
+}
+
+/// As [`start_with`], writing to NVMe at eviction when `write_back`.
+fn start_mode(
+    slots: u32,
+    nvme: Option<&std::path::Path>,
+    write_back: bool,
+) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -42,7 +51,7 @@ fn start_with(
     let mut agent = Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default()));
     if let Some(dir) = nvme {
         let (tier, _) = NvmeTier::open(dir, 64 << 20).expect("nvme tier");
-        agent = agent.with_nvme(tier);
+        agent = agent.with_nvme(tier).nvme_write_back(write_back);
     }
     let agent = Arc::new(agent);
     let listener = {
@@ -458,5 +467,27 @@ fn residency_events_follow_a_conversation_through_the_tiers() {
             .any(|l| l.contains(&b.to_hex()) && l.contains("\"nvme\"") && l.contains("entered")),
         "{later:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn write_back_writes_a_chunk_when_dram_evicts_it() {
+    let dir = nvme_dir("wb");
+    let (path, _agent, _rt) = start_mode(2, Some(&dir), true);
+    let mut c = Client::connect(&path, "c").expect("attach");
+    for k in 0..2u8 {
+        let slot = c.reserve(1).expect("reserve")[0];
+        assert!(c.put(ChunkKey(u128::from(k)), slot, &chunk(k)).expect("commit"));
+    }
+    let files = || std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(files(), 0, "nothing goes to NVMe while DRAM holds it");
+    let slot = c.reserve(1).expect("reserve")[0]; // evicts chunk 0
+    assert_eq!(files(), 1);
+    // The evicted chunk's bytes reached NVMe before this client could overwrite the slot.
+    assert!(c.put(ChunkKey(2), slot, &chunk(2)).expect("commit"));
+    assert_eq!(c.lookup(&[ChunkKey(0)]).expect("lookup").tiers, vec![Tier::Nvme]);
+    assert_eq!(c.ack(&Request::Prefetch { keys: vec![ChunkKey(0)] }).expect("prefetch"), 1);
+    let f = c.lookup(&[ChunkKey(0)]).expect("lookup");
+    assert_eq!(c.pool().slot(f.slots[0]), &chunk(0)[..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
