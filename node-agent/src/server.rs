@@ -325,6 +325,18 @@ impl Agent {
         &self.pool
     }
 
+    /// Whether answering `req` may read or write NVMe.
+    #[must_use]
+    pub fn may_do_io(&self, req: &Request) -> bool {
+        self.nvme.is_some()
+            && match req {
+                Request::Commit { .. } => !self.write_back,
+                Request::Reserve { .. } => self.write_back,
+                Request::Prefetch { .. } => true,
+                _ => false,
+            }
+    }
+
     /// Answers one request of `client`.
     pub fn handle(&self, client: ClientId, req: Request) -> Response {
         let now = self.now();
@@ -651,7 +663,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
     }
 }
 
-async fn connection(agent: &Agent, client: ClientId, mut s: UnixStream) -> Result<(), String> {
+async fn connection(agent: &Arc<Agent>, client: ClientId, mut s: UnixStream) -> Result<(), String> {
     let mut hello = false;
     let mut header = [0u8; HEADER];
     loop {
@@ -692,7 +704,16 @@ async fn connection(agent: &Agent, client: ClientId, mut s: UnixStream) -> Resul
             hello = true;
             continue;
         }
-        let reply = agent.handle(client, req);
+        // Requests that may touch NVMe run on the blocking pool, so one client's disk I/O
+        // never stalls the others; the rest are answered in place (microseconds).
+        let reply = if agent.may_do_io(&req) {
+            let agent = agent.clone();
+            tokio::task::spawn_blocking(move || agent.handle(client, req))
+                .await
+                .map_err(|e| format!("request task: {e}"))?
+        } else {
+            agent.handle(client, req)
+        };
         s.write_all(&reply.encode(h.request_id)).await.map_err(|e| format!("write: {e}"))?;
     }
 }
