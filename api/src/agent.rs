@@ -25,6 +25,8 @@ pub const MAX_BODY: usize = 4 << 20;
 pub const MAX_KEYS: usize = 65_536;
 /// Longest name.
 pub const MAX_NAME: usize = 256;
+/// A commit's checksum when the client computed none.
+pub const NO_CHECKSUM: u64 = 0;
 /// Longest lease.
 pub const MAX_LEASE_MS: u32 = 10 * 60 * 1000;
 
@@ -74,7 +76,9 @@ pub struct Commit {
     pub slot: u32,
     /// Bytes written.
     pub len: u32,
-    /// xxh3-64 of those bytes.
+    /// xxh3-64 of those bytes, or [`NO_CHECKSUM`]: then the agent does not check the bytes
+    /// at commit and computes the checksum itself before the chunk goes to NVMe (a connector
+    /// whose bytes arrive by DMA saves the CPU a pass over every chunk).
     pub checksum: u64,
     /// The conversation the chunk belongs to ([`ConversationKey`]; 0: unknown), for
     /// residency events.

@@ -57,6 +57,7 @@ pub struct Client {
     pool: MappedPool,
     slots: u32,
     slot_bytes: u32,
+    checksums: bool,
 }
 
 /// Result of a lookup.
@@ -107,11 +108,17 @@ impl Client {
             Response::Hello { pool_bytes, slot_bytes, slots } => {
                 let fd = fd.ok_or_else(|| std::io::Error::other("the agent sent no pool"))?;
                 let pool = MappedPool::map(fd, pool_bytes, slot_bytes)?;
-                Ok(Self { stream, next_id: 1, pool, slots, slot_bytes })
+                Ok(Self { stream, next_id: 1, pool, slots, slot_bytes, checksums: true })
             }
             Response::Error { code, message } => Err(ClientError::Refused { code, message }),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
+    }
+
+    /// Whether commits carry checksums (on by default). Off, stores skip the hash pass and
+    /// the agent checksums a chunk only when it writes it to NVMe.
+    pub fn set_checksums(&mut self, on: bool) {
+        self.checksums = on;
     }
 
     /// Slots in the pool.
@@ -199,7 +206,13 @@ impl Client {
     ) -> Result<u32, ClientError> {
         let mut commits = Vec::with_capacity(chunks.len());
         for (key, slot, data) in chunks {
-            let sum = copy_and_checksum(&mut self.pool.slot_mut(*slot)[..data.len()], data);
+            let dst = &mut self.pool.slot_mut(*slot)[..data.len()];
+            let sum = if self.checksums {
+                copy_and_checksum(dst, data)
+            } else {
+                dst.copy_from_slice(data);
+                kvtier_api::agent::NO_CHECKSUM
+            };
             commits.push(Commit {
                 key: *key,
                 slot: *slot,

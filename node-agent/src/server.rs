@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvtier_api::agent::NO_CHECKSUM;
 use kvtier_api::agent::{
     self, decode_header, ConversationKey, ErrorCode, ProtocolError, Request, ResidencyEvent,
     Response, HEADER,
@@ -161,7 +162,8 @@ impl Agent {
         }
         let Some(mut t) = self.nvme() else { return };
         for e in gone {
-            match t.write(e.key, self.pool.slot(e.slot), e.len, e.checksum, e.conversation) {
+            let sum = self.sum_of(e.slot, e.len, e.checksum);
+            match t.write(e.key, self.pool.slot(e.slot), e.len, sum, e.conversation) {
                 Ok(true) => self.residency().change(e.conversation, NVME, 1),
                 Ok(false) => {}
                 Err(err) => warn!("NVMe write-back of an evicted chunk failed (it is lost): {err}"),
@@ -224,6 +226,7 @@ impl Agent {
         self.index().pin(AGENT, &keys, self.now(), WRITE_LEASE_MS);
         for &(key, slot, len, sum, conv) in chunks {
             if let Some(mut t) = self.nvme() {
+                let sum = self.sum_of(slot, len, sum);
                 match t.write(key, self.pool.slot(slot), len, sum, conv) {
                     Ok(true) => self.residency().change(conv, NVME, 1),
                     Ok(false) => {}
@@ -253,7 +256,8 @@ impl Agent {
         if !gone.is_empty() && self.write_back {
             // The tier is locked here; write the evicted chunks back through it.
             for e in &gone {
-                match tier.write(e.key, self.pool.slot(e.slot), e.len, e.checksum, e.conversation) {
+                let sum = self.sum_of(e.slot, e.len, e.checksum);
+                match tier.write(e.key, self.pool.slot(e.slot), e.len, sum, e.conversation) {
                     Ok(true) => self.residency().change(e.conversation, NVME, 1),
                     Ok(false) => {}
                     Err(err) => warn!("NVMe write-back of an evicted chunk failed: {err}"),
@@ -325,6 +329,16 @@ impl Agent {
         &self.pool
     }
 
+    /// The chunk's checksum: the client's, or computed now when it sent none (a chunk never
+    /// goes to NVMe without one).
+    fn sum_of(&self, slot: u32, len: u32, given: u64) -> u64 {
+        if given == NO_CHECKSUM {
+            checksum(self.pool.bytes_of(slot, len))
+        } else {
+            given
+        }
+    }
+
     /// Whether answering `req` may read or write NVMe.
     #[must_use]
     pub fn may_do_io(&self, req: &Request) -> bool {
@@ -375,6 +389,7 @@ impl Agent {
                         c.slot < slots
                             && c.len <= slot_bytes
                             && (!self.verify_commits
+                                || c.checksum == NO_CHECKSUM
                                 || checksum(self.pool.bytes_of(c.slot, c.len)) == c.checksum)
                     })
                     .collect();

@@ -491,3 +491,20 @@ fn write_back_writes_a_chunk_when_dram_evicts_it() {
     assert_eq!(c.pool().slot(f.slots[0]), &chunk(0)[..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn chunks_without_a_client_checksum_get_one_before_nvme() {
+    let dir = nvme_dir("nosum");
+    let (path, _agent, _rt) = start_with(1, Some(&dir));
+    let mut c = Client::connect(&path, "dma").expect("attach");
+    c.set_checksums(false);
+    let slot = c.reserve(1).expect("reserve")[0];
+    assert!(c.put(ChunkKey(1), slot, &chunk(9)).expect("commit"));
+    let slot = c.reserve(1).expect("reserve")[0]; // chunk 1 leaves DRAM; it is on NVMe
+    assert!(c.put(ChunkKey(2), slot, &chunk(8)).expect("commit"));
+    // Reading it back verifies the checksum the agent computed: it must be the real one.
+    assert_eq!(c.ack(&Request::Prefetch { keys: vec![ChunkKey(1)] }).expect("prefetch"), 1);
+    let f = c.lookup(&[ChunkKey(1)]).expect("lookup");
+    assert_eq!(c.pool().slot(f.slots[0]), &chunk(9)[..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

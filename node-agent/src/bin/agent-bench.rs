@@ -51,6 +51,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     rt.spawn(server::serve(listener, agent.clone()));
 
     let mut c = Client::connect(&path, "bench")?;
+    // KVTIER_BENCH_CHECKSUMS=0: the client sends no checksums (the agent computes them only
+    // for NVMe), as a connector whose bytes arrive by DMA would.
+    let client_sums = std::env::var("KVTIER_BENCH_CHECKSUMS").map_or(true, |v| v != "0");
+    c.set_checksums(client_sums);
+    println!("client checksums: {client_sums}");
     let chunk: Vec<u8> = (0..SLOT as usize).map(|i| (i * 7) as u8).collect();
     let n = 256u32; // 512 MiB per pass
     let bytes = f64::from(n) * f64::from(SLOT);
