@@ -36,6 +36,21 @@ pub fn file_bytes(len: u32) -> u64 {
     (padded(len) + BLOCK) as u64
 }
 
+/// One chunk for [`NvmeTier::write_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct Pending<'a> {
+    /// Key.
+    pub key: ChunkKey,
+    /// Its bytes at the start of a page-aligned region padded to 4 KiB (a pool slot).
+    pub data: &'a [u8],
+    /// Length.
+    pub len: u32,
+    /// Checksum of the `len` bytes.
+    pub checksum: u64,
+    /// Conversation.
+    pub conversation: u64,
+}
+
 /// What a start found on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovery {
@@ -279,42 +294,71 @@ impl NvmeTier {
         sum: u64,
         conversation: u64,
     ) -> std::io::Result<bool> {
-        if self.entries.contains_key(&key) {
-            self.lru.touch(key);
-            return Ok(false);
-        }
-        let need = file_bytes(len);
-        if need > self.capacity {
-            return Ok(false); // larger than the whole tier: not kept
-        }
-        let entry = Entry { len, checksum: sum, conversation };
-        self.make_room(need)?;
-        let body = &data[..padded(len)];
-        let tmp = self.dir.join(format!("{:032x}.tmp", key.0));
-        let mut o = OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        if self.direct {
-            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-        }
-        let mut f = o.open(&tmp)?;
+        let one = Pending { key, data, len, checksum: sum, conversation };
+        Ok(self.write_batch(&[one])? == 1)
+    }
+
+    /// Writes several chunks with one filesystem sync: each goes to its `.tmp` file, the
+    /// filesystem is synced once, then all are renamed into place and the directory synced.
+    /// Returns how many are newly on the tier.
+    ///
+    /// # Errors
+    /// When a file cannot be written or the sync fails; none of the batch is recorded then.
+    pub fn write_batch(&mut self, items: &[Pending<'_>]) -> std::io::Result<u32> {
+        let mut staged: Vec<(ChunkKey, Entry, PathBuf)> = Vec::with_capacity(items.len());
         let mut t = aligned(BLOCK)?;
-        t[..TRAILER].copy_from_slice(&trailer(key, entry));
-        let written = (|| {
-            f.write_all(body)?;
-            f.write_all(&t[..BLOCK])?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, self.dir.join(name(key)))?;
-            File::open(&self.dir)?.sync_all()
+        let result = (|| -> std::io::Result<()> {
+            for it in items {
+                if self.entries.contains_key(&it.key) {
+                    self.lru.touch(it.key);
+                    continue;
+                }
+                let need = file_bytes(it.len);
+                if need > self.capacity || staged.iter().any(|(k, _, _)| *k == it.key) {
+                    continue;
+                }
+                self.make_room(need)?;
+                self.stats.used_bytes += need; // held while staged
+                let entry =
+                    Entry { len: it.len, checksum: it.checksum, conversation: it.conversation };
+                let tmp = self.dir.join(format!("{:032x}.tmp", it.key.0));
+                staged.push((it.key, entry, tmp.clone()));
+                let mut o = OpenOptions::new();
+                o.write(true).create(true).truncate(true);
+                if self.direct {
+                    o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+                }
+                let mut f = o.open(&tmp)?;
+                t[..BLOCK].fill(0);
+                t[..TRAILER].copy_from_slice(&trailer(it.key, entry));
+                f.write_all(&it.data[..padded(it.len)])?;
+                f.write_all(&t[..BLOCK])?;
+            }
+            if staged.is_empty() {
+                return Ok(());
+            }
+            let dir = File::open(&self.dir)?;
+            rustix::fs::syncfs(&dir).map_err(std::io::Error::from)?;
+            for (key, _, tmp) in &staged {
+                std::fs::rename(tmp, self.dir.join(name(*key)))?;
+            }
+            dir.sync_all()
         })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
+        if let Err(e) = result {
+            for (key, entry, tmp) in staged {
+                self.stats.used_bytes -= file_bytes(entry.len);
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(self.dir.join(name(key)));
+            }
             return Err(e);
         }
-        self.entries.insert(key, entry);
-        self.lru.insert(key);
-        self.stats.writes += 1;
-        self.stats.used_bytes += need;
-        Ok(true)
+        let n = staged.len() as u32;
+        for (key, entry, _) in staged {
+            self.entries.insert(key, entry);
+            self.lru.insert(key);
+            self.stats.writes += 1;
+        }
+        Ok(n)
     }
 
     /// Reads a chunk into the tier's aligned buffer and checks it; returns its bytes, length

@@ -224,16 +224,33 @@ impl Agent {
         }
         let keys: Vec<_> = chunks.iter().map(|c| c.0).collect();
         self.index().pin(AGENT, &keys, self.now(), WRITE_LEASE_MS);
-        for &(key, slot, len, sum, conv) in chunks {
-            if let Some(mut t) = self.nvme() {
-                let sum = self.sum_of(slot, len, sum);
-                match t.write(key, self.pool.slot(slot), len, sum, conv) {
-                    Ok(true) => self.residency().change(conv, NVME, 1),
-                    Ok(false) => {}
-                    Err(e) => warn!("NVMe write of a chunk failed (it stays in DRAM only): {e}"),
+        let pending: Vec<crate::nvme::Pending<'_>> = chunks
+            .iter()
+            .map(|&(key, slot, len, sum, conv)| crate::nvme::Pending {
+                key,
+                data: self.pool.slot(slot),
+                len,
+                checksum: self.sum_of(slot, len, sum),
+                conversation: conv,
+            })
+            .collect();
+        if let Some(mut t) = self.nvme() {
+            let before: Vec<bool> = pending.iter().map(|p| t.contains(&p.key)).collect();
+            match t.write_batch(&pending) {
+                Ok(_) => {
+                    let mut r = self.residency();
+                    for (p, was) in pending.iter().zip(before) {
+                        if !was && t.contains(&p.key) {
+                            r.change(p.conversation, NVME, 1);
+                        }
+                    }
                 }
-                self.note_nvme_evictions(&mut t);
+                Err(e) => warn!(
+                    "NVMe write of {} chunks failed (they stay in DRAM only): {e}",
+                    pending.len()
+                ),
             }
+            self.note_nvme_evictions(&mut t);
         }
         self.index().unpin(AGENT, &keys);
     }
