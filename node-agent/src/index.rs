@@ -468,8 +468,13 @@ mod tests {
         /// Whatever clients do, slots are never lost or double-booked, counts never exceed
         /// capacity, and a pinned chunk survives until its lease ends.
         #[test]
-        fn accounting_holds(ops in prop::collection::vec(op(), 1..200)) {
-            let mut ix = index(6);
+        fn accounting_holds(ops in prop::collection::vec(op(), 1..200), s3 in any::<bool>()) {
+            // Either eviction policy.
+            let mut ix = if s3 {
+                Index::new(6, 1024, Box::new(crate::s3fifo::S3Fifo::new(6)))
+            } else {
+                index(6)
+            };
             let mut now = 0;
             let mut mine: HashMap<u64, Vec<u32>> = HashMap::new();
             // (client, key) -> lease deadline, for pins the index accepted.

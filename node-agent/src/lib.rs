@@ -15,6 +15,7 @@ pub mod client;
 pub mod index;
 pub mod nvme;
 pub mod pool;
+pub mod s3fifo;
 pub mod server;
 
 pub use client::Client;
