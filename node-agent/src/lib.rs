@@ -2,14 +2,13 @@
 //! engine replica on the node.
 //!
 //! - [`pool`]: the DRAM pool, one locked memfd in fixed-size slots that clients map;
-//! - [`index`]: which chunk is in which slot, reservations, pins with leases, eviction;
-//! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
+//! - [`index`]: which chunk is in which slot, reservations, pins with leases, eviction
+//!   ([`s3fifo`] by default, LRU);
+//! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart, its writes
+//!   batched through [`uring`] where the kernel offers io_uring;
+//! - [`server`]: the Unix socket speaking [`kvtier_api::agent`], `/metrics`, and the
+//!   residency events (which conversations' chunks entered or left each tier);
 //! - [`client`]: the blocking client the connector uses.
-//!
-//! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart.
-//!
-//! Residency events (which conversations' chunks entered or left each tier) stream from
-//! [`server::serve_metrics`]. Not yet here: io_uring (NVMe I/O is plain blocking calls).
 
 pub mod client;
 pub mod index;
@@ -17,6 +16,7 @@ pub mod nvme;
 pub mod pool;
 pub mod s3fifo;
 pub mod server;
+pub mod uring;
 
 pub use client::Client;
 pub use index::{Index, Lru};

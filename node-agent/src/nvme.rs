@@ -20,6 +20,7 @@ use memmap2::MmapMut;
 
 use crate::index::{EvictionPolicy, Lru};
 use crate::pool::checksum;
+use crate::uring::{Ring, Write as UringWrite};
 
 /// I/O alignment and trailer size.
 pub const BLOCK: usize = 4096;
@@ -109,6 +110,8 @@ pub struct NvmeTier {
     scratch: Option<MmapMut>,
     /// Chunks that left since the last [`NvmeTier::take_evicted`], with their conversation.
     evicted: Vec<(ChunkKey, u64)>,
+    /// io_uring for batched writes, when the kernel allows it.
+    ring: Option<Ring>,
 }
 
 fn name(key: ChunkKey) -> String {
@@ -175,6 +178,13 @@ impl NvmeTier {
             stats: NvmeStats::default(),
             scratch: None,
             evicted: Vec::new(),
+            ring: match Ring::new() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!("io_uring unavailable ({e}): NVMe tier uses plain writes");
+                    None
+                }
+            },
         };
         let mut rec = Recovery::default();
         let mut found: Vec<(std::time::SystemTime, ChunkKey, Entry)> = Vec::new();
@@ -305,8 +315,14 @@ impl NvmeTier {
     /// # Errors
     /// When a file cannot be written or the sync fails; none of the batch is recorded then.
     pub fn write_batch(&mut self, items: &[Pending<'_>]) -> std::io::Result<u32> {
-        let mut staged: Vec<(ChunkKey, Entry, PathBuf)> = Vec::with_capacity(items.len());
-        let mut t = aligned(BLOCK)?;
+        struct Staged<'a> {
+            key: ChunkKey,
+            entry: Entry,
+            tmp: PathBuf,
+            file: Option<File>,
+            data: &'a [u8],
+        }
+        let mut staged: Vec<Staged<'_>> = Vec::with_capacity(items.len());
         let result = (|| -> std::io::Result<()> {
             for it in items {
                 if self.entries.contains_key(&it.key) {
@@ -314,7 +330,7 @@ impl NvmeTier {
                     continue;
                 }
                 let need = file_bytes(it.len);
-                if need > self.capacity || staged.iter().any(|(k, _, _)| *k == it.key) {
+                if need > self.capacity || staged.iter().any(|st| st.key == it.key) {
                     continue;
                 }
                 self.make_room(need)?;
@@ -322,43 +338,117 @@ impl NvmeTier {
                 let entry =
                     Entry { len: it.len, checksum: it.checksum, conversation: it.conversation };
                 let tmp = self.dir.join(format!("{:032x}.tmp", it.key.0));
-                staged.push((it.key, entry, tmp.clone()));
                 let mut o = OpenOptions::new();
                 o.write(true).create(true).truncate(true);
                 if self.direct {
                     o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
                 }
-                let mut f = o.open(&tmp)?;
-                t[..BLOCK].fill(0);
-                t[..TRAILER].copy_from_slice(&trailer(it.key, entry));
-                f.write_all(&it.data[..padded(it.len)])?;
-                f.write_all(&t[..BLOCK])?;
+                staged.push(Staged {
+                    key: it.key,
+                    entry,
+                    tmp: tmp.clone(),
+                    file: None,
+                    data: &it.data[..padded(it.len)],
+                });
+                let file = o.open(&tmp)?;
+                if let Some(st) = staged.last_mut() {
+                    st.file = Some(file);
+                }
             }
             if staged.is_empty() {
                 return Ok(());
             }
+            let mut trailers = aligned(staged.len() * BLOCK)?;
+            for (i, st) in staged.iter().enumerate() {
+                trailers[i * BLOCK..i * BLOCK + TRAILER]
+                    .copy_from_slice(&trailer(st.key, st.entry));
+            }
+            self.write_files(
+                &mut staged.iter_mut().map(|st| (st.file.as_mut(), st.data)).collect::<Vec<_>>(),
+                &trailers,
+            )?;
             let dir = File::open(&self.dir)?;
             rustix::fs::syncfs(&dir).map_err(std::io::Error::from)?;
-            for (key, _, tmp) in &staged {
-                std::fs::rename(tmp, self.dir.join(name(*key)))?;
+            for st in &staged {
+                std::fs::rename(&st.tmp, self.dir.join(name(st.key)))?;
             }
             dir.sync_all()
         })();
         if let Err(e) = result {
-            for (key, entry, tmp) in staged {
-                self.stats.used_bytes -= file_bytes(entry.len);
-                let _ = std::fs::remove_file(&tmp);
-                let _ = std::fs::remove_file(self.dir.join(name(key)));
+            for st in staged {
+                self.stats.used_bytes -= file_bytes(st.entry.len);
+                let _ = std::fs::remove_file(&st.tmp);
+                let _ = std::fs::remove_file(self.dir.join(name(st.key)));
             }
             return Err(e);
         }
         let n = staged.len() as u32;
-        for (key, entry, _) in staged {
-            self.entries.insert(key, entry);
-            self.lru.insert(key);
+        for st in staged {
+            self.entries.insert(st.key, st.entry);
+            self.lru.insert(st.key);
             self.stats.writes += 1;
         }
         Ok(n)
+    }
+
+    /// Writes each file's data and then its trailer block (`trailers`, one 4 KiB block per
+    /// file): all at once through io_uring when there is a ring, else one by one.
+    fn write_files(
+        &mut self,
+        files: &mut [(Option<&mut File>, &[u8])],
+        trailers: &[u8],
+    ) -> std::io::Result<()> {
+        if let Some(ring) = self.ring.as_mut() {
+            use std::os::fd::AsRawFd;
+            let mut writes = Vec::with_capacity(files.len() * 2);
+            for (i, (f, data)) in files.iter().enumerate() {
+                let Some(f) = f else { return Err(std::io::Error::other("file not open")) };
+                let fd = f.as_raw_fd();
+                writes.push(UringWrite { fd, buf: data, offset: 0 });
+                writes.push(UringWrite {
+                    fd,
+                    buf: &trailers[i * BLOCK..(i + 1) * BLOCK],
+                    offset: data.len() as u64,
+                });
+            }
+            match ring.write_all(&writes) {
+                Ok(results) => {
+                    for (w, r) in writes.iter().zip(results) {
+                        if r < 0 {
+                            return Err(std::io::Error::from_raw_os_error(-r));
+                        }
+                        if r as usize != w.buf.len() {
+                            return Err(std::io::Error::other("short write"));
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The ring holds entries that must never run later: drop it, and use
+                    // plain writes from now on.
+                    tracing::warn!("io_uring failed ({e}); NVMe tier continues with plain writes");
+                    self.ring = None;
+                    return Err(e);
+                }
+            }
+        }
+        for (i, (f, data)) in files.iter_mut().enumerate() {
+            let Some(f) = f else { return Err(std::io::Error::other("file not open")) };
+            f.write_all(data)?;
+            f.write_all(&trailers[i * BLOCK..(i + 1) * BLOCK])?;
+        }
+        Ok(())
+    }
+
+    /// Whether writes go through io_uring.
+    #[must_use]
+    pub fn io_uring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Stops using io_uring (tests of the plain path; a kernel that misbehaves).
+    pub fn disable_io_uring(&mut self) {
+        self.ring = None;
     }
 
     /// Reads a chunk into the tier's aligned buffer and checks it; returns its bytes, length
@@ -458,8 +548,16 @@ mod tests {
 
     #[test]
     fn write_read_restart() {
-        let d = dir("rw");
+        write_read_restart_with(true);
+        write_read_restart_with(false);
+    }
+
+    fn write_read_restart_with(uring: bool) {
+        let d = dir(if uring { "rw-uring" } else { "rw-plain" });
         let (mut t, rec) = NvmeTier::open(&d, 1 << 20).expect("open");
+        if !uring {
+            t.disable_io_uring();
+        }
         assert_eq!(rec, Recovery::default());
         let a = data(1, 10_000);
         let sum = checksum(&a[..10_000]);

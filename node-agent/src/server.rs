@@ -465,7 +465,7 @@ impl Agent {
         let slot = u64::from(self.pool.slot_bytes());
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let nvme = self.nvme().map(|t| (t.capacity(), t.stats(), t.direct()));
+        let nvme = self.nvme().map(|t| (t.capacity(), t.stats(), t.direct(), t.io_uring()));
         let mut o = String::with_capacity(4096);
         // One family at a time: its help, its type, then all its samples.
         let mut family = |kind: &str, name: &str, help: &str, samples: &[(&str, u64)]| {
@@ -541,7 +541,7 @@ impl Agent {
             "Connections closed for a malformed frame.",
             &[("", get(&c.malformed))],
         );
-        if let Some((_, n, direct)) = nvme {
+        if let Some((_, n, direct, uring)) = nvme {
             family(
                 "counter",
                 "kvtier_agent_nvme_writes",
@@ -565,6 +565,12 @@ impl Agent {
                 "kvtier_agent_nvme_direct",
                 "Whether NVMe I/O uses O_DIRECT.",
                 &[("", u64::from(direct))],
+            );
+            family(
+                "gauge",
+                "kvtier_agent_nvme_io_uring",
+                "Whether NVMe writes go through io_uring.",
+                &[("", u64::from(uring))],
             );
         }
         o

@@ -158,7 +158,16 @@ fn nvme(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         .map_or_else(|| dir.join("nvme"), std::path::PathBuf::from);
     let _ = std::fs::remove_dir_all(&tier_dir);
     let (mut tier, _) = NvmeTier::open(&tier_dir, 1 << 40)?;
-    println!("NVMe tier in {} (O_DIRECT: {})", tier_dir.display(), tier.direct());
+    // KVTIER_BENCH_URING=0 measures the plain-write path.
+    if std::env::var("KVTIER_BENCH_URING").is_ok_and(|v| v == "0") {
+        tier.disable_io_uring();
+    }
+    println!(
+        "NVMe tier in {} (O_DIRECT: {}, io_uring: {})",
+        tier_dir.display(),
+        tier.direct(),
+        tier.io_uring()
+    );
     let mut buf = memmap2::MmapMut::map_anon(SLOT as usize)?;
     for (i, b) in buf.iter_mut().enumerate() {
         *b = (i * 7) as u8;
