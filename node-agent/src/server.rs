@@ -118,6 +118,26 @@ struct Counters {
     commits_refused: AtomicU64,
     bytes_committed: AtomicU64,
     malformed: AtomicU64,
+    nvme_hits: AtomicU64,
+    promotions: AtomicU64,
+    /// Requests answered and nanoseconds spent, per operation ([`OPS`] order).
+    op_count: [AtomicU64; OPS.len()],
+    op_nanos: [AtomicU64; OPS.len()],
+}
+
+/// Operation names for the per-operation metrics, in `Request::op()` order (1-based).
+const OPS: [&str; 9] =
+    ["hello", "lookup", "reserve", "commit", "release", "pin", "unpin", "prefetch", "stats"];
+
+impl Agent {
+    /// Counts one answered request of operation `op` that took `elapsed`.
+    fn count_op(&self, op: u16, elapsed: std::time::Duration) {
+        if let Some(i) = usize::from(op).checked_sub(1).filter(|i| *i < OPS.len()) {
+            self.counters.op_count[i].fetch_add(1, Ordering::Relaxed);
+            let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+            self.counters.op_nanos[i].fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Agent {
@@ -304,6 +324,7 @@ impl Agent {
                 Ok(new) => {
                     if new {
                         self.residency().change(conv, DRAM, 1);
+                        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
                     }
                     true
                 }
@@ -379,11 +400,14 @@ impl Agent {
             Request::Lookup { keys } => {
                 let (prefix, mut tiers, slots) = self.index().lookup(&keys);
                 if let Some(t) = self.nvme() {
+                    let mut found = 0;
                     for (tier, key) in tiers.iter_mut().zip(&keys) {
                         if *tier == agent::Tier::Absent && t.contains(key) {
                             *tier = agent::Tier::Nvme;
+                            found += 1;
                         }
                     }
+                    self.counters.nvme_hits.fetch_add(found, Ordering::Relaxed);
                 }
                 Response::Lookup { prefix, tiers, slots }
             }
@@ -460,21 +484,12 @@ impl Agent {
     /// The agent's figures in Prometheus' text format.
     #[must_use]
     pub fn metrics_text(&self) -> String {
-        use std::fmt::Write as _;
         let s = self.stats();
         let slot = u64::from(self.pool.slot_bytes());
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let nvme = self.nvme().map(|t| (t.capacity(), t.stats(), t.direct(), t.io_uring()));
         let mut o = String::with_capacity(4096);
-        // One family at a time: its help, its type, then all its samples.
-        let mut family = |kind: &str, name: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            let suffix = if kind == "counter" { "_total" } else { "" };
-            for (labels, v) in samples {
-                let _ = writeln!(o, "{name}{suffix}{labels} {v}");
-            }
-        };
         let (dram, nv) = ("{tier=\"dram\"}", "{tier=\"nvme\"}");
         let tiers = |d: u64, n: Option<u64>| -> Vec<(&'static str, u64)> {
             let mut v = vec![("{tier=\"dram\"}", d)];
@@ -484,58 +499,118 @@ impl Agent {
             v
         };
         family(
+            &mut o,
             "gauge",
             "kvtier_agent_capacity_bytes",
             "Capacity per tier.",
             &tiers(self.pool.bytes(), nvme.map(|n| n.0)),
         );
         family(
+            &mut o,
             "gauge",
             "kvtier_agent_used_bytes",
             "Bytes holding chunks, per tier.",
             &tiers(u64::from(s.used) * slot, nvme.map(|n| n.1.used_bytes)),
         );
         family(
+            &mut o,
             "gauge",
             "kvtier_agent_reserved_bytes",
             "Bytes of slots reserved by clients.",
             &[(dram, u64::from(s.reserved) * slot)],
         );
         family(
+            &mut o,
             "gauge",
             "kvtier_agent_pinned_chunks",
             "Chunks pinned by a live lease.",
             &[("", u64::from(s.pinned))],
         );
         family(
+            &mut o,
             "gauge",
             "kvtier_agent_locked",
             "Whether the DRAM pool is locked in memory.",
             &[("", u64::from(self.pool.locked()))],
         );
-        family("gauge", "kvtier_agent_clients", "Attached clients.", &[("", get(&c.clients))]);
-        family("counter", "kvtier_agent_lookup_hits", "Keys found in DRAM.", &[(dram, s.hits)]);
-        family("counter", "kvtier_agent_lookup_misses", "Keys not in DRAM.", &[("", s.misses)]);
         family(
+            &mut o,
+            "gauge",
+            "kvtier_agent_clients",
+            "Attached clients.",
+            &[("", get(&c.clients))],
+        );
+        let mut hits = vec![(dram, s.hits)];
+        if nvme.is_some() {
+            hits.push((nv, get(&c.nvme_hits)));
+        }
+        family(&mut o, "counter", "kvtier_agent_lookup_hits", "Keys found, per tier.", &hits);
+        family(
+            &mut o,
+            "counter",
+            "kvtier_agent_promotions",
+            "Chunks brought from NVMe into DRAM.",
+            &[("", get(&c.promotions))],
+        );
+        let labels: Vec<String> = OPS.iter().map(|o| format!("{{op=\"{o}\"}}")).collect();
+        let counts: Vec<(&str, u64)> =
+            labels.iter().zip(&c.op_count).map(|(l, v)| (l.as_str(), get(v))).collect();
+        family(
+            &mut o,
+            "counter",
+            "kvtier_agent_requests",
+            "Requests answered, per operation.",
+            &counts,
+        );
+        let seconds: Vec<(&str, f64)> = labels
+            .iter()
+            .zip(&c.op_nanos)
+            .map(|(l, v)| (l.as_str(), get(v) as f64 / 1e9))
+            .collect();
+        family(
+            &mut o,
+            "counter",
+            "kvtier_agent_request_seconds",
+            "Time spent answering requests, per operation.",
+            &seconds,
+        );
+        family(
+            &mut o,
+            "counter",
+            "kvtier_agent_lookup_misses",
+            "Keys not in DRAM.",
+            &[("", s.misses)],
+        );
+        family(
+            &mut o,
             "counter",
             "kvtier_agent_evictions",
             "Chunks evicted, per tier.",
             &tiers(s.evictions, nvme.map(|n| n.1.evictions)),
         );
-        family("counter", "kvtier_agent_commits", "Chunks committed.", &[("", get(&c.commits))]);
         family(
+            &mut o,
+            "counter",
+            "kvtier_agent_commits",
+            "Chunks committed.",
+            &[("", get(&c.commits))],
+        );
+        family(
+            &mut o,
             "counter",
             "kvtier_agent_commits_refused",
             "Commits refused (not reserved, too long, checksum).",
             &[("", get(&c.commits_refused))],
         );
         family(
+            &mut o,
             "counter",
             "kvtier_agent_committed_bytes",
             "Bytes committed.",
             &[("", get(&c.bytes_committed))],
         );
         family(
+            &mut o,
             "counter",
             "kvtier_agent_malformed_frames",
             "Connections closed for a malformed frame.",
@@ -543,30 +618,35 @@ impl Agent {
         );
         if let Some((_, n, direct, uring)) = nvme {
             family(
+                &mut o,
                 "counter",
                 "kvtier_agent_nvme_writes",
                 "Chunks written to NVMe.",
                 &[(nv, n.writes)],
             );
             family(
+                &mut o,
                 "counter",
                 "kvtier_agent_nvme_reads",
                 "Chunks read back from NVMe.",
                 &[(nv, n.reads)],
             );
             family(
+                &mut o,
                 "counter",
                 "kvtier_agent_nvme_corrupt",
                 "NVMe reads that failed their checksum (dropped).",
                 &[(nv, n.corrupt)],
             );
             family(
+                &mut o,
                 "gauge",
                 "kvtier_agent_nvme_direct",
                 "Whether NVMe I/O uses O_DIRECT.",
                 &[("", u64::from(direct))],
             );
             family(
+                &mut o,
                 "gauge",
                 "kvtier_agent_nvme_io_uring",
                 "Whether NVMe writes go through io_uring.",
@@ -574,6 +654,22 @@ impl Agent {
             );
         }
         o
+    }
+}
+
+/// One metric family in Prometheus' text format: help, type, then every sample.
+fn family<T: std::fmt::Display>(
+    o: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    samples: &[(&str, T)],
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let suffix = if kind == "counter" { "_total" } else { "" };
+    for (labels, v) in samples {
+        let _ = writeln!(o, "{name}{suffix}{labels} {v}");
     }
 }
 
@@ -744,6 +840,8 @@ async fn connection(agent: &Arc<Agent>, client: ClientId, mut s: UnixStream) -> 
         }
         // Requests that may touch NVMe run on the blocking pool, so one client's disk I/O
         // never stalls the others; the rest are answered in place (microseconds).
+        let op = req.op();
+        let started = Instant::now();
         let reply = if agent.may_do_io(&req) {
             let agent = agent.clone();
             tokio::task::spawn_blocking(move || agent.handle(client, req))
@@ -752,6 +850,7 @@ async fn connection(agent: &Arc<Agent>, client: ClientId, mut s: UnixStream) -> 
         } else {
             agent.handle(client, req)
         };
+        agent.count_op(op, started.elapsed());
         s.write_all(&reply.encode(h.request_id)).await.map_err(|e| format!("write: {e}"))?;
     }
 }

@@ -238,6 +238,9 @@ fn metrics_move() {
         "kvtier_agent_lookup_hits_total{tier=\"dram\"} 1",
         "kvtier_agent_lookup_misses_total 1",
         "kvtier_agent_clients 1",
+        "kvtier_agent_requests_total{op=\"commit\"} 1",
+        "kvtier_agent_requests_total{op=\"lookup\"} 1",
+        "kvtier_agent_request_seconds_total{op=\"lookup\"} ",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
