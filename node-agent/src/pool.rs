@@ -59,7 +59,7 @@ pub enum PoolError {
     #[error("{0}")]
     Config(String),
     /// The kernel refused.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Os {
         /// The step.
         what: &'static str,
@@ -68,7 +68,7 @@ pub enum PoolError {
     },
     /// mlock was refused.
     #[error(
-        "cannot lock {bytes} bytes of pool memory ({source}). Raise the memlock limit \
+        "cannot lock {bytes} bytes of pool memory. Raise the memlock limit \
          (`ulimit -l unlimited`; in Kubernetes, the container's memlock rlimit or the \
          IPC_LOCK capability), or start with --mlock best-effort to run unlocked"
     )]
@@ -103,6 +103,12 @@ impl DramPool {
                 config.slot_bytes
             )));
         }
+        if config.huge_pages && !config.slot_bytes.is_multiple_of(2 << 20) {
+            return Err(PoolError::Config(format!(
+                "slot of {} bytes: with --huge-pages it must be a multiple of 2 MiB",
+                config.slot_bytes
+            )));
+        }
         if config.slot_bytes < MIN_SLOT_BYTES {
             return Err(PoolError::Config(format!(
                 "slot of {} bytes: at least {MIN_SLOT_BYTES} (one KV chunk per DMA)",
@@ -132,8 +138,18 @@ impl DramPool {
         let len = usize::try_from(bytes).map_err(|_| PoolError::Config("pool too large".into()))?;
         // SAFETY: the memfd is private to this process until handed to clients, who only
         // write into slots the agent reserved for them; nothing truncates it while mapped.
-        let map = unsafe { MmapOptions::new().len(len).populate().map_mut(&file) }
-            .map_err(|e| PoolError::Os { what: "mapping the pool", source: e })?;
+        let map =
+            unsafe { MmapOptions::new().len(len).populate().map_mut(&file) }.map_err(|e| {
+                if config.huge_pages && e.raw_os_error() == Some(12) {
+                    PoolError::Config(format!(
+                        "no room for {bytes} bytes of huge pages: reserve them first \
+                     (vm.nr_hugepages, or hugepages-2Mi/1Gi in the pod's resources), or drop \
+                     --huge-pages"
+                    ))
+                } else {
+                    PoolError::Os { what: "mapping the pool", source: e }
+                }
+            })?;
         let mut pool = Self { fd, map, slot_bytes: config.slot_bytes, slots, locked: false };
         match config.lock {
             LockMode::Off => {}
