@@ -290,3 +290,31 @@ impl MappedPool {
         &mut self.map[start..start + self.slot_bytes as usize]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(bytes: u64, slot_bytes: u32) -> PoolConfig {
+        PoolConfig { bytes, slot_bytes, lock: LockMode::Off, huge_pages: false }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_reason() {
+        let err = |c: PoolConfig| DramPool::create(c).expect_err("refused").to_string();
+        assert!(err(cfg(1 << 30, 4096)).contains("at least 524288"));
+        assert!(err(cfg(1 << 30, 600_000)).contains("multiple of 4 KiB"));
+        assert!(err(cfg(1 << 10, 1 << 20)).contains("holds no"));
+        let huge = PoolConfig { huge_pages: true, ..cfg(1 << 30, 1 << 20) };
+        assert!(err(huge).contains("multiple of 2 MiB"));
+    }
+
+    #[test]
+    fn slots_are_written_through_the_fd_and_read_through_the_map() {
+        let pool = DramPool::create(cfg(4 << 20, 1 << 20)).expect("pool");
+        assert_eq!((pool.slots(), pool.bytes()), (4, 4 << 20));
+        pool.write_slot(2, b"kvtier").expect("write");
+        assert_eq!(pool.bytes_of(2, 6), b"kvtier");
+        assert_eq!(checksum(pool.bytes_of(2, 6)), checksum(b"kvtier"));
+    }
+}
