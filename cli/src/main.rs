@@ -42,6 +42,8 @@ enum Role {
     /// The node's KV tiers: a locked DRAM pool shared with every engine replica on the node
     /// over a Unix socket.
     NodeAgent(NodeAgentArgs),
+    /// Print the KVCachedInference CRD (YAML), as `crds/` holds it.
+    Crdgen,
 }
 
 #[derive(Args, Debug)]
@@ -358,6 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Demo(a) => demo_cmd(a).await?,
         Role::Plan(a) => out(&plan_cmd(&a)?),
         Role::NodeAgent(a) => node_agent(a).await?,
+        Role::Crdgen => out(&kvtier_api::crd::crd_yaml()),
     }
     Ok(())
 }
