@@ -437,7 +437,7 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
         server::bind(&a.socket).with_context(|| format!("binding {}", a.socket.display()))?;
     if let Some(addr) = a.metrics_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        tokio::spawn(server::serve_metrics(l, agent.clone()));
+        tokio::spawn(kvtier_node_agent::http::serve_metrics(l, agent.clone()));
     }
     tokio::select! {
         () = server::serve(listener, agent) => {}

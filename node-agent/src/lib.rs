@@ -6,11 +6,15 @@
 //!   ([`s3fifo`] by default, LRU);
 //! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart, its writes
 //!   batched through [`uring`] where the kernel offers io_uring;
-//! - [`server`]: the Unix socket speaking [`kvtier_api::agent`], `/metrics`, and the
-//!   residency events (which conversations' chunks entered or left each tier);
+//! - [`agent`]: the shared state and the answer to each request;
+//! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
+//! - [`http`]: `/metrics` and the residency events (which conversations' chunks entered or
+//!   left each tier);
 //! - [`client`]: the blocking client the connector uses.
 
+pub mod agent;
 pub mod client;
+pub mod http;
 pub mod index;
 pub mod nvme;
 pub mod pool;
@@ -18,7 +22,7 @@ pub mod s3fifo;
 pub mod server;
 pub mod uring;
 
+pub use agent::Agent;
 pub use client::Client;
 pub use index::{Index, Lru};
 pub use pool::{DramPool, LockMode, PoolConfig};
-pub use server::Agent;

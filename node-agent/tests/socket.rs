@@ -222,7 +222,7 @@ fn metrics_move() {
     let (path, agent, rt) = start(4);
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(server::serve_metrics(listener, agent.clone()));
+    rt.spawn(kvtier_node_agent::http::serve_metrics(listener, agent.clone()));
     let mut c = Client::connect(&path, "m").expect("attach");
     let slot = c.reserve(1).expect("reserve")[0];
     assert!(c.put(ChunkKey(1), slot, &chunk(1)).expect("commit"));
@@ -411,7 +411,7 @@ fn residency_events_follow_a_conversation_through_the_tiers() {
     let (path, agent, rt) = start_with(2, Some(&dir));
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(server::serve_metrics(listener, agent.clone()));
+    rt.spawn(kvtier_node_agent::http::serve_metrics(listener, agent.clone()));
     let mut c = Client::connect(&path, "c").expect("attach");
     let (a, b) = (ConversationKey::of_session("agent-a"), ConversationKey::of_session("agent-b"));
     // Conversation a: one chunk, before anyone listens (it shows in the snapshot).

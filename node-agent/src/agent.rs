@@ -1,0 +1,484 @@
+//! The agent's state and what it does per request: the pool, the index, the NVMe tier, and
+//! the residency counts, shared by every connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use kvtier_api::agent::NO_CHECKSUM;
+use kvtier_api::agent::{self, ConversationKey, ErrorCode, Request, ResidencyEvent, Response};
+use tracing::{debug, warn};
+
+use crate::index::{ClientId, Index, Millis};
+use crate::nvme::NvmeTier;
+use crate::pool::{checksum, DramPool};
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Agent {
+    pool: DramPool,
+    index: Mutex<Index>,
+    epoch: Instant,
+    next_client: AtomicU64,
+    verify_commits: bool,
+    pub(crate) counters: Counters,
+    nvme: Option<Mutex<NvmeTier>>,
+    /// Write chunks to NVMe when DRAM evicts them, instead of at commit.
+    write_back: bool,
+    residency: Mutex<Residency>,
+}
+
+pub(crate) const DRAM: usize = 0;
+pub(crate) const NVME: usize = 1;
+
+/// Chunks per conversation per tier, and the stream of changes.
+#[derive(Debug)]
+struct Residency {
+    counts: std::collections::HashMap<u64, [u32; 2]>,
+    seq: u64,
+    tx: tokio::sync::broadcast::Sender<ResidencyEvent>,
+}
+
+impl Residency {
+    fn new() -> Self {
+        Self {
+            counts: std::collections::HashMap::new(),
+            seq: 0,
+            tx: tokio::sync::broadcast::channel(4096).0,
+        }
+    }
+
+    /// One chunk of `conversation` entered (`delta` 1) or left (-1) `tier`; an event when the
+    /// conversation's count there moves from or to zero.
+    fn change(&mut self, conversation: u64, tier: usize, delta: i32) {
+        if conversation == 0 {
+            return;
+        }
+        let c = self.counts.entry(conversation).or_insert([0, 0]);
+        let before = c[tier];
+        let after = if delta >= 0 { before.saturating_add(1) } else { before.saturating_sub(1) };
+        c[tier] = after;
+        if *c == [0, 0] {
+            self.counts.remove(&conversation);
+        }
+        if (before == 0) != (after == 0) {
+            self.seq += 1;
+            let _ = self.tx.send(ResidencyEvent {
+                seq: self.seq,
+                conversation: ConversationKey(conversation),
+                tier: if tier == DRAM { agent::Tier::Dram } else { agent::Tier::Nvme },
+                entered: after > 0,
+                chunks: after,
+            });
+        }
+    }
+
+    /// Current residency as `entered` events, and a subscription to what follows.
+    fn subscribe(&self) -> (Vec<ResidencyEvent>, tokio::sync::broadcast::Receiver<ResidencyEvent>) {
+        let mut now = Vec::new();
+        for (conv, c) in &self.counts {
+            for (tier, n) in [(agent::Tier::Dram, c[DRAM]), (agent::Tier::Nvme, c[NVME])] {
+                if n > 0 {
+                    now.push(ResidencyEvent {
+                        seq: self.seq,
+                        conversation: ConversationKey(*conv),
+                        tier,
+                        entered: true,
+                        chunks: n,
+                    });
+                }
+            }
+        }
+        (now, self.tx.subscribe())
+    }
+}
+
+/// The client id the agent uses for its own reservations and pins (write-through, prefetch).
+const AGENT: ClientId = ClientId::MAX;
+/// How long a chunk being written through is pinned at most.
+const WRITE_LEASE_MS: u32 = 60_000;
+
+/// Agent-level counters (the index keeps hits, misses and evictions).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) clients: AtomicU64,
+    pub(crate) commits: AtomicU64,
+    pub(crate) commits_refused: AtomicU64,
+    pub(crate) bytes_committed: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) nvme_hits: AtomicU64,
+    pub(crate) promotions: AtomicU64,
+    /// Requests answered and nanoseconds spent, per operation ([`OPS`] order).
+    pub(crate) op_count: [AtomicU64; OPS.len()],
+    pub(crate) op_nanos: [AtomicU64; OPS.len()],
+}
+
+/// Operation names for the per-operation metrics, in `Request::op()` order (1-based).
+pub(crate) const OPS: [&str; 9] =
+    ["hello", "lookup", "reserve", "commit", "release", "pin", "unpin", "prefetch", "stats"];
+
+impl Agent {
+    /// Counts one answered request of operation `op` that took `elapsed`.
+    pub(crate) fn count_op(&self, op: u16, elapsed: std::time::Duration) {
+        if let Some(i) = usize::from(op).checked_sub(1).filter(|i| *i < OPS.len()) {
+            self.counters.op_count[i].fetch_add(1, Ordering::Relaxed);
+            let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+            self.counters.op_nanos[i].fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Agent {
+    /// An agent over `pool`, evicting in `index`'s order.
+    #[must_use]
+    pub fn new(pool: DramPool, index: Index) -> Self {
+        Self {
+            pool,
+            index: Mutex::new(index),
+            epoch: Instant::now(),
+            next_client: AtomicU64::new(1),
+            verify_commits: true,
+            counters: Counters::default(),
+            nvme: None,
+            write_back: false,
+            residency: Mutex::new(Residency::new()),
+        }
+    }
+
+    fn residency(&self) -> std::sync::MutexGuard<'_, Residency> {
+        self.residency.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records what the index evicted from DRAM.
+    /// Records what the index evicted from DRAM and returns it (for write-back).
+    fn note_dram_evictions(&self, ix: &mut Index) -> Vec<crate::index::Evicted> {
+        let gone = ix.take_evicted();
+        if !gone.is_empty() {
+            let mut r = self.residency();
+            for e in &gone {
+                r.change(e.conversation, DRAM, -1);
+            }
+        }
+        gone
+    }
+
+    /// In write-back mode, copies chunks DRAM just evicted to NVMe. Called before the slots'
+    /// new owner hears of them, so their bytes are still the evicted chunks'.
+    fn write_back(&self, gone: &[crate::index::Evicted]) {
+        if !self.write_back || gone.is_empty() {
+            return;
+        }
+        if let Some(mut t) = self.nvme() {
+            self.write_back_into(&mut t, gone);
+        }
+    }
+
+    /// [`Agent::write_back`] into a tier the caller has locked.
+    fn write_back_into(&self, t: &mut NvmeTier, gone: &[crate::index::Evicted]) {
+        for e in gone {
+            let sum = self.sum_of(e.slot, e.len, e.checksum);
+            match t.write(e.key, self.pool.slot(e.slot), e.len, sum, e.conversation) {
+                Ok(true) => self.residency().change(e.conversation, NVME, 1),
+                Ok(false) => {}
+                Err(err) => warn!("NVMe write-back of an evicted chunk failed (it is lost): {err}"),
+            }
+        }
+        self.note_nvme_evictions(t);
+    }
+
+    /// Writes chunks to NVMe when DRAM evicts them rather than when they are committed: less
+    /// NVMe traffic, but a chunk is only on NVMe once it has left DRAM, so an agent restart
+    /// loses what was only in DRAM.
+    #[must_use]
+    pub fn nvme_write_back(mut self, on: bool) -> Self {
+        self.write_back = on;
+        self
+    }
+
+    /// Records what the NVMe tier dropped.
+    fn note_nvme_evictions(&self, t: &mut NvmeTier) {
+        let gone = t.take_evicted();
+        if !gone.is_empty() {
+            let mut r = self.residency();
+            for (_, conv) in gone {
+                r.change(conv, NVME, -1);
+            }
+        }
+    }
+
+    /// The current residency and a subscription to its changes (`GET /residency`).
+    pub fn subscribe_residency(
+        &self,
+    ) -> (Vec<ResidencyEvent>, tokio::sync::broadcast::Receiver<ResidencyEvent>) {
+        self.residency().subscribe()
+    }
+
+    /// Adds an NVMe tier: committed chunks are written through to it, lookups report what
+    /// only it holds, and prefetch brings such chunks back into DRAM.
+    #[must_use]
+    pub fn with_nvme(mut self, tier: NvmeTier) -> Self {
+        {
+            let mut r = self.residency();
+            for conv in tier.conversations() {
+                r.change(conv, NVME, 1);
+            }
+        }
+        self.nvme = Some(Mutex::new(tier));
+        self
+    }
+
+    pub(crate) fn nvme(&self) -> Option<std::sync::MutexGuard<'_, NvmeTier>> {
+        self.nvme.as_ref().map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Writes committed chunks through to NVMe, each pinned while its slot is read.
+    fn write_through(&self, chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64, u64)]) {
+        if self.nvme.is_none() || self.write_back || chunks.is_empty() {
+            return;
+        }
+        let keys: Vec<_> = chunks.iter().map(|c| c.0).collect();
+        self.index().pin(AGENT, &keys, self.now(), WRITE_LEASE_MS);
+        let pending: Vec<crate::nvme::Pending<'_>> = chunks
+            .iter()
+            .map(|&(key, slot, len, sum, conv)| crate::nvme::Pending {
+                key,
+                data: self.pool.slot(slot),
+                len,
+                checksum: self.sum_of(slot, len, sum),
+                conversation: conv,
+            })
+            .collect();
+        if let Some(mut t) = self.nvme() {
+            let before: Vec<bool> = pending.iter().map(|p| t.contains(&p.key)).collect();
+            match t.write_batch(&pending) {
+                Ok(_) => {
+                    let mut r = self.residency();
+                    for (p, was) in pending.iter().zip(before) {
+                        if !was && t.contains(&p.key) {
+                            r.change(p.conversation, NVME, 1);
+                        }
+                    }
+                }
+                Err(e) => warn!(
+                    "NVMe write of {} chunks failed (they stay in DRAM only): {e}",
+                    pending.len()
+                ),
+            }
+            self.note_nvme_evictions(&mut t);
+        }
+        self.index().unpin(AGENT, &keys);
+    }
+
+    /// Brings `key` from NVMe into a DRAM slot; true when it is in DRAM afterwards.
+    fn load(&self, key: kvtier_api::chunk::ChunkKey) -> bool {
+        if self.index().get(&key).is_some() {
+            return true;
+        }
+        let Some(mut tier) = self.nvme() else { return false };
+        if !tier.contains(&key) {
+            return false;
+        }
+        let conv = tier.conversation_of(&key).unwrap_or(0);
+        let (slot, gone) = {
+            let mut ix = self.index();
+            let slot = ix.reserve(AGENT, 1, self.now()).pop();
+            (slot, self.note_dram_evictions(&mut ix))
+        };
+        if self.write_back {
+            // The tier is locked here; write the evicted chunks back through it.
+            self.write_back_into(&mut tier, &gone);
+        }
+        let Some(slot) = slot else { return false };
+        let loaded = match tier.read(key) {
+            Ok((bytes, len, sum)) => match self.pool.write_slot(slot, bytes) {
+                Ok(()) => Some((len, sum)),
+                Err(e) => {
+                    warn!("copying a chunk into the pool failed: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                warn!("NVMe read: {e}");
+                None
+            }
+        };
+        self.note_nvme_evictions(&mut tier);
+        drop(tier);
+        let mut ix = self.index();
+        match loaded {
+            // Verified against its checksum by the read.
+            Some((len, sum)) => match ix.commit(AGENT, key, slot, len, sum, conv, |_, _, _| true) {
+                Ok(new) => {
+                    if new {
+                        self.residency().change(conv, DRAM, 1);
+                        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+            None => {
+                ix.release(AGENT, &[slot]);
+                false
+            }
+        }
+    }
+
+    /// Whether a commit is checked against the slot's bytes before the chunk becomes
+    /// readable (on by default). Off, the client's checksum is recorded as given: a pass
+    /// over every stored byte is saved, and a client that writes the wrong bytes is no longer
+    /// caught at commit.
+    #[must_use]
+    pub fn verify_commits(mut self, on: bool) -> Self {
+        self.verify_commits = on;
+        self
+    }
+
+    fn now(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A client attached: its id.
+    pub(crate) fn attach(&self) -> ClientId {
+        self.counters.clients.fetch_add(1, Ordering::Relaxed);
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A client went away (closed for a malformed frame when `malformed`): its reservations
+    /// and pins go with it.
+    pub(crate) fn detach(&self, client: ClientId, malformed: bool) {
+        if malformed {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.index().client_gone(client);
+        self.counters.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counters (for metrics and tests).
+    #[must_use]
+    pub fn stats(&self) -> agent::Stats {
+        self.index().stats()
+    }
+
+    /// The pool.
+    #[must_use]
+    pub fn pool(&self) -> &DramPool {
+        &self.pool
+    }
+
+    /// The chunk's checksum: the client's, or computed now when it sent none (a chunk never
+    /// goes to NVMe without one).
+    fn sum_of(&self, slot: u32, len: u32, given: u64) -> u64 {
+        if given == NO_CHECKSUM {
+            checksum(self.pool.bytes_of(slot, len))
+        } else {
+            given
+        }
+    }
+
+    /// Whether answering `req` may read or write NVMe.
+    #[must_use]
+    pub fn may_do_io(&self, req: &Request) -> bool {
+        self.nvme.is_some()
+            && match req {
+                Request::Commit { .. } => !self.write_back,
+                Request::Reserve { .. } => self.write_back,
+                Request::Prefetch { .. } => true,
+                _ => false,
+            }
+    }
+
+    /// Answers one request of `client`.
+    pub fn handle(&self, client: ClientId, req: Request) -> Response {
+        let now = self.now();
+        match req {
+            Request::Hello { .. } => Response::Error {
+                code: ErrorCode::State,
+                message: "hello was already received".into(),
+            },
+            Request::Lookup { keys } => {
+                let (prefix, mut tiers, slots) = self.index().lookup(&keys);
+                if let Some(t) = self.nvme() {
+                    let mut found = 0;
+                    for (tier, key) in tiers.iter_mut().zip(&keys) {
+                        if *tier == agent::Tier::Absent && t.contains(key) {
+                            *tier = agent::Tier::Nvme;
+                            found += 1;
+                        }
+                    }
+                    self.counters.nvme_hits.fetch_add(found, Ordering::Relaxed);
+                }
+                Response::Lookup { prefix, tiers, slots }
+            }
+            Request::Reserve { n } => {
+                let mut ix = self.index();
+                let slots = ix.reserve(client, n, now);
+                let gone = self.note_dram_evictions(&mut ix);
+                drop(ix);
+                self.write_back(&gone);
+                Response::Reserve { slots }
+            }
+            Request::Commit { chunks } => {
+                // Checksums are computed outside the lock: a slot is only ever written by
+                // the client that reserved it, and a wrong slot fails the commit anyway.
+                let slots = self.pool.slots();
+                let slot_bytes = self.pool.slot_bytes();
+                let verified: Vec<bool> = chunks
+                    .iter()
+                    .map(|c| {
+                        c.slot < slots
+                            && c.len <= slot_bytes
+                            && (!self.verify_commits
+                                || c.checksum == NO_CHECKSUM
+                                || checksum(self.pool.bytes_of(c.slot, c.len)) == c.checksum)
+                    })
+                    .collect();
+                let mut ix = self.index();
+                let mut applied = 0;
+                let mut written = Vec::new();
+                for (c, ok) in chunks.iter().zip(verified) {
+                    let conv = c.conversation;
+                    match ix.commit(client, c.key, c.slot, c.len, c.checksum, conv, |_, _, _| ok) {
+                        Ok(new) => {
+                            applied += 1;
+                            if new {
+                                self.residency().change(conv, DRAM, 1);
+                            }
+                            if let Some((slot, len, sum)) = ix.get(&c.key) {
+                                let conv = ix.conversation_of(&c.key).unwrap_or(conv);
+                                written.push((c.key, slot, len, sum, conv));
+                            }
+                            self.counters
+                                .bytes_committed
+                                .fetch_add(u64::from(c.len), Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            self.counters.commits_refused.fetch_add(1, Ordering::Relaxed);
+                            debug!(client, "commit refused: {e}");
+                        }
+                    }
+                }
+                self.counters.commits.fetch_add(u64::from(applied), Ordering::Relaxed);
+                drop(ix);
+                self.write_through(&written);
+                Response::Ack { applied }
+            }
+            Request::Release { slots } => {
+                Response::Ack { applied: self.index().release(client, &slots) }
+            }
+            Request::Pin { keys, lease_ms } => {
+                Response::Ack { applied: self.index().pin(client, &keys, now, lease_ms) }
+            }
+            Request::Unpin { keys } => Response::Ack { applied: self.index().unpin(client, &keys) },
+            Request::Prefetch { keys } => {
+                let applied = keys.iter().filter(|k| self.load(**k)).count() as u32;
+                Response::Ack { applied }
+            }
+            Request::Stats => Response::Stats(self.stats()),
+        }
+    }
+}
