@@ -3,12 +3,16 @@
 //! chosen multiple of real time. Routing and tiering are measured with it on real agent
 //! traces, without GPUs.
 
+pub mod clock;
+mod driver;
 pub mod engine;
+mod metrics;
 pub mod plan;
 pub mod profile;
 pub mod server;
 pub mod tokens;
 
+pub use clock::SimClock;
 pub use engine::{Engine, EngineConfig, Strategy};
 pub use profile::Profile;
-pub use server::{Sim, SimClock, SimOptions, Snapshot};
+pub use server::{Sim, SimOptions, Snapshot};

@@ -1,13 +1,11 @@
-//! The HTTP surface of a simulated engine (vLLM's OpenAI server, as far as clients and
-//! routers use it) and the task that drives the engine in scaled real time.
+//! The HTTP surface of a simulated engine: vLLM's OpenAI server, as far as clients and
+//! routers use it. The engine itself runs in `driver.rs`; `/metrics` comes from `metrics.rs`.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -23,54 +21,16 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::engine::{Counters, Engine, EngineConfig, Event, Gauges, Strategy, Submission};
+use crate::clock::SimClock;
+use crate::driver::{drive, Msg, Update};
+use crate::engine::{Counters, Engine, EngineConfig, Gauges, Strategy, Submission};
 use crate::profile::Profile;
 use crate::tokens::{self, Message, Rendered};
 
 /// Largest request body accepted (vLLM has no fixed limit; agent prompts reach a few MB).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
-
-/// Output is sent to clients at most this often per request (real time), so a fast time
-/// scale does not turn into one network write per simulated token.
-const FLUSH_EVERY: Duration = Duration::from_millis(20);
-
-/// Steps closer than this (real time) to the clock are run without sleeping.
-const SLEEP_SLACK: Duration = Duration::from_micros(500);
-
-/// Maps simulated seconds to real time: `scale` simulated seconds pass per real second.
-#[derive(Debug, Clone, Copy)]
-pub struct SimClock {
-    origin: Instant,
-    scale: f64,
-}
-
-impl SimClock {
-    /// A clock at simulated time 0 now.
-    #[must_use]
-    pub fn new(scale: f64) -> Self {
-        Self { origin: Instant::now(), scale }
-    }
-
-    /// Current simulated time.
-    #[must_use]
-    pub fn now(&self) -> f64 {
-        self.origin.elapsed().as_secs_f64() * self.scale
-    }
-
-    /// The real instant of simulated time `t`.
-    #[must_use]
-    pub fn instant(&self, t: f64) -> Instant {
-        self.origin + Duration::from_secs_f64((t / self.scale).max(0.0))
-    }
-
-    /// Simulated seconds per real second.
-    #[must_use]
-    pub fn scale(&self) -> f64 {
-        self.scale
-    }
-}
 
 /// How to run a simulated engine.
 #[derive(Debug, Clone)]
@@ -102,28 +62,14 @@ pub struct Snapshot {
 }
 
 #[derive(Debug)]
-enum Msg {
-    Submit(Submission, mpsc::UnboundedSender<Update>),
-    Abort(u64),
-}
-
-/// What the engine tells a request's handler.
-#[derive(Debug)]
-enum Update {
-    First { cached: u64 },
-    Tokens(u32),
-    Done,
-}
-
-#[derive(Debug)]
-struct Shared {
-    model: String,
-    config: EngineConfig,
-    clock: SimClock,
+pub(crate) struct Shared {
+    pub(crate) model: String,
+    pub(crate) config: EngineConfig,
+    pub(crate) clock: SimClock,
     tx: mpsc::UnboundedSender<Msg>,
-    snapshot: Mutex<Snapshot>,
+    pub(crate) snapshot: Mutex<Snapshot>,
     next_id: AtomicU64,
-    profile: String,
+    pub(crate) profile: String,
 }
 
 /// A running simulated engine.
@@ -221,137 +167,8 @@ impl Sim {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A request's delivery state in the driver.
-#[derive(Debug)]
-struct Slot {
-    tx: mpsc::UnboundedSender<Update>,
-    pending: u32,
-    last_flush: Instant,
-}
-
-/// Runs the engine against the clock: a step that ends in the simulated future is waited
-/// for, then its events are delivered; requests that arrive meanwhile join at the next step.
-async fn drive(mut engine: Engine, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    let clock = shared.clock;
-    let mut slots: HashMap<u64, Slot> = HashMap::new();
-    let mut max_lag = 0.0f64;
-    let mut last_publish = Instant::now();
-    let publish = |engine: &Engine, max_lag: f64| {
-        *lock(&shared.snapshot) = Snapshot {
-            time: engine.time(),
-            max_lag,
-            counters: engine.counters(),
-            gauges: engine.gauges(),
-            kv_usage: engine.kv_usage(),
-        };
-    };
-    publish(&engine, 0.0);
-    loop {
-        // Take in what arrived.
-        loop {
-            let msg = if engine.is_idle() && slots.is_empty() {
-                publish(&engine, max_lag);
-                match rx.recv().await {
-                    Some(m) => m,
-                    None => return,
-                }
-            } else {
-                match rx.try_recv() {
-                    Ok(m) => m,
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => return,
-                }
-            };
-            match msg {
-                Msg::Submit(sub, tx) => {
-                    if engine.is_idle() {
-                        engine.advance_to(sub.arrival);
-                    }
-                    let id = sub.id;
-                    match engine.submit(sub) {
-                        Ok(()) => {
-                            slots.insert(id, Slot { tx, pending: 0, last_flush: Instant::now() });
-                        }
-                        // Checked by the handler already; a refusal here only drops the
-                        // request, which its handler reports.
-                        Err(e) => warn!("refused after the check: {e}"),
-                    }
-                }
-                Msg::Abort(id) => {
-                    engine.abort(id);
-                    slots.remove(&id);
-                }
-            }
-        }
-
-        let Some(step) = engine.step() else {
-            // Nothing runnable: the waiting head has not arrived yet.
-            match engine.next_arrival() {
-                Some(t) if t > engine.time() => engine.advance_to(t),
-                _ => {
-                    // Blocked (cannot happen with a consistent engine); wait for news.
-                    if let Some(Msg::Submit(sub, tx)) = rx.recv().await {
-                        let id = sub.id;
-                        if engine.submit(sub).is_ok() {
-                            slots.insert(id, Slot { tx, pending: 0, last_flush: Instant::now() });
-                        }
-                    }
-                }
-            }
-            continue;
-        };
-        let end = step.start + step.duration;
-        let now = clock.now();
-        max_lag = max_lag.max(now - end);
-        let due = clock.instant(end);
-        if due > Instant::now() + SLEEP_SLACK {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let real_now = Instant::now();
-        for ev in step.events {
-            match ev {
-                Event::FirstToken { id, hbm_hit_tokens, tier_hit_tokens } => {
-                    if let Some(s) = slots.get_mut(&id) {
-                        let cached = hbm_hit_tokens + tier_hit_tokens;
-                        if s.tx.send(Update::First { cached }).is_err() {
-                            engine.abort(id);
-                            slots.remove(&id);
-                        }
-                    }
-                }
-                Event::Tokens { id, n } => {
-                    if let Some(s) = slots.get_mut(&id) {
-                        s.pending += n;
-                        if real_now.duration_since(s.last_flush) >= FLUSH_EVERY || s.pending == n {
-                            let ok = s.tx.send(Update::Tokens(s.pending)).is_ok();
-                            s.pending = 0;
-                            s.last_flush = real_now;
-                            if !ok {
-                                engine.abort(id);
-                                slots.remove(&id);
-                            }
-                        }
-                    }
-                }
-                Event::Finished { id } => {
-                    if let Some(s) = slots.remove(&id) {
-                        if s.pending > 0 {
-                            let _ = s.tx.send(Update::Tokens(s.pending));
-                        }
-                        let _ = s.tx.send(Update::Done);
-                    }
-                }
-            }
-        }
-        if real_now.duration_since(last_publish) >= Duration::from_millis(50) {
-            publish(&engine, max_lag);
-            last_publish = real_now;
-        }
-    }
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -709,148 +526,7 @@ fn stream_response(
 }
 
 fn metrics(st: &Shared) -> Response<Body> {
-    let s = *lock(&st.snapshot);
-    let c = s.counters;
-    let g = s.gauges;
-    let bt = u64::from(st.config.block_tokens);
-    let m = &st.model;
-    let mut out = String::with_capacity(4096);
-    let mut put = |kind: &str, name: &str, help: &str, samples: &[(&str, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let sep = if labels.is_empty() { "" } else { "," };
-            let suffix = if kind == "counter" { "_total" } else { "" };
-            let _ = writeln!(out, "{name}{suffix}{{model_name=\"{m}\"{sep}{labels}}} {v}");
-        }
-    };
-    put(
-        "gauge",
-        "vllm:num_requests_running",
-        "Requests in the running batch.",
-        &[("", g.running as f64)],
-    );
-    put(
-        "gauge",
-        "vllm:num_requests_waiting",
-        "Requests waiting for admission.",
-        &[("", g.waiting as f64)],
-    );
-    put(
-        "gauge",
-        "vllm:kv_cache_usage_perc",
-        "Share of KV blocks in use (1 = 100%).",
-        &[("", s.kv_usage)],
-    );
-    put(
-        "gauge",
-        "vllm:gpu_cache_usage_perc",
-        "Share of KV blocks in use (older name).",
-        &[("", s.kv_usage)],
-    );
-    put(
-        "counter",
-        "vllm:prefix_cache_queries",
-        "Prompt tokens looked up in the prefix cache.",
-        &[("", c.prefix_queries as f64)],
-    );
-    put(
-        "counter",
-        "vllm:prefix_cache_hits",
-        "Prompt tokens found in the prefix cache (HBM).",
-        &[("", c.prefix_hits as f64)],
-    );
-    put(
-        "counter",
-        "vllm:prompt_tokens",
-        "Prompt tokens of admitted requests.",
-        &[("", c.prompt_tokens as f64)],
-    );
-    put(
-        "counter",
-        "vllm:generation_tokens",
-        "Generated tokens.",
-        &[("", c.generation_tokens as f64)],
-    );
-    put("counter", "vllm:num_preemptions", "Preemptions.", &[("", c.preemptions as f64)]);
-    put(
-        "counter",
-        "vllm:request_success",
-        "Finished requests.",
-        &[("finished_reason=\"length\"", c.finished as f64)],
-    );
-    let cache_info = format!(
-        "block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\"",
-        bt,
-        st.config.hbm_blocks,
-        st.config.strategy != Strategy::None
-    );
-    put("gauge", "vllm:cache_config_info", "KV cache configuration.", &[(&cache_info, 1.0)]);
-    put(
-        "counter",
-        "kvtier_sim_tier_hit_tokens",
-        "Prompt tokens loaded from a host tier.",
-        &[("tier=\"dram\"", c.dram_hits as f64), ("tier=\"nvme\"", c.nvme_hits as f64)],
-    );
-    put(
-        "counter",
-        "kvtier_sim_computed_tokens",
-        "Prompt tokens computed by prefill.",
-        &[("", c.computed_tokens as f64)],
-    );
-    put(
-        "counter",
-        "kvtier_sim_evicted_blocks",
-        "KV blocks evicted, per tier.",
-        &[
-            ("tier=\"hbm\"", c.hbm_evictions as f64),
-            ("tier=\"dram\"", c.dram_evictions as f64),
-            ("tier=\"nvme\"", c.nvme_evictions as f64),
-        ],
-    );
-    put(
-        "gauge",
-        "kvtier_sim_held_tokens",
-        "Prompt tokens of KV held, per tier and in any tier.",
-        &[
-            ("tier=\"hbm\"", ((g.hbm_used_blocks + g.hbm_cached_blocks) * bt) as f64),
-            ("tier=\"dram\"", (g.dram_blocks * bt) as f64),
-            ("tier=\"nvme\"", (g.nvme_blocks * bt) as f64),
-            ("tier=\"any\"", (g.held_blocks * bt) as f64),
-        ],
-    );
-    put(
-        "counter",
-        "kvtier_sim_load_seconds",
-        "Simulated seconds spent loading KV from host tiers.",
-        &[("", c.load_seconds)],
-    );
-    put(
-        "counter",
-        "kvtier_sim_store_seconds",
-        "Simulated seconds spent saving KV to DRAM.",
-        &[("", c.store_seconds)],
-    );
-    put(
-        "counter",
-        "kvtier_sim_busy_seconds",
-        "Simulated seconds spent in forward passes.",
-        &[("", c.busy_seconds)],
-    );
-    put("gauge", "kvtier_sim_time_seconds", "The engine's simulated time.", &[("", s.time)]);
-    put(
-        "gauge",
-        "kvtier_sim_max_lag_seconds",
-        "Worst lag of the engine behind the clock, simulated seconds.",
-        &[("", s.max_lag)],
-    );
-    let info = format!(
-        "profile=\"{}\",strategy=\"{}\",time_scale=\"{}\"",
-        st.profile,
-        st.config.strategy.label(),
-        st.clock.scale()
-    );
-    put("gauge", "kvtier_sim_info", "Profile, strategy and time scale.", &[(&info, 1.0)]);
-    let mut res = Response::new(Full::new(Bytes::from(out)).boxed());
+    let mut res = Response::new(Full::new(Bytes::from(crate::metrics::text(st))).boxed());
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
