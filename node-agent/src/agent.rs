@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use kvtier_api::agent::NO_CHECKSUM;
-use kvtier_api::agent::{self, ConversationKey, ErrorCode, Request, ResidencyEvent, Response};
+use kvtier_api::agent::{self, ErrorCode, Request, Response};
+use kvtier_api::residency::{ConversationKey, ResidencyEvent};
 use tracing::{debug, warn};
 
 use crate::index::{ClientId, Index, Millis};

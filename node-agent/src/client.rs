@@ -6,10 +6,9 @@ use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use kvtier_api::agent::{
-    decode_header, Commit, ConversationKey, Request, Response, Stats, Tier, HEADER,
-};
+use kvtier_api::agent::{decode_header, Commit, Request, Response, Stats, Tier, HEADER};
 use kvtier_api::chunk::ChunkKey;
+use kvtier_api::residency::ConversationKey;
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
 use crate::pool::MappedPool;

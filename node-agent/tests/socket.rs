@@ -406,7 +406,7 @@ fn random_frames_for_a_second_break_nothing() {
 
 #[test]
 fn residency_events_follow_a_conversation_through_the_tiers() {
-    use kvtier_api::agent::ConversationKey;
+    use kvtier_api::residency::ConversationKey;
     let dir = nvme_dir("res");
     let (path, agent, rt) = start_with(2, Some(&dir));
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");

@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let slots = c.reserve(batch.len() as u32)?;
             let items: Vec<(ChunkKey, u32, &[u8])> =
                 batch.iter().zip(&slots).map(|(k, s)| (*k, *s, &chunk[..])).collect();
-            let conv = kvtier_api::agent::ConversationKey(1);
+            let conv = kvtier_api::residency::ConversationKey(1);
             assert_eq!(c.put_many(conv, &items)? as usize, batch.len());
         }
         store.push(bytes / t.elapsed().as_secs_f64() / 1e9);

@@ -1,0 +1,124 @@
+//! The node-agent protocol: every request round-trips, random and truncated bodies are refused
+//! without panicking, hostile counts are refused before anything is allocated.
+
+use kvtier_api::agent::*;
+use kvtier_api::chunk::ChunkKey;
+use proptest::prelude::*;
+
+fn key() -> impl Strategy<Value = ChunkKey> + Clone {
+    any::<u128>().prop_map(ChunkKey)
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    let keys = prop::collection::vec(key(), 0..40);
+    prop_oneof![
+        ("[a-z0-9-]{0,40}", any::<u32>()).prop_map(|(client, pid)| Request::Hello { client, pid }),
+        keys.clone().prop_map(|keys| Request::Lookup { keys }),
+        (0..=MAX_KEYS as u32).prop_map(|n| Request::Reserve { n }),
+        prop::collection::vec(
+            (key(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()),
+            0..20
+        )
+        .prop_map(|v| {
+            Request::Commit {
+                chunks: v
+                    .into_iter()
+                    .map(|(key, slot, len, checksum, conversation)| Commit {
+                        key,
+                        slot,
+                        len,
+                        checksum,
+                        conversation,
+                    })
+                    .collect(),
+            }
+        }),
+        prop::collection::vec(any::<u32>(), 0..40).prop_map(|slots| Request::Release { slots }),
+        (keys.clone(), 1..=MAX_LEASE_MS)
+            .prop_map(|(keys, lease_ms)| Request::Pin { keys, lease_ms }),
+        keys.clone().prop_map(|keys| Request::Unpin { keys }),
+        keys.prop_map(|keys| Request::Prefetch { keys }),
+        Just(Request::Stats),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(req in request(), id in any::<u32>()) {
+        let bytes = req.encode(id);
+        let (h, body) = split_frame(&bytes).expect("own frame");
+        prop_assert_eq!(h.request_id, id);
+        prop_assert_eq!(h.op, req.op());
+        prop_assert_eq!(Request::decode(h.op, body).expect("own body"), req);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(op in any::<u16>(), body in prop::collection::vec(any::<u8>(), 0..300)) {
+        let _ = Request::decode(op, &body);
+        let _ = Response::decode(op, &body);
+    }
+
+    #[test]
+    fn truncated_or_padded_bodies_are_refused(req in request(), cut in 1usize..8) {
+        let bytes = req.encode(1);
+        let (h, body) = split_frame(&bytes).expect("own frame");
+        if body.len() >= cut {
+            prop_assert!(Request::decode(h.op, &body[..body.len() - cut]).is_err());
+        }
+        let mut padded = body.to_vec();
+        padded.push(0);
+        prop_assert!(Request::decode(h.op, &padded).is_err());
+    }
+}
+
+#[test]
+fn responses_round_trip() {
+    let all = [
+        Response::Hello { pool_bytes: 1 << 30, slot_bytes: 1 << 20, slots: 1024 },
+        Response::Lookup {
+            prefix: 1,
+            tiers: vec![Tier::Dram, Tier::Nvme],
+            slots: vec![7, u32::MAX],
+        },
+        Response::Reserve { slots: vec![1, 2, 3] },
+        Response::Ack { applied: 3 },
+        Response::Stats(Stats {
+            slots: 9,
+            used: 3,
+            reserved: 1,
+            pinned: 2,
+            hits: 5,
+            misses: 6,
+            evictions: 7,
+        }),
+        Response::Error { code: ErrorCode::Full, message: "full".into() },
+    ];
+    for r in all {
+        let bytes = r.encode(42);
+        let (h, body) = split_frame(&bytes).expect("frame");
+        assert_eq!(h.request_id, 42);
+        assert_eq!(Response::decode(h.op, body).expect("body"), r);
+    }
+}
+
+#[test]
+fn hostile_headers_and_counts_are_refused_before_allocating() {
+    let mut f = Request::Stats.encode(1);
+    f[0] = b'X';
+    assert!(matches!(split_frame(&f), Err(ProtocolError::Magic(_))));
+    let mut f = Request::Stats.encode(1);
+    f[4] = 9;
+    assert!(matches!(split_frame(&f), Err(ProtocolError::Version(9))));
+    let mut f = Request::Stats.encode(1);
+    f[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(split_frame(&f), Err(ProtocolError::TooLarge(_))));
+    // A lookup that claims 60,000 keys in 4 bytes of body.
+    let body = 60_000u32.to_le_bytes();
+    assert!(matches!(Request::decode(2, &body), Err(ProtocolError::Length(_))));
+    let body = (MAX_KEYS as u32 + 1).to_le_bytes();
+    assert!(matches!(Request::decode(2, &body), Err(ProtocolError::Invalid(_))));
+    // A zero lease.
+    let mut body = 0u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(Request::decode(6, &body), Err(ProtocolError::Invalid(_))));
+}
