@@ -315,8 +315,8 @@ pub fn tables(opts: &DemoOptions, results: &[RunResult]) -> String {
         m.push('\n');
         for &policy in &opts.policies {
             let get = |s: Strategy| rows.iter().find(|r| r.policy == policy && r.strategy == s);
-            if let (Some(h), Some(t)) = (get(Strategy::Hbm), get(Strategy::Tiered)) {
-                let (h, t) = (&h.summary, &t.summary);
+            if let (Some(hbm), Some(tiered)) = (get(Strategy::Hbm), get(Strategy::Tiered)) {
+                let (h, t) = (&hbm.summary, &tiered.summary);
                 let _ = writeln!(
                     m,
                     "- {} routing, tiered vs hbm: TTFT avg {}, p95 {}, max {}; requests completed {}; working set held {}.",
@@ -325,10 +325,7 @@ pub fn tables(opts: &DemoOptions, results: &[RunResult]) -> String {
                     lower(h.ttft_p95, t.ttft_p95),
                     lower(h.ttft_max, t.ttft_max),
                     more(h.completed as f64, t.completed as f64),
-                    more(
-                        rows.iter().find(|r| r.policy == policy && r.strategy == Strategy::Hbm).map_or(0, |r| r.held_tokens) as f64,
-                        rows.iter().find(|r| r.policy == policy && r.strategy == Strategy::Tiered).map_or(0, |r| r.held_tokens) as f64
-                    ),
+                    more(hbm.held_tokens as f64, tiered.held_tokens as f64),
                 );
             }
         }

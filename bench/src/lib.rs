@@ -5,5 +5,6 @@ pub mod demo;
 pub mod plot;
 pub mod replay;
 pub mod report;
+pub mod sse;
 pub mod synth;
 pub mod trace;
