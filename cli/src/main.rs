@@ -9,11 +9,12 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvtier_bench::{demo, replay, report, trace};
 use kvtier_router::{Policy, RouterArgs, StaticDiscovery};
-use kvtier_sim::plan::{self, PlanInput};
-use kvtier_sim::profile::{Gpus, ModelShape};
 use kvtier_sim::{Profile, Sim, SimOptions, Strategy};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
+
+mod node_agent;
+mod plan;
 
 /// KV-cache-aware LLM serving for agent workloads.
 #[derive(Parser, Debug)]
@@ -38,64 +39,12 @@ enum Role {
     /// for each KV strategy and routing policy, under stress and at low load.
     Demo(DemoArgs),
     /// KV arithmetic and the recommended strategy for a model, GPUs and load.
-    Plan(PlanArgs),
+    Plan(plan::PlanArgs),
     /// The node's KV tiers: a locked DRAM pool shared with every engine replica on the node
     /// over a Unix socket.
-    NodeAgent(NodeAgentArgs),
+    NodeAgent(node_agent::NodeAgentArgs),
     /// Print the KVCachedInference CRD (YAML), as `crds/` holds it.
     Crdgen,
-}
-
-#[derive(Args, Debug)]
-struct NodeAgentArgs {
-    /// Unix socket the connectors attach to.
-    #[arg(long, env = "KVTIER_AGENT_SOCKET", default_value = "/run/kvtier/agent.sock")]
-    socket: PathBuf,
-    /// DRAM pool size (e.g. 64GiB).
-    #[arg(long, env = "KVTIER_AGENT_DRAM", value_parser = bytes_arg)]
-    dram: u64,
-    /// Bytes per slot: one KV chunk (at least 512KiB).
-    #[arg(long, env = "KVTIER_AGENT_SLOT", default_value = "2MiB", value_parser = bytes_arg)]
-    slot: u64,
-    /// Lock the pool in memory: required, best-effort or off.
-    #[arg(long, env = "KVTIER_AGENT_MLOCK", default_value = "required")]
-    mlock: kvtier_node_agent::LockMode,
-    /// Back the pool with huge pages (reserve them on the node first).
-    #[arg(long, env = "KVTIER_AGENT_HUGE_PAGES")]
-    huge_pages: bool,
-    /// Serve Prometheus metrics on this address (`/metrics`).
-    #[arg(long, env = "KVTIER_AGENT_METRICS_LISTEN")]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// Directory of the NVMe tier (one file per chunk); none: DRAM only.
-    #[arg(long, env = "KVTIER_AGENT_NVME_DIR")]
-    nvme_dir: Option<PathBuf>,
-    /// NVMe tier capacity (e.g. 1TiB).
-    #[arg(long, env = "KVTIER_AGENT_NVME_BYTES", value_parser = bytes_arg, requires = "nvme_dir")]
-    nvme_bytes: Option<u64>,
-    /// When chunks go to NVMe: `through` (at commit; they survive an agent restart) or
-    /// `back` (when DRAM evicts them; less NVMe traffic).
-    #[arg(long, env = "KVTIER_AGENT_NVME_MODE", value_enum, default_value = "through")]
-    nvme_mode: NvmeMode,
-    /// DRAM eviction order: `s3-fifo` (keeps chunks that are used again; 1.1-1.2x LRU's
-    /// prefix hits on the agent traces at 0.5-2M tokens) or `lru`.
-    #[arg(long, env = "KVTIER_AGENT_EVICTION", value_enum, default_value = "s3-fifo")]
-    eviction: Eviction,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Eviction {
-    Lru,
-    S3Fifo,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum NvmeMode {
-    Through,
-    Back,
-}
-
-fn bytes_arg(s: &str) -> Result<u64, String> {
-    kvtier_router::parse_bytes(s)
 }
 
 /// Parses a duration in simulated seconds: `90`, `90s`, `20m`, `1h`.
@@ -259,49 +208,6 @@ struct DemoArgs {
     no_progress: bool,
 }
 
-#[derive(Args, Debug)]
-struct PlanArgs {
-    /// Take the model and GPUs from a profile; other flags override.
-    #[arg(long)]
-    profile: Option<String>,
-    /// Transformer layers.
-    #[arg(long)]
-    layers: Option<u32>,
-    /// KV heads per layer.
-    #[arg(long)]
-    kv_heads: Option<u32>,
-    /// Head dimension.
-    #[arg(long)]
-    head_dim: Option<u32>,
-    /// KV dtype: fp8, bf16, fp16 or fp32.
-    #[arg(long)]
-    kv_dtype: Option<String>,
-    /// Weights in GB over all GPUs of a replica.
-    #[arg(long)]
-    weights_gb: Option<f64>,
-    /// GPUs per replica.
-    #[arg(long)]
-    gpus: Option<u32>,
-    /// HBM per GPU in GB.
-    #[arg(long)]
-    hbm_gb: Option<f64>,
-    /// vLLM's --gpu-memory-utilization.
-    #[arg(long)]
-    gpu_memory_utilization: Option<f64>,
-    /// GB per replica for activations and graphs.
-    #[arg(long)]
-    reserved_gb: Option<f64>,
-    /// Conversations live at once.
-    #[arg(long)]
-    users: u64,
-    /// Context per conversation in tokens.
-    #[arg(long)]
-    context: u64,
-    /// DRAM a node can give to KV, in GB.
-    #[arg(long)]
-    host_dram_gb: Option<f64>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The control runtime: accepting, discovery, health checks, the simulator's engine and
@@ -358,8 +264,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Sim(a) => sim(a).await?,
         Role::Bench(a) => bench(a).await?,
         Role::Demo(a) => demo_cmd(a).await?,
-        Role::Plan(a) => out(&plan_cmd(&a)?),
-        Role::NodeAgent(a) => node_agent(a).await?,
+        Role::Plan(a) => out(&plan::run(&a)?),
+        Role::NodeAgent(a) => node_agent::run(a).await?,
         Role::Crdgen => out(&kvtier_api::crd::crd_yaml()),
     }
     Ok(())
@@ -389,61 +295,6 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         },
     );
     shutdown_signal().await;
-    Ok(())
-}
-
-async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
-    use kvtier_node_agent::{server, Agent, DramPool, Index, Lru, PoolConfig};
-    let slot_bytes = u32::try_from(a.slot).context("--slot is too large")?;
-    let pool = DramPool::create(PoolConfig {
-        bytes: a.dram,
-        slot_bytes,
-        lock: a.mlock,
-        huge_pages: a.huge_pages,
-    })?;
-    tracing::info!(
-        socket = %a.socket.display(),
-        bytes = pool.bytes(),
-        slots = pool.slots(),
-        slot_bytes,
-        locked = pool.locked(),
-        "node-agent serving"
-    );
-    let policy: Box<dyn kvtier_node_agent::index::EvictionPolicy> = match a.eviction {
-        Eviction::Lru => Box::<Lru>::default(),
-        Eviction::S3Fifo => Box::new(kvtier_node_agent::s3fifo::S3Fifo::new(pool.slots() as usize)),
-    };
-    let index = Index::new(pool.slots(), slot_bytes, policy);
-    let mut agent = Agent::new(pool, index);
-    if let Some(dir) = &a.nvme_dir {
-        let bytes = a.nvme_bytes.context("--nvme-bytes is required with --nvme-dir")?;
-        let (tier, recovery) = kvtier_node_agent::nvme::NvmeTier::open(dir, bytes)
-            .with_context(|| format!("opening the NVMe tier in {}", dir.display()))?;
-        tracing::info!(
-            dir = %dir.display(),
-            bytes,
-            direct = tier.direct(),
-            kept = recovery.kept,
-            discarded = recovery.discarded,
-            "NVMe tier ready"
-        );
-        agent = agent.with_nvme(tier).nvme_write_back(matches!(a.nvme_mode, NvmeMode::Back));
-    }
-    let agent = Arc::new(agent);
-    if let Some(dir) = a.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let listener =
-        server::bind(&a.socket).with_context(|| format!("binding {}", a.socket.display()))?;
-    if let Some(addr) = a.metrics_listen {
-        let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        tokio::spawn(kvtier_node_agent::http::serve_metrics(l, agent.clone()));
-    }
-    tokio::select! {
-        () = server::serve(listener, agent) => {}
-        () = shutdown_signal() => {}
-    }
-    let _ = std::fs::remove_file(&a.socket);
     Ok(())
 }
 
@@ -538,68 +389,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn plan_cmd(a: &PlanArgs) -> anyhow::Result<String> {
-    let base = match &a.profile {
-        Some(p) => Some(Profile::load(p)?),
-        None => None,
-    };
-    let need = |v: Option<u32>, from: Option<u32>, flag: &str| -> anyhow::Result<u32> {
-        v.or(from).with_context(|| format!("--{flag} is required without --profile"))
-    };
-    let kv_dtype_bytes = match a.kv_dtype.as_deref() {
-        Some("fp8" | "fp8_e4m3" | "fp8_e5m2") => Some(1),
-        Some("bf16" | "fp16" | "half" | "bfloat16" | "float16") => Some(2),
-        Some("fp32" | "float32") => Some(4),
-        Some(other) => bail!("unknown --kv-dtype {other:?}: fp8, bf16, fp16 or fp32"),
-        None => None,
-    };
-    let model = ModelShape {
-        layers: need(a.layers, base.as_ref().map(|p| p.model.layers), "layers")?,
-        kv_heads: need(a.kv_heads, base.as_ref().map(|p| p.model.kv_heads), "kv-heads")?,
-        head_dim: need(a.head_dim, base.as_ref().map(|p| p.model.head_dim), "head-dim")?,
-        kv_dtype_bytes: need(
-            kv_dtype_bytes,
-            base.as_ref().map(|p| p.model.kv_dtype_bytes),
-            "kv-dtype",
-        )?,
-        weights_gb: a.weights_gb.or(base.as_ref().map(|p| p.model.weights_gb)).unwrap_or(0.0),
-        max_model_len: base.as_ref().map_or(0, |p| p.model.max_model_len),
-    };
-    let gpus = Gpus {
-        count: need(a.gpus, base.as_ref().map(|p| p.gpu.count), "gpus")?,
-        hbm_gb: a
-            .hbm_gb
-            .or(base.as_ref().map(|p| p.gpu.hbm_gb))
-            .context("--hbm-gb is required without --profile")?,
-        hbm_bandwidth_gb_s: base.as_ref().map_or(0.0, |p| p.gpu.hbm_bandwidth_gb_s),
-        memory_utilization: a
-            .gpu_memory_utilization
-            .or(base.as_ref().map(|p| p.gpu.memory_utilization))
-            .unwrap_or(0.9),
-        reserved_gb: a.reserved_gb.or(base.as_ref().map(|p| p.gpu.reserved_gb)).unwrap_or(0.0),
-    };
-    if !(gpus.memory_utilization > 0.0 && gpus.memory_utilization <= 1.0) {
-        bail!("--gpu-memory-utilization must be in (0, 1]");
-    }
-    if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 || gpus.count == 0 {
-        bail!("layers, KV heads, head dim and GPUs must be positive");
-    }
-    let input = PlanInput {
-        model,
-        gpus,
-        users: a.users,
-        context_tokens: a.context,
-        host_dram_gb: a.host_dram_gb,
-    };
-    let p = plan::plan(&input);
-    let mut text = plan::render(&input, &p);
-    if a.weights_gb.is_none() && base.is_none() {
-        text.push_str("note                 --weights-gb not given: HBM KV capacity counts the weights as 0, an upper bound\n");
-    }
-    Ok(text)
-}
-
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
