@@ -35,6 +35,20 @@ pub const DEFAULT_ENGINE_IMAGE: &str = "vllm/vllm-openai-rocm:v0.19.0";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.cache.strategy != 'tiered' || has(self.cache.dram)",
+        "message": "cache.dram is required with strategy tiered (kvtier plan gives the size)"
+    },
+    {
+        "rule": "self.cache.strategy == 'tiered' || (!has(self.cache.dram) && !has(self.cache.nvme))",
+        "message": "cache.dram and cache.nvme are used only with strategy tiered"
+    },
+    {
+        "rule": "!has(self.engine.extraArgs) || !self.engine.extraArgs.exists(a, a.startsWith('--enable-prefix-caching') || a.startsWith('--no-enable-prefix-caching') || a.startsWith('--kv-transfer-config') || a.startsWith('--kv-offloading'))",
+        "message": "engine.extraArgs may not set prefix caching, --kv-transfer-config or KV offloading: cache.strategy owns them"
+    }
+]))]
 pub struct KVCachedInferenceSpec {
     /// The model to serve.
     pub model: ModelSpec,
@@ -94,9 +108,11 @@ pub struct EngineSpec {
     /// Replicas. Each holds its own HBM cache; the router keeps every conversation on the one
     /// that holds its KV.
     #[serde(default = "one")]
+    #[schemars(range(min = 0))]
     pub replicas: i32,
     /// GPUs per replica (vLLM's `--tensor-parallel-size`).
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
     pub tensor_parallel_size: i32,
     /// GPU vendor: `amd` (default, requests `amd.com/gpu`) or `nvidia` (`nvidia.com/gpu`).
     #[serde(default)]
@@ -104,6 +120,7 @@ pub struct EngineSpec {
     /// Share of GPU memory vLLM may use (`--gpu-memory-utilization`), weights and KV together.
     /// The study ran 0.78 under stress; KV capacity is what remains after the weights.
     #[serde(default = "default_gpu_memory_utilization")]
+    #[schemars(range(min = 0.05, max = 1.0))]
     pub gpu_memory_utilization: f64,
     /// KV cache dtype (`--kv-cache-dtype`, e.g. `auto`, `fp8`). FP8 halves KV per token
     /// (MiniMax-M2.5: 124 KiB per token, about 12 GB per 100k tokens).
@@ -112,6 +129,7 @@ pub struct EngineSpec {
     /// More engine arguments (tool and reasoning parsers, max model length…). Flags the KV
     /// strategy owns (prefix caching, `--kv-transfer-config`, KV offloading) are refused here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub extra_args: Vec<String>,
     /// Container resources; the GPU request is added from `accelerator` and
     /// `tensorParallelSize`.
@@ -238,6 +256,7 @@ pub struct RouterSpec {
     pub overload_bound_tokens: u32,
     /// Router replicas.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub replicas: i32,
 }
 
@@ -296,6 +315,58 @@ fn default_overload_bound() -> u32 {
     8192
 }
 
+/// The smallest DRAM tier worth running: 128 chunks of 2 MiB.
+pub const MIN_DRAM_BYTES: u64 = 256 << 20;
+
+/// Bytes in a Kubernetes quantity: `64Gi`, `500M`, `1.5Gi`, `1e9`, `1048576`. A fraction of a
+/// byte rounds up.
+///
+/// # Errors
+/// When the text is not a non-negative quantity or exceeds `u64`.
+pub fn quantity_bytes(q: &Quantity) -> Result<u64, String> {
+    let s = q.0.trim();
+    let bad = || format!("{s:?} is not a quantity like 64Gi");
+    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(end);
+    if num.is_empty() || num.matches('.').count() > 1 {
+        return Err(bad());
+    }
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        e if e.starts_with(['e', 'E']) => {
+            let exp: i32 = e[1..].parse().map_err(|_| bad())?;
+            10f64.powi(exp)
+        }
+        _ => return Err(bad()),
+    };
+    let bytes = (value * mult).ceil();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is too large"));
+    }
+    // In range and non-negative by construction (no sign is accepted).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(bytes as u64)
+}
+
+/// Whether `s` is a valid HTTP header name (RFC 9110 token).
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Engine flags the KV strategy owns: a spec may not set them through `extraArgs`.
 const OWNED_FLAGS: &[&str] = &[
     "--enable-prefix-caching",
@@ -342,6 +413,35 @@ pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
                 "spec.engine.extraArgs sets {flag}, which the operator sets from the spec \
                  (cache.strategy, engine fields); remove it"
             ));
+        }
+    }
+    for h in &spec.router.session_headers {
+        if !is_header_name(h) {
+            why.push(format!("spec.router.sessionHeaders has {h:?}, which is not a header name"));
+        }
+    }
+    match humantime::parse_duration(&spec.router.session_ttl) {
+        Ok(d) if !d.is_zero() => {}
+        _ => why.push(format!(
+            "spec.router.sessionTtl is {:?}: use a duration like 30m",
+            spec.router.session_ttl
+        )),
+    }
+    if let Some(q) = &spec.cache.dram {
+        match quantity_bytes(q) {
+            Ok(b) if b >= MIN_DRAM_BYTES => {}
+            Ok(_) => why.push(format!("spec.cache.dram is {}: the tier needs at least 256Mi", q.0)),
+            Err(e) => why.push(format!("spec.cache.dram: {e}")),
+        }
+    }
+    if let Some(n) = &spec.cache.nvme {
+        match quantity_bytes(&n.size) {
+            Ok(b) if b > 0 => {}
+            Ok(_) => why.push("spec.cache.nvme.size is zero: omit nvme instead".to_owned()),
+            Err(e) => why.push(format!("spec.cache.nvme.size: {e}")),
+        }
+        if !n.path.starts_with('/') {
+            why.push(format!("spec.cache.nvme.path is {:?}: use an absolute path", n.path));
         }
     }
     if spec.router.replicas < 1 {
@@ -437,6 +537,41 @@ mod tests {
     }
 
     #[test]
+    fn quantities_are_bytes() {
+        let b = |s: &str| quantity_bytes(&Quantity(s.to_owned()));
+        assert_eq!(b("64Gi"), Ok(64 << 30));
+        assert_eq!(b("1Ti"), Ok(1 << 40));
+        assert_eq!(b("500M"), Ok(500_000_000));
+        assert_eq!(b("1.5Gi"), Ok(3 << 29));
+        assert_eq!(b("1e9"), Ok(1_000_000_000));
+        assert_eq!(b("1048576"), Ok(1 << 20));
+        assert_eq!(b("1500m"), Ok(2));
+        for bad in ["", "Gi", "-1Gi", "1..5Gi", "12XB", "1e", "99999999E"] {
+            assert!(b(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_durations_and_headers_are_checked() {
+        let s = spec(
+            "model: {name: m}\n\
+             cache: {strategy: tiered, dram: 100Mi, nvme: {size: lots, path: relative}}\n\
+             router: {sessionTtl: soon, sessionHeaders: ['X-Session-ID', 'bad header']}",
+        );
+        let all = validate(&s).expect_err("refused").join("\n");
+        for needle in [
+            "at least 256Mi",
+            "nvme.size: \"lots\"",
+            "absolute path",
+            "sessionTtl is \"soon\"",
+            "\"bad header\"",
+        ] {
+            assert!(all.contains(needle), "{needle} not in {all}");
+        }
+        assert!(!all.contains("X-Session-ID"), "{all}");
+    }
+
+    #[test]
     fn the_crd_has_the_names_columns_and_descriptions() {
         let y = crd_yaml();
         for needle in [
@@ -448,6 +583,8 @@ mod tests {
             "subresources:",
             "status: {}",
             "the study measured 3x lower mean TTFT under stress",
+            "x-kubernetes-validations",
+            "maxItems: 64",
         ] {
             assert!(y.contains(needle), "{needle} missing from the CRD");
         }
