@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvtier_bench::{demo, replay, report, trace};
-use kvtier_router::{Policy, RouterArgs, StaticDiscovery};
+use kvtier_router::{PodDiscovery, Policy, RouterArgs, StaticDiscovery};
 use kvtier_sim::{Profile, Sim, SimOptions, Strategy};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -45,6 +45,9 @@ enum Role {
     NodeAgent(node_agent::NodeAgentArgs),
     /// Print the KVCachedInference CRD (YAML), as `crds/` holds it.
     Crdgen,
+    /// The Kubernetes operator: reconciles KVCachedInference resources into engine replicas,
+    /// the router and node-agents.
+    Operator(kvtier_operator::cli::OperatorArgs),
 }
 
 /// Parses a duration in simulated seconds: `90`, `90s`, `20m`, `1h`.
@@ -245,9 +248,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.role {
         Role::Router(args) => {
+            let pods = args.pod_selector();
             let (config, listen, metrics_listen) = args.into_config()?;
             let listener =
                 TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
@@ -257,7 +262,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let discovery = Arc::new(StaticDiscovery::new(config.endpoints.clone()));
+            let discovery: Arc<dyn kvtier_router::Discovery> = match pods {
+                None => Arc::new(StaticDiscovery::new(config.endpoints.clone())),
+                Some(p) => {
+                    let client = kube::Client::try_default().await.context(
+                        "--discover-pods needs a cluster: set KUBECONFIG or run inside a Pod",
+                    )?;
+                    let ns = p.namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+                    tracing::info!(namespace = %ns, selector = %p.selector, "discovering engine Pods");
+                    Arc::new(PodDiscovery::start(client, &ns, &p.selector, p.port))
+                }
+            };
             kvtier_router::run(config, listener, metrics_listener, discovery, shutdown_signal())
                 .await?;
         }
@@ -267,6 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Plan(a) => out(&plan::run(&a)?),
         Role::NodeAgent(a) => node_agent::run(a).await?,
         Role::Crdgen => out(&kvtier_api::crd::crd_yaml()),
+        Role::Operator(a) => kvtier_operator::cli::run(a, shutdown_signal()).await?,
     }
     Ok(())
 }

@@ -21,9 +21,21 @@ pub struct RouterArgs {
         long = "endpoint",
         env = "KVTIER_ROUTER_ENDPOINTS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "discover_pods"
     )]
     pub endpoints: Vec<String>,
+    /// Find the engines as the Ready Pods matching this label selector (e.g.
+    /// `app.kubernetes.io/component=engine`) instead of `--endpoint`, watching the cluster
+    /// from `KUBECONFIG` or the Pod's service account.
+    #[arg(long, env = "KVTIER_ROUTER_DISCOVER_PODS", conflicts_with = "endpoints")]
+    pub discover_pods: Option<String>,
+    /// Namespace of those Pods (default: the router's own, from `POD_NAMESPACE` or the
+    /// service account).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub discover_namespace: Option<String>,
+    /// Port the discovered engines serve on.
+    #[arg(long, env = "KVTIER_ROUTER_DISCOVER_PORT", default_value_t = 8000)]
+    pub discover_port: u16,
     /// Threads serving connections (default: one per CPU).
     #[arg(long, env = "KVTIER_ROUTER_WORKERS")]
     pub workers: Option<NonZeroUsize>,
@@ -93,7 +105,28 @@ pub enum ConfigError {
     Range(&'static str),
 }
 
+/// Where `--discover-pods` looks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSelector {
+    /// Label selector.
+    pub selector: String,
+    /// Namespace; `None`: the client's default.
+    pub namespace: Option<String>,
+    /// The engines' port.
+    pub port: u16,
+}
+
 impl RouterArgs {
+    /// The Pod discovery the flags ask for, if any.
+    #[must_use]
+    pub fn pod_selector(&self) -> Option<PodSelector> {
+        self.discover_pods.as_ref().map(|s| PodSelector {
+            selector: s.clone(),
+            namespace: self.discover_namespace.clone(),
+            port: self.discover_port,
+        })
+    }
+
     /// Validates the flags into a config and the listen addresses.
     ///
     /// # Errors
@@ -107,8 +140,10 @@ impl RouterArgs {
             .filter(|e| !e.trim().is_empty())
             .map(|e| EndpointSpec::parse(e.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        if endpoints.is_empty() {
-            return Err(ConfigError::Range("at least one --endpoint is required"));
+        if endpoints.is_empty() && self.discover_pods.is_none() {
+            return Err(ConfigError::Range(
+                "at least one --endpoint (or --discover-pods) is required",
+            ));
         }
         if self.health_interval.is_zero() || self.session_ttl.is_zero() {
             return Err(ConfigError::Range("--health-interval and --session-ttl must be positive"));

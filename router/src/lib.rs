@@ -27,11 +27,11 @@ mod server;
 mod session;
 
 pub use balance::{Reason, EXPECTED_OUTPUT_TOKENS};
-pub use cli::{ConfigError, RouterArgs};
+pub use cli::{ConfigError, PodSelector, RouterArgs};
 pub use config::{
     parse_bytes, parse_duration, AffinityConfig, ClientLimits, HealthConfig, Policy, RouterConfig,
     SessionConfig, UpstreamConfig,
 };
-pub use discovery::{Discovery, StaticDiscovery};
+pub use discovery::{Discovery, PodDiscovery, StaticDiscovery};
 pub use endpoint::{EndpointSpec, EndpointSpecError};
 pub use server::run;

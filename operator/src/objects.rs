@@ -1,0 +1,688 @@
+//! The objects one `KVCachedInference` owns, built as pure functions of the resource and the
+//! operator's settings. Reconcile applies exactly what these return (server-side apply), so
+//! every flag, mount and label is decided here and unit-tested here.
+//!
+//! For a resource `NAME`:
+//!
+//! | object | name | when |
+//! | --- | --- | --- |
+//! | engine Deployment | `NAME-engine` | always |
+//! | headless Service over the engines | `NAME-engine` | always |
+//! | router ServiceAccount, Role (read Pods), RoleBinding | `NAME-router` | always |
+//! | router Deployment | `NAME-router` | always |
+//! | router Service, the OpenAI entry point | `NAME` | always |
+//! | node-agent DaemonSet | `NAME-node-agent` | strategy `tiered` |
+//!
+//! Every object carries the resource as its controller owner, so deleting the resource lets
+//! the garbage collector remove them all.
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+use kvtier_api::crd::{quantity_bytes, CacheStrategy, KVCachedInference, RoutingPolicy};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::engine;
+
+/// Port the router serves the OpenAI API on, in its Pod and on its Service.
+pub const ROUTER_PORT: u16 = 8000;
+/// Port the node-agent serves `/metrics` and `/residency` on.
+pub const AGENT_METRICS_PORT: u16 = 9400;
+/// Where the connector's Python package is put in engine Pods (on `PYTHONPATH`).
+pub const CONNECTOR_PATH: &str = "/kvtier/python";
+/// Where the kvtier image keeps the connector's Python package.
+pub const CONNECTOR_SOURCE: &str = "/opt/kvtier/python";
+/// Node directory under which each tiered resource's agent socket lives.
+pub const HOST_SOCKET_ROOT: &str = "/run/kvtier";
+/// Memory the node-agent needs beyond its pool (index, buffers, runtime).
+pub const AGENT_OVERHEAD_BYTES: u64 = 512 << 20;
+/// The field manager of every apply.
+pub const FIELD_MANAGER: &str = "kvtier-operator";
+
+/// Settings of the operator itself (its flags), as opposed to a resource's spec.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Image with the `kvtier` binary and the connector's Python package (router, node-agent,
+    /// connector init container).
+    pub kvtier_image: String,
+    /// Pull policy of that image.
+    pub image_pull_policy: String,
+    /// The node-agent's `--mlock`: `required`, `best-effort` or `off`.
+    pub agent_mlock: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            kvtier_image: format!("ghcr.io/kvtier/kvtier:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: "IfNotPresent".to_owned(),
+            agent_mlock: "best-effort".to_owned(),
+        }
+    }
+}
+
+/// Which part of a resource an object belongs to (`app.kubernetes.io/component`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    /// vLLM replicas.
+    Engine,
+    /// kvtier's router.
+    Router,
+    /// The node's KV tiers.
+    NodeAgent,
+}
+
+impl Component {
+    /// The label value.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Component::Engine => "engine",
+            Component::Router => "router",
+            Component::NodeAgent => "node-agent",
+        }
+    }
+}
+
+/// Names of the objects a resource owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    /// Engine Deployment and its headless Service.
+    pub engine: String,
+    /// Router Deployment, ServiceAccount, Role and RoleBinding.
+    pub router: String,
+    /// The router Service: what clients connect to.
+    pub service: String,
+    /// The node-agent DaemonSet.
+    pub node_agent: String,
+}
+
+impl Names {
+    /// The names for resource `name`.
+    #[must_use]
+    pub fn of(name: &str) -> Self {
+        Self {
+            engine: format!("{name}-engine"),
+            router: format!("{name}-router"),
+            service: name.to_owned(),
+            node_agent: format!("{name}-node-agent"),
+        }
+    }
+}
+
+/// The labels that select one component's Pods.
+#[must_use]
+pub fn selector(kvci: &KVCachedInference, c: Component) -> Value {
+    json!({
+        "app.kubernetes.io/name": "kvtier",
+        "app.kubernetes.io/instance": kvci.name_any(),
+        "app.kubernetes.io/component": c.label(),
+    })
+}
+
+/// [`selector`] as a label-selector string (`k=v,k=v`).
+#[must_use]
+pub fn selector_string(kvci: &KVCachedInference, c: Component) -> String {
+    let Value::Object(m) = selector(kvci, c) else { unreachable!("selector is an object") };
+    m.iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn labels(kvci: &KVCachedInference, c: Component) -> Value {
+    let mut l = selector(kvci, c);
+    l["app.kubernetes.io/managed-by"] = json!(FIELD_MANAGER);
+    l
+}
+
+/// The controller owner reference to `kvci`.
+#[must_use]
+pub fn owner(kvci: &KVCachedInference) -> OwnerReference {
+    kvci.controller_owner_ref(&()).unwrap_or_else(|| OwnerReference {
+        api_version: KVCachedInference::api_version(&()).into_owned(),
+        kind: KVCachedInference::kind(&()).into_owned(),
+        name: kvci.name_any(),
+        uid: String::new(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+fn meta(kvci: &KVCachedInference, name: &str, c: Component) -> Value {
+    json!({
+        "name": name,
+        "namespace": kvci.namespace(),
+        "labels": labels(kvci, c),
+        "ownerReferences": [owner(kvci)],
+    })
+}
+
+/// Node directory holding this resource's agent socket, one per resource so that several
+/// tiered resources can share a node.
+#[must_use]
+pub fn host_socket_dir(kvci: &KVCachedInference) -> String {
+    format!(
+        "{HOST_SOCKET_ROOT}/{}/{}",
+        kvci.namespace().unwrap_or_else(|| "default".to_owned()),
+        kvci.name_any()
+    )
+}
+
+fn typed<T: DeserializeOwned>(v: Value) -> T {
+    // Every builder's JSON is a fixed shape checked by the unit tests; a failure here is a bug
+    // in this file, not bad input.
+    serde_json::from_value(v).expect("builder JSON matches the Kubernetes type")
+}
+
+/// The engine container's command: vLLM's OpenAI server and the strategy's flags. The status
+/// reports it as `engineCommand`.
+#[must_use]
+pub fn engine_command(kvci: &KVCachedInference) -> Vec<String> {
+    let mut c = vec!["vllm".to_owned(), "serve".to_owned()];
+    c.extend(engine::args(&kvci.spec));
+    c
+}
+
+/// The engine Deployment.
+#[must_use]
+pub fn engine_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
+    let spec = &kvci.spec;
+    let e = &spec.engine;
+    let n = Names::of(&kvci.name_any());
+    let tiered = spec.cache.strategy == CacheStrategy::Tiered;
+    let gpu = e.accelerator.resource();
+
+    let mut resources =
+        serde_json::to_value(e.resources.clone().unwrap_or_default()).expect("resources serialise");
+    for side in ["requests", "limits"] {
+        if !resources[side].is_object() {
+            resources[side] = json!({});
+        }
+        resources[side][gpu] = json!(e.tensor_parallel_size.to_string());
+    }
+
+    let mut env: Vec<Value> =
+        engine::env(spec).into_iter().map(|(k, v)| json!({"name": k, "value": v})).collect();
+    let mut mounts = vec![json!({"name": "dshm", "mountPath": "/dev/shm"})];
+    let mut volumes = vec![json!({"name": "dshm", "emptyDir": {"medium": "Memory"}})];
+    let mut init = Vec::new();
+    if tiered {
+        env.push(json!({"name": "PYTHONPATH", "value": CONNECTOR_PATH}));
+        mounts.push(
+            json!({"name": "kvtier-connector", "mountPath": CONNECTOR_PATH, "readOnly": true}),
+        );
+        mounts.push(json!({"name": "kvtier-agent", "mountPath": HOST_SOCKET_ROOT}));
+        volumes.push(json!({"name": "kvtier-connector", "emptyDir": {}}));
+        volumes.push(json!({"name": "kvtier-agent",
+            "hostPath": {"path": host_socket_dir(kvci), "type": "DirectoryOrCreate"}}));
+        // The connector reaches the stock engine image by copy: the kvtier image carries the
+        // Python package, this container puts it on a volume the engine has on its path.
+        init.push(json!({
+            "name": "kvtier-connector",
+            "image": s.kvtier_image,
+            "imagePullPolicy": s.image_pull_policy,
+            "command": ["cp", "-R", format!("{CONNECTOR_SOURCE}/."), "/install/"],
+            "volumeMounts": [{"name": "kvtier-connector", "mountPath": "/install"}],
+            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true},
+        }));
+    }
+
+    let command = engine_command(kvci);
+    let probe = |period: u32, failures: u32| {
+        json!({"httpGet": {"path": "/health", "port": "http"},
+               "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 5})
+    };
+    typed(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(kvci, &n.engine, Component::Engine),
+        "spec": {
+            "replicas": e.replicas,
+            "selector": {"matchLabels": selector(kvci, Component::Engine)},
+            // GPU nodes have no spare accelerators for a surge Pod: replace one at a time.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": labels(kvci, Component::Engine)},
+                "spec": {
+                    "nodeSelector": e.node_selector,
+                    "tolerations": e.tolerations,
+                    "terminationGracePeriodSeconds": 60,
+                    "initContainers": init,
+                    "containers": [{
+                        "name": "engine",
+                        "image": e.image,
+                        "command": command[..2],
+                        "args": command[2..],
+                        "env": env,
+                        "ports": [{"name": "http", "containerPort": engine::ENGINE_PORT, "protocol": "TCP"}],
+                        "resources": resources,
+                        "volumeMounts": mounts,
+                        // Loading weights takes minutes: the startup probe allows 30 of them
+                        // before liveness applies.
+                        "startupProbe": probe(10, 180),
+                        "readinessProbe": probe(5, 3),
+                        "livenessProbe": probe(20, 3),
+                    }],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }))
+}
+
+/// The headless Service over the engine replicas (stable per-Pod DNS, no load balancing: the
+/// router chooses).
+#[must_use]
+pub fn engine_service(kvci: &KVCachedInference) -> Service {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(kvci, &n.engine, Component::Engine),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector(kvci, Component::Engine),
+            "ports": [{"name": "http", "port": engine::ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }))
+}
+
+/// The router's ServiceAccount.
+#[must_use]
+pub fn router_service_account(kvci: &KVCachedInference) -> ServiceAccount {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta(kvci, &n.router, Component::Router),
+    }))
+}
+
+/// The router's Role: it reads Pods in its namespace to find the engine replicas, nothing
+/// else.
+#[must_use]
+pub fn router_role(kvci: &KVCachedInference) -> Role {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": meta(kvci, &n.router, Component::Router),
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+    }))
+}
+
+/// Binds [`router_role`] to [`router_service_account`].
+#[must_use]
+pub fn router_role_binding(kvci: &KVCachedInference) -> RoleBinding {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta(kvci, &n.router, Component::Router),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.router},
+        "subjects": [{"kind": "ServiceAccount", "name": n.router, "namespace": kvci.namespace()}],
+    }))
+}
+
+/// The router's command line (after `kvtier`).
+#[must_use]
+pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
+    let r = &kvci.spec.router;
+    let policy = match r.policy {
+        RoutingPolicy::Affinity => "affinity",
+        RoutingPolicy::LeastLoad => "least-load",
+        RoutingPolicy::RoundRobin => "round-robin",
+    };
+    let mut a: Vec<String> = vec![
+        "router".into(),
+        "--listen".into(),
+        format!("0.0.0.0:{ROUTER_PORT}"),
+        "--discover-pods".into(),
+        selector_string(kvci, Component::Engine),
+        "--discover-port".into(),
+        engine::ENGINE_PORT.to_string(),
+        "--policy".into(),
+        policy.into(),
+        "--session-ttl".into(),
+        r.session_ttl.clone(),
+        "--overload-bound-tokens".into(),
+        r.overload_bound_tokens.to_string(),
+    ];
+    for h in &r.session_headers {
+        a.push("--session-header".into());
+        a.push(h.clone());
+    }
+    a
+}
+
+/// The router Deployment.
+#[must_use]
+pub fn router_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(kvci, &n.router, Component::Router),
+        "spec": {
+            "replicas": kvci.spec.router.replicas,
+            "selector": {"matchLabels": selector(kvci, Component::Router)},
+            "template": {
+                "metadata": {"labels": labels(kvci, Component::Router)},
+                "spec": {
+                    "serviceAccountName": n.router,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532},
+                    "containers": [{
+                        "name": "router",
+                        "image": s.kvtier_image,
+                        "imagePullPolicy": s.image_pull_policy,
+                        "command": ["kvtier"],
+                        "args": router_args(kvci),
+                        "env": [{"name": "POD_NAMESPACE",
+                                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+                        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                                           "periodSeconds": 5},
+                        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                                          "periodSeconds": 20},
+                        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"},
+                                      "limits": {"memory": "1Gi"}},
+                        "securityContext": {"allowPrivilegeEscalation": false,
+                                            "readOnlyRootFilesystem": true,
+                                            "capabilities": {"drop": ["ALL"]}},
+                    }],
+                },
+            },
+        },
+    }))
+}
+
+/// The router Service: `http://NAME.NAMESPACE.svc:8000/v1` is the OpenAI endpoint.
+#[must_use]
+pub fn router_service(kvci: &KVCachedInference) -> Service {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(kvci, &n.service, Component::Router),
+        "spec": {
+            "selector": selector(kvci, Component::Router),
+            "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }))
+}
+
+/// The endpoint clients use, as the status reports it.
+#[must_use]
+pub fn router_endpoint(kvci: &KVCachedInference) -> String {
+    format!(
+        "http://{}.{}.svc:{ROUTER_PORT}/v1",
+        Names::of(&kvci.name_any()).service,
+        kvci.namespace().unwrap_or_else(|| "default".to_owned())
+    )
+}
+
+/// The node-agent DaemonSet of a `tiered` resource, on the engine's nodes; `None` for other
+/// strategies. Unprivileged: it adds only `IPC_LOCK` (to lock the pool), shares no IPC
+/// namespace (the pool travels as a file descriptor over the socket) and mounts only its
+/// socket directory and, with an NVMe tier, that tier's directory.
+#[must_use]
+pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<DaemonSet> {
+    let spec = &kvci.spec;
+    if spec.cache.strategy != CacheStrategy::Tiered {
+        return None;
+    }
+    let dram = quantity_bytes(spec.cache.dram.as_ref()?).ok()?;
+    let n = Names::of(&kvci.name_any());
+    let memory = (dram + AGENT_OVERHEAD_BYTES).to_string();
+    let mut args: Vec<String> = vec![
+        "node-agent".into(),
+        "--socket".into(),
+        engine::AGENT_SOCKET.into(),
+        "--dram".into(),
+        dram.to_string(),
+        "--mlock".into(),
+        s.agent_mlock.clone(),
+        "--metrics-listen".into(),
+        format!("0.0.0.0:{AGENT_METRICS_PORT}"),
+    ];
+    let mut mounts = vec![json!({"name": "socket", "mountPath": HOST_SOCKET_ROOT})];
+    let mut volumes = vec![json!({"name": "socket",
+        "hostPath": {"path": host_socket_dir(kvci), "type": "DirectoryOrCreate"}})];
+    if let Some(nvme) = &spec.cache.nvme {
+        let bytes = quantity_bytes(&nvme.size).ok()?;
+        args.extend([
+            "--nvme-dir".into(),
+            "/nvme".into(),
+            "--nvme-bytes".into(),
+            bytes.to_string(),
+        ]);
+        mounts.push(json!({"name": "nvme", "mountPath": "/nvme"}));
+        volumes.push(json!({"name": "nvme",
+            "hostPath": {"path": nvme.path, "type": "DirectoryOrCreate"}}));
+    }
+    Some(typed(json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": meta(kvci, &n.node_agent, Component::NodeAgent),
+        "spec": {
+            "selector": {"matchLabels": selector(kvci, Component::NodeAgent)},
+            "template": {
+                "metadata": {"labels": labels(kvci, Component::NodeAgent)},
+                "spec": {
+                    "nodeSelector": spec.engine.node_selector,
+                    "tolerations": spec.engine.tolerations,
+                    "hostIPC": false,
+                    "hostPID": false,
+                    "hostNetwork": false,
+                    "containers": [{
+                        "name": "node-agent",
+                        "image": s.kvtier_image,
+                        "imagePullPolicy": s.image_pull_policy,
+                        "command": ["kvtier"],
+                        "args": args,
+                        "ports": [{"name": "metrics", "containerPort": AGENT_METRICS_PORT, "protocol": "TCP"}],
+                        // The pool is charged to this container: its limit is the pool plus
+                        // the agent's own memory, requested whole so the node reserves it.
+                        "resources": {"requests": {"cpu": "250m", "memory": memory},
+                                      "limits": {"memory": memory}},
+                        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
+                                           "periodSeconds": 10},
+                        "securityContext": {
+                            "privileged": false,
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]},
+                        },
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": volumes,
+                },
+            },
+        },
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvtier_api::crd::KVCachedInferenceSpec;
+
+    fn kvci(spec_yaml: &str) -> KVCachedInference {
+        let spec: KVCachedInferenceSpec = serde_yaml::from_str(spec_yaml).expect("spec");
+        let mut k = KVCachedInference::new("coder", spec);
+        k.metadata.namespace = Some("agents".into());
+        k.metadata.uid = Some("0000-1111".into());
+        k
+    }
+
+    fn v<T: serde::Serialize>(x: &T) -> Value {
+        serde_json::to_value(x).expect("serialises")
+    }
+
+    const TIERED: &str = "model: {name: MiniMaxAI/MiniMax-M2.5}\n\
+        engine: {replicas: 2, tensorParallelSize: 2, nodeSelector: {gpu: mi300x},\n\
+                 resources: {requests: {memory: 200Gi}}}\n\
+        cache: {strategy: tiered, dram: 64Gi, nvme: {size: 1Ti, path: /mnt/nvme0/kvtier}}";
+
+    #[test]
+    fn every_object_is_owned_and_labelled() {
+        let k = kvci(TIERED);
+        let s = Settings::default();
+        let objects = [
+            v(&engine_deployment(&k, &s)),
+            v(&engine_service(&k)),
+            v(&router_service_account(&k)),
+            v(&router_role(&k)),
+            v(&router_role_binding(&k)),
+            v(&router_deployment(&k, &s)),
+            v(&router_service(&k)),
+            v(&node_agent_daemonset(&k, &s).expect("tiered has an agent")),
+        ];
+        for o in &objects {
+            let m = &o["metadata"];
+            assert_eq!(m["namespace"], "agents", "{o}");
+            assert_eq!(m["ownerReferences"][0]["kind"], "KVCachedInference");
+            assert_eq!(m["ownerReferences"][0]["uid"], "0000-1111");
+            assert_eq!(m["ownerReferences"][0]["controller"], true);
+            assert_eq!(m["labels"]["app.kubernetes.io/instance"], "coder");
+            assert_eq!(m["labels"]["app.kubernetes.io/managed-by"], FIELD_MANAGER);
+        }
+        let names: Vec<&str> =
+            objects.iter().map(|o| o["metadata"]["name"].as_str().unwrap_or("")).collect();
+        assert_eq!(
+            names,
+            [
+                "coder-engine",
+                "coder-engine",
+                "coder-router",
+                "coder-router",
+                "coder-router",
+                "coder-router",
+                "coder",
+                "coder-node-agent"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_tiered_engine_gets_the_connector_socket_gpus_and_probes() {
+        let k = kvci(TIERED);
+        let d = v(&engine_deployment(&k, &Settings::default()));
+        let spec = &d["spec"];
+        assert_eq!(spec["replicas"], 2);
+        assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 0);
+        let pod = &spec["template"]["spec"];
+        assert_eq!(pod["nodeSelector"]["gpu"], "mi300x");
+        let c = &pod["containers"][0];
+        assert_eq!(c["image"], kvtier_api::crd::DEFAULT_ENGINE_IMAGE);
+        assert_eq!(c["command"], json!(["vllm", "serve"]));
+        let args: Vec<String> = serde_json::from_value(c["args"].clone()).expect("args");
+        assert_eq!(args, engine::args(&k.spec));
+        assert!(args.contains(&"--kv-transfer-config".to_owned()));
+        assert_eq!(c["resources"]["limits"]["amd.com/gpu"], "2");
+        assert_eq!(c["resources"]["requests"]["amd.com/gpu"], "2");
+        assert_eq!(c["resources"]["requests"]["memory"], "200Gi");
+        let env = c["env"].to_string();
+        assert!(env.contains(r#""name":"PYTHONHASHSEED","value":"0""#), "{env}");
+        assert!(env.contains(CONNECTOR_PATH), "{env}");
+        for p in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(c[p]["httpGet"]["path"], "/health", "{p}");
+        }
+        let mounts = c["volumeMounts"].to_string();
+        for m in ["/dev/shm", CONNECTOR_PATH, HOST_SOCKET_ROOT] {
+            assert!(mounts.contains(m), "{m} not in {mounts}");
+        }
+        let vols = pod["volumes"].to_string();
+        assert!(vols.contains(r#""medium":"Memory""#), "{vols}");
+        assert!(vols.contains("/run/kvtier/agents/coder"), "{vols}");
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["image"], Settings::default().kvtier_image);
+        assert!(init["command"].to_string().contains(CONNECTOR_SOURCE));
+        assert!(engine::AGENT_SOCKET.starts_with(HOST_SOCKET_ROOT));
+    }
+
+    #[test]
+    fn hbm_and_none_engines_have_no_connector_and_nvidia_asks_for_nvidia_gpus() {
+        for (yaml, flag) in [
+            ("model: {name: m}\nengine: {accelerator: nvidia}", "--enable-prefix-caching"),
+            (
+                "model: {name: m}\nengine: {accelerator: nvidia}\ncache: {strategy: none}",
+                "--no-enable-prefix-caching",
+            ),
+        ] {
+            let k = kvci(yaml);
+            let d = v(&engine_deployment(&k, &Settings::default()));
+            let pod = &d["spec"]["template"]["spec"];
+            let c = &pod["containers"][0];
+            assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
+            assert!(c["resources"]["limits"].get("amd.com/gpu").is_none());
+            assert!(c["args"].to_string().contains(flag));
+            assert!(!c["args"].to_string().contains("kv-transfer-config"));
+            assert!(pod.get("initContainers").is_none_or(|i| i == &json!([])), "{pod}");
+            assert!(!pod["volumes"].to_string().contains("hostPath"), "{pod}");
+            assert!(node_agent_daemonset(&k, &Settings::default()).is_none());
+        }
+    }
+
+    #[test]
+    fn the_router_discovers_this_resources_engines_with_the_spec_settings() {
+        let k = kvci(
+            "model: {name: m}\nrouter: {policy: least-load, sessionTtl: 1h, replicas: 2,\n\
+             overloadBoundTokens: 4096, sessionHeaders: [X-Session-ID, X-Claude-Code-Session-Id]}",
+        );
+        let a = router_args(&k);
+        let pair = |f: &str, val: &str| a.windows(2).any(|w| w[0] == f && w[1] == val);
+        assert!(pair("--discover-pods", &selector_string(&k, Component::Engine)));
+        assert!(
+            selector_string(&k, Component::Engine).contains("app.kubernetes.io/component=engine")
+        );
+        assert!(pair("--policy", "least-load"));
+        assert!(pair("--session-ttl", "1h"));
+        assert!(pair("--overload-bound-tokens", "4096"));
+        assert!(pair("--session-header", "X-Claude-Code-Session-Id"));
+        let d = v(&router_deployment(&k, &Settings::default()));
+        assert_eq!(d["spec"]["replicas"], 2);
+        assert_eq!(d["spec"]["template"]["spec"]["serviceAccountName"], "coder-router");
+        let role = v(&router_role(&k));
+        assert_eq!(
+            role["rules"],
+            json!([{"apiGroups": [""], "resources": ["pods"],
+                                          "verbs": ["get", "list", "watch"]}])
+        );
+        let svc = v(&router_service(&k));
+        assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/component"], "router");
+        assert_eq!(router_endpoint(&k), "http://coder.agents.svc:8000/v1");
+        let headless = v(&engine_service(&k));
+        assert_eq!(headless["spec"]["clusterIP"], "None");
+    }
+
+    #[test]
+    fn the_node_agent_is_unprivileged_sized_from_the_spec_and_on_the_engine_nodes() {
+        let k = kvci(TIERED);
+        let ds = v(&node_agent_daemonset(&k, &Settings::default()).expect("agent"));
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"]["gpu"], "mi300x");
+        assert_eq!(pod["hostIPC"], false);
+        let c = &pod["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["add"], json!(["IPC_LOCK"]));
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        let args: Vec<String> = serde_json::from_value(c["args"].clone()).expect("args");
+        let pair = |f: &str, val: &str| args.windows(2).any(|w| w[0] == f && w[1] == val);
+        assert!(pair("--dram", &(64u64 << 30).to_string()), "{args:?}");
+        assert!(pair("--nvme-bytes", &(1u64 << 40).to_string()), "{args:?}");
+        assert!(pair("--socket", engine::AGENT_SOCKET));
+        let mem = ((64u64 << 30) + AGENT_OVERHEAD_BYTES).to_string();
+        assert_eq!(c["resources"]["limits"]["memory"], mem);
+        assert_eq!(c["resources"]["requests"]["memory"], mem);
+        let vols = pod["volumes"].to_string();
+        assert!(vols.contains("/mnt/nvme0/kvtier") && vols.contains("/run/kvtier/agents/coder"));
+    }
+}
