@@ -11,3 +11,15 @@ fn crds_folder_is_current() {
         path.display()
     );
 }
+
+#[test]
+fn the_charts_crd_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/kvtier/templates/crd.yaml");
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == kvtier_api::crd::crd_chart_template(),
+        "{} is stale: run `cargo run -p kvtier -- crdgen --chart > charts/kvtier/templates/crd.yaml`",
+        path.display()
+    );
+}

@@ -44,7 +44,11 @@ enum Role {
     /// over a Unix socket.
     NodeAgent(node_agent::NodeAgentArgs),
     /// Print the KVCachedInference CRD (YAML), as `crds/` holds it.
-    Crdgen,
+    Crdgen {
+        /// Print the Helm chart's template of it instead (`charts/kvtier/templates/crd.yaml`).
+        #[arg(long)]
+        chart: bool,
+    },
     /// The Kubernetes operator: reconciles KVCachedInference resources into engine replicas,
     /// the router and node-agents.
     Operator(kvtier_operator::cli::OperatorArgs),
@@ -281,7 +285,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Demo(a) => demo_cmd(a).await?,
         Role::Plan(a) => out(&plan::run(&a)?),
         Role::NodeAgent(a) => node_agent::run(a).await?,
-        Role::Crdgen => out(&kvtier_api::crd::crd_yaml()),
+        Role::Crdgen { chart: false } => out(&kvtier_api::crd::crd_yaml()),
+        Role::Crdgen { chart: true } => out(&kvtier_api::crd::crd_chart_template()),
         Role::Operator(a) => kvtier_operator::cli::run(a, shutdown_signal()).await?,
     }
     Ok(())

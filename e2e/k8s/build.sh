@@ -5,6 +5,9 @@
 set -euo pipefail
 K8S_HOME=${K8S_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/kvtier/k8s}
 BIN="$K8S_HOME/bin"
+if ! command -v kubectl >/dev/null; then   # Debian's kubectl (1.20) is enough for the tests
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+fi
 if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null; then
   echo "k8s-build: cached in $BIN"; exit 0
 fi

@@ -16,11 +16,18 @@ etcd --data-dir "$D/etcd" --listen-client-urls "http://127.0.0.1:$EPORT" --adver
   --listen-peer-urls "http://127.0.0.1:$((EPORT+1))" --initial-advertise-peer-urls "http://127.0.0.1:$((EPORT+1))" \
   --initial-cluster "default=http://127.0.0.1:$((EPORT+1))" --unsafe-no-fsync >"$D/etcd.log" 2>&1 &
 echo $! > "$D/etcd.pid"
-"$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$EPORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
-  --secure-port="$PORT" --insecure-port=0 --tls-cert-file=pki/apiserver.crt --tls-private-key-file=pki/apiserver.key \
-  --client-ca-file=pki/ca.crt --token-auth-file=pki/tokens.csv --authorization-mode=RBAC \
-  --service-account-issuer=https://kubernetes.default.svc --service-account-key-file=pki/sa.pub \
-  --service-account-signing-key-file=pki/sa.key --service-cluster-ip-range=10.96.0.0/24 >"$D/apiserver.log" 2>&1 &
+# The API server's command line is kept in a script so restart-apiserver.sh can rerun it.
+cat > "$D/run-apiserver.sh" <<RUN
+#!/usr/bin/env bash
+cd "$D"
+exec "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$EPORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \\
+  --secure-port="$PORT" --insecure-port=0 --tls-cert-file=pki/apiserver.crt --tls-private-key-file=pki/apiserver.key \\
+  --client-ca-file=pki/ca.crt --token-auth-file=pki/tokens.csv --authorization-mode=RBAC \\
+  --service-account-issuer=https://kubernetes.default.svc --service-account-key-file=pki/sa.pub \\
+  --service-account-signing-key-file=pki/sa.key --service-cluster-ip-range=10.96.0.0/24 >>"$D/apiserver.log" 2>&1
+RUN
+chmod +x "$D/run-apiserver.sh"
+"$D/run-apiserver.sh" &
 echo $! > "$D/apiserver.pid"
 cat > "$D/kubeconfig" <<KC
 apiVersion: v1

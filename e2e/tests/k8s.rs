@@ -1,0 +1,572 @@
+//! The stack on a real Kubernetes API server: `helm install` the chart, `kubectl apply` the
+//! examples, and check what the operator makes of them, step by step: objects and flags per
+//! strategy, readiness as kubelets would report it, the router finding engine Pods and
+//! serving through them, drift put back, traps refused without changes, an API server
+//! restart, and deletion.
+//!
+//! The operator runs in this process with the credentials of the chart's ServiceAccount, so
+//! the chart's RBAC is what is tested. One test, because the steps share one cluster and
+//! follow each other.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use kvtier_api::crd::KVCachedInference;
+use kvtier_e2e::{eventually, repo, Cluster};
+use kvtier_operator::metrics::Metrics;
+use kvtier_operator::objects::Settings;
+use serde_json::json;
+
+const NS: &str = "e2e";
+const SYSTEM: &str = "kvtier-system";
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A file for a manifest this test writes.
+fn scratch(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kvtier-e2e-{}-{name}.yaml", std::process::id()))
+}
+
+fn step(s: &str) {
+    eprintln!("e2e: {s}");
+}
+
+fn args_of(d: &Deployment) -> Vec<String> {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.args.clone())
+        .unwrap_or_default()
+}
+
+fn conditions(k: &KVCachedInference) -> BTreeMap<String, (String, String, String)> {
+    k.status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .map(|c| (c.type_.clone(), (c.status.clone(), c.reason.clone(), c.message.clone())))
+        .collect()
+}
+
+async fn kvci_where(
+    api: &Api<KVCachedInference>,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&KVCachedInference) -> bool,
+) -> KVCachedInference {
+    eventually(what, WAIT, || async {
+        let k = api.get(name).await.map_err(|e| e.to_string())?;
+        if pred(&k) {
+            Ok(k)
+        } else {
+            Err(format!("{:?}", conditions(&k)))
+        }
+    })
+    .await
+}
+
+async fn deployment(api: &Api<Deployment>, name: &str) -> Deployment {
+    eventually(&format!("Deployment {name} exists"), WAIT, || async {
+        api.get_opt(name).await.map_err(|e| e.to_string())?.ok_or_else(|| "missing".to_owned())
+    })
+    .await
+}
+
+/// Writes a Pod's status as its kubelet would: running on 127.0.0.1, Ready or not.
+async fn set_pod_ready(pods: &Api<Pod>, name: &str, ready: bool) {
+    let s = if ready { "True" } else { "False" };
+    let patch = json!({"status": {
+        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": "Ready", "status": s}, {"type": "ContainersReady", "status": s}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("pod status");
+}
+
+async fn pods_of(pods: &Api<Pod>, instance: &str, component: &str, n: usize) -> Vec<String> {
+    let sel =
+        format!("app.kubernetes.io/instance={instance},app.kubernetes.io/component={component}");
+    eventually(&format!("{n} {component} Pods of {instance}"), WAIT, || async {
+        let l = pods.list(&ListParams::default().labels(&sel)).await.map_err(|e| e.to_string())?;
+        let names: Vec<String> = l
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        if names.len() == n {
+            Ok(names)
+        } else {
+            Err(format!("{names:?}"))
+        }
+    })
+    .await
+}
+
+fn counter(text: &str, line_prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Session-ID: e2e\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// A token for the chart's ServiceAccount (a token Secret works on every server version).
+async fn service_account_token(client: &Client) -> String {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), SYSTEM);
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "kvtier-e2e-token",
+                     "annotations": {"kubernetes.io/service-account.name": "kvtier"}},
+        "type": "kubernetes.io/service-account-token",
+    }))
+    .expect("secret");
+    secrets.create(&PostParams::default(), &s).await.expect("token secret");
+    eventually("the token controller fills the token", WAIT, || async {
+        let s = secrets.get("kvtier-e2e-token").await.map_err(|e| e.to_string())?;
+        s.data
+            .and_then(|d| d.get("token").cloned())
+            .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+            .ok_or_else(|| "no token yet".to_owned())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one story, told in order
+async fn the_stack_on_a_real_api_server() {
+    let cluster = tokio::task::spawn_blocking(Cluster::get).await.expect("cluster");
+    let admin = cluster.client().await;
+
+    step("helm lint and install the chart");
+    let lint = cluster.helm(&["lint", "--strict", "charts/kvtier"]);
+    assert!(lint.contains("0 failed"), "{lint}");
+    cluster.helm(&["install", "kvtier", "charts/kvtier", "-n", SYSTEM, "--create-namespace"]);
+    eventually("the CRD is established", WAIT, || async {
+        let (ok, out) = cluster.kubectl_try(&[
+            "get",
+            "crd",
+            "kvcachedinferences.kvtier.dev",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+        ]);
+        if ok && out.trim() == "True" {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    let role: ClusterRole =
+        Api::all(admin.clone()).get("kvtier-operator").await.expect("the operator's ClusterRole");
+    for rule in role.rules.unwrap_or_default() {
+        let all =
+            [rule.verbs, rule.resources.unwrap_or_default(), rule.api_groups.unwrap_or_default()];
+        assert!(!all.iter().flatten().any(|v| v == "*"), "a wildcard in the operator's RBAC");
+    }
+    let op: Deployment =
+        Api::namespaced(admin.clone(), SYSTEM).get("kvtier-operator").await.expect("operator");
+    assert_eq!(args_of(&op).first().map(String::as_str), Some("operator"));
+
+    step("run the operator with the chart's ServiceAccount");
+    let token = service_account_token(&admin).await;
+    let dir = std::env::temp_dir().join(format!("kvtier-e2e-sa-{}", std::process::id()));
+    let sa_config = cluster.kubeconfig_with_token(&token, &dir);
+    let sa = cluster.client_from(&sa_config).await;
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(kvtier_operator::controller::run(
+        sa,
+        Settings::default(),
+        metrics.clone(),
+        None,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    step("kubectl apply the examples and a none-strategy baseline");
+    cluster.kubectl(&["create", "namespace", NS]);
+    let examples = repo().join("examples");
+    cluster.kubectl(&["apply", "-n", NS, "-f", &examples.to_string_lossy()]);
+    let baseline = scratch("baseline");
+    std::fs::write(
+        &baseline,
+        "apiVersion: kvtier.dev/v1alpha1\nkind: KVCachedInference\nmetadata: {name: baseline}\n\
+         spec: {model: {name: m}, cache: {strategy: none}}\n",
+    )
+    .expect("write baseline");
+    cluster.kubectl(&["apply", "-n", NS, "-f", &baseline.to_string_lossy()]);
+
+    let kvcis: Api<KVCachedInference> = Api::namespaced(admin.clone(), NS);
+    let deps: Api<Deployment> = Api::namespaced(admin.clone(), NS);
+    let dss: Api<DaemonSet> = Api::namespaced(admin.clone(), NS);
+    let svcs: Api<Service> = Api::namespaced(admin.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+
+    step("tiered (MiniMax on MI300X): connector, agent socket, node-agent DaemonSet");
+    let minimax = deployment(&deps, "minimax-engine").await;
+    let a = args_of(&minimax);
+    let cfg = a.iter().skip_while(|x| *x != "--kv-transfer-config").nth(1).expect("connector");
+    assert!(cfg.contains("\"kv_connector_module_path\":\"kvtier.connector\""), "{cfg}");
+    assert!(a.contains(&"--enable-prefix-caching".to_owned()));
+    assert!(a.windows(2).any(|w| w == ["--tensor-parallel-size", "2"]));
+    let pod = minimax.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec");
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("amd.com/gpu"))
+            .map(|q| q.0.as_str()),
+        Some("2")
+    );
+    assert!(c
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == "PYTHONHASHSEED" && e.value.as_deref() == Some("0")));
+    assert_eq!(pod.init_containers.as_ref().map(Vec::len), Some(1), "connector copy");
+    let agent = eventually("the node-agent DaemonSet", WAIT, || async {
+        dss.get_opt("minimax-node-agent")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "missing".into())
+    })
+    .await;
+    let ac = &agent.spec.and_then(|s| s.template.spec).expect("agent pod").containers[0];
+    let caps = ac.security_context.as_ref().and_then(|s| s.capabilities.clone()).expect("caps");
+    assert_eq!(caps.add, Some(vec!["IPC_LOCK".to_owned()]));
+    for name in ["minimax", "minimax-engine"] {
+        svcs.get(name).await.expect(name);
+    }
+    Api::<Role>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("router role");
+    Api::<ServiceAccount>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("sa");
+
+    step("hbm (8B on H100) and none: their flags, no connector, no agent");
+    let llama = deployment(&deps, "llama-8b-engine").await;
+    let a = args_of(&llama);
+    assert!(a.contains(&"--enable-prefix-caching".to_owned()), "{a:?}");
+    assert!(!a.iter().any(|x| x == "--kv-transfer-config"));
+    let limits = llama
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers[0].resources.clone())
+        .and_then(|r| r.limits)
+        .expect("limits");
+    assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+    assert!(dss.get_opt("llama-8b-node-agent").await.expect("get").is_none());
+    let base = deployment(&deps, "baseline-engine").await;
+    assert!(args_of(&base).contains(&"--no-enable-prefix-caching".to_owned()));
+
+    step("status: valid, not ready while no kubelet reports a Pod");
+    let k = kvci_where(&kvcis, "minimax", "minimax reports EnginesNotReady", |k| {
+        conditions(k).get("Ready").is_some_and(|c| c.1 == "EnginesNotReady")
+    })
+    .await;
+    assert_eq!(conditions(&k)["ConfigValid"].0, "True");
+    let st = k.status.expect("status");
+    assert_eq!(st.router_endpoint.as_deref(), Some("http://minimax.e2e.svc:8000/v1"));
+    assert_eq!(st.engine_command[..2], ["vllm", "serve"]);
+
+    step("Pods reported Ready make the resource Ready");
+    let engines = pods_of(&pods, "llama-8b", "engine", 2).await;
+    let routers = pods_of(&pods, "llama-8b", "router", 1).await;
+    for p in engines.iter().chain(&routers) {
+        set_pod_ready(&pods, p, true).await;
+    }
+    let k = kvci_where(&kvcis, "llama-8b", "llama-8b is Ready", |k| {
+        conditions(k).get("Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(k.status.as_ref().map(|s| s.ready_replicas), Some(2));
+
+    step("the router finds the Ready engine Pods and serves through them");
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sim = kvtier_sim::Sim::serve(
+        sim_listener,
+        kvtier_sim::SimOptions {
+            profile: kvtier_sim::Profile::load("llama-3.1-8b-h100").expect("profile"),
+            strategy: kvtier_sim::Strategy::Hbm,
+            time_scale: 1000.0,
+            served_model: Some("llama-3.1-8b".into()),
+        },
+    );
+    let router_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let router_addr = router_listener.local_addr().expect("addr");
+    let discovery = Arc::new(kvtier_router::PodDiscovery::start(
+        admin.clone(),
+        NS,
+        "app.kubernetes.io/instance=llama-8b,app.kubernetes.io/component=engine",
+        sim.addr().port(),
+    ));
+    let (router_stop, router_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = tokio::spawn(kvtier_router::run(
+        kvtier_router::RouterConfig::new(Vec::new()),
+        router_listener,
+        None,
+        discovery,
+        async move {
+            let _ = router_rx.await;
+        },
+    ));
+    let chat =
+        r#"{"model":"llama-3.1-8b","messages":[{"role":"user","content":"hello"}],"max_tokens":4}"#;
+    let (code, body) = eventually("a chat completion through the router", WAIT, || async {
+        let r = http(router_addr, "POST", "/v1/chat/completions", chat).await;
+        if r.0 == 200 {
+            Ok(r)
+        } else {
+            Err(r.1)
+        }
+    })
+    .await;
+    assert_eq!(code, 200);
+    assert!(body.contains("chat.completion"), "{body}");
+    for p in &engines {
+        set_pod_ready(&pods, p, false).await;
+    }
+    eventually("no Ready engine Pod: 503", WAIT, || async {
+        let r = http(router_addr, "POST", "/v1/chat/completions", chat).await;
+        if r.0 == 503 {
+            Ok(())
+        } else {
+            Err(r.1)
+        }
+    })
+    .await;
+    for p in &engines {
+        set_pod_ready(&pods, p, true).await;
+    }
+    let _ = router_stop.send(());
+    let _ = router.await;
+
+    step("drift: an edited engine command and a manual scale are put back");
+    let before = args_of(&deployment(&deps, "llama-8b-engine").await);
+    cluster.kubectl(&[
+        "patch", "deployment", "llama-8b-engine", "-n", NS, "--type=json", "-p",
+        r#"[{"op":"replace","path":"/spec/template/spec/containers/0/args","value":["--model","tampered"]}]"#,
+    ]);
+    cluster.kubectl(&["scale", "deployment", "llama-8b-engine", "-n", NS, "--replicas=5"]);
+    eventually("the operator restores the engine Deployment", WAIT, || async {
+        let d = deps.get("llama-8b-engine").await.map_err(|e| e.to_string())?;
+        let replicas = d.spec.as_ref().and_then(|s| s.replicas);
+        if args_of(&d) == before && replicas == Some(2) {
+            Ok(())
+        } else {
+            Err(format!("{replicas:?} {:?}", args_of(&d)))
+        }
+    })
+    .await;
+
+    step("traps are refused with their reason and change nothing");
+    let trap = scratch("trap");
+    std::fs::write(
+        &trap,
+        "apiVersion: kvtier.dev/v1alpha1\nkind: KVCachedInference\nmetadata: {name: trap}\n\
+         spec:\n  model: {name: m}\n  engine: {extraArgs: [--no-enable-prefix-caching]}\n  \
+         cache: {strategy: tiered, dram: 64Gi}\n",
+    )
+    .expect("write trap");
+    let (accepted, out) = cluster.kubectl_try(&["apply", "-n", NS, "-f", &trap.to_string_lossy()]);
+    if accepted {
+        // No CEL on this server: the operator refuses it.
+        let k = kvci_where(&kvcis, "trap", "the trap is refused in status", |k| {
+            conditions(k).get("ConfigValid").is_some_and(|c| c.0 == "False")
+        })
+        .await;
+        let msg = &conditions(&k)["ConfigValid"].2;
+        assert!(msg.contains("--no-enable-prefix-caching"), "{msg}");
+        assert!(deps.get_opt("trap-engine").await.expect("get").is_none(), "nothing created");
+        eventually("a Warning event says so", WAIT, || async {
+            let (_, ev) = cluster.kubectl_try(&[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={range .items[*]}{.regarding.name}/{.reason}/{.type} {end}",
+            ]);
+            if ev.contains("trap/ConfigValidFalse/Warning") {
+                Ok(())
+            } else {
+                Err(ev)
+            }
+        })
+        .await;
+        let refused = |t: &str| counter(t, "kvtier_operator_reconciles_total{result=\"refused\"}");
+        let r0 = refused(&metrics.text());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(refused(&metrics.text()) <= r0 + 1.0, "a refused spec must not hot-loop");
+    } else {
+        assert!(out.contains("prefix caching"), "the server's CEL rule says why: {out}");
+    }
+    // A valid resource turned into a trap keeps running as it was.
+    let served = args_of(&deps.get("llama-8b-engine").await.expect("engine"));
+    let (accepted, out) = cluster.kubectl_try(&[
+        "patch",
+        "kvci",
+        "llama-8b",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"engine":{"extraArgs":["--kv-offloading-size=64"]}}}"#,
+    ]);
+    if accepted {
+        let k = kvci_where(&kvcis, "llama-8b", "the edit is refused", |k| {
+            conditions(k).get("ConfigValid").is_some_and(|c| c.0 == "False")
+        })
+        .await;
+        assert!(conditions(&k)["ConfigValid"].2.contains("--kv-offloading-size"));
+        assert_eq!(args_of(&deps.get("llama-8b-engine").await.expect("engine")), served);
+        cluster.kubectl(&[
+            "patch",
+            "kvci",
+            "llama-8b",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"engine":{"extraArgs":null}}}"#,
+        ]);
+        kvci_where(&kvcis, "llama-8b", "valid again", |k| {
+            conditions(k).get("ConfigValid").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    } else {
+        assert!(out.contains("KV offloading"), "{out}");
+    }
+    // A DRAM tier no selected node can hold.
+    let node = scratch("node");
+    std::fs::write(
+        &node,
+        "apiVersion: v1\nkind: Node\nmetadata: {name: gpu-small, labels: {kvtier-e2e/pool: small}}\n",
+    )
+    .expect("write node");
+    cluster.kubectl(&["apply", "-f", &node.to_string_lossy()]);
+    Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
+        .patch_status(
+            "gpu-small",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"allocatable": {"memory": "32Gi"},
+                                            "capacity": {"memory": "32Gi"}}})),
+        )
+        .await
+        .expect("node status");
+    let big = scratch("big");
+    std::fs::write(
+        &big,
+        "apiVersion: kvtier.dev/v1alpha1\nkind: KVCachedInference\nmetadata: {name: big}\n\
+         spec:\n  model: {name: m}\n  engine: {nodeSelector: {kvtier-e2e/pool: small}}\n  \
+         cache: {strategy: tiered, dram: 64Gi}\n",
+    )
+    .expect("write big");
+    cluster.kubectl(&["apply", "-n", NS, "-f", &big.to_string_lossy()]);
+    let k = kvci_where(&kvcis, "big", "a DRAM tier larger than the node is refused", |k| {
+        conditions(k).get("ConfigValid").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    assert!(conditions(&k)["ConfigValid"].2.contains("node gpu-small allows 32Gi"));
+    assert!(deps.get_opt("big-engine").await.expect("get").is_none());
+    cluster.kubectl(&["delete", "node", "gpu-small"]);
+
+    if cluster.is_local() {
+        step("the API server restarts; the operator resumes");
+        tokio::task::block_in_place(|| cluster.restart_apiserver(Duration::from_secs(3)));
+        assert!(!operator.is_finished(), "the operator survived the restart");
+        cluster.kubectl(&[
+            "patch",
+            "kvci",
+            "llama-8b",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"engine":{"replicas":3}}}"#,
+        ]);
+        eventually("the scale after the restart is applied", WAIT, || async {
+            let d = deps.get("llama-8b-engine").await.map_err(|e| e.to_string())?;
+            let r = d.spec.and_then(|s| s.replicas);
+            if r == Some(3) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        })
+        .await;
+    } else {
+        step("skipping the API server restart: KUBECONFIG names a cluster this test did not start");
+    }
+
+    step("deleting a resource removes everything it owns");
+    cluster.kubectl(&["delete", "kvci", "minimax", "-n", NS]);
+    eventually("minimax's objects are collected", WAIT, || async {
+        let sel = ListParams::default().labels("app.kubernetes.io/instance=minimax");
+        let left = deps.list(&sel).await.map_err(|e| e.to_string())?.items.len()
+            + dss.list(&sel).await.map_err(|e| e.to_string())?.items.len()
+            + svcs.list(&sel).await.map_err(|e| e.to_string())?.items.len()
+            + Api::<Role>::namespaced(admin.clone(), NS)
+                .list(&sel)
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len()
+            + Api::<ServiceAccount>::namespaced(admin.clone(), NS)
+                .list(&sel)
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} objects left"))
+        }
+    })
+    .await;
+
+    step("metrics counted the work; stop the operator; helm uninstall keeps the CRD");
+    let text = metrics.text();
+    assert!(
+        counter(&text, "kvtier_operator_reconciles_total{result=\"applied\"}") >= 3.0,
+        "{text}"
+    );
+    assert!(text.contains("kvtier_operator_reconcile_duration_seconds_count"));
+    let _ = stop_tx.send(());
+    operator.await.expect("operator task").expect("operator ran");
+    cluster.helm(&["uninstall", "kvtier", "-n", SYSTEM]);
+    let (kept, _) = cluster.kubectl_try(&["get", "crd", "kvcachedinferences.kvtier.dev"]);
+    assert!(kept, "the CRD stays after uninstall");
+    if !cluster.is_local() {
+        let _ = cluster.kubectl_try(&["delete", "namespace", NS, "--wait=false"]);
+        let _ = cluster.kubectl_try(&["delete", "secret", "kvtier-e2e-token", "-n", SYSTEM]);
+    }
+    let _ = std::fs::remove_file(&sa_config);
+    for f in [baseline, trap, node, big] {
+        let _ = std::fs::remove_file(f);
+    }
+}
