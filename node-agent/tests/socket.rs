@@ -14,7 +14,7 @@ use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, P
 const SLOT: u32 = 512 * 1024;
 
 /// Starts an agent with `slots` slots on a fresh socket path; returns the path.
-fn start(slots: u32) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
+fn start(slots: u32) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
     start_with(slots, None)
 }
 
@@ -22,7 +22,7 @@ fn start(slots: u32) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
 fn start_with(
     slots: u32,
     nvme: Option<&std::path::Path>,
-) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
+) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
     start_mode(slots, nvme, false)
 }
 
@@ -31,7 +31,7 @@ fn start_mode(
     slots: u32,
     nvme: Option<&std::path::Path>,
     write_back: bool,
-) -> (PathBuf, Arc<Agent>, tokio::runtime::Runtime) {
+) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -59,7 +59,32 @@ fn start_mode(
         server::bind(&path).expect("bind")
     };
     rt.spawn(server::serve(listener, agent.clone()));
-    (path, agent, rt)
+    (Socket(path), agent, rt)
+}
+
+/// The agent's socket path; its folder is removed when the test drops it.
+#[derive(Debug)]
+struct Socket(PathBuf);
+
+impl std::ops::Deref for Socket {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Socket {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 fn rand_suffix() -> u64 {
@@ -201,7 +226,7 @@ fn two_processes_share_one_pool() {
     let exe = std::env::current_exe().expect("test binary");
     let status = std::process::Command::new(exe)
         .args(["--exact", "child_writer", "--quiet"])
-        .env("KVTIER_TEST_AGENT_SOCKET", &path)
+        .env("KVTIER_TEST_AGENT_SOCKET", path.as_os_str())
         .status()
         .expect("spawn child");
     assert!(status.success(), "child failed");
