@@ -246,14 +246,15 @@ fn out(text: &str) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo starts and stops a router per run; its lifecycle lines would bury the table.
     let default_filter = if matches!(cli.role, Role::Demo(_)) { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("KVTIER_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter =
+        EnvFilter::try_from_env("KVTIER_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // KVTIER_LOG_FORMAT=json: one JSON object per line, for log pipelines in a cluster.
+    if std::env::var("KVTIER_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     match cli.role {
         Role::Router(args) => {
             let pods = args.pod_selector();

@@ -383,7 +383,8 @@ pub fn router_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
                         "command": ["kvtier"],
                         "args": router_args(kvci),
                         "env": [{"name": "POD_NAMESPACE",
-                                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                {"name": "KVTIER_LOG_FORMAT", "value": "json"}],
                         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
                         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
                                            "periodSeconds": 5},
@@ -485,6 +486,7 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
                         "imagePullPolicy": s.image_pull_policy,
                         "command": ["kvtier"],
                         "args": args,
+                        "env": [{"name": "KVTIER_LOG_FORMAT", "value": "json"}],
                         "ports": [{"name": "metrics", "containerPort": AGENT_METRICS_PORT, "protocol": "TCP"}],
                         // The pool is charged to this container: its limit is the pool plus
                         // the agent's own memory, requested whole so the node reserves it.
