@@ -49,6 +49,9 @@ pub struct KvLayout {
     pub tp_size: u32,
     /// Tokens per chunk.
     pub chunk_tokens: u32,
+    /// How a chunk's bytes are ordered (the attention backend's physical KV layout, e.g.
+    /// `flash_attn/NHD`): two layouts that order bytes differently never share a key.
+    pub byte_order: String,
 }
 
 impl KvLayout {
@@ -56,7 +59,7 @@ impl KvLayout {
     #[must_use]
     pub fn fingerprint(&self) -> u128 {
         let mut b = Vec::with_capacity(64 + self.model.len() + self.dtype.len());
-        for s in [&self.model, &self.dtype] {
+        for s in [&self.model, &self.dtype, &self.byte_order] {
             b.extend_from_slice(&(s.len() as u32).to_le_bytes());
             b.extend_from_slice(s.as_bytes());
         }
@@ -111,6 +114,7 @@ mod tests {
             tp_rank: 0,
             tp_size: 1,
             chunk_tokens: 256,
+            byte_order: "flash_attn/NHD".into(),
         }
     }
 

@@ -1,0 +1,239 @@
+//! The per-step plan the scheduler side sends to every worker: which chunks to load into which
+//! blocks, and which blocks to save as which chunks. A compact little-endian encoding (it
+//! travels through vLLM's metadata pickling as `bytes`), decoded with every count bounded.
+
+use kvtier_api::chunk::ChunkKey;
+
+const MAGIC: &[u8; 4] = b"KVTP";
+const VERSION: u8 = 1;
+/// Bound on any list in a plan.
+const MAX_ITEMS: usize = 1 << 20;
+
+/// Load one chunk (or its tail) into a request's blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadJob {
+    /// vLLM request id.
+    pub req: String,
+    /// The chunk's blocks, in order.
+    pub block_ids: Vec<u32>,
+    /// Blocks before this index are already computed and not written.
+    pub from: u32,
+    /// Pool slots holding the chunk's parts, per tensor-parallel rank: `slots[rank][part]`.
+    pub slots: Vec<Vec<u32>>,
+}
+
+/// Save one chunk from a request's blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveJob {
+    /// vLLM request id.
+    pub req: String,
+    /// The chunk's blocks, in order.
+    pub block_ids: Vec<u32>,
+    /// Keys of the chunk's parts, per rank: `keys[rank][part]`.
+    pub keys: Vec<Vec<ChunkKey>>,
+    /// Conversation key for residency events (0: unknown).
+    pub conversation: u64,
+}
+
+/// One step's work.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Loads, before the forward pass.
+    pub loads: Vec<LoadJob>,
+    /// Saves, after it.
+    pub saves: Vec<SaveJob>,
+}
+
+/// A plan that does not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed plan: {0}")]
+pub struct PlanError(&'static str);
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn len(&mut self, n: usize) {
+        self.u32(u32::try_from(n).expect("plan lists are bounded"));
+    }
+    fn str(&mut self, s: &str) {
+        self.len(s.len());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn u32s(&mut self, v: &[u32]) {
+        self.len(v.len());
+        for &x in v {
+            self.u32(x);
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], PlanError> {
+        if self.0.len() < n {
+            return Err(PlanError("truncated"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, PlanError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| PlanError("truncated"))?))
+    }
+    fn u64(&mut self) -> Result<u64, PlanError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| PlanError("truncated"))?))
+    }
+    fn len(&mut self, item: usize) -> Result<usize, PlanError> {
+        let n = self.u32()? as usize;
+        if n > MAX_ITEMS || n.saturating_mul(item) > self.0.len() {
+            return Err(PlanError("a count exceeds the plan"));
+        }
+        Ok(n)
+    }
+    fn str(&mut self) -> Result<String, PlanError> {
+        let n = self.len(1)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| PlanError("request id is not UTF-8"))
+    }
+    fn u32s(&mut self) -> Result<Vec<u32>, PlanError> {
+        let n = self.len(4)?;
+        (0..n).map(|_| self.u32()).collect()
+    }
+}
+
+impl Plan {
+    /// Whether there is nothing to do.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.loads.is_empty() && self.saves.is_empty()
+    }
+
+    /// The wire form.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64));
+        w.0.extend_from_slice(MAGIC);
+        w.0.push(VERSION);
+        w.len(self.loads.len());
+        for l in &self.loads {
+            w.str(&l.req);
+            w.u32s(&l.block_ids);
+            w.u32(l.from);
+            w.len(l.slots.len());
+            for s in &l.slots {
+                w.u32s(s);
+            }
+        }
+        w.len(self.saves.len());
+        for s in &self.saves {
+            w.str(&s.req);
+            w.u32s(&s.block_ids);
+            w.len(s.keys.len());
+            for k in &s.keys {
+                w.len(k.len());
+                for key in k {
+                    w.0.extend_from_slice(&key.to_le_bytes());
+                }
+            }
+            w.0.extend_from_slice(&s.conversation.to_le_bytes());
+        }
+        w.0
+    }
+
+    /// Decodes [`Plan::encode`]'s output.
+    ///
+    /// # Errors
+    /// On anything else: wrong magic or version, truncation, counts beyond the input.
+    pub fn decode(bytes: &[u8]) -> Result<Self, PlanError> {
+        let mut r = R(bytes);
+        if r.take(4)? != MAGIC {
+            return Err(PlanError("not a kvtier plan"));
+        }
+        if r.take(1)?[0] != VERSION {
+            return Err(PlanError("unknown plan version"));
+        }
+        let mut plan = Plan::default();
+        for _ in 0..r.len(12)? {
+            let req = r.str()?;
+            let block_ids = r.u32s()?;
+            let from = r.u32()?;
+            let ranks = r.len(4)?;
+            let slots = (0..ranks).map(|_| r.u32s()).collect::<Result<_, _>>()?;
+            plan.loads.push(LoadJob { req, block_ids, from, slots });
+        }
+        for _ in 0..r.len(20)? {
+            let req = r.str()?;
+            let block_ids = r.u32s()?;
+            let ranks = r.len(4)?;
+            let mut keys = Vec::with_capacity(ranks);
+            for _ in 0..ranks {
+                let n = r.len(16)?;
+                let mut k = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let lo = u128::from(r.u64()?);
+                    let hi = u128::from(r.u64()?);
+                    k.push(ChunkKey(lo | (hi << 64)));
+                }
+                keys.push(k);
+            }
+            let conversation = r.u64()?;
+            plan.saves.push(SaveJob { req, block_ids, keys, conversation });
+        }
+        if !r.0.is_empty() {
+            return Err(PlanError("trailing bytes"));
+        }
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Plan {
+        Plan {
+            loads: vec![LoadJob {
+                req: "req-1".into(),
+                block_ids: vec![4, 9, 2],
+                from: 1,
+                slots: vec![vec![10, 11], vec![12, 13]],
+            }],
+            saves: vec![SaveJob {
+                req: "req-2".into(),
+                block_ids: vec![7],
+                keys: vec![vec![ChunkKey(u128::MAX - 5)], vec![ChunkKey(42)]],
+                conversation: 99,
+            }],
+        }
+    }
+
+    #[test]
+    fn plans_round_trip_and_garbage_is_refused() {
+        let p = sample();
+        assert_eq!(Plan::decode(&p.encode()), Ok(p.clone()));
+        assert_eq!(Plan::decode(&Plan::default().encode()), Ok(Plan::default()));
+        let bytes = p.encode();
+        for cut in 0..bytes.len() {
+            assert!(Plan::decode(&bytes[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut v2 = bytes.clone();
+        v2[4] = 2;
+        assert_eq!(Plan::decode(&v2), Err(PlanError("unknown plan version")));
+        let mut huge = bytes;
+        huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Plan::decode(&huge).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut v = b"KVTP\x01".to_vec();
+            v.extend_from_slice(&b);
+            let _ = Plan::decode(&v);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! `kvtier._native`: the Python face of the core. Plain values cross the boundary (ints,
+//! lists, bytes): no torch types, so the module needs no libtorch and the Python class does
+//! the translation from vLLM's objects. Blocking calls release the GIL.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::layout::TensorDesc;
+use crate::plan::Plan;
+use crate::scheduler::{SchedulerConfig, SchedulerCore, SchedulerError, Step};
+use crate::transfer::HostCopy;
+use crate::worker::{WorkerCore, WorkerError};
+
+fn sched_err(e: SchedulerError) -> PyErr {
+    match e {
+        SchedulerError::Config(m) => PyValueError::new_err(m),
+        SchedulerError::Agent(a) => PyRuntimeError::new_err(format!("kvtier node-agent: {a}")),
+    }
+}
+
+fn worker_err(e: WorkerError) -> PyErr {
+    match e {
+        WorkerError::Agent(a) => PyRuntimeError::new_err(format!("kvtier node-agent: {a}")),
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The scheduler side (one per engine).
+#[pyclass(module = "kvtier._native")]
+struct Scheduler {
+    inner: Mutex<SchedulerCore>,
+}
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (socket, layouts, chunk_tokens, block_size, chunk_bytes, lease_ms=60_000, nvme_wait_ms=2_000))]
+    fn new(
+        py: Python<'_>,
+        socket: PathBuf,
+        layouts: Vec<u128>,
+        chunk_tokens: usize,
+        block_size: usize,
+        chunk_bytes: usize,
+        lease_ms: u64,
+        nvme_wait_ms: u64,
+    ) -> PyResult<Self> {
+        let cfg = SchedulerConfig {
+            socket,
+            layouts,
+            chunk_tokens,
+            block_size,
+            chunk_bytes,
+            lease: Duration::from_millis(lease_ms),
+            nvme_wait: Duration::from_millis(nvme_wait_ms),
+        };
+        let core = py.detach(|| SchedulerCore::connect(cfg)).map_err(sched_err)?;
+        Ok(Self { inner: Mutex::new(core) })
+    }
+
+    /// Pool slots per chunk and rank.
+    #[getter]
+    fn parts(&self) -> u32 {
+        locked(&self.inner).parts()
+    }
+
+    /// Tokens loadable beyond `num_computed`, or None to be asked again.
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        req: &str,
+        tokens: Vec<u32>,
+        num_computed: usize,
+    ) -> PyResult<Option<usize>> {
+        py.detach(|| locked(&self.inner).lookup(req, &tokens, num_computed)).map_err(sched_err)
+    }
+
+    /// Plans the loads of `num_external` tokens into the request's blocks.
+    fn after_alloc(&self, req: &str, block_ids: Vec<u32>, num_external: usize) -> PyResult<()> {
+        locked(&self.inner).after_alloc(req, &block_ids, num_external).map_err(sched_err)
+    }
+
+    /// This step's plan, encoded; `steps` are `(request id, block ids, tokens computed after
+    /// the step)`.
+    fn build_plan<'py>(
+        &self,
+        py: Python<'py>,
+        steps: Vec<(String, Vec<u32>, usize)>,
+    ) -> Bound<'py, PyBytes> {
+        let steps: Vec<Step> = steps
+            .into_iter()
+            .map(|(req, block_ids, computed_after)| Step { req, block_ids, computed_after })
+            .collect();
+        let plan = locked(&self.inner).build_plan(&steps);
+        PyBytes::new(py, &plan.encode())
+    }
+
+    /// The request is done.
+    fn finished(&self, py: Python<'_>, req: &str) -> PyResult<()> {
+        py.detach(|| locked(&self.inner).finished(req)).map_err(sched_err)
+    }
+
+    /// Requests tracked.
+    fn tracked(&self) -> usize {
+        locked(&self.inner).tracked()
+    }
+}
+
+/// A tensor as Python describes it: `(name, address, shape, strides, element size)`.
+type PyTensor = (String, u64, Vec<usize>, Vec<isize>, usize);
+
+/// The worker side (one per worker process), host-memory transfers.
+#[pyclass(module = "kvtier._native")]
+struct Worker {
+    inner: Mutex<WorkerCore>,
+}
+
+#[pymethods]
+impl Worker {
+    #[new]
+    fn new(py: Python<'_>, socket: PathBuf, rank: usize) -> PyResult<Self> {
+        let core = py
+            .detach(|| WorkerCore::connect(&socket, rank, Box::new(HostCopy)))
+            .map_err(worker_err)?;
+        Ok(Self { inner: Mutex::new(core) })
+    }
+
+    /// Learns the KV cache: `tensors` are `(name, address, shape, strides, element size)`.
+    #[allow(unsafe_code)]
+    fn register(
+        &self,
+        tensors: Vec<PyTensor>,
+        num_blocks: usize,
+        blocks_per_chunk: usize,
+        chunk_bytes: usize,
+    ) -> PyResult<()> {
+        let descs: Vec<TensorDesc> = tensors
+            .into_iter()
+            .map(|(name, ptr, shape, strides, elem_size)| TensorDesc {
+                name,
+                ptr,
+                shape,
+                strides,
+                elem_size,
+            })
+            .collect();
+        // SAFETY: the Python class passes the engine's KV cache tensors, which the engine
+        // allocates once and keeps for the life of the worker process.
+        unsafe { locked(&self.inner).register(&descs, num_blocks, blocks_per_chunk, chunk_bytes) }
+            .map_err(worker_err)
+    }
+
+    /// Runs the plan's loads; returns the block ids that failed.
+    fn load(&self, py: Python<'_>, plan: &[u8]) -> PyResult<Vec<u32>> {
+        let plan = Plan::decode(plan).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(py.detach(|| locked(&self.inner).load(&plan)))
+    }
+
+    /// Runs the plan's saves; returns `(saved, skipped, bytes)`.
+    fn save(&self, py: Python<'_>, plan: &[u8]) -> PyResult<(u32, u32, u64)> {
+        let plan = Plan::decode(plan).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let r = py.detach(|| locked(&self.inner).save(&plan));
+        Ok((r.saved, r.skipped, r.bytes))
+    }
+
+    /// How the registered tensors order a block's bytes.
+    fn byte_order(&self) -> String {
+        locked(&self.inner).byte_order()
+    }
+}
+
+/// The layout fingerprint chunk keys are derived under.
+#[pyfunction]
+#[pyo3(signature = (model, dtype, layers, kv_heads, head_dim, tp_rank, tp_size, chunk_tokens, byte_order))]
+#[allow(clippy::too_many_arguments)]
+fn layout_fingerprint(
+    model: String,
+    dtype: String,
+    layers: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    tp_rank: u32,
+    tp_size: u32,
+    chunk_tokens: u32,
+    byte_order: String,
+) -> u128 {
+    kvtier_api::chunk::KvLayout {
+        model,
+        dtype,
+        layers,
+        kv_heads,
+        head_dim,
+        tp_rank,
+        tp_size,
+        chunk_tokens,
+        byte_order,
+    }
+    .fingerprint()
+}
+
+/// Keys of the full chunks of `tokens` (for tests and tools).
+#[pyfunction]
+fn chunk_keys(fingerprint: u128, tokens: Vec<u32>, chunk_tokens: usize) -> PyResult<Vec<u128>> {
+    if chunk_tokens == 0 {
+        return Err(PyValueError::new_err("chunk_tokens must be positive"));
+    }
+    Ok(kvtier_api::chunk::chunk_keys(fingerprint, &tokens, chunk_tokens)
+        .into_iter()
+        .map(|k| k.0)
+        .collect())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Scheduler>()?;
+    m.add_class::<Worker>()?;
+    m.add_function(wrap_pyfunction!(layout_fingerprint, m)?)?;
+    m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

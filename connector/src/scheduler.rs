@@ -1,0 +1,317 @@
+//! The scheduler side: what the external tiers hold for a request, which chunks to load into
+//! which blocks, which computed chunks to save. One instance per engine (vLLM's scheduler
+//! process), talking to the node-agent over its own connection.
+//!
+//! - Keys come from token ids ([`kvtier_api::chunk`]), one set per tensor-parallel rank (each
+//!   rank stores its own shard), split into parts when a chunk is larger than a pool slot.
+//! - A chunk counts as loadable only when every rank's parts are in DRAM and pinned (lease);
+//!   chunks further on NVMe are prefetched and the request asked about again shortly, up to
+//!   `nvme_wait`, after which what DRAM holds is used.
+//! - The last prompt token is never loaded (the engine must compute at least one), and only
+//!   prompt chunks are saved: decode-phase KV never is.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kvtier_api::agent::{Request, Tier};
+use kvtier_api::chunk::{chunk_keys, ChunkKey, CHUNK_SEED};
+use kvtier_node_agent::client::{Client, ClientError};
+use twox_hash::XxHash3_128;
+
+use crate::plan::{LoadJob, Plan, SaveJob};
+
+/// The scheduler side's settings.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// The node-agent's socket.
+    pub socket: PathBuf,
+    /// Layout fingerprint of each tensor-parallel rank, in rank order.
+    pub layouts: Vec<u128>,
+    /// Tokens per chunk (a multiple of `block_size`).
+    pub chunk_tokens: usize,
+    /// Tokens per engine block.
+    pub block_size: usize,
+    /// Bytes of one chunk on one rank.
+    pub chunk_bytes: usize,
+    /// How long pins last without renewal.
+    pub lease: Duration,
+    /// How long a request may wait for chunks coming back from NVMe.
+    pub nvme_wait: Duration,
+}
+
+/// Why the scheduler side cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The agent cannot be reached or refused.
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    /// Settings that cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The key of part `j` of a chunk split in `parts`.
+#[must_use]
+pub fn part_key(chunk: ChunkKey, j: u32, parts: u32) -> ChunkKey {
+    if parts == 1 {
+        return chunk;
+    }
+    let mut b = [0u8; 20];
+    b[..16].copy_from_slice(&chunk.to_le_bytes());
+    b[16..].copy_from_slice(&j.to_le_bytes());
+    ChunkKey(XxHash3_128::oneshot_with_seed(CHUNK_SEED, &b))
+}
+
+#[derive(Debug)]
+struct Req {
+    /// `keys[chunk][rank][part]` for every full prompt chunk.
+    keys: Vec<Vec<Vec<ChunkKey>>>,
+    /// Chunks that may be loaded (the last prompt token stays to compute).
+    loadable: usize,
+    /// Chunks matched in DRAM and pinned.
+    matched: usize,
+    /// `slots[chunk][rank][part]` of the matched chunks.
+    slots: Vec<Vec<Vec<u32>>>,
+    pinned: Vec<ChunkKey>,
+    prefetch_until: Option<Instant>,
+    /// Chunks below this index are stored (found, or already planned for saving).
+    stored: usize,
+    conversation: u64,
+}
+
+/// A request's place in one scheduler step, as [`SchedulerCore::build_plan`] needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// vLLM request id.
+    pub req: String,
+    /// Every block of the request so far, in order.
+    pub block_ids: Vec<u32>,
+    /// Tokens whose KV exists once this step has run.
+    pub computed_after: usize,
+}
+
+/// The scheduler side.
+#[derive(Debug)]
+pub struct SchedulerCore {
+    cfg: SchedulerConfig,
+    client: Client,
+    parts: u32,
+    reqs: HashMap<String, Req>,
+    loads: Vec<LoadJob>,
+}
+
+impl SchedulerCore {
+    /// Attaches to the agent.
+    ///
+    /// # Errors
+    /// When the agent cannot be reached, or the settings cannot work.
+    pub fn connect(cfg: SchedulerConfig) -> Result<Self, SchedulerError> {
+        if cfg.block_size == 0
+            || cfg.chunk_tokens == 0
+            || !cfg.chunk_tokens.is_multiple_of(cfg.block_size)
+        {
+            return Err(SchedulerError::Config(format!(
+                "chunk_tokens {} must be a positive multiple of the block size {}",
+                cfg.chunk_tokens, cfg.block_size
+            )));
+        }
+        if cfg.layouts.is_empty() || cfg.chunk_bytes == 0 {
+            return Err(SchedulerError::Config("no ranks or an empty chunk".into()));
+        }
+        let client = Client::connect(&cfg.socket, "kvtier-scheduler")?;
+        let slot = client.slot_bytes() as usize;
+        let parts = u32::try_from(cfg.chunk_bytes.div_ceil(slot))
+            .map_err(|_| SchedulerError::Config("chunk too large".into()))?;
+        Ok(Self { cfg, client, parts, reqs: HashMap::new(), loads: Vec::new() })
+    }
+
+    /// Pool slots per chunk and rank.
+    #[must_use]
+    pub fn parts(&self) -> u32 {
+        self.parts
+    }
+
+    fn keys_for(&self, tokens: &[u32]) -> Vec<Vec<Vec<ChunkKey>>> {
+        let per_rank: Vec<Vec<ChunkKey>> = self
+            .cfg
+            .layouts
+            .iter()
+            .map(|&fp| chunk_keys(fp, tokens, self.cfg.chunk_tokens))
+            .collect();
+        let chunks = per_rank.first().map_or(0, Vec::len);
+        (0..chunks)
+            .map(|c| {
+                per_rank
+                    .iter()
+                    .map(|r| (0..self.parts).map(|j| part_key(r[c], j, self.parts)).collect())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Tokens beyond `num_computed` that can be loaded for `req`, whose prompt is `tokens`;
+    /// `None`: ask again shortly (chunks are coming back from NVMe).
+    ///
+    /// # Errors
+    /// When the agent fails; the engine then computes the prompt.
+    pub fn lookup(
+        &mut self,
+        req: &str,
+        tokens: &[u32],
+        num_computed: usize,
+    ) -> Result<Option<usize>, SchedulerError> {
+        if !self.reqs.contains_key(req) {
+            let keys = self.keys_for(tokens);
+            let loadable = tokens.len().saturating_sub(1) / self.cfg.chunk_tokens;
+            self.reqs.insert(
+                req.to_owned(),
+                Req {
+                    loadable: loadable.min(keys.len()),
+                    keys,
+                    matched: 0,
+                    slots: Vec::new(),
+                    pinned: Vec::new(),
+                    prefetch_until: None,
+                    stored: 0,
+                    conversation: 0,
+                },
+            );
+        }
+        let r = self.reqs.get(req).expect("inserted above");
+        let flat: Vec<ChunkKey> =
+            r.keys[..r.loadable].iter().flatten().flatten().copied().collect();
+        if flat.is_empty() {
+            return Ok(Some(0));
+        }
+        let per_chunk = self.cfg.layouts.len() * self.parts as usize;
+        let found = self.client.lookup(&flat)?;
+        let in_dram = found.prefix as usize / per_chunk;
+        // Chunks after the DRAM prefix that NVMe still holds whole.
+        let on_nvme = found.tiers[in_dram * per_chunk..]
+            .chunks(per_chunk)
+            .take_while(|c| c.iter().all(|t| matches!(t, Tier::Dram | Tier::Nvme)))
+            .count();
+        let now = Instant::now();
+        let r = self.reqs.get_mut(req).expect("present");
+        if on_nvme > 0 {
+            match r.prefetch_until {
+                None => {
+                    let keys = flat[in_dram * per_chunk..(in_dram + on_nvme) * per_chunk].to_vec();
+                    self.client.ack(&Request::Prefetch { keys })?;
+                    r.prefetch_until = Some(now + self.cfg.nvme_wait);
+                    return Ok(None);
+                }
+                Some(t) if now < t => return Ok(None),
+                Some(_) => {}
+            }
+        }
+        // Pin what DRAM holds, then look again: a chunk evicted in between is not counted.
+        let matched_keys = flat[..in_dram * per_chunk].to_vec();
+        let lease_ms = u32::try_from(self.cfg.lease.as_millis()).unwrap_or(u32::MAX);
+        if !matched_keys.is_empty() {
+            self.client.ack(&Request::Pin { keys: matched_keys.clone(), lease_ms })?;
+        }
+        let again =
+            if matched_keys.is_empty() { None } else { Some(self.client.lookup(&matched_keys)?) };
+        let r = self.reqs.get_mut(req).expect("present");
+        r.pinned = matched_keys;
+        let (matched, slots) = match again {
+            None => (0, Vec::new()),
+            Some(a) => {
+                let m = a.prefix as usize / per_chunk;
+                let slots = a.slots[..m * per_chunk]
+                    .chunks(per_chunk)
+                    .map(|c| c.chunks(self.parts as usize).map(<[u32]>::to_vec).collect())
+                    .collect();
+                (m, slots)
+            }
+        };
+        r.matched = matched;
+        r.slots = slots;
+        r.stored = r.stored.max(matched);
+        Ok(Some((matched * self.cfg.chunk_tokens).saturating_sub(num_computed)))
+    }
+
+    /// After the engine gave `req` its blocks: plans loading the `num_external` tokens that
+    /// [`SchedulerCore::lookup`] offered.
+    ///
+    /// # Errors
+    /// When the engine allocated fewer blocks than the load needs (nothing is planned).
+    pub fn after_alloc(
+        &mut self,
+        req: &str,
+        block_ids: &[u32],
+        num_external: usize,
+    ) -> Result<(), SchedulerError> {
+        if num_external == 0 {
+            return Ok(());
+        }
+        let Some(r) = self.reqs.get(req) else {
+            return Err(SchedulerError::Config(format!("request {req} was never looked up")));
+        };
+        let (ct, bs) = (self.cfg.chunk_tokens, self.cfg.block_size);
+        let end = r.matched * ct;
+        let start = end.checked_sub(num_external).ok_or_else(|| {
+            SchedulerError::Config(format!("{num_external} external tokens exceed the match"))
+        })?;
+        let bpc = ct / bs;
+        if block_ids.len() < r.matched * bpc {
+            return Err(SchedulerError::Config(format!(
+                "request {req} has {} blocks, the load needs {}",
+                block_ids.len(),
+                r.matched * bpc
+            )));
+        }
+        for c in start / ct..r.matched {
+            let from = if c == start / ct { (start % ct) / bs } else { 0 };
+            self.loads.push(LoadJob {
+                req: req.to_owned(),
+                block_ids: block_ids[c * bpc..(c + 1) * bpc].to_vec(),
+                from: from as u32,
+                slots: r.slots[c].clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// This step's plan: the loads planned since the last one, and a save for every prompt
+    /// chunk whose KV exists once the step has run and the tiers do not hold yet.
+    pub fn build_plan(&mut self, steps: &[Step]) -> Plan {
+        let (ct, bpc) = (self.cfg.chunk_tokens, self.cfg.chunk_tokens / self.cfg.block_size);
+        let mut saves = Vec::new();
+        for s in steps {
+            let Some(r) = self.reqs.get_mut(&s.req) else { continue };
+            let upto = (s.computed_after / ct).min(r.keys.len()).min(s.block_ids.len() / bpc);
+            for c in r.stored..upto {
+                saves.push(SaveJob {
+                    req: s.req.clone(),
+                    block_ids: s.block_ids[c * bpc..(c + 1) * bpc].to_vec(),
+                    keys: r.keys[c].clone(),
+                    conversation: r.conversation,
+                });
+            }
+            r.stored = r.stored.max(upto);
+        }
+        Plan { loads: std::mem::take(&mut self.loads), saves }
+    }
+
+    /// The request is done: its pins go.
+    ///
+    /// # Errors
+    /// When the agent fails (the pins then lapse with their lease).
+    pub fn finished(&mut self, req: &str) -> Result<(), SchedulerError> {
+        if let Some(r) = self.reqs.remove(req) {
+            if !r.pinned.is_empty() {
+                self.client.ack(&Request::Unpin { keys: r.pinned })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests tracked.
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        self.reqs.len()
+    }
+}

@@ -1,0 +1,316 @@
+//! The connector's core against a real node-agent on a Unix socket, with host-memory KV
+//! caches shaped as vLLM's FlashAttention lays them out, two tensor-parallel ranks, chunks
+//! larger than a pool slot: what one request saves, the next loads back bit for bit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvtier_api::chunk::KvLayout;
+use kvtier_connector::{HostCopy, SchedulerConfig, SchedulerCore, Step, TensorDesc, WorkerCore};
+use kvtier_node_agent::{server, Agent, DramPool, Index, LockMode, Lru, PoolConfig};
+
+const SLOT: u32 = 512 * 1024;
+const BLOCKS: usize = 40;
+const BLOCK: usize = 16;
+const HEADS: usize = 8;
+const DIM: usize = 128;
+const LAYERS: usize = 2;
+const CHUNK: usize = 128; // 8 blocks: 2 layers x 2 (K, V) x 8 x 32 KiB = 1 MiB = 2 slots
+const RANKS: usize = 2;
+
+struct AgentDir(PathBuf);
+
+impl Drop for AgentDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_agent(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("agent.sock");
+    let pool = DramPool::create(PoolConfig {
+        bytes: u64::from(slots) * u64::from(SLOT),
+        slot_bytes: SLOT,
+        lock: LockMode::Off,
+        huge_pages: false,
+    })
+    .expect("pool");
+    let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
+    let listener = {
+        let _g = rt.enter();
+        server::bind(&path).expect("bind")
+    };
+    rt.spawn(server::serve(listener, agent));
+    (AgentDir(dir), path, rt)
+}
+
+/// One rank's KV cache: a tensor per layer, `(2, BLOCKS, BLOCK, HEADS, DIM)` of 2-byte
+/// elements, in host memory.
+struct Cache {
+    layers: Vec<Vec<u16>>,
+}
+
+impl Cache {
+    fn new() -> Self {
+        Self { layers: (0..LAYERS).map(|_| vec![0u16; 2 * BLOCKS * BLOCK * HEADS * DIM]).collect() }
+    }
+
+    fn descs(&mut self) -> Vec<TensorDesc> {
+        let shape = vec![2, BLOCKS, BLOCK, HEADS, DIM];
+        let strides = vec![
+            (BLOCKS * BLOCK * HEADS * DIM) as isize,
+            (BLOCK * HEADS * DIM) as isize,
+            (HEADS * DIM) as isize,
+            DIM as isize,
+            1,
+        ];
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, l)| TensorDesc {
+                name: format!("model.layers.{i}.self_attn.attn"),
+                ptr: l.as_mut_ptr() as u64,
+                shape: shape.clone(),
+                strides: strides.clone(),
+                elem_size: 2,
+            })
+            .collect()
+    }
+
+    fn page(&self, layer: usize, kv: usize, block: usize) -> &[u16] {
+        let n = BLOCK * HEADS * DIM;
+        let at = (kv * BLOCKS + block) * n;
+        &self.layers[layer][at..at + n]
+    }
+
+    fn page_mut(&mut self, layer: usize, kv: usize, block: usize) -> &mut [u16] {
+        let n = BLOCK * HEADS * DIM;
+        let at = (kv * BLOCKS + block) * n;
+        &mut self.layers[layer][at..at + n]
+    }
+
+    /// What the engine would compute for token block `t` of the prompt (per rank, layer, K/V).
+    fn compute(&mut self, rank: usize, block_ids: &[u32]) {
+        for (t, &b) in block_ids.iter().enumerate() {
+            for layer in 0..LAYERS {
+                for kv in 0..2 {
+                    let seed = (rank * 1000 + t * 10 + layer * 2 + kv) as u16;
+                    for (i, x) in self.page_mut(layer, kv, b as usize).iter_mut().enumerate() {
+                        *x = seed.wrapping_mul(31).wrapping_add(i as u16);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fingerprint(rank: usize) -> u128 {
+    KvLayout {
+        model: "test/model".into(),
+        dtype: "bf16".into(),
+        layers: LAYERS as u32,
+        kv_heads: HEADS as u32,
+        head_dim: DIM as u32,
+        tp_rank: rank as u32,
+        tp_size: RANKS as u32,
+        chunk_tokens: CHUNK as u32,
+        byte_order: "flash_attn/NHD".into(),
+    }
+    .fingerprint()
+}
+
+fn chunk_bytes() -> usize {
+    LAYERS * 2 * (CHUNK / BLOCK) * BLOCK * HEADS * DIM * 2
+}
+
+fn scheduler(socket: &std::path::Path) -> SchedulerCore {
+    SchedulerCore::connect(SchedulerConfig {
+        socket: socket.to_owned(),
+        layouts: (0..RANKS).map(fingerprint).collect(),
+        chunk_tokens: CHUNK,
+        block_size: BLOCK,
+        chunk_bytes: chunk_bytes(),
+        lease: Duration::from_secs(30),
+        nvme_wait: Duration::from_millis(200),
+    })
+    .expect("scheduler")
+}
+
+#[allow(unsafe_code)]
+fn workers(socket: &std::path::Path, caches: &mut [Cache]) -> Vec<WorkerCore> {
+    caches
+        .iter_mut()
+        .enumerate()
+        .map(|(rank, cache)| {
+            let mut w = WorkerCore::connect(socket, rank, Box::new(HostCopy)).expect("worker");
+            // SAFETY: the caches outlive the workers in every test.
+            unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes()) }
+                .expect("register");
+            w
+        })
+        .collect()
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(salt) % 150_000).collect()
+}
+
+#[test]
+fn a_prompt_saved_by_one_request_loads_bit_identical_into_the_next() {
+    let (_dir, socket, _rt) = start_agent(16, "roundtrip");
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let mut s = scheduler(&socket);
+    assert_eq!(s.parts(), 2, "a 1 MiB chunk takes two 512 KiB slots");
+
+    // Request A: nothing stored yet; the engine computes 300 tokens into blocks 0..19.
+    let tokens = prompt(300, 7);
+    assert_eq!(s.lookup("a", &tokens, 0).expect("lookup"), Some(0));
+    let a_blocks: Vec<u32> = (0..19).collect();
+    for (rank, c) in caches.iter_mut().enumerate() {
+        c.compute(rank, &a_blocks);
+    }
+    let plan =
+        s.build_plan(&[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 300 }]);
+    assert_eq!(plan.saves.len(), 2, "two full prompt chunks");
+    assert!(plan.loads.is_empty());
+    for w in &mut ws {
+        let r = w.save(&plan);
+        assert_eq!((r.saved, r.skipped), (2, 0));
+        assert_eq!(r.bytes, 2 * chunk_bytes() as u64);
+    }
+    // Saving again plans nothing: the step after has the same chunks.
+    let again =
+        s.build_plan(&[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 301 }]);
+    assert!(again.is_empty());
+    s.finished("a").expect("finished");
+
+    // Request B: the same 300-token prompt and more. 256 tokens come from the tier.
+    let mut b_tokens = tokens.clone();
+    b_tokens.extend(prompt(50, 99));
+    assert_eq!(s.lookup("b", &b_tokens, 0).expect("lookup"), Some(256));
+    let b_blocks: Vec<u32> = (20..40).collect();
+    s.after_alloc("b", &b_blocks, 256).expect("alloc");
+    let plan = s.build_plan(&[Step {
+        req: "b".into(),
+        block_ids: b_blocks.clone(),
+        computed_after: 256 + 94,
+    }]);
+    assert_eq!(plan.loads.len(), 2);
+    assert!(plan.saves.is_empty(), "B's loaded chunks are not saved again");
+    let plan = kvtier_connector::Plan::decode(&plan.encode()).expect("the wire form");
+    for w in &mut ws {
+        assert!(w.load(&plan).is_empty(), "no load errors");
+    }
+    for c in &caches {
+        for t in 0..16 {
+            for layer in 0..LAYERS {
+                for kv in 0..2 {
+                    assert!(
+                        c.page(layer, kv, a_blocks[t] as usize)
+                            == c.page(layer, kv, b_blocks[t] as usize),
+                        "block {t} layer {layer} kv {kv} differs"
+                    );
+                }
+            }
+        }
+    }
+    assert_ne!(caches[0].page(0, 0, 20), caches[1].page(0, 0, 20), "each rank has its own shard");
+}
+
+#[test]
+fn local_hits_are_not_overwritten_and_the_last_token_is_always_computed() {
+    let (_dir, socket, _rt) = start_agent(16, "partial");
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let mut s = scheduler(&socket);
+    // Exactly two chunks of prompt: only the first may be loaded (the last token is computed).
+    let tokens = prompt(256, 3);
+    assert_eq!(s.lookup("a", &tokens, 0).expect("lookup"), Some(0));
+    let a_blocks: Vec<u32> = (0..16).collect();
+    for (rank, c) in caches.iter_mut().enumerate() {
+        c.compute(rank, &a_blocks);
+    }
+    let plan =
+        s.build_plan(&[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 256 }]);
+    for w in &mut ws {
+        assert_eq!(w.save(&plan).saved, 2);
+    }
+    assert_eq!(s.lookup("b", &tokens, 0).expect("lookup"), Some(128), "one chunk of two");
+
+    // The engine already has the first 64 tokens (4 blocks) locally: only 64 more come.
+    assert_eq!(s.lookup("c", &tokens, 64).expect("lookup"), Some(64));
+    let c_blocks: Vec<u32> = (20..36).collect();
+    let marker = 0xBEEF;
+    for c in &mut caches {
+        c.page_mut(0, 0, 20).fill(marker);
+    }
+    s.after_alloc("c", &c_blocks, 64).expect("alloc");
+    let plan = s.build_plan(&[]);
+    assert_eq!(plan.loads[0].from, 4);
+    for w in &mut ws {
+        assert!(w.load(&plan).is_empty());
+    }
+    for c in &caches {
+        assert!(c.page(0, 0, 20).iter().all(|&x| x == marker), "a local block was overwritten");
+        assert!(c.page(1, 1, 24) == c.page(1, 1, 4), "block 4 of the chunk was loaded");
+    }
+}
+
+#[test]
+fn bad_plans_become_load_errors_and_a_full_pool_skips_saves() {
+    let (_dir, socket, _rt) = start_agent(2, "errors");
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let mut s = scheduler(&socket);
+    let tokens = prompt(600, 1);
+    assert_eq!(s.lookup("a", &tokens, 0).expect("lookup"), Some(0));
+    let blocks: Vec<u32> = (0..38).collect();
+    let plan = s.build_plan(&[Step { req: "a".into(), block_ids: blocks, computed_after: 600 }]);
+    assert_eq!(plan.saves.len(), 4);
+    // Two slots hold one chunk of one rank: each save evicts the one before.
+    let r0 = ws[0].save(&plan);
+    assert_eq!((r0.saved, r0.skipped), (4, 0));
+    // With every slot reserved by another client, saves are skipped and nothing breaks.
+    let mut hog = kvtier_node_agent::Client::connect(&socket, "hog").expect("attach");
+    assert_eq!(hog.reserve(2).expect("reserve").len(), 2);
+    let r1 = ws[1].save(&plan);
+    assert_eq!((r1.saved, r1.skipped), (0, 4));
+
+    let mut bad = kvtier_connector::Plan::default();
+    bad.loads.push(kvtier_connector::LoadJob {
+        req: "x".into(),
+        block_ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        from: 2,
+        slots: vec![vec![0, 99], vec![0, 1]],
+    });
+    assert_eq!(ws[0].load(&bad), vec![3, 4, 5, 6, 7, 8], "a slot outside the pool fails the load");
+    bad.loads[0].slots.truncate(0);
+    assert_eq!(ws[1].load(&bad).len(), 6, "no slots for this rank");
+    bad.loads[0].slots = vec![vec![0, 1], vec![0, 1]];
+    bad.loads[0].block_ids[0] = 500;
+    assert_eq!(ws[1].load(&bad).len(), 6, "a block beyond the cache");
+}
+
+#[test]
+#[allow(unsafe_code)]
+fn a_worker_whose_tensors_disagree_with_the_scheduler_is_refused() {
+    let (_dir, socket, _rt) = start_agent(4, "mismatch");
+    let mut cache = Cache::new();
+    let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy)).expect("worker");
+    // SAFETY: `cache` outlives `w`.
+    let e = unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes() / 2) };
+    assert!(e.expect_err("refused").to_string().contains("the scheduler expects"));
+    // SAFETY: as above.
+    let e = unsafe { w.register(&cache.descs(), BLOCKS + 1, CHUNK / BLOCK, chunk_bytes()) };
+    assert!(e.expect_err("refused").to_string().contains("block dimension"));
+}
