@@ -88,8 +88,9 @@ pub enum LayoutError {
 }
 
 /// Derives the block layout of `t`, whose block dimension has `num_blocks` entries. When
-/// several dimensions have that size, the one with the largest stride that is not the
-/// outermost K/V pair of size 2 is ambiguous and refused unless `block_dim` names it.
+/// several dimensions have that size (a head dimension of 64 in a cache of 64 blocks), the
+/// one with the largest stride is the block dimension: blocks are never interleaved inside a
+/// head. `block_dim` names it explicitly.
 ///
 /// # Errors
 /// When the tensor is malformed or its block dimension cannot be told.
@@ -112,10 +113,10 @@ pub fn block_layout(
             })
         }
         None => {
-            let found: Vec<usize> = (0..n).filter(|&d| t.shape[d] == num_blocks).collect();
-            match found.as_slice() {
-                [d] => *d,
-                _ => {
+            let found = (0..n).filter(|&d| t.shape[d] == num_blocks).max_by_key(|&d| t.strides[d]);
+            match found {
+                Some(d) => d,
+                None => {
                     return Err(LayoutError::BlockDim {
                         name: t.name.clone(),
                         num_blocks,
@@ -311,10 +312,15 @@ mod tests {
 
     #[test]
     fn ambiguous_or_broken_tensors_are_refused() {
+        // 64 blocks and a head dimension of 64: the block dimension has the larger stride.
+        let shape = [2, 64, 16, 2, 64];
+        let t64 = desc(&shape, contiguous_strides(&shape));
+        let l = block_layout(&t64, 64, None).expect("layout");
+        assert_eq!(l.block_stride, 16 * 2 * 64 * 2);
         let shape = [2, 2, 16, 8, 128];
         let t = desc(&shape, contiguous_strides(&shape));
-        assert!(matches!(block_layout(&t, 2, None), Err(LayoutError::BlockDim { .. })));
-        assert!(block_layout(&t, 2, Some(1)).is_ok());
+        assert_eq!(block_layout(&t, 2, Some(1)).expect("named").block_stride, 16 * 8 * 128 * 2);
+        assert!(matches!(block_layout(&t, 2, Some(4)), Err(LayoutError::BlockDim { .. })));
         assert!(matches!(block_layout(&t, 7, None), Err(LayoutError::BlockDim { .. })));
         let mut bad = t.clone();
         bad.strides.pop();

@@ -2,15 +2,14 @@
 //! caches shaped as vLLM's FlashAttention lays them out, two tensor-parallel ranks, chunks
 //! larger than a pool slot: what one request saves, the next loads back bit for bit.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::start_agent;
 use kvtier_api::chunk::KvLayout;
 use kvtier_connector::{HostCopy, SchedulerConfig, SchedulerCore, Step, TensorDesc, WorkerCore};
-use kvtier_node_agent::{server, Agent, DramPool, Index, LockMode, Lru, PoolConfig};
 
-const SLOT: u32 = 512 * 1024;
 const BLOCKS: usize = 40;
 const BLOCK: usize = 16;
 const HEADS: usize = 8;
@@ -18,40 +17,6 @@ const DIM: usize = 128;
 const LAYERS: usize = 2;
 const CHUNK: usize = 128; // 8 blocks: 2 layers x 2 (K, V) x 8 x 32 KiB = 1 MiB = 2 slots
 const RANKS: usize = 2;
-
-struct AgentDir(PathBuf);
-
-impl Drop for AgentDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn start_agent(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("agent.sock");
-    let pool = DramPool::create(PoolConfig {
-        bytes: u64::from(slots) * u64::from(SLOT),
-        slot_bytes: SLOT,
-        lock: LockMode::Off,
-        huge_pages: false,
-    })
-    .expect("pool");
-    let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
-    let listener = {
-        let _g = rt.enter();
-        server::bind(&path).expect("bind")
-    };
-    rt.spawn(server::serve(listener, agent));
-    (AgentDir(dir), path, rt)
-}
 
 /// One rank's KV cache: a tensor per layer, `(2, BLOCKS, BLOCK, HEADS, DIM)` of 2-byte
 /// elements, in host memory.

@@ -1,0 +1,184 @@
+"""The connector class through vLLM's call sequence, against a real node-agent.
+
+Run by ``connector/tests/python.rs`` with the built wheel installed, the vLLM stand-in on
+``PYTHONPATH`` and ``KVTIER_TEST_AGENT_SOCKET`` naming a running agent. KV tensors are host
+memory shaped as vLLM's FlashAttention lays them out: ``(2, blocks, block_size, heads, dim)``.
+"""
+
+import ctypes
+import os
+import pickle
+import unittest
+from types import SimpleNamespace
+
+from kvtier.connector import KvtierConnector, KvtierMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+SOCKET = os.environ.get("KVTIER_TEST_AGENT_SOCKET", "")
+BLOCKS, BLOCK, HEADS, DIM, ELEM = 64, 16, 2, 64, 2
+CHUNK = 32
+PAGE = BLOCK * HEADS * DIM * ELEM  # one K (or V) page of one block
+
+
+class HostTensor:
+    """What the connector reads from a torch tensor: address, shape, strides, element size."""
+
+    def __init__(self, shape, device="cpu"):
+        self.shape = tuple(shape)
+        n = ELEM
+        for s in shape:
+            n *= s
+        self.buf = ctypes.create_string_buffer(n)
+        self.device = SimpleNamespace(type=device)
+
+    def data_ptr(self):
+        return ctypes.addressof(self.buf)
+
+    def stride(self):
+        out, acc = [], 1
+        for s in reversed(self.shape):
+            out.append(acc)
+            acc *= s
+        return tuple(reversed(out))
+
+    def element_size(self):
+        return ELEM
+
+    def page_offset(self, kv, block):
+        return (kv * BLOCKS + block) * PAGE
+
+    def page(self, kv, block):
+        return ctypes.string_at(self.data_ptr() + self.page_offset(kv, block), PAGE)
+
+    def fill(self, kv, block, seed):
+        data = bytes((seed * 7 + i) % 251 for i in range(PAGE))
+        ctypes.memmove(self.data_ptr() + self.page_offset(kv, block), data, PAGE)
+
+
+def config(socket=SOCKET, chunk_tokens=CHUNK):
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(
+            kv_connector="KvtierConnector",
+            kv_connector_module_path="kvtier.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"agent_socket": socket, "chunk_tokens": chunk_tokens},
+        ),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        model_config=SimpleNamespace(model="test/model"),
+    )
+    spec = SimpleNamespace(
+        block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype="torch.bfloat16",
+        page_size_bytes=2 * PAGE,
+    )
+    kv_cache_config = SimpleNamespace(
+        num_blocks=BLOCKS,
+        kv_cache_groups=[SimpleNamespace(layer_names=["l.0", "l.1"], kv_cache_spec=spec)],
+    )
+    return vllm_config, kv_cache_config
+
+
+def request(rid, tokens):
+    return SimpleNamespace(request_id=rid, prompt_token_ids=tokens)
+
+
+def blocks(ids):
+    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+
+
+def step(new=(), cached=(), scheduled=None):
+    """A SchedulerOutput: ``new`` = (id, block ids, computed), ``cached`` = (id, new ids, computed)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[
+            SimpleNamespace(req_id=r, block_ids=(list(b),), num_computed_tokens=c) for r, b, c in new
+        ],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, _, _ in cached],
+            resumed_req_ids=set(),
+            new_block_ids=[(list(b),) if b else None for _, b, _ in cached],
+            num_computed_tokens=[c for _, _, c in cached],
+        ),
+        num_scheduled_tokens=scheduled or {},
+    )
+
+
+class ConnectorTest(unittest.TestCase):
+    def setUp(self):
+        self.assertTrue(SOCKET, "KVTIER_TEST_AGENT_SOCKET names the test's node-agent")
+        vc, kc = config()
+        self.sched = KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
+        self.worker = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
+        self.kv = {"l.0": HostTensor((2, BLOCKS, BLOCK, HEADS, DIM)),
+                   "l.1": HostTensor((2, BLOCKS, BLOCK, HEADS, DIM))}
+        self.worker.register_kv_caches(self.kv)
+
+    def run_step(self, so, compute=()):
+        """One engine step: plan, ship, load, compute, save."""
+        meta = self.sched.build_connector_meta(so)
+        self.assertIsInstance(meta, KvtierMetadata)
+        meta = pickle.loads(pickle.dumps(meta))  # as it crosses to the worker process
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(None)
+        for name in self.kv:
+            self.worker.wait_for_layer_load(name)
+        for i, b in compute:
+            for n, (name, t) in enumerate(self.kv.items()):
+                for kv in (0, 1):
+                    t.fill(kv, b, seed=i * 4 + n * 2 + kv)
+        self.worker.wait_for_save()
+        self.worker.clear_connector_metadata()
+        return meta
+
+    def test_a_second_request_loads_what_the_first_saved(self):
+        tokens = [(i * 7919) % 32000 for i in range(100)]
+        a = request("a", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
+        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
+        self.run_step(step(new=[("a", range(7), 0)], scheduled={"a": 100}),
+                      compute=[(i, i) for i in range(7)])
+        # Decode steps add no saves: decode-phase KV is never stored.
+        meta = self.run_step(step(cached=[("a", [], 100)], scheduled={"a": 1}))
+        self.assertLess(len(meta.plan), 16, "an empty plan")
+        self.assertEqual(self.sched.request_finished(a, list(range(7))), (False, None))
+
+        b = request("b", tokens + [1, 2, 3])
+        # Three chunks of 32: the fourth holds the prompt's last tokens, which are computed.
+        self.assertEqual(self.sched.get_num_new_matched_tokens(b, 0), (96, False))
+        self.sched.update_state_after_alloc(b, blocks(range(20, 27)), 96)
+        self.run_step(step(new=[("b", range(20, 27), 96)], scheduled={"b": 7}))
+        self.assertEqual(self.worker.get_block_ids_with_load_errors(), set())
+        for t in self.kv.values():
+            for j in range(6):
+                for kv in (0, 1):
+                    self.assertEqual(t.page(kv, 20 + j), t.page(kv, j), f"block {j} kv {kv}")
+        self.sched.request_finished_all_groups(b, (list(range(20, 27)),))
+
+    def test_local_prefix_hits_are_kept_and_the_engine_asks_only_for_the_rest(self):
+        tokens = [(i * 104729) % 32000 for i in range(70)]
+        a = request("p", tokens)
+        self.sched.get_num_new_matched_tokens(a, 0)
+        self.run_step(step(new=[("p", range(5), 0)], scheduled={"p": 70}),
+                      compute=[(i, i) for i in range(5)])
+        self.sched.request_finished(a, [])
+        # 16 tokens (one block) are already in the engine's own cache.
+        q = request("q", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(q, 16), (48, False))
+
+    def test_gpu_tensors_are_refused_clearly_until_gpu_transfers_exist(self):
+        vc, kc = config()
+        w = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
+        with self.assertRaises(NotImplementedError) as e:
+            w.register_kv_caches({"l.0": HostTensor((2, BLOCKS, BLOCK, HEADS, DIM), "cuda")})
+        self.assertIn("host memory only", str(e.exception))
+
+    def test_no_agent_is_a_clear_error_and_a_bad_chunk_size_too(self):
+        vc, kc = config(socket="/nonexistent/agent.sock")
+        with self.assertRaises(RuntimeError) as e:
+            KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
+        self.assertIn("node-agent", str(e.exception))
+        vc, kc = config(chunk_tokens=24)
+        with self.assertRaises(ValueError):
+            KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
+
+
+if __name__ == "__main__":
+    unittest.main()

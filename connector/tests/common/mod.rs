@@ -1,0 +1,46 @@
+//! A node-agent on a fresh socket, for the tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvtier_node_agent::{server, Agent, DramPool, Index, LockMode, Lru, PoolConfig};
+
+/// Bytes per pool slot.
+pub const SLOT: u32 = 512 * 1024;
+
+/// The agent's folder, removed on drop.
+pub struct AgentDir(PathBuf);
+
+impl Drop for AgentDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts an agent with `slots` slots of [`SLOT`] bytes; returns its folder guard, socket
+/// path and the runtime serving it.
+pub fn start_agent(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("agent.sock");
+    let pool = DramPool::create(PoolConfig {
+        bytes: u64::from(slots) * u64::from(SLOT),
+        slot_bytes: SLOT,
+        lock: LockMode::Off,
+        huge_pages: false,
+    })
+    .expect("pool");
+    let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
+    let listener = {
+        let _g = rt.enter();
+        server::bind(&path).expect("bind")
+    };
+    rt.spawn(server::serve(listener, agent));
+    (AgentDir(dir), path, rt)
+}
