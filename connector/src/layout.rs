@@ -6,8 +6,13 @@
 //! For one tensor, the bytes of block `b` are a set of contiguous runs ([`Segment`]s) at the
 //! same offsets for every block, shifted by `b` times the block dimension's stride. The runs
 //! are found by dropping the block dimension, ordering the rest by stride (physical order) and
-//! merging dimensions that are contiguous. A chunk's bytes in the pool are, for each tensor in
-//! registration order, for each block of the chunk, its runs in order ([`ChunkGeometry`]).
+//! merging dimensions that are contiguous.
+//!
+//! A chunk's bytes in the pool are, for each block of the chunk, for each layer in order, that
+//! layer's runs ([`ChunkGeometry`]): the same bytes whether the engine registered one tensor
+//! per layer or one cross-layer tensor ([`TensorDesc::split`] turns it into per-layer views),
+//! so the two never need different keys. With a block-outermost cross-layer tensor the pieces
+//! of a block coalesce into one copy of every layer's KV (megabytes, at link speed).
 
 /// One registered KV tensor, as the worker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +27,33 @@ pub struct TensorDesc {
     pub strides: Vec<isize>,
     /// Bytes per element.
     pub elem_size: usize,
+}
+
+impl TensorDesc {
+    /// Views of `self` along dimension `dim`, one per index (a cross-layer KV tensor split
+    /// into its layers).
+    ///
+    /// # Errors
+    /// When `dim` is not a dimension.
+    pub fn split(&self, dim: usize) -> Result<Vec<TensorDesc>, LayoutError> {
+        if dim >= self.shape.len() || self.strides.len() != self.shape.len() {
+            return Err(LayoutError::Malformed(self.name.clone()));
+        }
+        let step = self.strides[dim] * self.elem_size as isize;
+        let mut shape = self.shape.clone();
+        let mut strides = self.strides.clone();
+        shape.remove(dim);
+        strides.remove(dim);
+        Ok((0..self.shape[dim])
+            .map(|i| TensorDesc {
+                name: format!("{}[{i}]", self.name),
+                ptr: (self.ptr as i128 + i as i128 * step as i128) as u64,
+                shape: shape.clone(),
+                strides: strides.clone(),
+                elem_size: self.elem_size,
+            })
+            .collect())
+    }
 }
 
 /// A contiguous run of one block's bytes, relative to the block's origin.
@@ -223,32 +255,32 @@ impl ChunkGeometry {
 
     /// The copies that move blocks `block_ids[j]` (for `j` in `from..`) of one chunk. `from`
     /// skips blocks already computed locally; their bytes stay in the stream but are not
-    /// copied. Pieces come tensor by tensor, so a load can finish layer by layer.
+    /// copied. Pieces adjacent both in memory and in the stream are merged into one.
     ///
     /// # Panics
     /// If `block_ids` is longer than a chunk (a bug in the caller).
     #[must_use]
     pub fn pieces(&self, block_ids: &[u32], from: usize) -> Vec<Piece> {
         assert!(block_ids.len() <= self.blocks_per_chunk, "more blocks than a chunk holds");
-        let mut out = Vec::new();
-        let mut stream = 0usize;
-        for t in &self.tensors {
-            let bb = t.block_bytes();
-            for (j, &b) in block_ids.iter().enumerate() {
+        let per_block = self.bytes_per_block();
+        let mut out: Vec<Piece> = Vec::new();
+        for (j, &b) in block_ids.iter().enumerate().skip(from) {
+            let mut at = j * per_block;
+            for t in &self.tensors {
                 let origin = t.ptr as i128 + i128::from(b) * t.block_stride as i128;
-                let mut at = stream + j * bb;
                 for s in &t.segments {
-                    if j >= from {
-                        out.push(Piece {
-                            addr: (origin + s.offset as i128) as u64,
-                            stream_offset: at,
-                            len: s.len,
-                        });
+                    let addr = (origin + s.offset as i128) as u64;
+                    match out.last_mut() {
+                        Some(p)
+                            if p.addr + p.len as u64 == addr && p.stream_offset + p.len == at =>
+                        {
+                            p.len += s.len;
+                        }
+                        _ => out.push(Piece { addr, stream_offset: at, len: s.len }),
                     }
                     at += s.len;
                 }
             }
-            stream += bb * self.blocks_per_chunk;
         }
         out
     }
@@ -331,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn pieces_walk_tensors_then_blocks_then_runs() {
+    fn pieces_walk_blocks_then_layers_then_runs() {
         let shape = [2, 8, 16, 1, 4];
         let mk = |ptr| {
             let mut t = desc(&shape, contiguous_strides(&shape));
@@ -348,13 +380,45 @@ mod tests {
         assert_eq!(p[1].addr, 0x10000 + (8 * page + 5 * page) as u64, "V run of block 5");
         assert_eq!(
             p[2],
-            Piece { addr: 0x10000 + 3 * page as u64, stream_offset: 2 * page, len: page }
+            Piece { addr: 0x20000 + 5 * page as u64, stream_offset: 2 * page, len: page }
         );
-        assert_eq!(p[4].addr, 0x20000 + 5 * page as u64);
-        assert_eq!(p[4].stream_offset, 4 * page, "the second tensor's bytes follow the first's");
+        assert_eq!(p[4].addr, 0x10000 + 3 * page as u64);
+        assert_eq!(p[4].stream_offset, 4 * page, "block 3 follows every layer of block 5");
         // Skipping the first block keeps the stream offsets of the rest.
         let q = g.pieces(&[5, 3], 1);
-        assert_eq!(q.len(), 4);
-        assert_eq!(q[0], p[2]);
+        assert_eq!(q, p[4..].to_vec());
+    }
+
+    #[test]
+    fn a_cross_layer_tensor_gives_the_same_stream_as_per_layer_tensors_in_fewer_copies() {
+        // Logical (layers, 2, blocks, block_size, heads, dim), physically blocks outermost.
+        let (l, b, n, h, d) = (4, 6, 16, 2, 8);
+        let phys = contiguous_strides(&[b, l, 2, n, h, d]);
+        let strides = vec![phys[1], phys[2], phys[0], phys[3], phys[4], phys[5]];
+        let cross = TensorDesc {
+            name: "cross".into(),
+            ptr: 0x4000_0000,
+            shape: vec![l, 2, b, n, h, d],
+            strides,
+            elem_size: 2,
+        };
+        let layers = cross.split(0).expect("split");
+        assert_eq!(layers.len(), l);
+        let layouts = layers
+            .iter()
+            .map(|t| block_layout(t, b, None))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("layouts");
+        assert_eq!(layouts[0].segments.len(), 1, "K and V of a layer are adjacent");
+        let g = ChunkGeometry::new(layouts, 2).expect("geometry");
+        let p = g.pieces(&[4, 1], 0);
+        let block = l * 2 * n * h * d * 2;
+        assert_eq!(p.len(), 2, "one copy per block, every layer at once");
+        assert_eq!(
+            p[0],
+            Piece { addr: 0x4000_0000 + 4 * block as u64, stream_offset: 0, len: block }
+        );
+        assert_eq!(p[1].stream_offset, block);
+        assert!(cross.split(9).is_err());
     }
 }

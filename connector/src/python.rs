@@ -135,14 +135,17 @@ impl Worker {
         Ok(Self { inner: Mutex::new(core) })
     }
 
-    /// Learns the KV cache: `tensors` are `(name, address, shape, strides, element size)`.
+    /// Learns the KV cache: `tensors` are `(name, address, shape, strides, element size)`;
+    /// `layer_dim` splits a cross-layer tensor into its layers.
     #[allow(unsafe_code)]
+    #[pyo3(signature = (tensors, num_blocks, blocks_per_chunk, chunk_bytes, layer_dim=None))]
     fn register(
         &self,
         tensors: Vec<PyTensor>,
         num_blocks: usize,
         blocks_per_chunk: usize,
         chunk_bytes: usize,
+        layer_dim: Option<usize>,
     ) -> PyResult<()> {
         let descs: Vec<TensorDesc> = tensors
             .into_iter()
@@ -156,8 +159,16 @@ impl Worker {
             .collect();
         // SAFETY: the Python class passes the engine's KV cache tensors, which the engine
         // allocates once and keeps for the life of the worker process.
-        unsafe { locked(&self.inner).register(&descs, num_blocks, blocks_per_chunk, chunk_bytes) }
-            .map_err(worker_err)
+        unsafe {
+            locked(&self.inner).register(
+                &descs,
+                num_blocks,
+                blocks_per_chunk,
+                chunk_bytes,
+                layer_dim,
+            )
+        }
+        .map_err(worker_err)
     }
 
     /// Runs the plan's loads; returns the block ids that failed.

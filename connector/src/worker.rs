@@ -73,7 +73,9 @@ impl WorkerCore {
     }
 
     /// Learns the KV cache: `tensors` (one per layer, in the engine's order), each holding
-    /// `num_blocks` blocks, `blocks_per_chunk` blocks per chunk. `chunk_bytes` is the
+    /// `num_blocks` blocks, `blocks_per_chunk` blocks per chunk; with `layer_dim`, each tensor
+    /// holds every layer along that dimension (vLLM's cross-layer layout) and is split into
+    /// per-layer views first. `chunk_bytes` is the
     /// scheduler's figure for one chunk on this rank; a different one here means the two
     /// sides would disagree on every byte, so it is refused.
     ///
@@ -91,8 +93,19 @@ impl WorkerCore {
         num_blocks: usize,
         blocks_per_chunk: usize,
         chunk_bytes: usize,
+        layer_dim: Option<usize>,
     ) -> Result<(), WorkerError> {
-        let layouts = tensors
+        let views: Vec<TensorDesc> = match layer_dim {
+            None => tensors.to_vec(),
+            Some(d) => {
+                let mut v = Vec::new();
+                for t in tensors {
+                    v.extend(t.split(d)?);
+                }
+                v
+            }
+        };
+        let layouts = views
             .iter()
             .map(|t| block_layout(t, num_blocks, None))
             .collect::<Result<Vec<_>, _>>()?;

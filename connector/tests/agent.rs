@@ -118,7 +118,7 @@ fn workers(socket: &std::path::Path, caches: &mut [Cache]) -> Vec<WorkerCore> {
         .map(|(rank, cache)| {
             let mut w = WorkerCore::connect(socket, rank, Box::new(HostCopy)).expect("worker");
             // SAFETY: the caches outlive the workers in every test.
-            unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes()) }
+            unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes(), None) }
                 .expect("register");
             w
         })
@@ -273,9 +273,9 @@ fn a_worker_whose_tensors_disagree_with_the_scheduler_is_refused() {
     let mut cache = Cache::new();
     let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy)).expect("worker");
     // SAFETY: `cache` outlives `w`.
-    let e = unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes() / 2) };
+    let e = unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes() / 2, None) };
     assert!(e.expect_err("refused").to_string().contains("the scheduler expects"));
     // SAFETY: as above.
-    let e = unsafe { w.register(&cache.descs(), BLOCKS + 1, CHUNK / BLOCK, chunk_bytes()) };
+    let e = unsafe { w.register(&cache.descs(), BLOCKS + 1, CHUNK / BLOCK, chunk_bytes(), None) };
     assert!(e.expect_err("refused").to_string().contains("block dimension"));
 }

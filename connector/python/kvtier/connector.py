@@ -207,11 +207,24 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ---------------------------------------------------------------- worker side
 
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        # One tensor with every layer of a block together: a block is one copy of megabytes.
+        return True
+
     def register_kv_caches(self, kv_caches: dict[str, Any]):
+        self._register(list(kv_caches.items()), layer_dim=None)
+
+    def register_cross_layers_kv_cache(self, kv_cache: Any, attn_backend: Any):
+        # Its first dimension is the layers; the chunk's bytes are the same as with one
+        # tensor per layer, so both layouts share keys.
+        self._register([("cross_layers", kv_cache)], layer_dim=0)
+
+    def _register(self, named: list, layer_dim: Optional[int]) -> None:
         if self._worker is None:
             return
         tensors = []
-        for name, t in kv_caches.items():
+        for name, t in named:
             device = getattr(getattr(t, "device", None), "type", "cpu")
             if device != "cpu":
                 raise NotImplementedError(
@@ -222,7 +235,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
                 (name, int(t.data_ptr()), list(t.shape), list(t.stride()), int(t.element_size()))
             )
         self._worker.register(
-            tensors, self._facts["num_blocks"], self._blocks_per_chunk, self._chunk_bytes
+            tensors, self._facts["num_blocks"], self._blocks_per_chunk, self._chunk_bytes, layer_dim
         )
         logger.info(
             "kvtier: %d KV tensors registered, %d bytes per chunk, block runs %s",

@@ -23,18 +23,21 @@ PAGE = BLOCK * HEADS * DIM * ELEM  # one K (or V) page of one block
 class HostTensor:
     """What the connector reads from a torch tensor: address, shape, strides, element size."""
 
-    def __init__(self, shape, device="cpu"):
+    def __init__(self, shape, device="cpu", strides=None):
         self.shape = tuple(shape)
         n = ELEM
         for s in shape:
             n *= s
         self.buf = ctypes.create_string_buffer(n)
         self.device = SimpleNamespace(type=device)
+        self._strides = strides
 
     def data_ptr(self):
         return ctypes.addressof(self.buf)
 
     def stride(self):
+        if self._strides is not None:
+            return tuple(self._strides)
         out, acc = [], 1
         for s in reversed(self.shape):
             out.append(acc)
@@ -162,6 +165,39 @@ class ConnectorTest(unittest.TestCase):
         # 16 tokens (one block) are already in the engine's own cache.
         q = request("q", tokens)
         self.assertEqual(self.sched.get_num_new_matched_tokens(q, 16), (48, False))
+
+    def test_a_cross_layer_cache_shares_chunks_with_a_per_layer_cache(self):
+        # vLLM's cross-layer tensor: logical (layers, 2, blocks, block, heads, dim), physically
+        # blocks outermost, so every layer of a block is one contiguous region.
+        self.assertTrue(self.worker.prefer_cross_layer_blocks)
+        layer, kvs, page = 2 * BLOCK * HEADS * DIM, BLOCK * HEADS * DIM, 1
+        block = 2 * layer  # elements of one block over both layers
+        strides = (layer, kvs, block, HEADS * DIM, DIM, page)
+        cross = HostTensor((2, 2, BLOCKS, BLOCK, HEADS, DIM), strides=strides)
+        vc, kc = config()
+        w2 = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
+        w2.register_cross_layers_kv_cache(cross, attn_backend=None)
+        tokens = [(i * 31337) % 32000 for i in range(40)]
+        # The per-layer worker saves; the cross-layer worker loads.
+        r = request("x", tokens)
+        self.sched.get_num_new_matched_tokens(r, 0)
+        self.run_step(step(new=[("x", range(3), 0)], scheduled={"x": 40}),
+                      compute=[(i, i) for i in range(3)])
+        y = request("y", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(y, 0), (32, False))
+        self.sched.update_state_after_alloc(y, blocks([9, 11, 13]), 32)
+        meta = pickle.loads(pickle.dumps(self.sched.build_connector_meta(
+            step(new=[("y", [9, 11, 13], 32)], scheduled={"y": 8}))))
+        w2.bind_connector_metadata(meta)
+        w2.start_load_kv(None)
+        self.assertEqual(w2.get_block_ids_with_load_errors(), set())
+        base = cross.data_ptr()
+        for j, dst in enumerate((9, 11)):
+            for n, t in enumerate(self.kv.values()):
+                for kv in (0, 1):
+                    off = (dst * block + n * layer + kv * kvs) * ELEM
+                    got = ctypes.string_at(base + off, PAGE)
+                    self.assertEqual(got, t.page(kv, j), f"block {j} layer {n} kv {kv}")
 
     def test_gpu_tensors_are_refused_clearly_until_gpu_transfers_exist(self):
         vc, kc = config()
