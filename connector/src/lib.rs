@@ -3,6 +3,10 @@
 //! between the KV cache and the node-agent's pool), and the Python bindings the connector
 //! class in `python/kvtier/connector.py` calls.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "rocm")]
+pub mod hip;
 pub mod layout;
 pub mod plan;
 pub mod scheduler;

@@ -26,6 +26,7 @@ fn sched_err(e: SchedulerError) -> PyErr {
 fn worker_err(e: WorkerError) -> PyErr {
     match e {
         WorkerError::Agent(a) => PyRuntimeError::new_err(format!("kvtier node-agent: {a}")),
+        WorkerError::Transfer(t) => PyRuntimeError::new_err(format!("kvtier transfer: {t}")),
         other => PyValueError::new_err(other.to_string()),
     }
 }
@@ -127,12 +128,35 @@ struct Worker {
 
 #[pymethods]
 impl Worker {
+    /// `backend`: `host` (memcpy), `cuda` (the engine's GPU `device`), `hip` (ROCm).
     #[new]
-    fn new(py: Python<'_>, socket: PathBuf, rank: usize) -> PyResult<Self> {
+    #[pyo3(signature = (socket, rank, backend="host", device=0))]
+    fn new(
+        py: Python<'_>,
+        socket: PathBuf,
+        rank: usize,
+        backend: &str,
+        device: i32,
+    ) -> PyResult<Self> {
         let core = py
-            .detach(|| WorkerCore::connect(&socket, rank, Box::new(HostCopy)))
+            .detach(|| {
+                WorkerCore::connect_with(&socket, rank, |pool, len| {
+                    make_transfer(backend, device, pool, len)
+                })
+            })
             .map_err(worker_err)?;
         Ok(Self { inner: Mutex::new(core) })
+    }
+
+    /// The engine's current stream (a `cudaStream_t`/`hipStream_t` as an integer).
+    fn set_stream(&self, stream: u64) {
+        locked(&self.inner).set_stream(stream);
+    }
+
+    /// The copier in use.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        locked(&self.inner).backend()
     }
 
     /// Learns the KV cache: `tensors` are `(name, address, shape, strides, element size)`;
@@ -187,6 +211,28 @@ impl Worker {
     /// How the registered tensors order a block's bytes.
     fn byte_order(&self) -> String {
         locked(&self.inner).byte_order()
+    }
+}
+
+#[allow(unsafe_code, unused_variables)]
+fn make_transfer(
+    backend: &str,
+    device: i32,
+    pool: *mut u8,
+    len: usize,
+) -> Result<Box<dyn crate::transfer::Transfer>, crate::transfer::TransferError> {
+    use crate::transfer::TransferError;
+    match backend {
+        "host" => Ok(Box::new(HostCopy)),
+        #[cfg(feature = "cuda")]
+        // SAFETY: the pool mapping lives as long as the worker that owns this copier.
+        "cuda" => Ok(Box::new(unsafe { crate::cuda::CudaCopy::new(device, pool, len) }?)),
+        #[cfg(feature = "rocm")]
+        // SAFETY: as above.
+        "hip" => Ok(Box::new(unsafe { crate::hip::HipCopy::new(device, pool, len) }?)),
+        other => Err(TransferError::Runtime(format!(
+            "this build of the kvtier connector has no {other:?} transfer backend"
+        ))),
     }
 }
 

@@ -34,6 +34,9 @@ pub trait Transfer: Send {
     /// # Errors
     /// When the runtime fails; the caller does not commit.
     fn save(&mut self, copies: &[Copy]) -> Result<(), TransferError>;
+    /// The engine's stream the next copies are ordered on (GPU backends; 0: the default
+    /// stream).
+    fn set_stream(&mut self, _stream: u64) {}
     /// The backend's name, for logs and metrics.
     fn name(&self) -> &'static str;
 }

@@ -67,9 +67,36 @@ impl WorkerCore {
         rank: usize,
         transfer: Box<dyn Transfer>,
     ) -> Result<Self, WorkerError> {
+        Self::connect_with(socket, rank, |_, _| Ok(transfer))
+    }
+
+    /// As [`WorkerCore::connect`], with the copier made from the pool mapping (address and
+    /// length), which GPU backends register for DMA.
+    ///
+    /// # Errors
+    /// When the agent cannot be reached or the copier cannot be made.
+    pub fn connect_with(
+        socket: &Path,
+        rank: usize,
+        make: impl FnOnce(*mut u8, usize) -> Result<Box<dyn Transfer>, TransferError>,
+    ) -> Result<Self, WorkerError> {
         let mut client = Client::connect(socket, &format!("kvtier-worker-{rank}"))?;
         client.set_checksums(false);
+        let len = client.slots() as usize * client.slot_bytes() as usize;
+        let base = client.pool_mut().slot_mut(0).as_mut_ptr();
+        let transfer = make(base, len)?;
         Ok(Self { client, rank, transfer, geometry: None })
+    }
+
+    /// Orders the next copies on the engine's `stream` (GPU backends).
+    pub fn set_stream(&mut self, stream: u64) {
+        self.transfer.set_stream(stream);
+    }
+
+    /// The copier's name.
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        self.transfer.name()
     }
 
     /// Learns the KV cache: `tensors` (one per layer, in the engine's order), each holding

@@ -134,12 +134,13 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             )
             for rank in range(self._tp_size)
         ]
+        self._gpu = False
         if role == KVConnectorRole.SCHEDULER:
             self._sched = _native.Scheduler(
                 self._socket, self._layouts, self._chunk_tokens, f["block_size"], self._chunk_bytes
             )
-        else:
-            self._worker = _native.Worker(self._socket, self._rank)
+        # The worker attaches when the KV cache is registered: the copier depends on where
+        # the cache lives.
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -221,32 +222,47 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._register([("cross_layers", kv_cache)], layer_dim=0)
 
     def _register(self, named: list, layer_dim: Optional[int]) -> None:
-        if self._worker is None:
+        if self._facts is None or self.role != KVConnectorRole.WORKER:
             return
-        tensors = []
-        for name, t in named:
-            device = getattr(getattr(t, "device", None), "type", "cpu")
-            if device != "cpu":
-                raise NotImplementedError(
-                    f"kvtier: KV cache on {device}: GPU transfers are not built in this "
-                    "version of the connector (host memory only)"
-                )
-            tensors.append(
-                (name, int(t.data_ptr()), list(t.shape), list(t.stride()), int(t.element_size()))
-            )
+        devices = {getattr(getattr(t, "device", None), "type", "cpu") for _, t in named}
+        if len(devices) != 1:
+            raise ValueError(f"kvtier: KV tensors on several device types: {sorted(devices)}")
+        device = devices.pop()
+        if device == "cpu":
+            backend, index = "host", 0
+        elif device == "cuda":  # ROCm builds of torch name their GPUs "cuda" too
+            import torch
+
+            backend = "hip" if getattr(torch.version, "hip", None) else "cuda"
+            index = named[0][1].device.index or 0
+        else:
+            raise NotImplementedError(f"kvtier: no transfer backend for KV on {device}")
+        self._worker = _native.Worker(self._socket, self._rank, backend, index)
+        self._gpu = backend != "host"
+        tensors = [
+            (name, int(t.data_ptr()), list(t.shape), list(t.stride()), int(t.element_size()))
+            for name, t in named
+        ]
         self._worker.register(
             tensors, self._facts["num_blocks"], self._blocks_per_chunk, self._chunk_bytes, layer_dim
         )
         logger.info(
-            "kvtier: %d KV tensors registered, %d bytes per chunk, block runs %s",
-            len(tensors), self._chunk_bytes, self._worker.byte_order(),
+            "kvtier: %d KV tensors registered (%s), %d bytes per chunk, block runs %s",
+            len(tensors), backend, self._chunk_bytes, self._worker.byte_order(),
         )
+
+    def _on_engine_stream(self) -> None:
+        if self._gpu:
+            import torch
+
+            self._worker.set_stream(int(torch.cuda.current_stream().cuda_stream))
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         if self._worker is None or not self.has_connector_metadata():
             return
         plan = self._get_connector_metadata().plan
         if plan:
+            self._on_engine_stream()
             self._load_errors.update(self._worker.load(plan))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -262,6 +278,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             return
         plan = self._get_connector_metadata().plan
         if plan:
+            self._on_engine_stream()
             self._worker.save(plan)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

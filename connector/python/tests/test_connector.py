@@ -199,12 +199,17 @@ class ConnectorTest(unittest.TestCase):
                     got = ctypes.string_at(base + off, PAGE)
                     self.assertEqual(got, t.page(kv, j), f"block {j} layer {n} kv {kv}")
 
-    def test_gpu_tensors_are_refused_clearly_until_gpu_transfers_exist(self):
+    def test_gpu_tensors_need_a_gpu_runtime_and_say_so(self):
+        # A GPU KV cache picks the CUDA copier, which finds no driver on this machine.
+        import sys
+        sys.modules.setdefault("torch", SimpleNamespace(version=SimpleNamespace(hip=None)))
         vc, kc = config()
         w = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
-        with self.assertRaises(NotImplementedError) as e:
-            w.register_kv_caches({"l.0": HostTensor((2, BLOCKS, BLOCK, HEADS, DIM), "cuda")})
-        self.assertIn("host memory only", str(e.exception))
+        t = HostTensor((2, BLOCKS, BLOCK, HEADS, DIM), "cuda")
+        t.device.index = 0
+        with self.assertRaises(RuntimeError) as e:
+            w.register_kv_caches({"l.0": t})
+        self.assertIn("CUDA", str(e.exception))
 
     def test_no_agent_is_a_clear_error_and_a_bad_chunk_size_too(self):
         vc, kc = config(socket="/nonexistent/agent.sock")
