@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6, for the device machine (one NVIDIA GPU, torch, no vLLM, no
+# network). Build on the build machine first and carry the two artefacts:
+#
+#   cargo build --release -p kvtier
+#   (cd connector && maturin build --release -o ../target/wheels)
+#   run: bash connector/bench/gpu-check.sh   carry: target/release/kvtier, target/wheels
+#
+# Writes its output to $OUT/gpu_check.txt when $OUT is set. About 2 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+W=$(mktemp -d); trap 'kill $AGENT 2>/dev/null; rm -rf "$W"' EXIT
+# Unpacked rather than pip-installed: the device machine may have no pip index.
+python3 -c "import sys, zipfile, glob; zipfile.ZipFile(sorted(glob.glob('target/wheels/kvtier-*.whl'))[-1]).extractall(sys.argv[1])" "$W/py"
+target/release/kvtier node-agent --socket "$W/agent.sock" --dram 14GiB --slot 2MiB --mlock best-effort &
+AGENT=$!
+for i in $(seq 1 120); do [ -S "$W/agent.sock" ] && break; sleep 0.5; done
+nvidia-smi --query-gpu=name,pcie.link.gen.current,pcie.link.width.current --format=csv || true
+PYTHONPATH="$W/py" python3 connector/bench/gpu_check.py "$W/agent.sock" 2>&1 | tee "${OUT:-$W}/gpu_check.txt"

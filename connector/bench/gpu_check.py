@@ -1,0 +1,86 @@
+"""The connector on a GPU: save then load a 100k-token context of a Llama-3-8B-shaped paged
+KV cache through kvtier._native and a node-agent, against a pinned torch copy of the same
+bytes in the same run, and check the loaded KV is bit-identical.
+
+    python3 gpu_check.py AGENT_SOCKET        (TOKENS=100000 by default)
+
+Needs torch with a GPU (no vLLM). Run by gpu-check.sh on the device machine.
+"""
+
+import os
+import sys
+import time
+
+import torch
+from kvtier import _native
+
+LAYERS, HEADS, DIM, BLOCK, CHUNK = 32, 8, 128, 16, 256
+
+
+def main():
+    socket = sys.argv[1]
+    tokens = int(os.environ.get("TOKENS", "100000")) // CHUNK * CHUNK
+    blocks = tokens // BLOCK
+    num_blocks = 2 * blocks + 16
+    # vLLM's cross-layer layout: physically (blocks, layers, 2, block, heads, dim), seen as
+    # (layers, 2, blocks, block, heads, dim).
+    phys = torch.empty((num_blocks, LAYERS, 2, BLOCK, HEADS, DIM), dtype=torch.bfloat16, device="cuda")
+    phys.view(torch.int16).random_(-32768, 32767)
+    kv = phys.permute(1, 2, 0, 3, 4, 5)
+    page_bytes = 2 * BLOCK * HEADS * DIM * 2
+    chunk_bytes = page_bytes * LAYERS * (CHUNK // BLOCK)
+    context = tokens // CHUNK * chunk_bytes
+    print(f"{torch.cuda.get_device_name()}: {tokens} tokens = {context / 2**30:.1f} GiB of KV")
+
+    fp = _native.layout_fingerprint("bench/llama-3-8b", "bfloat16", LAYERS, HEADS, DIM, 0, 1, CHUNK, "paged/NHD")
+    sched = _native.Scheduler(socket, [fp], CHUNK, BLOCK, chunk_bytes)
+    t = time.perf_counter()
+    worker = _native.Worker(socket, 0, "cuda", torch.cuda.current_device())
+    print(f"worker attached and pool registered in {time.perf_counter() - t:.2f} s")
+    worker.register([("kv", kv.data_ptr(), list(kv.shape), list(kv.stride()), kv.element_size())],
+                    num_blocks, CHUNK // BLOCK, chunk_bytes, 0)
+    worker.set_stream(torch.cuda.current_stream().cuda_stream)
+    prompt = [(i * 2654435761) % 128000 for i in range(tokens + 1)]
+
+    sched.lookup("a", prompt, 0)
+    plan = sched.build_plan([("a", list(range(blocks)), tokens)])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    saved, skipped, nbytes = worker.save(plan)
+    save_s = time.perf_counter() - t
+    sched.finished("a")
+
+    n = sched.lookup("b", prompt, 0)
+    sched.after_alloc("b", list(range(blocks, 2 * blocks)), n)
+    plan = sched.build_plan([])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    failed = worker.load(plan)
+    load_s = time.perf_counter() - t
+    identical = torch.equal(phys[:blocks], phys[blocks:2 * blocks])
+
+    # Reference: the same bytes with a pinned torch copy, each way.
+    host = torch.empty(phys[:blocks].numel(), dtype=torch.bfloat16, pin_memory=True)
+    ref_d2h, ref_h2d = [], []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        host.copy_(phys[:blocks].reshape(-1), non_blocking=True)
+        torch.cuda.synchronize()
+        ref_d2h.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        phys[blocks:2 * blocks].reshape(-1).copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        ref_h2d.append(time.perf_counter() - t)
+    d2h, h2d = context / min(ref_d2h) / 1e9, context / min(ref_h2d) / 1e9
+    save, load = nbytes / save_s / 1e9, context / load_s / 1e9
+    print(f"save (GPU -> pool): {save:.1f} GB/s = {save / d2h:.2f} x pinned torch D2H ({d2h:.1f} GB/s); "
+          f"{saved} chunks, {skipped} skipped")
+    print(f"load (pool -> GPU): {load:.1f} GB/s = {load / h2d:.2f} x pinned torch H2D ({h2d:.1f} GB/s); "
+          f"{len(failed)} failed blocks")
+    print(f"loaded KV bit-identical: {identical}")
+    return 0 if identical and not failed and skipped == 0 and n == tokens else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
