@@ -25,6 +25,7 @@ mod request;
 mod scan;
 mod server;
 mod session;
+pub mod tiers;
 
 pub use balance::{Reason, EXPECTED_OUTPUT_TOKENS};
 pub use cli::{ConfigError, PodSelector, RouterArgs};

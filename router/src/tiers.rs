@@ -1,0 +1,321 @@
+//! Tier-aware routing, as pure code: what a conversation's KV in a node's DRAM or NVMe tier
+//! is worth to a replica on that node, and when to bring it from NVMe to DRAM before the next
+//! turn. Not wired into the dispatcher yet; [ADR 0007](../../docs/adr/0007-tier-aware-routing.md)
+//! says how it will be.
+//!
+//! # Worth of a hit, in tokens of prefill
+//!
+//! Loading a token's KV from a tier costs `kv_bytes / bandwidth` seconds; computing it costs
+//! `1 / prefill_rate`. Their ratio is the fraction of a token's prefill a hit still costs:
+//!
+//! ```text
+//! c_tier = kv_bytes_per_token × prefill_tokens_per_s / tier_bytes_per_s      (clamped to [0, 1])
+//! saved(E) = M_hbm(E) + Σ over tier-held tokens beyond M_hbm(E) of (1 − c_tier)
+//! cost(E)  = P − saved(E) + L(E)
+//! ```
+//!
+//! With the study's engine (124 KiB per token, 2,400 tokens/s at long context) a DRAM load at
+//! 20 GB/s costs 0.015 of a prefill and an NVMe load at 6 GB/s 0.05: a conversation held in
+//! its node's tiers is nearly as good as one in HBM, on every replica of that node.
+//!
+//! # Prefetch
+//!
+//! A conversation whose KV sits on NVMe is promoted to DRAM when its next turn is likely to
+//! come before the promotion would finish otherwise: agents pause seconds to minutes between
+//! turns (the gap distribution of the traces), so given a pause of `t` so far, the chance of a
+//! turn within the next `h` seconds is `(F(t + h) − F(t)) / (1 − F(t))`. A turn that has
+//! arrived is always prefetched for. DRAM must have room: a prefetch never evicts more than it
+//! brings.
+
+use std::collections::HashMap;
+
+use kvtier_api::agent::Tier;
+use kvtier_api::residency::{ConversationKey, ResidencyEvent};
+
+/// What loading one token's KV from each tier costs, as a fraction of computing it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TierCosts {
+    /// DRAM → HBM.
+    pub dram: f64,
+    /// NVMe → HBM (through DRAM).
+    pub nvme: f64,
+}
+
+impl TierCosts {
+    /// From the model's KV bytes per token, the engine's prefill rate at long context, and
+    /// the tiers' load bandwidths in bytes per second.
+    #[must_use]
+    pub fn from_rates(
+        kv_bytes_per_token: f64,
+        prefill_tokens_per_s: f64,
+        dram_bytes_per_s: f64,
+        nvme_bytes_per_s: f64,
+    ) -> Self {
+        let c = |bw: f64| {
+            if bw > 0.0 {
+                (kv_bytes_per_token * prefill_tokens_per_s / bw).clamp(0.0, 1.0)
+            } else {
+                1.0
+            }
+        };
+        Self { dram: c(dram_bytes_per_s), nvme: c(nvme_bytes_per_s) }
+    }
+}
+
+/// How much of a conversation's prefix one node's tiers hold, in tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holding {
+    /// In DRAM.
+    pub dram_tokens: u64,
+    /// On NVMe (and not in DRAM).
+    pub nvme_tokens: u64,
+}
+
+/// Prefill tokens a replica saves on a prompt of `prompt` tokens when its HBM matches
+/// `hbm_match` tokens and its node's tiers hold `node` (a prefix held in DRAM first, then on
+/// NVMe, beyond what HBM holds).
+#[must_use]
+pub fn saved_tokens(prompt: u64, hbm_match: u64, node: Holding, costs: TierCosts) -> f64 {
+    let hbm = hbm_match.min(prompt);
+    let dram_end = node.dram_tokens.min(prompt).max(hbm);
+    let nvme_end = (node.dram_tokens + node.nvme_tokens).min(prompt).max(dram_end);
+    hbm as f64
+        + (dram_end - hbm) as f64 * (1.0 - costs.dram)
+        + (nvme_end - dram_end) as f64 * (1.0 - costs.nvme)
+}
+
+/// `cost(E)` of the module docs: the prefill left and the work queued before it.
+#[must_use]
+pub fn cost(prompt: u64, hbm_match: u64, node: Holding, costs: TierCosts, in_flight: u64) -> f64 {
+    prompt as f64 - saved_tokens(prompt, hbm_match, node, costs) + in_flight as f64
+}
+
+/// A node, as discovery names it (the Pod's `spec.nodeName`).
+pub type NodeName = String;
+
+/// Where every conversation's KV is, per node, from the node-agents' residency events.
+#[derive(Debug, Default)]
+pub struct Residency {
+    chunk_tokens: u64,
+    by_conversation: HashMap<ConversationKey, HashMap<NodeName, Holding>>,
+    last_seq: HashMap<NodeName, u64>,
+}
+
+/// What applying an event found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Taken into account.
+    Ok,
+    /// Events of this node were missed (a gap in `seq`): its view was dropped; resubscribe.
+    Gap,
+}
+
+impl Residency {
+    /// An empty view; chunks hold `chunk_tokens` tokens.
+    #[must_use]
+    pub fn new(chunk_tokens: u64) -> Self {
+        Self { chunk_tokens, ..Self::default() }
+    }
+
+    /// Applies one event from `node`'s agent.
+    pub fn apply(&mut self, node: &str, e: &ResidencyEvent) -> Applied {
+        if let Some(&last) = self.last_seq.get(node) {
+            if e.seq != last + 1 {
+                self.forget_node(node);
+                return Applied::Gap;
+            }
+        }
+        self.last_seq.insert(node.to_owned(), e.seq);
+        let tokens = u64::from(e.chunks) * self.chunk_tokens;
+        let per_node = self.by_conversation.entry(e.conversation).or_default();
+        let h = per_node.entry(node.to_owned()).or_default();
+        match e.tier {
+            Tier::Dram => h.dram_tokens = if e.entered { tokens } else { 0 },
+            Tier::Nvme => h.nvme_tokens = if e.entered { tokens } else { 0 },
+            Tier::Absent | Tier::Busy => {}
+        }
+        if *h == Holding::default() {
+            per_node.remove(node);
+            if per_node.is_empty() {
+                self.by_conversation.remove(&e.conversation);
+            }
+        }
+        Applied::Ok
+    }
+
+    /// Drops everything known about `node` (its agent restarted, or events were missed).
+    pub fn forget_node(&mut self, node: &str) {
+        self.last_seq.remove(node);
+        self.by_conversation.retain(|_, per_node| {
+            per_node.remove(node);
+            !per_node.is_empty()
+        });
+    }
+
+    /// What `node` holds of `conversation`.
+    #[must_use]
+    pub fn holding(&self, conversation: ConversationKey, node: &str) -> Holding {
+        self.by_conversation
+            .get(&conversation)
+            .and_then(|m| m.get(node))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Conversations known.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_conversation.len()
+    }
+
+    /// Whether nothing is known.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_conversation.is_empty()
+    }
+}
+
+/// The distribution of pauses between a conversation's turns (seconds), from traces.
+#[derive(Clone, Debug)]
+pub struct GapModel {
+    sorted: Vec<f64>,
+}
+
+impl GapModel {
+    /// From observed pauses; non-finite and negative ones are dropped.
+    #[must_use]
+    pub fn new(mut gaps: Vec<f64>) -> Self {
+        gaps.retain(|g| g.is_finite() && *g >= 0.0);
+        gaps.sort_by(f64::total_cmp);
+        Self { sorted: gaps }
+    }
+
+    /// `F(t)`: the share of pauses no longer than `t`.
+    #[must_use]
+    pub fn cdf(&self, t: f64) -> f64 {
+        if self.sorted.is_empty() {
+            return 0.0;
+        }
+        self.sorted.partition_point(|&g| g <= t) as f64 / self.sorted.len() as f64
+    }
+
+    /// Chance the next turn comes within `horizon` seconds, given a pause of `paused` so far.
+    #[must_use]
+    pub fn next_within(&self, paused: f64, horizon: f64) -> f64 {
+        let f = self.cdf(paused);
+        if f >= 1.0 {
+            return 0.0;
+        }
+        ((self.cdf(paused + horizon) - f) / (1.0 - f)).clamp(0.0, 1.0)
+    }
+}
+
+/// What [`prefetch`] is asked about one conversation on one node.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefetchAsk {
+    /// Tokens on NVMe only.
+    pub nvme_tokens: u64,
+    /// Free DRAM in the node's tier, in tokens.
+    pub dram_free_tokens: u64,
+    /// Seconds since the conversation's last turn ended.
+    pub paused_s: f64,
+    /// Whether its next turn has arrived and waits.
+    pub turn_waiting: bool,
+    /// Seconds the promotion takes (tokens × bytes per token / NVMe bandwidth), plus margin.
+    pub horizon_s: f64,
+}
+
+/// Whether to promote the conversation's NVMe chunks to DRAM now: something to promote, room
+/// for it, and a turn waiting or likely (`threshold`) within the horizon.
+#[must_use]
+pub fn prefetch(ask: PrefetchAsk, gaps: &GapModel, threshold: f64) -> bool {
+    if ask.nvme_tokens == 0 || ask.nvme_tokens > ask.dram_free_tokens {
+        return false;
+    }
+    ask.turn_waiting || gaps.next_within(ask.paused_s, ask.horizon_s) >= threshold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn study() -> TierCosts {
+        // MiniMax-M2.5 FP8 on 2x MI300X: 124 KiB per token, 2,400 tokens/s at long context.
+        TierCosts::from_rates(126_976.0, 2400.0, 20e9, 6e9)
+    }
+
+    #[test]
+    fn tier_hits_cost_a_sliver_of_a_prefill() {
+        let c = study();
+        assert!((c.dram - 0.0152).abs() < 1e-3, "{c:?}");
+        assert!((c.nvme - 0.0508).abs() < 1e-3, "{c:?}");
+        assert_eq!(TierCosts::from_rates(1e9, 1e6, 1.0, 0.0), TierCosts { dram: 1.0, nvme: 1.0 });
+    }
+
+    #[test]
+    fn a_replica_on_the_node_holding_the_conversation_beats_an_idle_stranger() {
+        let c = study();
+        let prompt = 100_000;
+        let held = Holding { dram_tokens: 60_000, nvme_tokens: 39_000 };
+        // HBM of this replica holds nothing (the conversation came from its neighbour), but
+        // the node's tiers hold 99k tokens.
+        let near = cost(prompt, 0, held, c, 8_000);
+        let far = cost(prompt, 0, Holding::default(), c, 0);
+        assert!(near < far / 5.0, "near {near}, far {far}");
+        // HBM first, then DRAM, then NVMe; nothing counts beyond the prompt.
+        let s = saved_tokens(prompt, 70_000, held, c);
+        let expect = 70_000.0 + 29_000.0 * (1.0 - c.nvme);
+        assert!((s - expect).abs() < 1e-6, "{s} != {expect}");
+        assert_eq!(saved_tokens(10, 0, held, c), 10.0 * (1.0 - c.dram));
+        assert_eq!(saved_tokens(prompt, prompt + 5, Holding::default(), c), prompt as f64);
+    }
+
+    fn ev(seq: u64, conv: u64, tier: Tier, entered: bool, chunks: u32) -> ResidencyEvent {
+        ResidencyEvent { seq, conversation: ConversationKey(conv), tier, entered, chunks }
+    }
+
+    #[test]
+    fn residency_follows_events_and_a_gap_drops_the_node() {
+        let mut r = Residency::new(256);
+        assert_eq!(r.apply("n1", &ev(1, 7, Tier::Dram, true, 10)), Applied::Ok);
+        assert_eq!(r.apply("n1", &ev(2, 7, Tier::Nvme, true, 12)), Applied::Ok);
+        assert_eq!(r.apply("n2", &ev(40, 7, Tier::Dram, true, 3)), Applied::Ok);
+        assert_eq!(
+            r.holding(ConversationKey(7), "n1"),
+            Holding { dram_tokens: 2560, nvme_tokens: 3072 }
+        );
+        assert_eq!(r.apply("n1", &ev(3, 7, Tier::Dram, false, 0)), Applied::Ok);
+        assert_eq!(r.holding(ConversationKey(7), "n1").dram_tokens, 0);
+        assert_eq!(r.apply("n1", &ev(4, 7, Tier::Nvme, false, 0)), Applied::Ok);
+        assert_eq!(r.holding(ConversationKey(7), "n1"), Holding::default());
+        assert_eq!(r.len(), 1, "n2 still holds it");
+        assert_eq!(r.apply("n2", &ev(42, 7, Tier::Dram, true, 4)), Applied::Gap);
+        assert!(r.is_empty(), "a gap forgets what the node said");
+        assert_eq!(r.apply("n2", &ev(1, 7, Tier::Dram, true, 4)), Applied::Ok, "resubscribed");
+    }
+
+    #[test]
+    fn prefetch_when_a_turn_is_waiting_or_likely_and_dram_has_room() {
+        // Pauses: half within 10 s, the rest spread to 10 minutes.
+        let mut gaps: Vec<f64> = (0..50).map(|i| f64::from(i) * 0.2).collect();
+        gaps.extend((0..50).map(|i| 10.0 + f64::from(i) * 12.0));
+        let g = GapModel::new(gaps);
+        assert!((g.cdf(10.0) - 0.51).abs() < 0.02);
+        let ask = PrefetchAsk {
+            nvme_tokens: 50_000,
+            dram_free_tokens: 400_000,
+            paused_s: 2.0,
+            turn_waiting: false,
+            horizon_s: 5.0,
+        };
+        assert!(prefetch(ask, &g, 0.25), "early in a pause a turn is likely soon");
+        let late = PrefetchAsk { paused_s: 300.0, ..ask };
+        assert!(!prefetch(late, &g, 0.25), "deep in a long pause it is not");
+        assert!(prefetch(PrefetchAsk { turn_waiting: true, ..late }, &g, 0.3));
+        let full = PrefetchAsk { dram_free_tokens: 10_000, turn_waiting: true, ..ask };
+        assert!(!prefetch(full, &g, 0.3), "never evict more than it brings");
+        assert!(!prefetch(PrefetchAsk { nvme_tokens: 0, ..ask }, &g, 0.0));
+        assert_eq!(g.next_within(1e9, 10.0), 0.0);
+        assert_eq!(GapModel::new(vec![f64::NAN]).cdf(1.0), 0.0);
+    }
+}
