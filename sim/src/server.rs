@@ -25,7 +25,7 @@ use tracing::debug;
 
 use crate::clock::SimClock;
 use crate::driver::{drive, Msg, Update};
-use crate::engine::{Counters, Engine, EngineConfig, Gauges, Strategy, Submission};
+use crate::engine::{Counters, Engine, EngineConfig, Gauges, HostTiers, Strategy, Submission};
 use crate::profile::Profile;
 use crate::tokens::{self, Message, Rendered};
 
@@ -70,6 +70,7 @@ pub(crate) struct Shared {
     pub(crate) snapshot: Mutex<Snapshot>,
     next_id: AtomicU64,
     pub(crate) profile: String,
+    tiers: HostTiers,
 }
 
 /// A running simulated engine.
@@ -105,6 +106,24 @@ impl Sim {
     /// If the listener has no local address.
     #[must_use]
     pub fn serve_with_clock(listener: TcpListener, options: SimOptions, clock: SimClock) -> Self {
+        let config = options.profile.engine_config(options.strategy);
+        let tiers = HostTiers::new(config.dram_blocks, config.nvme_blocks);
+        Self::serve_on_node(listener, options, clock, tiers)
+    }
+
+    /// As [`Sim::serve_with_clock`], writing through to `tiers`: give the replicas of one
+    /// node the same tiers (as they share the node-agent's pool). `GET /residency` streams
+    /// the tiers' residency events.
+    ///
+    /// # Panics
+    /// If the listener has no local address.
+    #[must_use]
+    pub fn serve_on_node(
+        listener: TcpListener,
+        options: SimOptions,
+        clock: SimClock,
+        tiers: HostTiers,
+    ) -> Self {
         let addr = listener.local_addr().expect("bound listener");
         let config = options.profile.engine_config(options.strategy);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -116,8 +135,9 @@ impl Sim {
             snapshot: Mutex::new(Snapshot::default()),
             next_id: AtomicU64::new(1),
             profile: options.profile.name.clone(),
+            tiers: tiers.clone(),
         });
-        let driver = tokio::spawn(drive(Engine::new(config), shared.clone(), rx));
+        let driver = tokio::spawn(drive(Engine::with_tiers(config, tiers), shared.clone(), rx));
         let st = shared.clone();
         let server = tokio::spawn(async move {
             let mut conns = JoinSet::new();
@@ -205,6 +225,7 @@ async fn handle(st: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/health") => Response::new(Full::new(Bytes::new()).boxed()),
         (&Method::GET, "/v1/models") => models(st),
         (&Method::GET, "/metrics") => metrics(st),
+        (&Method::GET, "/residency") => residency(st),
         (&Method::POST, "/v1/chat/completions") => generate(st, req, Api::Chat).await,
         (&Method::POST, "/v1/completions") => generate(st, req, Api::Completions).await,
         (_, "/health" | "/v1/models" | "/metrics" | "/v1/chat/completions" | "/v1/completions") => {
@@ -271,7 +292,46 @@ enum PromptField {
 /// Output tokens when the request names none.
 const DEFAULT_MAX_TOKENS: u32 = 256;
 
+/// The host tiers' residency events, one JSON object per line, as the node-agent streams them.
+fn residency(st: &Arc<Shared>) -> Response<Body> {
+    let (now, rx) = st.tiers.subscribe();
+    let (tx, out) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(async move {
+        for e in now {
+            if tx.send(e.to_json_line().into()).is_err() {
+                return;
+            }
+        }
+        let mut rx = rx;
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    if tx.send(e.to_json_line().into()).is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let frames = UnboundedReceiverStream::new(out).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    res
+}
+
+/// The conversation a request belongs to, from its session header.
+fn conversation_of(req: &Request<Incoming>) -> u64 {
+    ["x-session-id", "x-claude-code-session-id"]
+        .iter()
+        .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
+        .map_or(0, |s| kvtier_api::residency::ConversationKey::of_session(s).0)
+}
+
 async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Response<Body> {
+    let conversation = conversation_of(&req);
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -349,6 +409,7 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
         blocks: prompt.blocks,
         max_tokens,
         arrival: st.clock.now(),
+        conversation,
     };
     if st.tx.send(Msg::Submit(sub, tx)).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped");

@@ -35,7 +35,14 @@ fn prompt(conv: u64, tokens: u32) -> Vec<u64> {
 }
 
 fn sub(id: u64, conv: u64, tokens: u32, arrival: f64) -> Submission {
-    Submission { id, prompt_tokens: tokens, blocks: prompt(conv, tokens), max_tokens: 4, arrival }
+    Submission {
+        id,
+        prompt_tokens: tokens,
+        blocks: prompt(conv, tokens),
+        max_tokens: 4,
+        arrival,
+        conversation: conv,
+    }
 }
 
 /// Runs until `id` finishes; returns (time to first token, cached tokens at admission).
@@ -138,6 +145,7 @@ fn chunked_prefill_shares_steps_with_decode() {
         blocks: prompt(1, 1000),
         max_tokens: 1000,
         arrival: 0.0,
+        conversation: 0,
     })
     .expect("fits");
     // Request 1 decodes; request 2's long prefill arrives and is chunked at 8192 per step.
@@ -182,6 +190,7 @@ fn memory_pressure_preempts_and_everyone_finishes() {
             blocks: prompt(id, 9_000),
             max_tokens: 2_000,
             arrival: 0.0,
+            conversation: 0,
         })
         .expect("fits");
     }
@@ -247,6 +256,7 @@ fn agent_workload_on(config: EngineConfig, convs: usize) -> (f64, f64) {
                         blocks,
                         max_tokens: 50,
                         arrival: t,
+                        conversation: 0,
                     })
                     .expect("fits");
                     sent_at[c] = t;

@@ -124,3 +124,51 @@ async fn bad_requests_get_vllm_shaped_errors() {
     let (status, _) = exchange(&sim, "POST", "/v1/chat/completions", &chat("fine", false)).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn replicas_of_a_node_share_its_tiers_and_stream_residency() {
+    let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
+    let config = profile.engine_config(Strategy::Tiered);
+    let tiers = kvtier_sim::engine::HostTiers::new(config.dram_blocks.max(1024), 0);
+    let clock = kvtier_sim::SimClock::new(1000.0);
+    let opts =
+        SimOptions { profile, strategy: Strategy::Tiered, time_scale: 1000.0, served_model: None };
+    let a = Sim::serve_on_node(
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        opts.clone(),
+        clock,
+        tiers.clone(),
+    );
+    let b = Sim::serve_on_node(
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        opts,
+        clock,
+        tiers,
+    );
+    // A turn of session "s-1" on replica a...
+    let body = chat(&"lorem ipsum ".repeat(2_000), false);
+    let mut s = TcpStream::connect(a.addr()).await.expect("connect");
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\nx-session-id: s-1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    // ...is in the node's DRAM as replica b reports it.
+    let mut s = TcpStream::connect(b.addr()).await.expect("connect");
+    s.write_all(b"GET /residency HTTP/1.1\r\nhost: sim\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut text = String::new();
+    let key = kvtier_api::residency::ConversationKey::of_session("s-1").to_hex();
+    while !text.contains(&key) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an event in time")
+            .expect("read");
+        assert!(n > 0, "stream closed: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(text.contains(r#""tier":"dram","event":"entered""#), "{text}");
+}

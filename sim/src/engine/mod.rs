@@ -21,13 +21,14 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod lru;
+mod tiers;
 mod types;
 
 pub use types::{
     CostModel, Counters, EngineConfig, Event, Gauges, Refusal, Step, Strategy, Submission,
 };
 
-use lru::Lru;
+pub use tiers::HostTiers;
 
 /// A cached HBM block: how many running requests use it, and its LRU tick when none does.
 #[derive(Debug, Clone, Copy)]
@@ -77,8 +78,7 @@ pub struct Engine {
     evictable: BTreeMap<u64, u64>,
     /// HBM blocks held privately by running requests.
     private_blocks: u64,
-    dram: Lru,
-    nvme: Lru,
+    tiers: HostTiers,
     counters: Counters,
 }
 
@@ -86,6 +86,14 @@ impl Engine {
     /// An idle engine at simulated time 0.
     #[must_use]
     pub fn new(config: EngineConfig) -> Self {
+        let tiers = HostTiers::new(config.dram_blocks, config.nvme_blocks);
+        Self::with_tiers(config, tiers)
+    }
+
+    /// An idle engine writing through to `tiers`, which other engines (the replicas of a
+    /// node) may share; the tiers' own capacities apply, not `config`'s.
+    #[must_use]
+    pub fn with_tiers(config: EngineConfig, tiers: HostTiers) -> Self {
         Self {
             config,
             time: 0.0,
@@ -95,8 +103,7 @@ impl Engine {
             hbm: HashMap::new(),
             evictable: BTreeMap::new(),
             private_blocks: 0,
-            dram: Lru::new(config.dram_blocks),
-            nvme: Lru::new(config.nvme_blocks),
+            tiers,
             counters: Counters::default(),
         }
     }
@@ -137,13 +144,8 @@ impl Engine {
     pub fn gauges(&self) -> Gauges {
         let cached = self.evictable.len() as u64;
         let held = if self.config.strategy == Strategy::Tiered {
-            let mut n = self.dram.len() + self.nvme.len();
-            n += self
-                .hbm
-                .keys()
-                .filter(|h| !self.dram.contains(**h) && !self.nvme.contains(**h))
-                .count() as u64;
-            n
+            let (d, n) = self.tiers.lens();
+            d + n + self.hbm.keys().filter(|h| !self.tiers.holds(**h)).count() as u64
         } else {
             self.hbm.len() as u64
         };
@@ -152,8 +154,8 @@ impl Engine {
             waiting: self.waiting.len(),
             hbm_used_blocks: self.private_blocks + self.hbm.len() as u64 - cached,
             hbm_cached_blocks: cached,
-            dram_blocks: self.dram.len(),
-            nvme_blocks: self.nvme.len(),
+            dram_blocks: self.tiers.lens().0,
+            nvme_blocks: self.tiers.lens().1,
             held_blocks: held,
         }
     }
@@ -306,18 +308,17 @@ impl Engine {
         self.private_blocks -= r.private;
     }
 
-    /// Writes a computed block to DRAM, demoting DRAM's victims to NVMe.
-    fn store(&mut self, h: u64) {
-        let tick = self.next_tick();
-        let mut evicted = Vec::new();
-        self.nvme.remove(h);
-        self.dram.touch(h, tick, &mut evicted);
-        for v in evicted {
-            self.counters.dram_evictions += 1;
-            let mut gone = Vec::new();
-            self.nvme.touch(v, tick, &mut gone);
-            self.counters.nvme_evictions += gone.len() as u64;
-        }
+    /// The host tiers this engine writes through to.
+    #[must_use]
+    pub fn tiers(&self) -> &HostTiers {
+        &self.tiers
+    }
+
+    /// Writes a computed block of `conversation` to DRAM, demoting DRAM's victims to NVMe.
+    fn store(&mut self, h: u64, conversation: u64) {
+        let e = self.tiers.store(h, conversation);
+        self.counters.dram_evictions += e.dram;
+        self.counters.nvme_evictions += e.nvme;
     }
 
     /// Tries to admit the head of the waiting queue. Returns the load time it adds to the
@@ -343,8 +344,8 @@ impl Engine {
         if self.config.strategy == Strategy::Tiered {
             while tier_hit < blocks.len().min(max_hit_blocks) {
                 let h = blocks[tier_hit];
-                if self.dram.contains(h) {
-                } else if self.nvme.contains(h) {
+                if self.tiers.in_dram(h) {
+                } else if self.tiers.on_nvme(h) {
                     from_nvme += 1;
                 } else {
                     break;
@@ -379,7 +380,7 @@ impl Engine {
             }
             r.pinned.push(h);
             // A load refreshes the block in DRAM (and promotes it from NVMe).
-            self.store(h);
+            self.store(h, r.sub.conversation);
         }
         r.private = needed - loaded;
         self.private_blocks += r.private;
@@ -591,9 +592,10 @@ impl Engine {
             let r = &mut self.running[i];
             r.pinned.push(h);
             r.private -= 1;
+            let conversation = r.sub.conversation;
             self.private_blocks -= 1;
             if self.config.strategy == Strategy::Tiered {
-                self.store(h);
+                self.store(h, conversation);
                 stored += 1;
             }
         }

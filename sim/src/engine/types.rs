@@ -111,6 +111,9 @@ pub struct Submission {
     pub max_tokens: u32,
     /// Simulated arrival time.
     pub arrival: f64,
+    /// The conversation it belongs to ([`kvtier_api::residency::ConversationKey`]; 0:
+    /// unknown), for residency events.
+    pub conversation: u64,
 }
 
 /// Why the engine refuses a request outright.

@@ -1,0 +1,212 @@
+//! The host tiers a replica writes KV through to: DRAM, then NVMe. A replica may have its own
+//! or share one with the other replicas of its node, as the node-agent's pool is shared by
+//! every replica of a resource on a node.
+//!
+//! Blocks are attributed to the conversation that stored them, and the tiers publish
+//! residency events as the node-agent does ([`kvtier_api::residency`]): when a
+//! conversation's first block enters a tier and when its last one leaves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvtier_api::agent::Tier;
+use kvtier_api::residency::{ConversationKey, ResidencyEvent};
+use tokio::sync::broadcast;
+
+use super::lru::Lru;
+
+#[derive(Debug)]
+struct Inner {
+    dram: Lru,
+    nvme: Lru,
+    tick: u64,
+    owner: HashMap<u64, u64>,
+    /// Blocks per (conversation, tier: 0 DRAM, 1 NVMe).
+    counts: HashMap<(u64, u8), u32>,
+    seq: u64,
+}
+
+/// DRAM and NVMe tiers; cloning shares them.
+#[derive(Clone, Debug)]
+pub struct HostTiers {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<ResidencyEvent>,
+}
+
+/// Evictions one store caused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Evictions {
+    pub(super) dram: u64,
+    pub(super) nvme: u64,
+}
+
+impl HostTiers {
+    /// Tiers of `dram_blocks` and `nvme_blocks` blocks.
+    #[must_use]
+    pub fn new(dram_blocks: u64, nvme_blocks: u64) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                dram: Lru::new(dram_blocks),
+                nvme: Lru::new(nvme_blocks),
+                tick: 0,
+                owner: HashMap::new(),
+                counts: HashMap::new(),
+                seq: 0,
+            })),
+            events: broadcast::channel(4096).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Residency events from now on, and the current residency as `entered` events.
+    #[must_use]
+    pub fn subscribe(&self) -> (Vec<ResidencyEvent>, broadcast::Receiver<ResidencyEvent>) {
+        let g = self.lock();
+        let rx = self.events.subscribe();
+        let now = g
+            .counts
+            .iter()
+            .map(|(&(conv, tier), &chunks)| ResidencyEvent {
+                seq: g.seq,
+                conversation: ConversationKey(conv),
+                tier: if tier == 0 { Tier::Dram } else { Tier::Nvme },
+                entered: true,
+                chunks,
+            })
+            .collect();
+        (now, rx)
+    }
+
+    pub(super) fn in_dram(&self, h: u64) -> bool {
+        self.lock().dram.contains(h)
+    }
+
+    pub(super) fn on_nvme(&self, h: u64) -> bool {
+        self.lock().nvme.contains(h)
+    }
+
+    /// Blocks in (DRAM, NVMe).
+    #[must_use]
+    pub fn lens(&self) -> (u64, u64) {
+        let g = self.lock();
+        (g.dram.len(), g.nvme.len())
+    }
+
+    /// Whether `h` is in either tier.
+    pub(super) fn holds(&self, h: u64) -> bool {
+        let g = self.lock();
+        g.dram.contains(h) || g.nvme.contains(h)
+    }
+
+    /// Writes block `h` of `conversation` (0: unknown) to DRAM, demoting DRAM's victims to
+    /// NVMe.
+    pub(super) fn store(&self, h: u64, conversation: u64) -> Evictions {
+        let mut g = self.lock();
+        let mut out = Evictions::default();
+        let mut events = Vec::new();
+        g.tick += 1;
+        let tick = g.tick;
+        if conversation != 0 {
+            let prev = g.owner.insert(h, conversation);
+            if let Some(p) = prev.filter(|&p| p != conversation) {
+                // Another conversation stored the same block first: it keeps the count.
+                g.owner.insert(h, p);
+            }
+        }
+        if g.nvme.remove(h) {
+            g.count(h, 1, -1, &mut events);
+        }
+        let was = g.dram.contains(h);
+        let mut evicted = Vec::new();
+        g.dram.touch(h, tick, &mut evicted);
+        if !was && g.dram.contains(h) {
+            g.count(h, 0, 1, &mut events);
+        }
+        for v in evicted {
+            out.dram += 1;
+            g.count(v, 0, -1, &mut events);
+            let mut gone = Vec::new();
+            g.nvme.touch(v, tick, &mut gone);
+            if g.nvme.contains(v) {
+                g.count(v, 1, 1, &mut events);
+            }
+            for x in gone {
+                out.nvme += 1;
+                g.count(x, 1, -1, &mut events);
+                if !g.dram.contains(x) {
+                    g.owner.remove(&x);
+                }
+            }
+            if !g.dram.contains(v) && !g.nvme.contains(v) {
+                g.owner.remove(&v);
+            }
+        }
+        drop(g);
+        for e in events {
+            let _ = self.events.send(e);
+        }
+        out
+    }
+}
+
+impl Inner {
+    fn count(&mut self, h: u64, tier: u8, delta: i32, events: &mut Vec<ResidencyEvent>) {
+        let Some(&conv) = self.owner.get(&h) else { return };
+        let c = self.counts.entry((conv, tier)).or_insert(0);
+        let before = *c;
+        *c = c.saturating_add_signed(delta);
+        let after = *c;
+        if after == 0 {
+            self.counts.remove(&(conv, tier));
+        }
+        if (before == 0) != (after == 0) {
+            self.seq += 1;
+            events.push(ResidencyEvent {
+                seq: self.seq,
+                conversation: ConversationKey(conv),
+                tier: if tier == 0 { Tier::Dram } else { Tier::Nvme },
+                entered: after > 0,
+                chunks: after,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_tier_tracks_conversations_and_reports_first_in_last_out() {
+        let t = HostTiers::new(2, 2);
+        let other = t.clone();
+        let (now, mut rx) = t.subscribe();
+        assert!(now.is_empty());
+        t.store(1, 7);
+        other.store(2, 7);
+        assert!(t.in_dram(2), "a replica sees what its neighbour stored");
+        let e = rx.try_recv().expect("entered");
+        assert_eq!(
+            (e.conversation, e.tier, e.entered, e.seq),
+            (ConversationKey(7), Tier::Dram, true, 1)
+        );
+        assert!(rx.try_recv().is_err(), "the second block of a conversation is no event");
+        // A third block evicts block 1 to NVMe: conversation 9 enters DRAM, 7 enters NVMe.
+        let ev = t.store(3, 9);
+        assert_eq!(ev, Evictions { dram: 1, nvme: 0 });
+        let got: Vec<(u64, Tier, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| (e.conversation.0, e.tier, e.entered))
+            .collect();
+        assert_eq!(got, vec![(9, Tier::Dram, true), (7, Tier::Nvme, true)]);
+        // Filling NVMe pushes conversation 7 out of it entirely.
+        t.store(4, 9);
+        t.store(5, 9);
+        t.store(6, 9);
+        let (now, _) = t.subscribe();
+        assert!(now.iter().all(|e| e.conversation.0 == 9), "{now:?}");
+        assert_eq!(t.lens(), (2, 2));
+    }
+}
