@@ -89,6 +89,20 @@ pub struct RouterArgs {
     /// Between active probes of each endpoint's /health.
     #[arg(long, env = "KVTIER_ROUTER_HEALTH_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub health_interval: Duration,
+    /// A node-agent's residency stream, `NODE=http://host:port/residency`; repeat per node.
+    /// Turns on tier-aware routing: a replica on a node whose DRAM or NVMe tier holds a
+    /// conversation counts that KV as nearly matched (give endpoints their node with
+    /// `--endpoint NODE=URL`, or let `--discover-pods` read it).
+    #[arg(long = "residency", env = "KVTIER_ROUTER_RESIDENCY", value_delimiter = ',')]
+    pub residency: Vec<String>,
+    /// What loading a token's KV costs as a fraction of computing it, from DRAM and from
+    /// NVMe: KV bytes per token x prefill tokens/s / tier bandwidth (the study's engine:
+    /// 0.015 and 0.05).
+    #[arg(long, env = "KVTIER_ROUTER_TIER_COSTS", default_value = "0.02,0.06")]
+    pub tier_costs: String,
+    /// Tokens per chunk in the node-agents' counts.
+    #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_CHUNK_TOKENS", default_value_t = 256)]
+    pub residency_chunk_tokens: u64,
     /// Consecutive 5xx answers that make an endpoint unhealthy.
     #[arg(long, env = "KVTIER_ROUTER_UNHEALTHY_AFTER", default_value = "3")]
     pub unhealthy_after: NonZeroU32,
@@ -171,6 +185,32 @@ impl RouterArgs {
         c.health.interval = self.health_interval;
         c.health.timeout = self.health_interval.min(Duration::from_secs(2));
         c.health.unhealthy_after = self.unhealthy_after;
+        if !self.residency.is_empty() {
+            let mut feeds = Vec::new();
+            for r in &self.residency {
+                let Some((node, url)) =
+                    r.split_once('=').filter(|(n, u)| !n.is_empty() && u.starts_with("http://"))
+                else {
+                    return Err(ConfigError::Range(
+                        "--residency takes NODE=http://host:port/residency",
+                    ));
+                };
+                feeds.push((node.to_owned(), url.to_owned()));
+            }
+            let costs: Vec<f64> =
+                self.tier_costs.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            let [dram, nvme] = costs[..] else {
+                return Err(ConfigError::Range("--tier-costs takes two fractions: DRAM,NVMe"));
+            };
+            if !(0.0..=1.0).contains(&dram) || !(0.0..=1.0).contains(&nvme) {
+                return Err(ConfigError::Range("--tier-costs are fractions in [0, 1]"));
+            }
+            c.tiers = Some(crate::config::TierConfig {
+                costs: crate::tiers::TierCosts { dram, nvme },
+                feeds,
+                chunk_tokens: self.residency_chunk_tokens.max(1),
+            });
+        }
         Ok((c, self.listen, self.metrics_listen))
     }
 }

@@ -113,6 +113,20 @@ pub struct RouterConfig {
     pub upstream: UpstreamConfig,
     /// Health checks.
     pub health: HealthConfig,
+    /// Tier-aware routing: the node-agents' residency streams and what tier hits cost
+    /// (`None`: off).
+    pub tiers: Option<TierConfig>,
+}
+
+/// Tier-aware routing.
+#[derive(Clone, Debug)]
+pub struct TierConfig {
+    /// What a DRAM and an NVMe hit cost, as fractions of a token's prefill.
+    pub costs: crate::tiers::TierCosts,
+    /// `(node, residency stream URL)` of each node's agent.
+    pub feeds: Vec<(String, String)>,
+    /// Tokens per chunk in the agents' counts.
+    pub chunk_tokens: u64,
 }
 
 const fn nz(n: u32) -> NonZeroU32 {
@@ -167,6 +181,7 @@ impl RouterConfig {
                 timeout: Duration::from_secs(2),
                 unhealthy_after: nz(3),
             },
+            tiers: None,
         }
     }
 }

@@ -115,7 +115,10 @@ pub fn pod_endpoint(pod: &k8s_openapi::api::core::v1::Pod, port: u16) -> Option<
     if !ready {
         return None;
     }
-    EndpointSpec::parse(&format!("http://{}", std::net::SocketAddr::new(ip, port))).ok()
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    EndpointSpec::parse(&format!("http://{}", std::net::SocketAddr::new(ip, port)))
+        .ok()
+        .map(|e| e.with_node(node))
 }
 
 #[cfg(test)]
@@ -130,8 +133,12 @@ mod tests {
     #[test]
     fn only_ready_pods_with_an_ip_become_endpoints() {
         let ready = serde_json::json!([{"type": "Ready", "status": "True"}]);
-        let p = pod(serde_json::json!({"metadata": {"name": "a"},
-            "status": {"podIP": "10.0.0.7", "conditions": ready}}));
+        let p = pod(serde_json::json!({"metadata": {"name": "a"}, "spec": {"nodeName": "gpu-3",
+            "containers": []}, "status": {"podIP": "10.0.0.7", "conditions": ready}}));
+        assert_eq!(
+            pod_endpoint(&p, 8000).and_then(|e| e.node().map(str::to_owned)).as_deref(),
+            Some("gpu-3")
+        );
         assert_eq!(
             pod_endpoint(&p, 8000).map(|e| e.authority().to_string()),
             Some("10.0.0.7:8000".to_owned())

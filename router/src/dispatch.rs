@@ -16,6 +16,8 @@ use crate::config::{Policy, RouterConfig};
 use crate::endpoint::{Endpoint, EndpointChange, EndpointId, EndpointSpec, Endpoints, LoadGuard};
 use crate::request::PromptView;
 use crate::session::{SessionKey, SessionTable};
+use crate::tiers::TierRouting;
+use kvtier_api::residency::ConversationKey;
 
 /// Affinity state shared by every request.
 #[derive(Debug)]
@@ -30,6 +32,7 @@ pub struct Routing<'a> {
     prompt: Prompt<'a>,
     prompt_tokens: u64,
     session: Option<SessionKey>,
+    conversation: Option<ConversationKey>,
     matched: Match,
     home: Option<Home>,
     /// Output tokens this request is expected to produce.
@@ -47,6 +50,7 @@ pub struct Dispatcher {
     // std Mutex: held for microseconds of map work and never across an await.
     state: Mutex<State>,
     next_round_robin: AtomicUsize,
+    tiers: Option<Arc<TierRouting>>,
 }
 
 impl Dispatcher {
@@ -64,7 +68,16 @@ impl Dispatcher {
                 sessions: SessionTable::new(config.session.idle_ttl, config.session.capacity),
             }),
             next_round_robin: AtomicUsize::new(0),
+            tiers: config
+                .tiers
+                .as_ref()
+                .map(|t| Arc::new(TierRouting::new(t.costs, t.chunk_tokens))),
         }
+    }
+
+    /// The tier-aware state, when on (the residency feeds write into it).
+    pub fn tiers(&self) -> Option<&Arc<TierRouting>> {
+        self.tiers.as_ref()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -99,6 +112,7 @@ impl Dispatcher {
         &self,
         view: &'a PromptView<'a>,
         session: Option<SessionKey>,
+        conversation: Option<ConversationKey>,
         now: Instant,
     ) -> Routing<'a> {
         let chunks = if self.policy == Policy::Affinity {
@@ -124,6 +138,7 @@ impl Dispatcher {
             prompt_tokens: self.tokens(view.segments.len()),
             prompt,
             session,
+            conversation,
             matched,
             home,
             expected_output_tokens: view
@@ -149,15 +164,18 @@ impl Dispatcher {
             Policy::Affinity => {
                 let candidates: Vec<Candidate> = endpoints
                     .iter()
-                    .map(|e| Candidate {
-                        id: e.id,
-                        healthy: e.health.is_healthy(),
-                        in_flight_tokens: e.load.tokens(),
-                        resident_tokens: self.tokens(
-                            usize::try_from(state.index.resident_bytes(e.id)).unwrap_or(usize::MAX),
-                        ) + e.load.placing_tokens(),
-                        matched_tokens: self
-                            .tokens(routing.matched.chunks_on(e.id) * self.chunk_bytes),
+                    .map(|e| {
+                        let hbm = self.tokens(routing.matched.chunks_on(e.id) * self.chunk_bytes);
+                        Candidate {
+                            id: e.id,
+                            healthy: e.health.is_healthy(),
+                            in_flight_tokens: e.load.tokens(),
+                            resident_tokens: self.tokens(
+                                usize::try_from(state.index.resident_bytes(e.id))
+                                    .unwrap_or(usize::MAX),
+                            ) + e.load.placing_tokens(),
+                            matched_tokens: self.with_tiers(routing, e, hbm),
+                        }
                     })
                     .collect();
                 balance::choose(
@@ -186,6 +204,21 @@ impl Dispatcher {
         };
         drop(state);
         Some((guard, decision))
+    }
+
+    /// A candidate's predicted match counting what its node's tiers hold of the conversation,
+    /// valued at what loading it saves.
+    fn with_tiers(&self, routing: &Routing<'_>, e: &Endpoint, hbm: u64) -> u64 {
+        let (Some(t), Some(c), Some(node)) = (&self.tiers, routing.conversation, e.spec.node())
+        else {
+            return hbm;
+        };
+        let held = t.holding_for(c, node, routing.prompt_tokens);
+        let saved = crate::tiers::saved_tokens(routing.prompt_tokens, hbm, held, t.costs);
+        // Truncation keeps the estimate on the safe side.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let saved = saved as u64;
+        hbm.max(saved)
     }
 
     fn choose_plain(
@@ -223,6 +256,9 @@ impl Dispatcher {
             return;
         }
         let endpoint = guard.endpoint().id;
+        if let (Some(t), Some(c)) = (&self.tiers, routing.conversation) {
+            t.saw(c, routing.prompt_tokens);
+        }
         let mut state = self.state();
         state.index.insert(&routing.prompt, endpoint, &routing.matched);
         guard.placed();

@@ -33,11 +33,13 @@ impl fmt::Display for EndpointId {
     }
 }
 
-/// An endpoint as discovery describes it: where it is (and, later, which node it runs on).
+/// An endpoint as discovery describes it: where it is, and which node it runs on when known
+/// (the replicas of a node share its KV tiers).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct EndpointSpec {
     scheme: Scheme,
     authority: Authority,
+    node: Option<String>,
 }
 
 /// Why a string is not an endpoint address.
@@ -52,11 +54,16 @@ pub enum EndpointSpecError {
 }
 
 impl EndpointSpec {
-    /// Parses `http://host:port`.
+    /// Parses `http://host:port`, or `NODE=http://host:port` for an endpoint on node `NODE`.
     ///
     /// # Errors
     /// When the string is not an absolute `http` URL without a path.
     pub fn parse(s: &str) -> Result<Self, EndpointSpecError> {
+        if let Some((node, url)) = s.split_once('=') {
+            if !node.is_empty() && !node.contains(['/', ':']) {
+                return Ok(Self::parse(url)?.with_node(Some(node.to_owned())));
+            }
+        }
         let uri: Uri = s
             .trim_end_matches('/')
             .parse()
@@ -72,7 +79,20 @@ impl EndpointSpec {
         if scheme != Scheme::HTTP || !path_is_root {
             return Err(EndpointSpecError::Shape(s.to_owned()));
         }
-        Ok(Self { scheme, authority })
+        Ok(Self { scheme, authority, node: None })
+    }
+
+    /// The same endpoint on `node`.
+    #[must_use]
+    pub fn with_node(mut self, node: Option<String>) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// The node it runs on, when discovery knows.
+    #[must_use]
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     /// `host:port`, used as the endpoint's name in logs and metric labels.
@@ -305,6 +325,11 @@ mod tests {
         assert!(EndpointSpec::parse("https://a:1").is_err());
         assert!(EndpointSpec::parse("http://a:1/v1").is_err());
         assert!(EndpointSpec::parse("not a url").is_err());
+        let on = EndpointSpec::parse("gpu-a=http://127.0.0.1:8001").expect("with a node");
+        assert_eq!(on.node(), Some("gpu-a"));
+        assert_eq!(on.authority().as_str(), "127.0.0.1:8001");
+        assert!(EndpointSpec::parse("gpu-a=nope").is_err());
+        assert_eq!(EndpointSpec::parse("http://127.0.0.1:8001").expect("plain").node(), None);
     }
 
     #[test]

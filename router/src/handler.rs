@@ -101,7 +101,9 @@ async fn proxy(
     let body = read_body(app, body, &parts.headers).await?;
     let view = request::parse(route, &body)?;
     let session = session_key(&parts.headers, &app.config.session.headers, view.user.as_deref());
-    let routing = app.dispatcher.prepare(&view, session.map(|(k, _)| k), start);
+    let conversation =
+        crate::session::conversation_key(&parts.headers, &app.config.session.headers);
+    let routing = app.dispatcher.prepare(&view, session.map(|(k, _)| k), conversation, start);
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
     let attempts = app.config.upstream.max_attempts.get();
     let mut tried: Vec<EndpointId> = Vec::new();

@@ -85,6 +85,11 @@ pub async fn run(
         });
     }
     tasks.spawn(health::run(app.clone(), control.clone()));
+    if let (Some(t), Some(cfg)) = (app.dispatcher.tiers(), &app.config.tiers) {
+        for (node, url) in &cfg.feeds {
+            tasks.spawn(crate::tiers::follow(node.clone(), url.clone(), t.clone()));
+        }
+    }
     {
         let app = app.clone();
         let every = (app.config.session.idle_ttl / 4)

@@ -64,6 +64,19 @@ pub fn session_key(
     Some((SessionKey(xxh3_64_with_seed(user.as_bytes(), SESSION_SEED ^ 1)), SessionSource::User))
 }
 
+/// The conversation key the connectors tag a session's KV with: the first session header
+/// present, as [`kvtier_api::residency::ConversationKey::of_session`] derives it.
+#[must_use]
+pub fn conversation_key(
+    headers: &HeaderMap,
+    headers_in_order: &[http::HeaderName],
+) -> Option<kvtier_api::residency::ConversationKey> {
+    headers_in_order.iter().find_map(|name| {
+        let v = headers.get(name)?.to_str().ok().filter(|v| usable(v.as_bytes()))?;
+        Some(kvtier_api::residency::ConversationKey::of_session(v))
+    })
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Binding {
     endpoint: EndpointId,

@@ -1,7 +1,8 @@
-//! Tier-aware routing, as pure code: what a conversation's KV in a node's DRAM or NVMe tier
-//! is worth to a replica on that node, and when to bring it from NVMe to DRAM before the next
-//! turn. Not wired into the dispatcher yet; [ADR 0007](../../docs/adr/0007-tier-aware-routing.md)
-//! says how it will be.
+//! Tier-aware routing: what a conversation's KV in a node's DRAM or NVMe tier is worth to a
+//! replica on that node, the residency the node-agents report ([`follow`]), and when to bring
+//! KV from NVMe to DRAM before the next turn ([`prefetch`], not wired yet). The dispatcher
+//! adds a candidate's node-tier holding to its predicted match ([`TierRouting::holding_for`]);
+//! [ADR 0007](../../docs/adr/0007-tier-aware-routing.md).
 //!
 //! # Worth of a hit, in tokens of prefill
 //!
@@ -28,6 +29,8 @@
 //! brings.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use kvtier_api::agent::Tier;
 use kvtier_api::residency::{ConversationKey, ResidencyEvent};
@@ -175,6 +178,146 @@ impl Residency {
     }
 }
 
+/// Conversations whose last prompt length the router keeps (about 24 bytes each).
+const LAST_PROMPTS: usize = 1 << 20;
+
+/// The router's tier-aware state: residency per node, from the node-agents' streams, and the
+/// last prompt length of each conversation (events say whether a tier holds a conversation;
+/// the router knows how long it was).
+#[derive(Debug)]
+pub struct TierRouting {
+    /// What a hit in each tier costs.
+    pub costs: TierCosts,
+    residency: Mutex<Residency>,
+    last_prompt: Mutex<HashMap<ConversationKey, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl TierRouting {
+    /// Empty state; the agents' chunks hold `chunk_tokens` tokens.
+    #[must_use]
+    pub fn new(costs: TierCosts, chunk_tokens: u64) -> Self {
+        Self {
+            costs,
+            residency: Mutex::new(Residency::new(chunk_tokens)),
+            last_prompt: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Applies an event from `node`.
+    pub fn apply(&self, node: &str, e: &ResidencyEvent) -> Applied {
+        lock(&self.residency).apply(node, e)
+    }
+
+    /// Forgets `node` (its stream broke).
+    pub fn forget_node(&self, node: &str) {
+        lock(&self.residency).forget_node(node);
+    }
+
+    /// Records that `conversation` just sent a prompt of `tokens` tokens.
+    pub fn saw(&self, conversation: ConversationKey, tokens: u64) {
+        let mut m = lock(&self.last_prompt);
+        if m.len() >= LAST_PROMPTS && !m.contains_key(&conversation) {
+            m.clear();
+        }
+        m.insert(conversation, tokens);
+    }
+
+    /// What `node`'s tiers hold of `conversation`'s next prompt of `prompt` tokens: its
+    /// previous prompt, in the best tier that reports holding it.
+    #[must_use]
+    pub fn holding_for(&self, conversation: ConversationKey, node: &str, prompt: u64) -> Holding {
+        let h = lock(&self.residency).holding(conversation, node);
+        if h == Holding::default() {
+            return h;
+        }
+        let known = lock(&self.last_prompt).get(&conversation).copied().unwrap_or(0).min(prompt);
+        if h.dram_tokens > 0 {
+            Holding { dram_tokens: known, nvme_tokens: 0 }
+        } else {
+            Holding { dram_tokens: 0, nvme_tokens: known }
+        }
+    }
+}
+
+fn parse_event(line: &str) -> Option<ResidencyEvent> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some(ResidencyEvent {
+        seq: v.get("seq")?.as_u64()?,
+        conversation: ConversationKey::from_hex(v.get("conversation")?.as_str()?)?,
+        tier: match v.get("tier")?.as_str()? {
+            "dram" => Tier::Dram,
+            "nvme" => Tier::Nvme,
+            _ => Tier::Absent,
+        },
+        entered: v.get("event")?.as_str()? == "entered",
+        chunks: u32::try_from(v.get("chunks")?.as_u64()?).ok()?,
+    })
+}
+
+/// Follows `node`'s residency stream at `url` (`GET`, one JSON event per line) into `t` for
+/// as long as the task runs, reconnecting with backoff (250 ms doubling to 10 s). Every
+/// (re)connection forgets the node first: the stream restarts with the current residency.
+pub async fn follow(node: String, url: String, t: Arc<TierRouting>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match stream_once(&node, &url, &t).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(e) => tracing::debug!(%node, %url, error = %e, "residency stream"),
+        }
+        t.forget_node(&node);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let authority = uri.authority().ok_or("no host")?.clone();
+    let tcp =
+        tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(uri.path_and_query().map_or("/residency", |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if !res.status().is_success() {
+        return Err(format!("{url}: {}", res.status()));
+    }
+    t.forget_node(node);
+    tracing::info!(%node, %url, "following residency");
+    let mut body = res.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let Some(e) = std::str::from_utf8(&line).ok().and_then(|l| parse_event(l.trim()))
+            else {
+                continue;
+            };
+            if t.apply(node, &e) == Applied::Gap {
+                return Err("events were missed; resubscribing".into());
+            }
+        }
+        if buf.len() > 1 << 16 {
+            return Err("a line longer than 64 KiB".into());
+        }
+    }
+    Ok(())
+}
+
 /// The distribution of pauses between a conversation's turns (seconds), from traces.
 #[derive(Clone, Debug)]
 pub struct GapModel {
@@ -292,6 +435,28 @@ mod tests {
         assert_eq!(r.apply("n2", &ev(42, 7, Tier::Dram, true, 4)), Applied::Gap);
         assert!(r.is_empty(), "a gap forgets what the node said");
         assert_eq!(r.apply("n2", &ev(1, 7, Tier::Dram, true, 4)), Applied::Ok, "resubscribed");
+    }
+
+    #[test]
+    fn events_parse_from_the_agents_lines_and_holdings_use_the_last_prompt() {
+        let line = ResidencyEvent {
+            seq: 3,
+            conversation: ConversationKey::of_session("s"),
+            tier: Tier::Nvme,
+            entered: true,
+            chunks: 9,
+        }
+        .to_json_line();
+        let e = parse_event(line.trim()).expect("parses");
+        assert_eq!((e.seq, e.tier, e.entered, e.chunks), (3, Tier::Nvme, true, 9));
+        assert!(parse_event("{\"seq\":1}").is_none());
+        let t = TierRouting::new(study(), 256);
+        let c = ConversationKey::of_session("s");
+        assert_eq!(t.holding_for(c, "n1", 50_000), Holding::default());
+        t.saw(c, 40_000);
+        assert_eq!(t.apply("n1", &e), Applied::Ok);
+        assert_eq!(t.holding_for(c, "n1", 50_000), Holding { dram_tokens: 0, nvme_tokens: 40_000 });
+        assert_eq!(t.holding_for(c, "n2", 50_000), Holding::default());
     }
 
     #[test]
