@@ -435,3 +435,214 @@ fn plots(opts: &DemoOptions, results: &[RunResult]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How the router routes in the node-tier scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeRouting {
+    /// Each replica in turn.
+    RoundRobin,
+    /// kvtier's routing on what each replica's HBM holds.
+    Prefix,
+    /// kvtier's routing also counting what each node's tiers hold (residency streams).
+    TierAware,
+}
+
+impl NodeRouting {
+    /// Every mode, baseline first.
+    pub const ALL: [NodeRouting; 3] =
+        [NodeRouting::RoundRobin, NodeRouting::Prefix, NodeRouting::TierAware];
+
+    /// Table label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            NodeRouting::RoundRobin => "round-robin",
+            NodeRouting::Prefix => "kvtier prefix",
+            NodeRouting::TierAware => "kvtier tier-aware",
+        }
+    }
+}
+
+/// One run of the node-tier scenario.
+#[derive(Debug, Clone)]
+pub struct NodeRun {
+    /// Routing.
+    pub routing: NodeRouting,
+    /// Headline figures.
+    pub summary: Summary,
+    /// Prompt tokens served from a node's DRAM tier, over every replica.
+    pub dram_hit_tokens: u64,
+    /// Prompt tokens recomputed, over every replica.
+    pub computed_tokens: u64,
+}
+
+/// The node-tier scenario: `opts.replicas` tiered replicas, `per_node` to a node sharing
+/// one DRAM tier (each replica's DRAM times `per_node`), under `regime`; halfway through,
+/// the first replica is scaled down (the router stops sending it requests). Compares the
+/// routings on the same traces and seed.
+///
+/// # Errors
+/// When a socket cannot be bound or the replay cannot start.
+pub async fn run_node_tiers(
+    opts: &DemoOptions,
+    regime: Regime,
+    per_node: usize,
+    routing: NodeRouting,
+) -> anyhow::Result<NodeRun> {
+    let per_node = per_node.max(1);
+    let clock = SimClock::new(opts.time_scale);
+    let config = opts.profile.engine_config(Strategy::Tiered);
+    let p = &opts.profile;
+    let mut sims = Vec::with_capacity(opts.replicas);
+    let mut nodes: Vec<(String, kvtier_sim::engine::HostTiers)> = Vec::new();
+    for i in 0..opts.replicas {
+        if i % per_node == 0 {
+            let tiers = kvtier_sim::engine::HostTiers::new(
+                config.dram_blocks * per_node as u64,
+                config.nvme_blocks * per_node as u64,
+            );
+            nodes.push((format!("node-{}", i / per_node), tiers));
+        }
+        let (node, tiers) = nodes.last().expect("a node").clone();
+        let l = TcpListener::bind("127.0.0.1:0").await.context("binding a replica")?;
+        let opts = SimOptions {
+            profile: p.clone(),
+            strategy: Strategy::Tiered,
+            time_scale: opts.time_scale,
+            served_model: None,
+        };
+        sims.push((node, Sim::serve_on_node(l, opts, clock, tiers)));
+    }
+    let endpoints = sims
+        .iter()
+        .map(|(node, s)| EndpointSpec::parse(&format!("{node}={}", s.url())))
+        .collect::<Result<Vec<_>, _>>()
+        .context("replica address")?;
+    let mut rc = RouterConfig::new(endpoints.clone());
+    rc.policy =
+        if routing == NodeRouting::RoundRobin { Policy::RoundRobin } else { Policy::Affinity };
+    rc.workers = std::num::NonZeroUsize::MIN;
+    if routing == NodeRouting::TierAware {
+        // One residency stream per node: any replica of the node serves it.
+        let mut feeds = Vec::new();
+        for (node, s) in &sims {
+            if !feeds.iter().any(|(n, _): &(String, String)| n == node) {
+                feeds.push((node.clone(), format!("{}/residency", s.url())));
+            }
+        }
+        let kv = p.kv_bytes_per_token() as f64;
+        rc.tiers = Some(kvtier_router::TierConfig {
+            costs: kvtier_router::tiers::TierCosts::from_rates(
+                kv,
+                p.prefill.tokens_per_s,
+                p.tiers.dram_load_gb_s * 1e9,
+                p.tiers.nvme_load_gb_s * 1e9,
+            ),
+            feeds,
+            chunk_tokens: u64::from(config.block_tokens),
+        });
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the router")?;
+    let router_url = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let discovery = Arc::new(StaticDiscovery::new(endpoints.clone()));
+    let router = {
+        let discovery = discovery.clone();
+        tokio::spawn(async move {
+            let _ = kvtier_router::run(rc, listener, None, discovery, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        })
+    };
+    // Halfway: scale the first replica down.
+    let scale_down = {
+        let discovery = discovery.clone();
+        let rest = endpoints[1..].to_vec();
+        let at = Duration::from_secs_f64(opts.duration / 2.0 / opts.time_scale);
+        tokio::spawn(async move {
+            tokio::time::sleep(at).await;
+            discovery.set(rest);
+        })
+    };
+    let label = format!("{}/{}", regime.name, routing.label());
+    let users = users_per_replica(&regime, opts) * opts.replicas;
+    let ropts = ReplayOptions {
+        endpoint: router_url,
+        model: Some(p.served_model.clone()),
+        seed: opts.seed,
+        start_users: users,
+        ramp_up: opts.duration / 5.0,
+        max_users: users,
+        max_ttft: opts.max_ttft,
+        max_context: opts.max_context,
+        duration: opts.duration,
+        recycle: true,
+        time_scale: opts.time_scale,
+        progress: opts.progress,
+        label: label.clone(),
+        ..ReplayOptions::default()
+    };
+    let result = replay::run(opts.traces.clone(), ropts).await;
+    scale_down.abort();
+    let _ = stop_tx.send(());
+    let _ = router.await;
+    let replay = result.with_context(|| format!("replaying {label}"))?;
+    let (mut dram, mut computed) = (0, 0);
+    for (_, s) in &sims {
+        let c = s.snapshot().counters;
+        dram += c.dram_hits;
+        computed += c.computed_tokens;
+    }
+    Ok(NodeRun {
+        routing,
+        summary: report::summarize(&replay),
+        dram_hit_tokens: dram,
+        computed_tokens: computed,
+    })
+}
+
+/// The node-tier scenario's table, with ratios against the first run.
+#[must_use]
+pub fn node_table(opts: &DemoOptions, per_node: usize, runs: &[NodeRun]) -> String {
+    let mut s = format!(
+        "# Node tiers: {} tiered replicas of `{}`, {per_node} per node sharing its DRAM, the first \
+         scaled down halfway; {} simulated s at {}x, {} traces, seed {}\n\n\
+         | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | recomputed tokens |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+        opts.replicas,
+        opts.profile.name,
+        opts.duration,
+        opts.time_scale,
+        opts.traces.len(),
+        opts.seed
+    );
+    for r in runs {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.2} | {} | {} | {} |",
+            r.routing.label(),
+            r.summary.ttft_avg,
+            r.summary.ttft_p95,
+            r.summary.completed,
+            r.dram_hit_tokens,
+            r.computed_tokens
+        );
+    }
+    if let (Some(prefix), Some(tier)) = (
+        runs.iter().find(|r| r.routing == NodeRouting::Prefix),
+        runs.iter().find(|r| r.routing == NodeRouting::TierAware),
+    ) {
+        let _ = writeln!(
+            s,
+            "\nTier-aware vs prefix routing: TTFT avg {:.2}x lower, p95 {:.2}x lower, {:.2}x the \
+             completed requests, {:.2}x the DRAM hits, {:.2}x the recomputed tokens.",
+            prefix.summary.ttft_avg / tier.summary.ttft_avg.max(1e-9),
+            prefix.summary.ttft_p95 / tier.summary.ttft_p95.max(1e-9),
+            tier.summary.completed as f64 / prefix.summary.completed.max(1) as f64,
+            tier.dram_hit_tokens as f64 / prefix.dram_hit_tokens.max(1) as f64,
+            tier.computed_tokens as f64 / prefix.computed_tokens.max(1) as f64,
+        );
+    }
+    s
+}

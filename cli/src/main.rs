@@ -213,6 +213,14 @@ struct DemoArgs {
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
+    /// Instead: the node-tier scenario. Tiered replicas, `--replicas-per-node` to a node
+    /// sharing its DRAM tier, the first replica scaled down halfway, under stress; routed
+    /// round-robin, by kvtier's prefix routing, and tier-aware (residency streams).
+    #[arg(long)]
+    node_tiers: bool,
+    /// Replicas per node in the node-tier scenario.
+    #[arg(long, default_value_t = 2)]
+    replicas_per_node: usize,
 }
 
 fn main() -> ExitCode {
@@ -401,6 +409,15 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         progress: !a.no_progress,
     };
     let started = std::time::Instant::now();
+    if a.node_tiers {
+        let mut runs = Vec::new();
+        for routing in demo::NodeRouting::ALL {
+            runs.push(demo::run_node_tiers(&opts, stress, a.replicas_per_node, routing).await?);
+        }
+        out(&demo::node_table(&opts, a.replicas_per_node, &runs));
+        out(&format!("({:.0} s)\n", started.elapsed().as_secs_f64()));
+        return Ok(());
+    }
     let (_, text) = demo::run(&opts).await?;
     out(&text);
     out(&format!(
