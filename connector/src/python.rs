@@ -75,15 +75,26 @@ impl Scheduler {
         locked(&self.inner).parts()
     }
 
-    /// Tokens loadable beyond `num_computed`, or None to be asked again.
+    /// Tokens loadable beyond `num_computed`, or None to be asked again. `conversation`: the
+    /// router's key for the request's conversation (0: none), tagged on its saves.
+    #[pyo3(signature = (req, tokens, num_computed, conversation=0))]
     fn lookup(
         &self,
         py: Python<'_>,
         req: &str,
         tokens: Vec<u32>,
         num_computed: usize,
+        conversation: u64,
     ) -> PyResult<Option<usize>> {
-        py.detach(|| locked(&self.inner).lookup(req, &tokens, num_computed)).map_err(sched_err)
+        py.detach(|| {
+            let mut core = locked(&self.inner);
+            let n = core.lookup(req, &tokens, num_computed)?;
+            if conversation != 0 {
+                core.tag(req, conversation);
+            }
+            Ok(n)
+        })
+        .map_err(sched_err)
     }
 
     /// Plans the loads of `num_external` tokens into the request's blocks.

@@ -233,6 +233,14 @@ impl SchedulerCore {
         Ok(Some((matched * self.cfg.chunk_tokens).saturating_sub(num_computed)))
     }
 
+    /// Tags `req`'s saves with `conversation` (the router's key, from `kv_transfer_params`),
+    /// so the node-agent reports where the conversation's KV is.
+    pub fn tag(&mut self, req: &str, conversation: u64) {
+        if let Some(r) = self.reqs.get_mut(req) {
+            r.conversation = conversation;
+        }
+    }
+
     /// After the engine gave `req` its blocks: plans loading the `num_external` tokens that
     /// [`SchedulerCore::lookup`] offered.
     ///

@@ -279,3 +279,25 @@ fn a_worker_whose_tensors_disagree_with_the_scheduler_is_refused() {
     let e = unsafe { w.register(&cache.descs(), BLOCKS + 1, CHUNK / BLOCK, chunk_bytes(), None) };
     assert!(e.expect_err("refused").to_string().contains("block dimension"));
 }
+
+#[test]
+fn saves_carry_the_conversation_so_the_agent_reports_where_it_is() {
+    let (_dir, socket, _rt, agent) = common::start_agent_with(16, "residency");
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let mut s = scheduler(&socket);
+    let tokens = prompt(200, 11);
+    assert_eq!(s.lookup("a", &tokens, 0).expect("lookup"), Some(0));
+    let conversation = kvtier_api::residency::ConversationKey::of_session("agent-7");
+    s.tag("a", conversation.0);
+    let blocks: Vec<u32> = (0..13).collect();
+    let plan = s.build_plan(&[Step { req: "a".into(), block_ids: blocks, computed_after: 200 }]);
+    for w in &mut ws {
+        assert_eq!(w.save(&plan).saved, 1);
+    }
+    let (now, _) = agent.subscribe_residency();
+    assert!(
+        now.iter().any(|e| e.conversation == conversation && e.entered),
+        "the agent knows the conversation: {now:?}"
+    );
+}

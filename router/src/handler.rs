@@ -104,6 +104,12 @@ async fn proxy(
     let conversation =
         crate::session::conversation_key(&parts.headers, &app.config.session.headers);
     let routing = app.dispatcher.prepare(&view, session.map(|(k, _)| k), conversation, start);
+    // With tier-aware routing, the engine's connector learns the conversation (it tags the KV
+    // it saves, and the node-agents report residency by it).
+    let body = match (conversation, app.dispatcher.tiers()) {
+        (Some(c), Some(_)) => crate::tiers::tag_conversation(&body, c).unwrap_or(body.clone()),
+        _ => body.clone(),
+    };
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
     let attempts = app.config.upstream.max_attempts.get();
     let mut tried: Vec<EndpointId> = Vec::new();

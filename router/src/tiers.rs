@@ -243,6 +243,33 @@ impl TierRouting {
     }
 }
 
+/// The key the connector reads from a request's `kv_transfer_params`.
+pub const CONVERSATION_PARAM: &str = "kvtier_conversation";
+
+/// `body` (a JSON object) with `"kv_transfer_params": {"kvtier_conversation": "<key>"}` added
+/// as its first member, every other byte as received; `None` when the body is not an object
+/// or already carries `kv_transfer_params` (the client's own are left alone).
+#[must_use]
+pub fn tag_conversation(body: &[u8], conversation: ConversationKey) -> Option<bytes::Bytes> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    let param: &[u8] = b"\"kv_transfer_params\"";
+    if body[start] != b'{' || body.windows(param.len()).any(|w| w == param) {
+        return None;
+    }
+    let rest = &body[start + 1..];
+    let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+    let member = format!(
+        "\"kv_transfer_params\":{{\"{CONVERSATION_PARAM}\":\"{}\"}}{}",
+        conversation.to_hex(),
+        if empty { "" } else { "," }
+    );
+    let mut out = Vec::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..=start]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(rest);
+    Some(out.into())
+}
+
 fn parse_event(line: &str) -> Option<ResidencyEvent> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     Some(ResidencyEvent {
@@ -457,6 +484,21 @@ mod tests {
         assert_eq!(t.apply("n1", &e), Applied::Ok);
         assert_eq!(t.holding_for(c, "n1", 50_000), Holding { dram_tokens: 0, nvme_tokens: 40_000 });
         assert_eq!(t.holding_for(c, "n2", 50_000), Holding::default());
+    }
+
+    #[test]
+    fn the_conversation_rides_in_kv_transfer_params_and_the_rest_is_untouched() {
+        let c = ConversationKey(0xabc);
+        let body = br#"  {"model":"m","messages":[{"role":"user","content":"{x}"}]}"#;
+        let out = tag_conversation(body, c).expect("tagged");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        assert_eq!(v["kv_transfer_params"][CONVERSATION_PARAM], "0000000000000abc");
+        assert_eq!(v["messages"][0]["content"], "{x}");
+        assert!(out.ends_with(&body[3..]), "the client's bytes follow unchanged");
+        let e = tag_conversation(b"{}", c).expect("tagged");
+        assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok(), "{e:?}");
+        assert!(tag_conversation(br#"{"kv_transfer_params":{"a":1}}"#, c).is_none());
+        assert!(tag_conversation(b"[1]", c).is_none());
     }
 
     #[test]

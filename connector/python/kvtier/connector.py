@@ -88,6 +88,15 @@ def _kv_facts(kv_cache_config: Any) -> Optional[dict]:
     }
 
 
+def _conversation(request: Any) -> int:
+    """The router's key for the request's conversation (``kv_transfer_params``), or 0."""
+    params = getattr(request, "kv_transfer_params", None) or {}
+    try:
+        return int(str(params.get("kvtier_conversation", "0")), 16)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _byte_order() -> str:
     try:
         from vllm.v1.attention.backends.utils import get_kv_cache_layout
@@ -151,7 +160,9 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False
         tokens = list(request.prompt_token_ids or [])
         try:
-            n = self._sched.lookup(request.request_id, tokens, num_computed_tokens)
+            n = self._sched.lookup(
+                request.request_id, tokens, num_computed_tokens, _conversation(request)
+            )
         except RuntimeError as e:  # the agent is away: compute instead
             logger.warning("kvtier: lookup failed (%s); computing the prompt", e)
             return 0, False

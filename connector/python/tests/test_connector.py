@@ -11,7 +11,7 @@ import pickle
 import unittest
 from types import SimpleNamespace
 
-from kvtier.connector import KvtierConnector, KvtierMetadata
+from kvtier.connector import KvtierConnector, KvtierMetadata, _conversation
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 SOCKET = os.environ.get("KVTIER_TEST_AGENT_SOCKET", "")
@@ -210,6 +210,17 @@ class ConnectorTest(unittest.TestCase):
         with self.assertRaises(RuntimeError) as e:
             w.register_kv_caches({"l.0": t})
         self.assertIn("CUDA", str(e.exception))
+
+    def test_the_routers_conversation_key_is_read_from_kv_transfer_params(self):
+        r = SimpleNamespace(kv_transfer_params={"kvtier_conversation": "00000000000000ff"})
+        self.assertEqual(_conversation(r), 255)
+        self.assertEqual(_conversation(SimpleNamespace(kv_transfer_params=None)), 0)
+        self.assertEqual(_conversation(SimpleNamespace(kv_transfer_params={"kvtier_conversation": "zz"})), 0)
+        self.assertEqual(_conversation(SimpleNamespace()), 0)
+        # A tagged request goes through the scheduler side like any other.
+        r = SimpleNamespace(request_id="t", prompt_token_ids=list(range(50)),
+                            kv_transfer_params={"kvtier_conversation": "00000000000000ff"})
+        self.assertEqual(self.sched.get_num_new_matched_tokens(r, 0), (0, False))
 
     def test_no_agent_is_a_clear_error_and_a_bad_chunk_size_too(self):
         vc, kc = config(socket="/nonexistent/agent.sock")

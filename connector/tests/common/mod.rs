@@ -19,7 +19,17 @@ impl Drop for AgentDir {
 
 /// Starts an agent with `slots` slots of [`SLOT`] bytes; returns its folder guard, socket
 /// path and the runtime serving it.
+#[allow(dead_code)] // not every test binary uses both forms
 pub fn start_agent(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::runtime::Runtime) {
+    let (d, p, rt, _) = start_agent_with(slots, tag);
+    (d, p, rt)
+}
+
+/// As [`start_agent`], with the agent itself (to watch its residency).
+pub fn start_agent_with(
+    slots: u32,
+    tag: &str,
+) -> (AgentDir, PathBuf, tokio::runtime::Runtime, Arc<Agent>) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -41,6 +51,6 @@ pub fn start_agent(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::runtime:
         let _g = rt.enter();
         server::bind(&path).expect("bind")
     };
-    rt.spawn(server::serve(listener, agent));
-    (AgentDir(dir), path, rt)
+    rt.spawn(server::serve(listener, agent.clone()));
+    (AgentDir(dir), path, rt, agent)
 }
