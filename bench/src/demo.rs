@@ -539,6 +539,7 @@ pub async fn run_node_tiers(
                 p.tiers.nvme_load_gb_s * 1e9,
             ),
             feeds,
+            agents: None,
             chunk_tokens: u64::from(config.block_tokens),
         });
     }

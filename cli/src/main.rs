@@ -266,7 +266,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.role {
         Role::Router(args) => {
             let pods = args.pod_selector();
-            let (config, listen, metrics_listen) = args.into_config()?;
+            let agents = args.residency_pods.clone().map(|sel| (sel, args.residency_port));
+            let (mut config, listen, metrics_listen) = args.into_config()?;
+            if let Some((selector, port)) = agents {
+                let client = kube::Client::try_default().await.context(
+                    "--residency-pods needs a cluster: set KUBECONFIG or run inside a Pod",
+                )?;
+                let ns = pods
+                    .as_ref()
+                    .and_then(|p| p.namespace.clone())
+                    .unwrap_or_else(|| client.default_namespace().to_owned());
+                tracing::info!(namespace = %ns, %selector, "following node-agent residency");
+                let found = PodDiscovery::start(client, &ns, &selector, port);
+                if let Some(t) = config.tiers.as_mut() {
+                    // The watch task keeps the channel open after `found` goes.
+                    t.agents = Some(kvtier_router::Discovery::subscribe(&found));
+                }
+            }
             let listener =
                 TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
             let metrics_listener = match metrics_listen {

@@ -262,6 +262,8 @@ async fn the_stack_on_a_real_api_server() {
     for name in ["minimax", "minimax-engine"] {
         svcs.get(name).await.expect(name);
     }
+    let router_args = args_of(&deployment(&deps, "minimax-router").await);
+    assert!(router_args.iter().any(|x| x == "--residency-pods"), "tier-aware: {router_args:?}");
     Api::<Role>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("router role");
     Api::<ServiceAccount>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("sa");
 

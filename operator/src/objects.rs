@@ -357,6 +357,15 @@ pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
         a.push("--session-header".into());
         a.push(h.clone());
     }
+    if kvci.spec.cache.strategy == CacheStrategy::Tiered {
+        // Tier-aware routing: follow this resource's node-agents' residency streams.
+        a.extend([
+            "--residency-pods".into(),
+            selector_string(kvci, Component::NodeAgent),
+            "--residency-port".into(),
+            AGENT_METRICS_PORT.to_string(),
+        ]);
+    }
     a
 }
 
@@ -656,6 +665,10 @@ mod tests {
             json!([{"apiGroups": [""], "resources": ["pods"],
                                           "verbs": ["get", "list", "watch"]}])
         );
+        assert!(!a.iter().any(|x| x == "--residency-pods"), "hbm: no node tiers to follow");
+        let tiered = router_args(&kvci(TIERED));
+        let sel = selector_string(&kvci(TIERED), Component::NodeAgent);
+        assert!(tiered.windows(2).any(|w| w[0] == "--residency-pods" && w[1] == sel));
         let svc = v(&router_service(&k));
         assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/component"], "router");
         assert_eq!(router_endpoint(&k), "http://coder.agents.svc:8000/v1");

@@ -100,6 +100,13 @@ pub struct RouterArgs {
     /// 0.015 and 0.05).
     #[arg(long, env = "KVTIER_ROUTER_TIER_COSTS", default_value = "0.02,0.06")]
     pub tier_costs: String,
+    /// Follow the residency streams of the Ready node-agent Pods matching this label selector
+    /// (in the router's namespace, on `--residency-port`): tier-aware routing in a cluster.
+    #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_PODS")]
+    pub residency_pods: Option<String>,
+    /// Port of the node-agents' residency stream.
+    #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_PORT", default_value_t = 9400)]
+    pub residency_port: u16,
     /// Tokens per chunk in the node-agents' counts.
     #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_CHUNK_TOKENS", default_value_t = 256)]
     pub residency_chunk_tokens: u64,
@@ -185,7 +192,7 @@ impl RouterArgs {
         c.health.interval = self.health_interval;
         c.health.timeout = self.health_interval.min(Duration::from_secs(2));
         c.health.unhealthy_after = self.unhealthy_after;
-        if !self.residency.is_empty() {
+        if !self.residency.is_empty() || self.residency_pods.is_some() {
             let mut feeds = Vec::new();
             for r in &self.residency {
                 let Some((node, url)) =
@@ -208,6 +215,7 @@ impl RouterArgs {
             c.tiers = Some(crate::config::TierConfig {
                 costs: crate::tiers::TierCosts { dram, nvme },
                 feeds,
+                agents: None,
                 chunk_tokens: self.residency_chunk_tokens.max(1),
             });
         }

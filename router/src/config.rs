@@ -125,6 +125,9 @@ pub struct TierConfig {
     pub costs: crate::tiers::TierCosts,
     /// `(node, residency stream URL)` of each node's agent.
     pub feeds: Vec<(String, String)>,
+    /// Node-agents found by discovery (their node and address; the stream is
+    /// `/residency` there), followed as they come and go.
+    pub agents: Option<tokio::sync::watch::Receiver<Vec<EndpointSpec>>>,
     /// Tokens per chunk in the agents' counts.
     pub chunk_tokens: u64,
 }

@@ -89,6 +89,9 @@ pub async fn run(
         for (node, url) in &cfg.feeds {
             tasks.spawn(crate::tiers::follow(node.clone(), url.clone(), t.clone()));
         }
+        if let Some(agents) = cfg.agents.clone() {
+            tasks.spawn(crate::tiers::follow_all(agents, t.clone()));
+        }
     }
     {
         let app = app.clone();

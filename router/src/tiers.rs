@@ -301,6 +301,45 @@ pub async fn follow(node: String, url: String, t: Arc<TierRouting>) {
     }
 }
 
+/// Follows every node-agent discovery reports, starting and stopping streams as agents come
+/// and go (one per node).
+pub async fn follow_all(
+    mut agents: tokio::sync::watch::Receiver<Vec<crate::endpoint::EndpointSpec>>,
+    t: Arc<TierRouting>,
+) {
+    let mut running: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    loop {
+        let want: HashMap<String, String> = agents
+            .borrow_and_update()
+            .iter()
+            .filter_map(|a| {
+                let url = a.uri("/residency").ok()?.to_string();
+                Some((a.node()?.to_owned(), url))
+            })
+            .collect();
+        running.retain(|node, (url, task)| {
+            let keep = want.get(node) == Some(url);
+            if !keep {
+                task.abort();
+                t.forget_node(node);
+            }
+            keep
+        });
+        for (node, url) in want {
+            running.entry(node).or_insert_with_key(|node| {
+                let task = tokio::spawn(follow(node.clone(), url.clone(), t.clone()));
+                (url, task)
+            });
+        }
+        if agents.changed().await.is_err() {
+            break;
+        }
+    }
+    for (_, (_, task)) in running {
+        task.abort();
+    }
+}
+
 async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), String> {
     use http_body_util::BodyExt;
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
