@@ -267,6 +267,44 @@ async fn the_stack_on_a_real_api_server() {
     Api::<Role>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("router role");
     Api::<ServiceAccount>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("sa");
 
+    step("scale-down order: replicas sharing a node go first, a node's lone replica last");
+    let mm = pods_of(&pods, "minimax", "engine", 4).await;
+    for (pod, node) in [(&mm[0], "mi300x-a"), (&mm[1], "mi300x-a"), (&mm[2], "mi300x-b")] {
+        let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod},
+                             "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+        pods.create_subresource::<_, serde_json::Value>(
+            "binding",
+            pod,
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+        .expect("bind the Pod as a scheduler would");
+    }
+    cluster.kubectl(&["annotate", "kvci", "minimax", "-n", NS, "e2e/poke=1"]);
+    let costs = eventually("deletion costs follow the nodes", WAIT, || async {
+        let mut c = BTreeMap::new();
+        for p in &mm {
+            let pod = pods.get(p).await.map_err(|e| e.to_string())?;
+            let v = pod
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .get("controller.kubernetes.io/pod-deletion-cost")
+                .cloned()
+                .ok_or_else(|| format!("{p} not marked"))?;
+            c.insert(p.clone(), v.parse::<i32>().map_err(|e| e.to_string())?);
+        }
+        if c[&mm[0]] < c[&mm[2]] {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .await;
+    assert_eq!(costs[&mm[0]], costs[&mm[1]]);
+    assert!(costs[&mm[3]] < costs[&mm[0]], "an unscheduled Pod goes first: {costs:?}");
+
     step("hbm (8B on H100) and none: their flags, no connector, no agent");
     let llama = deployment(&deps, "llama-8b-engine").await;
     let a = args_of(&llama);

@@ -294,7 +294,46 @@ async fn apply_all(
     };
     let engine = apply(c, ns, &objects::engine_deployment(kvci, s)).await?;
     let router = apply(c, ns, &objects::router_deployment(kvci, s)).await?;
+    if kvci.spec.cache.strategy == CacheStrategy::Tiered {
+        set_deletion_costs(kvci, c, ns).await?;
+    }
     Ok(Observed { engine: Some(engine), router: Some(router), agent })
+}
+
+/// Marks each engine Pod with its deletion cost ([`objects::deletion_costs`]), so that a
+/// scale-down removes first the replicas whose node tier keeps their conversations' KV.
+async fn set_deletion_costs(kvci: &KVCachedInference, c: &Client, ns: &str) -> Result<(), Error> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+    let sel = objects::selector_string(kvci, objects::Component::Engine);
+    let list = pods
+        .list(&ListParams::default().labels(&sel))
+        .await
+        .map_err(kube_err("listing engine Pods"))?;
+    let named: Vec<(String, Option<String>)> = list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| (p.name_any(), p.spec.as_ref().and_then(|s| s.node_name.clone())))
+        .collect();
+    for (name, cost) in objects::deletion_costs(&named) {
+        let current = list
+            .items
+            .iter()
+            .find(|p| p.name_any() == name)
+            .and_then(|p| p.annotations().get(objects::DELETION_COST).cloned());
+        if current.as_deref() == Some(cost.to_string().as_str()) {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {objects::DELETION_COST: cost.to_string()}}});
+        match pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            // Gone since the list: nothing to mark.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("marking Pod {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
 }
 
 /// What exists now, without changing anything (for a refused spec or a failed apply).

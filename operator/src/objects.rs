@@ -426,6 +426,34 @@ pub fn router_service(kvci: &KVCachedInference) -> Service {
     }))
 }
 
+/// The annotation the ReplicaSet controller reads to choose which Pods to remove first (the
+/// lowest cost goes first).
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// Deletion cost of each engine Pod so that a scale-down loses the least KV: a replica that
+/// shares its node with other replicas of the resource goes first, because its
+/// conversations' KV stays in the node's tier for the replicas that remain there; a replica
+/// alone on its node goes last. `pods` are `(name, node)`; Pods not yet on a node are the
+/// cheapest of all (they hold nothing).
+#[must_use]
+pub fn deletion_costs(pods: &[(String, Option<String>)]) -> Vec<(String, i32)> {
+    let mut per_node: std::collections::HashMap<&str, i32> = std::collections::HashMap::new();
+    for (_, node) in pods {
+        if let Some(n) = node {
+            *per_node.entry(n.as_str()).or_default() += 1;
+        }
+    }
+    pods.iter()
+        .map(|(name, node)| {
+            let cost = match node {
+                None => -1000,
+                Some(n) => 1000 - 100 * (per_node[n.as_str()] - 1).min(10),
+            };
+            (name.clone(), cost)
+        })
+        .collect()
+}
+
 /// The endpoint clients use, as the status reports it.
 #[must_use]
 pub fn router_endpoint(kvci: &KVCachedInference) -> String {
@@ -674,6 +702,20 @@ mod tests {
         assert_eq!(router_endpoint(&k), "http://coder.agents.svc:8000/v1");
         let headless = v(&engine_service(&k));
         assert_eq!(headless["spec"]["clusterIP"], "None");
+    }
+
+    #[test]
+    fn scale_down_removes_replicas_whose_node_keeps_their_kv_first() {
+        let pods = vec![
+            ("a1".to_owned(), Some("node-a".to_owned())),
+            ("a2".to_owned(), Some("node-a".to_owned())),
+            ("b1".to_owned(), Some("node-b".to_owned())),
+            ("p".to_owned(), None),
+        ];
+        let c: std::collections::HashMap<String, i32> = deletion_costs(&pods).into_iter().collect();
+        assert!(c["p"] < c["a1"], "a Pod on no node holds nothing");
+        assert_eq!(c["a1"], c["a2"]);
+        assert!(c["a1"] < c["b1"], "the lone replica of node-b keeps its node's KV reachable");
     }
 
     #[test]
