@@ -270,6 +270,16 @@ impl Agent {
         self.index().unpin(AGENT, &keys);
     }
 
+    /// Brings every chunk of `conversation` that only NVMe holds into DRAM (ahead of its
+    /// next turn); returns how many are in DRAM afterwards. Blocking: NVMe reads.
+    pub fn prefetch_conversation(&self, conversation: u64) -> u32 {
+        let keys = match self.nvme() {
+            Some(t) if conversation != 0 => t.keys_of(conversation),
+            _ => return 0,
+        };
+        keys.into_iter().filter(|k| self.load(*k)).count() as u32
+    }
+
     /// Brings `key` from NVMe into a DRAM slot; true when it is in DRAM afterwards.
     fn load(&self, key: kvtier_api::chunk::ChunkKey) -> bool {
         if self.index().get(&key).is_some() {

@@ -212,12 +212,43 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>)
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let agent = agent.clone();
-                    async move { Ok::<_, std::convert::Infallible>(http_route(&agent, &req)) }
+                    async move {
+                        if req.method() == hyper::Method::POST {
+                            return Ok::<_, std::convert::Infallible>(prefetch(agent, &req).await);
+                        }
+                        Ok(http_route(&agent, &req))
+                    }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
         });
     }
+}
+
+/// `POST /prefetch/CONVERSATION` (the key in hex): brings the conversation's NVMe chunks
+/// into DRAM; answers how many are there (`{"dram_chunks": N}`).
+async fn prefetch(
+    agent: Arc<Agent>,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<HttpBody> {
+    use http_body_util::{BodyExt, Full};
+    let reply = |status: hyper::StatusCode, body: String| {
+        let mut res = hyper::Response::new(Full::new(bytes::Bytes::from(body)).boxed());
+        *res.status_mut() = status;
+        res
+    };
+    let key = req
+        .uri()
+        .path()
+        .strip_prefix("/prefetch/")
+        .and_then(kvtier_api::residency::ConversationKey::from_hex);
+    let Some(key) = key else {
+        return reply(hyper::StatusCode::NOT_FOUND, "POST /prefetch/<conversation hex>\n".into());
+    };
+    let n = tokio::task::spawn_blocking(move || agent.prefetch_conversation(key.0))
+        .await
+        .unwrap_or(0);
+    reply(hyper::StatusCode::OK, format!("{{\"dram_chunks\":{n}}}\n"))
 }
 
 fn http_route(

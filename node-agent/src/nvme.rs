@@ -505,6 +505,12 @@ impl NvmeTier {
         self.entries.get(key).map(|e| e.conversation)
     }
 
+    /// The chunks of `conversation` on the tier.
+    #[must_use]
+    pub fn keys_of(&self, conversation: u64) -> Vec<ChunkKey> {
+        self.entries.iter().filter(|(_, e)| e.conversation == conversation).map(|(k, _)| *k).collect()
+    }
+
     /// The conversation of every chunk on the tier (to count residency at start).
     pub fn conversations(&self) -> impl Iterator<Item = u64> + '_ {
         self.entries.values().map(|e| e.conversation)

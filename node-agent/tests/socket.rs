@@ -536,3 +536,42 @@ fn chunks_without_a_client_checksum_get_one_before_nvme() {
     assert_eq!(c.pool().slot(f.slots[0]), &chunk(9)[..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_conversation_on_nvme_is_prefetched_into_dram_over_http() {
+    use kvtier_api::residency::ConversationKey;
+    let dir = nvme_dir("prefetch");
+    let (path, agent, rt) = start_with(2, Some(&dir));
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.spawn(kvtier_node_agent::http::serve_metrics(listener, agent.clone()));
+    let mut c = Client::connect(&path, "c").expect("attach");
+    let (a, b) = (ConversationKey::of_session("paused"), ConversationKey::of_session("busy"));
+    let s = c.reserve(2).expect("reserve");
+    c.put_many(a, &[(ChunkKey(1), s[0], &chunk(1)), (ChunkKey(2), s[1], &chunk(2))])
+        .expect("commit");
+    // Another conversation takes DRAM: a's chunks remain on NVMe only.
+    let s = c.reserve(2).expect("reserve");
+    c.put_many(b, &[(ChunkKey(3), s[0], &chunk(3)), (ChunkKey(4), s[1], &chunk(4))])
+        .expect("commit");
+    let before = c.lookup(&[ChunkKey(1), ChunkKey(2)]).expect("lookup");
+    assert!(before.tiers.iter().all(|t| *t == Tier::Nvme), "{:?}", before.tiers);
+
+    let post = |path: &str| -> String {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        write!(s, "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    };
+    let reply = post(&format!("/prefetch/{}", a.to_hex()));
+    assert!(reply.starts_with("HTTP/1.1 200") && reply.contains(r#""dram_chunks":2"#), "{reply}");
+    let after = c.lookup(&[ChunkKey(1), ChunkKey(2)]).expect("lookup");
+    assert_eq!(after.prefix, 2, "both chunks are back in DRAM");
+    let mut back = vec![0u8; SLOT as usize];
+    back.copy_from_slice(c.pool().slot(after.slots[0]));
+    assert!(back == chunk(1), "byte for byte");
+    assert!(post("/prefetch/nothex").starts_with("HTTP/1.1 404"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
