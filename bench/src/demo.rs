@@ -445,10 +445,12 @@ pub enum NodeRouting {
     Prefix,
     /// kvtier's routing also counting what each node's tiers hold (residency streams).
     TierAware,
+    /// Tier-aware, and conversations promoted from NVMe before their likely next turn.
+    TierAwarePrefetch,
 }
 
 impl NodeRouting {
-    /// Every mode, baseline first.
+    /// Every mode without NVMe, baseline first.
     pub const ALL: [NodeRouting; 3] =
         [NodeRouting::RoundRobin, NodeRouting::Prefix, NodeRouting::TierAware];
 
@@ -459,8 +461,20 @@ impl NodeRouting {
             NodeRouting::RoundRobin => "round-robin",
             NodeRouting::Prefix => "kvtier prefix",
             NodeRouting::TierAware => "kvtier tier-aware",
+            NodeRouting::TierAwarePrefetch => "kvtier tier-aware + prefetch",
         }
     }
+}
+
+/// How the node-tier scenario groups replicas and sizes the node tiers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NodeShape {
+    /// Replicas per node.
+    pub per_node: usize,
+    /// A node's DRAM tier over the sum of its replicas' DRAM in the profile.
+    pub dram: f64,
+    /// A node's NVMe tier over its DRAM tier.
+    pub nvme: f64,
 }
 
 /// One run of the node-tier scenario.
@@ -486,10 +500,10 @@ pub struct NodeRun {
 pub async fn run_node_tiers(
     opts: &DemoOptions,
     regime: Regime,
-    per_node: usize,
+    node: NodeShape,
     routing: NodeRouting,
 ) -> anyhow::Result<NodeRun> {
-    let per_node = per_node.max(1);
+    let per_node = node.per_node.max(1);
     let clock = SimClock::new(opts.time_scale);
     let config = opts.profile.engine_config(Strategy::Tiered);
     let p = &opts.profile;
@@ -497,10 +511,8 @@ pub async fn run_node_tiers(
     let mut nodes: Vec<(String, kvtier_sim::engine::HostTiers)> = Vec::new();
     for i in 0..opts.replicas {
         if i % per_node == 0 {
-            let tiers = kvtier_sim::engine::HostTiers::new(
-                config.dram_blocks * per_node as u64,
-                config.nvme_blocks * per_node as u64,
-            );
+            let dram = (config.dram_blocks as f64 * per_node as f64 * node.dram) as u64;
+            let tiers = kvtier_sim::engine::HostTiers::new(dram, (dram as f64 * node.nvme) as u64);
             nodes.push((format!("node-{}", i / per_node), tiers));
         }
         let (node, tiers) = nodes.last().expect("a node").clone();
@@ -522,7 +534,7 @@ pub async fn run_node_tiers(
     rc.policy =
         if routing == NodeRouting::RoundRobin { Policy::RoundRobin } else { Policy::Affinity };
     rc.workers = std::num::NonZeroUsize::MIN;
-    if routing == NodeRouting::TierAware {
+    if matches!(routing, NodeRouting::TierAware | NodeRouting::TierAwarePrefetch) {
         // One residency stream per node: any replica of the node serves it.
         let mut feeds = Vec::new();
         for (node, s) in &sims {
@@ -540,6 +552,15 @@ pub async fn run_node_tiers(
             ),
             feeds,
             agents: None,
+            prefetch: (routing == NodeRouting::TierAwarePrefetch).then(|| {
+                let s = opts.time_scale;
+                kvtier_router::tiers::PrefetchConfig {
+                    gaps: kvtier_router::tiers::GapModel::traces(s),
+                    horizon: Duration::from_secs_f64(5.0 / s),
+                    threshold: 0.2,
+                    every: Duration::from_secs_f64(1.0 / s),
+                }
+            }),
             chunk_tokens: u64::from(config.block_tokens),
         });
     }
@@ -605,14 +626,18 @@ pub async fn run_node_tiers(
 
 /// The node-tier scenario's table, with ratios against the first run.
 #[must_use]
-pub fn node_table(opts: &DemoOptions, per_node: usize, runs: &[NodeRun]) -> String {
+pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> String {
     let mut s = format!(
-        "# Node tiers: {} tiered replicas of `{}`, {per_node} per node sharing its DRAM, the first \
-         scaled down halfway; {} simulated s at {}x, {} traces, seed {}\n\n\
+        "# Node tiers: {} tiered replicas of `{}`, {} per node sharing its tiers (DRAM {}x the \
+         replicas', NVMe {}x that), the first scaled down halfway; {} simulated s at {}x, {} \
+         traces, seed {}\n\n\
          | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | recomputed tokens |\n\
          | --- | --- | --- | --- | --- | --- |\n",
         opts.replicas,
         opts.profile.name,
+        node.per_node,
+        node.dram,
+        node.nvme,
         opts.duration,
         opts.time_scale,
         opts.traces.len(),
@@ -643,6 +668,20 @@ pub fn node_table(opts: &DemoOptions, per_node: usize, runs: &[NodeRun]) -> Stri
             tier.summary.completed as f64 / prefix.summary.completed.max(1) as f64,
             tier.dram_hit_tokens as f64 / prefix.dram_hit_tokens.max(1) as f64,
             tier.computed_tokens as f64 / prefix.computed_tokens.max(1) as f64,
+        );
+    }
+    if let (Some(tier), Some(pf)) = (
+        runs.iter().find(|r| r.routing == NodeRouting::TierAware),
+        runs.iter().find(|r| r.routing == NodeRouting::TierAwarePrefetch),
+    ) {
+        let _ = writeln!(
+            s,
+            "Prefetch vs tier-aware alone: TTFT avg {:.2}x lower, p95 {:.2}x lower, {:.2}x the \
+             completed requests, {:.2}x the DRAM hits.",
+            tier.summary.ttft_avg / pf.summary.ttft_avg.max(1e-9),
+            tier.summary.ttft_p95 / pf.summary.ttft_p95.max(1e-9),
+            pf.summary.completed as f64 / tier.summary.completed.max(1) as f64,
+            pf.dram_hit_tokens as f64 / tier.dram_hit_tokens.max(1) as f64,
         );
     }
     s

@@ -28,7 +28,7 @@ struct Cli {
 enum Role {
     /// OpenAI-compatible router: sticky sessions, whole-prompt prefix affinity, token-cost
     /// load balancing, failover.
-    Router(RouterArgs),
+    Router(Box<RouterArgs>),
     /// A simulated engine: vLLM's OpenAI surface over a model of batching, prefill, an HBM
     /// prefix cache and host KV tiers, at a chosen multiple of real time.
     Sim(SimArgs),
@@ -221,6 +221,13 @@ struct DemoArgs {
     /// Replicas per node in the node-tier scenario.
     #[arg(long, default_value_t = 2)]
     replicas_per_node: usize,
+    /// Node-tier scenario: a node's DRAM over the sum of its replicas' DRAM in the profile.
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    node_dram: f64,
+    /// Node-tier scenario: a node's NVMe over its DRAM (0: none). With NVMe the scenario
+    /// also runs tier-aware routing with prefetch.
+    #[arg(long, default_value_t = 0.0)]
+    node_nvme: f64,
 }
 
 fn main() -> ExitCode {
@@ -426,11 +433,20 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     if a.node_tiers {
-        let mut runs = Vec::new();
-        for routing in demo::NodeRouting::ALL {
-            runs.push(demo::run_node_tiers(&opts, stress, a.replicas_per_node, routing).await?);
+        let shape = demo::NodeShape {
+            per_node: a.replicas_per_node,
+            dram: a.node_dram,
+            nvme: a.node_nvme.max(0.0),
+        };
+        let mut modes = demo::NodeRouting::ALL.to_vec();
+        if shape.nvme > 0.0 {
+            modes.push(demo::NodeRouting::TierAwarePrefetch);
         }
-        out(&demo::node_table(&opts, a.replicas_per_node, &runs));
+        let mut runs = Vec::new();
+        for routing in modes {
+            runs.push(demo::run_node_tiers(&opts, stress, shape, routing).await?);
+        }
+        out(&demo::node_table(&opts, shape, &runs));
         out(&format!("({:.0} s)\n", started.elapsed().as_secs_f64()));
         return Ok(());
     }

@@ -58,6 +58,7 @@ async fn scenario(tier_aware: bool) -> (&'static str, u64) {
             costs: kvtier_router::tiers::TierCosts { dram: 0.02, nvme: 0.06 },
             feeds: vec![("a".into(), format!("{}/residency", home.url()))],
             agents: None,
+            prefetch: None,
             chunk_tokens: 64,
         });
     }

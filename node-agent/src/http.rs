@@ -245,9 +245,8 @@ async fn prefetch(
     let Some(key) = key else {
         return reply(hyper::StatusCode::NOT_FOUND, "POST /prefetch/<conversation hex>\n".into());
     };
-    let n = tokio::task::spawn_blocking(move || agent.prefetch_conversation(key.0))
-        .await
-        .unwrap_or(0);
+    let n =
+        tokio::task::spawn_blocking(move || agent.prefetch_conversation(key.0)).await.unwrap_or(0);
     reply(hyper::StatusCode::OK, format!("{{\"dram_chunks\":{n}}}\n"))
 }
 

@@ -508,7 +508,11 @@ impl NvmeTier {
     /// The chunks of `conversation` on the tier.
     #[must_use]
     pub fn keys_of(&self, conversation: u64) -> Vec<ChunkKey> {
-        self.entries.iter().filter(|(_, e)| e.conversation == conversation).map(|(k, _)| *k).collect()
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.conversation == conversation)
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// The conversation of every chunk on the tier (to count residency at start).

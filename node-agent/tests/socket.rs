@@ -559,8 +559,11 @@ fn a_conversation_on_nvme_is_prefetched_into_dram_over_http() {
 
     let post = |path: &str| -> String {
         let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        write!(s, "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            .expect("write");
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .expect("write");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("read");
         out

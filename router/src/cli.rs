@@ -107,6 +107,14 @@ pub struct RouterArgs {
     /// Port of the node-agents' residency stream.
     #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_PORT", default_value_t = 9400)]
     pub residency_port: u16,
+    /// Promote a conversation from a node's NVMe to its DRAM when the chance of its next turn
+    /// within `--prefetch-horizon` (from the pause distribution of agent traces) reaches this;
+    /// off unless set (e.g. 0.2).
+    #[arg(long, env = "KVTIER_ROUTER_PREFETCH_THRESHOLD")]
+    pub prefetch_threshold: Option<f64>,
+    /// How far ahead a turn counts for prefetch: the promotion's duration and a margin.
+    #[arg(long, env = "KVTIER_ROUTER_PREFETCH_HORIZON", value_parser = parse_duration, default_value = "5s")]
+    pub prefetch_horizon: Duration,
     /// Tokens per chunk in the node-agents' counts.
     #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_CHUNK_TOKENS", default_value_t = 256)]
     pub residency_chunk_tokens: u64,
@@ -217,6 +225,12 @@ impl RouterArgs {
                 feeds,
                 agents: None,
                 chunk_tokens: self.residency_chunk_tokens.max(1),
+                prefetch: self.prefetch_threshold.map(|threshold| crate::tiers::PrefetchConfig {
+                    gaps: crate::tiers::GapModel::traces(1.0),
+                    horizon: self.prefetch_horizon,
+                    threshold,
+                    every: Duration::from_secs(1),
+                }),
             });
         }
         Ok((c, self.listen, self.metrics_listen))

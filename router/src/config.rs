@@ -130,6 +130,8 @@ pub struct TierConfig {
     pub agents: Option<tokio::sync::watch::Receiver<Vec<EndpointSpec>>>,
     /// Tokens per chunk in the agents' counts.
     pub chunk_tokens: u64,
+    /// Promote conversations from NVMe before their next turn (`None`: off).
+    pub prefetch: Option<crate::tiers::PrefetchConfig>,
 }
 
 const fn nz(n: u32) -> NonZeroU32 {

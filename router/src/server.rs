@@ -92,6 +92,9 @@ pub async fn run(
         if let Some(agents) = cfg.agents.clone() {
             tasks.spawn(crate::tiers::follow_all(agents, t.clone()));
         }
+        if let Some(p) = cfg.prefetch.clone() {
+            tasks.spawn(crate::tiers::prefetch_loop(t.clone(), p));
+        }
     }
     {
         let app = app.clone();

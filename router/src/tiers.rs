@@ -28,9 +28,9 @@
 //! arrived is always prefetched for. DRAM must have room: a prefetch never evicts more than it
 //! brings.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvtier_api::agent::Tier;
 use kvtier_api::residency::{ConversationKey, ResidencyEvent};
@@ -189,7 +189,12 @@ pub struct TierRouting {
     /// What a hit in each tier costs.
     pub costs: TierCosts,
     residency: Mutex<Residency>,
-    last_prompt: Mutex<HashMap<ConversationKey, u64>>,
+    /// Last prompt length and when it was routed, per conversation.
+    last_prompt: Mutex<HashMap<ConversationKey, (u64, Instant)>>,
+    /// Agent base URL per node (`http://host:port`), learnt from the streams followed.
+    agents: Mutex<HashMap<String, String>>,
+    /// Prefetches asked since each conversation's last turn.
+    prefetched: Mutex<HashSet<(ConversationKey, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -204,7 +209,55 @@ impl TierRouting {
             costs,
             residency: Mutex::new(Residency::new(chunk_tokens)),
             last_prompt: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The conversations worth prefetching now: each `(conversation, node, agent URL)` whose
+    /// KV only that node's NVMe holds and whose next turn [`prefetch`] finds likely within
+    /// `horizon`; each is returned once per pause.
+    pub fn prefetch_due(
+        &self,
+        now: Instant,
+        gaps: &GapModel,
+        horizon: Duration,
+        threshold: f64,
+    ) -> Vec<(ConversationKey, String, String)> {
+        let nvme_only: Vec<(ConversationKey, String, u64)> = {
+            let r = lock(&self.residency);
+            r.by_conversation
+                .iter()
+                .flat_map(|(c, per_node)| {
+                    per_node
+                        .iter()
+                        .filter(|(_, h)| h.dram_tokens == 0 && h.nvme_tokens > 0)
+                        .map(|(n, h)| (*c, n.clone(), h.nvme_tokens))
+                })
+                .collect()
+        };
+        let last = lock(&self.last_prompt);
+        let agents = lock(&self.agents);
+        let mut done = lock(&self.prefetched);
+        let mut out = Vec::new();
+        for (c, node, tokens) in nvme_only {
+            let (Some(&(_, at)), Some(url)) = (last.get(&c), agents.get(&node)) else { continue };
+            if done.contains(&(c, node.clone())) {
+                continue;
+            }
+            let ask = PrefetchAsk {
+                nvme_tokens: tokens,
+                dram_free_tokens: u64::MAX,
+                paused_s: now.saturating_duration_since(at).as_secs_f64(),
+                turn_waiting: false,
+                horizon_s: horizon.as_secs_f64(),
+            };
+            if prefetch(ask, gaps, threshold) {
+                done.insert((c, node.clone()));
+                out.push((c, node, url.clone()));
+            }
+        }
+        out
     }
 
     /// Applies an event from `node`.
@@ -223,7 +276,9 @@ impl TierRouting {
         if m.len() >= LAST_PROMPTS && !m.contains_key(&conversation) {
             m.clear();
         }
-        m.insert(conversation, tokens);
+        m.insert(conversation, (tokens, Instant::now()));
+        drop(m);
+        lock(&self.prefetched).retain(|(c, _)| *c != conversation);
     }
 
     /// What `node`'s tiers hold of `conversation`'s next prompt of `prompt` tokens: its
@@ -234,7 +289,7 @@ impl TierRouting {
         if h == Holding::default() {
             return h;
         }
-        let known = lock(&self.last_prompt).get(&conversation).copied().unwrap_or(0).min(prompt);
+        let known = lock(&self.last_prompt).get(&conversation).map_or(0, |(t, _)| *t).min(prompt);
         if h.dram_tokens > 0 {
             Holding { dram_tokens: known, nvme_tokens: 0 }
         } else {
@@ -360,6 +415,7 @@ async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), Strin
         return Err(format!("{url}: {}", res.status()));
     }
     t.forget_node(node);
+    lock(&t.agents).insert(node.to_owned(), format!("http://{authority}"));
     tracing::info!(%node, %url, "following residency");
     let mut body = res.into_body();
     let mut buf: Vec<u8> = Vec::new();
@@ -382,6 +438,78 @@ async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), Strin
         }
     }
     Ok(())
+}
+
+/// Asks the agents to promote conversations whose next turn is likely soon, every `every`,
+/// for as long as the task runs (one request per conversation and pause).
+pub async fn prefetch_loop(t: Arc<TierRouting>, p: PrefetchConfig) {
+    loop {
+        tokio::time::sleep(p.every).await;
+        for (c, node, url) in t.prefetch_due(Instant::now(), &p.gaps, p.horizon, p.threshold) {
+            tokio::spawn(async move {
+                let target = format!("{url}/prefetch/{}", c.to_hex());
+                if let Err(e) = post(&target).await {
+                    tracing::debug!(%node, error = %e, "prefetch");
+                }
+            });
+        }
+    }
+}
+
+async fn post(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let authority = uri.authority().ok_or("no host")?.clone();
+    let tcp =
+        tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::post(uri.path())
+        .header(http::header::HOST, authority.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if res.status().is_success() {
+        Ok(())
+    } else {
+        Err(res.status().to_string())
+    }
+}
+
+/// Proactive prefetch settings.
+#[derive(Clone, Debug)]
+pub struct PrefetchConfig {
+    /// The pause distribution.
+    pub gaps: GapModel,
+    /// How far ahead a turn counts (the promotion's duration and a margin).
+    pub horizon: Duration,
+    /// The chance of a turn within the horizon that triggers a prefetch.
+    pub threshold: f64,
+    /// Between checks.
+    pub every: Duration,
+}
+
+/// Percentiles 0..=100 of the pauses between turns in the 239 Claude Code traces
+/// (`think_time`, 16,948 pauses), in seconds.
+pub const TRACE_GAP_PERCENTILES: [f64; 101] = [
+    0.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 5.0, 5.0, 5.0, 5.0,
+    5.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 7.0, 7.0, 7.0, 7.0, 7.0,
+    7.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 9.0, 9.0, 9.0, 9.0, 10.0, 10.0, 10.0, 10.0, 11.0, 11.0,
+    12.0, 12.0, 12.0, 13.0, 13.0, 14.0, 14.0, 15.0, 16.0, 16.0, 17.0, 18.0, 19.0, 20.0, 21.0, 22.0,
+    24.0, 25.0, 27.0, 30.0, 33.0, 35.0, 39.0, 43.0, 48.0, 53.0, 60.0, 66.0, 71.0, 82.0, 95.0,
+    108.0, 124.0, 130.0, 145.0, 176.0, 198.0, 244.0, 304.0, 359.0, 487.0, 610.0, 944.0, 1688.0,
+    3051.0, 77589.0,
+];
+
+impl GapModel {
+    /// The traces' pause distribution, every pause divided by `time_scale` (1: real time; a
+    /// simulation running N times faster passes N).
+    #[must_use]
+    pub fn traces(time_scale: f64) -> Self {
+        Self::new(TRACE_GAP_PERCENTILES.iter().map(|g| g / time_scale.max(1e-9)).collect())
+    }
 }
 
 /// The distribution of pauses between a conversation's turns (seconds), from traces.
@@ -538,6 +666,27 @@ mod tests {
         assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok(), "{e:?}");
         assert!(tag_conversation(br#"{"kv_transfer_params":{"a":1}}"#, c).is_none());
         assert!(tag_conversation(b"[1]", c).is_none());
+    }
+
+    #[test]
+    fn a_conversation_only_on_nvme_is_prefetched_once_per_pause() {
+        let t = TierRouting::new(study(), 256);
+        let c = ConversationKey::of_session("p");
+        lock(&t.agents).insert("n1".into(), "http://agent:9400".into());
+        assert_eq!(t.apply("n1", &ev(1, c.0, Tier::Nvme, true, 40)), Applied::Ok);
+        t.saw(c, 10_000);
+        let g = GapModel::traces(1.0);
+        let soon = Instant::now() + Duration::from_secs(3);
+        let due = t.prefetch_due(soon, &g, Duration::from_secs(5), 0.25);
+        assert_eq!(due, vec![(c, "n1".to_owned(), "http://agent:9400".to_owned())]);
+        assert!(t.prefetch_due(soon, &g, Duration::from_secs(5), 0.25).is_empty(), "once");
+        let late = Instant::now() + Duration::from_secs(3_600);
+        t.saw(c, 10_000);
+        assert!(t.prefetch_due(late, &g, Duration::from_secs(5), 0.25).is_empty(), "an hour in");
+        assert_eq!(t.apply("n1", &ev(2, c.0, Tier::Dram, true, 40)), Applied::Ok);
+        assert!(t.prefetch_due(soon, &g, Duration::from_secs(5), 0.0).is_empty(), "in DRAM");
+        assert!((GapModel::traces(1.0).cdf(10.0) - 0.53).abs() < 0.02);
+        assert!((GapModel::traces(100.0).cdf(0.1) - 0.53).abs() < 0.02, "scaled");
     }
 
     #[test]

@@ -226,6 +226,7 @@ async fn handle(st: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/v1/models") => models(st),
         (&Method::GET, "/metrics") => metrics(st),
         (&Method::GET, "/residency") => residency(st),
+        (&Method::POST, p) if p.starts_with("/prefetch/") => prefetch(st, p).await,
         (&Method::POST, "/v1/chat/completions") => generate(st, req, Api::Chat).await,
         (&Method::POST, "/v1/completions") => generate(st, req, Api::Completions).await,
         (_, "/health" | "/v1/models" | "/metrics" | "/v1/chat/completions" | "/v1/completions") => {
@@ -320,6 +321,22 @@ fn residency(st: &Arc<Shared>) -> Response<Body> {
     res.headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
     res
+}
+
+/// `POST /prefetch/CONVERSATION`: the node-agent's prefetch. The blocks move from NVMe to DRAM
+/// after the time reading them takes at the profile's NVMe bandwidth (simulated).
+async fn prefetch(st: &Arc<Shared>, path: &str) -> Response<Body> {
+    let Some(key) =
+        path.strip_prefix("/prefetch/").and_then(kvtier_api::residency::ConversationKey::from_hex)
+    else {
+        return error(StatusCode::NOT_FOUND, "POST /prefetch/<conversation hex>");
+    };
+    let blocks = st.tiers.nvme_blocks_of(key.0);
+    let c = &st.config.cost;
+    let seconds = blocks.len() as f64 * c.block_bytes / c.nvme_bytes_per_s;
+    tokio::time::sleep(std::time::Duration::from_secs_f64(seconds / st.clock.scale())).await;
+    let moved = st.tiers.promote(&blocks, key.0);
+    json(StatusCode::OK, format!("{{\"dram_chunks\":{moved}}}\n"))
 }
 
 /// The conversation a request belongs to, from its session header.

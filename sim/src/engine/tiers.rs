@@ -101,6 +101,30 @@ impl HostTiers {
         g.dram.contains(h) || g.nvme.contains(h)
     }
 
+    /// Blocks of `conversation` only NVMe holds.
+    #[must_use]
+    pub fn nvme_blocks_of(&self, conversation: u64) -> Vec<u64> {
+        let g = self.lock();
+        g.owner
+            .iter()
+            .filter(|(h, c)| **c == conversation && g.nvme.contains(**h) && !g.dram.contains(**h))
+            .map(|(h, _)| *h)
+            .collect()
+    }
+
+    /// Brings `blocks` (of `conversation`) from NVMe into DRAM, as the node-agent's prefetch
+    /// does; returns how many moved.
+    pub fn promote(&self, blocks: &[u64], conversation: u64) -> usize {
+        let mut moved = 0;
+        for &h in blocks {
+            if self.on_nvme(h) {
+                self.store(h, conversation);
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     /// Writes block `h` of `conversation` (0: unknown) to DRAM, demoting DRAM's victims to
     /// NVMe.
     pub(super) fn store(&self, h: u64, conversation: u64) -> Evictions {
