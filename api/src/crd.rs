@@ -254,7 +254,9 @@ pub struct RouterSpec {
     /// Extra queued prefill tokens a session's replica may carry before the session moves.
     #[serde(default = "default_overload_bound")]
     pub overload_bound_tokens: u32,
-    /// Router replicas.
+    /// Router replicas. With more than one, a session the receiving replica has no binding for
+    /// is placed by rendezvous hashing of its id, so every replica (and a restarted one) sends
+    /// a conversation's turns to the same engine replica.
     #[serde(default = "one")]
     #[schemars(range(min = 1))]
     pub replicas: i32,

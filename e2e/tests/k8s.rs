@@ -264,6 +264,10 @@ async fn the_stack_on_a_real_api_server() {
     }
     let router_args = args_of(&deployment(&deps, "minimax-router").await);
     assert!(router_args.iter().any(|x| x == "--residency-pods"), "tier-aware: {router_args:?}");
+    assert!(
+        router_args.windows(2).any(|w| w == ["--session-placement", "hash"]),
+        "two router replicas agree: {router_args:?}"
+    );
     Api::<Role>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("router role");
     Api::<ServiceAccount>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("sa");
 

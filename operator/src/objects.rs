@@ -357,6 +357,10 @@ pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
         a.push("--session-header".into());
         a.push(h.clone());
     }
+    if r.replicas > 1 {
+        // Router replicas agree on a session's replica without sharing state.
+        a.extend(["--session-placement".into(), "hash".into()]);
+    }
     if kvci.spec.cache.strategy == CacheStrategy::Tiered {
         // Tier-aware routing: follow this resource's node-agents' residency streams.
         a.extend([
@@ -684,6 +688,8 @@ mod tests {
         assert!(pair("--session-ttl", "1h"));
         assert!(pair("--overload-bound-tokens", "4096"));
         assert!(pair("--session-header", "X-Claude-Code-Session-Id"));
+        assert!(pair("--session-placement", "hash"), "two router replicas must agree");
+        assert!(!router_args(&kvci(TIERED)).iter().any(|x| x == "--session-placement"));
         let d = v(&router_deployment(&k, &Settings::default()));
         assert_eq!(d["spec"]["replicas"], 2);
         assert_eq!(d["spec"]["template"]["spec"]["serviceAccountName"], "coder-router");

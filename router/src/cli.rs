@@ -49,6 +49,11 @@ pub struct RouterArgs {
     /// Claude Code, Dynamo, Codex and OpenCode headers).
     #[arg(long = "session-header", env = "KVTIER_ROUTER_SESSION_HEADERS", value_delimiter = ',')]
     pub session_headers: Vec<HeaderName>,
+    /// Where a session this router has no binding for goes: `load` (the best spread for one
+    /// router) or `hash` (rendezvous hashing of the session id: every router replica, and a
+    /// restarted router, sends a session's turns to the same endpoint).
+    #[arg(long, env = "KVTIER_ROUTER_SESSION_PLACEMENT", value_enum, default_value = "load")]
+    pub session_placement: crate::config::SessionPlacement,
     /// A session binding unused this long is dropped.
     #[arg(long, env = "KVTIER_ROUTER_SESSION_TTL", value_parser = parse_duration, default_value = "30m")]
     pub session_ttl: Duration,
@@ -186,6 +191,7 @@ impl RouterArgs {
             c.session.headers = self.session_headers;
         }
         c.session.idle_ttl = self.session_ttl;
+        c.session.placement = self.session_placement;
         c.affinity.overload_bound_tokens = self.overload_bound_tokens;
         c.affinity.chunk_bytes = self.chunk_bytes;
         c.affinity.index_capacity = self.index_chunks;

@@ -41,6 +41,22 @@ pub struct SessionConfig {
     pub idle_ttl: Duration,
     /// At most this many bindings are kept.
     pub capacity: usize,
+    /// Where a session this router has no binding for goes.
+    pub placement: SessionPlacement,
+}
+
+/// Where a session without a binding (new, or new to this router) goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SessionPlacement {
+    /// The endpoint the cost prefers (least loaded, least resident context): the best spread
+    /// for one router.
+    #[default]
+    Load,
+    /// The endpoint that rendezvous hashing of the session id over the endpoints' addresses
+    /// picks, as every router replica with the same endpoints does, and a restarted router
+    /// too: turns reach the same replica whichever router gets them. The overload bound still
+    /// moves a session off an overloaded endpoint. Spread is statistical.
+    Hash,
 }
 
 /// Prefix affinity and load balancing.
@@ -163,6 +179,7 @@ impl RouterConfig {
                     .collect(),
                 idle_ttl: Duration::from_secs(30 * 60),
                 capacity: 1 << 20,
+                placement: SessionPlacement::Load,
             },
             affinity: AffinityConfig {
                 chunk_bytes: nzu(DEFAULT_CHUNK_BYTES),

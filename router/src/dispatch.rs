@@ -51,6 +51,7 @@ pub struct Dispatcher {
     state: Mutex<State>,
     next_round_robin: AtomicUsize,
     tiers: Option<Arc<TierRouting>>,
+    placement: crate::config::SessionPlacement,
 }
 
 impl Dispatcher {
@@ -72,7 +73,20 @@ impl Dispatcher {
                 .tiers
                 .as_ref()
                 .map(|t| Arc::new(TierRouting::new(t.costs, t.chunk_tokens))),
+            placement: config.session.placement,
         }
+    }
+
+    /// The home rendezvous hashing gives a session without a binding, among the healthy
+    /// endpoints (all of them when none is).
+    fn hashed_home(&self, key: SessionKey) -> Option<EndpointId> {
+        let endpoints = self.endpoints();
+        let healthy: Vec<&Arc<Endpoint>> =
+            endpoints.iter().filter(|e| e.health.is_healthy()).collect();
+        let pool: Vec<&Arc<Endpoint>> =
+            if healthy.is_empty() { endpoints.iter().collect() } else { healthy };
+        let name = key.rendezvous(pool.iter().map(|e| e.name.as_str()))?;
+        pool.iter().find(|e| e.name == name).map(|e| e.id)
     }
 
     /// The tier-aware state, when on (the residency feeds write into it).
@@ -128,7 +142,14 @@ impl Dispatcher {
             let home = match (bound, matched.continues) {
                 (Some(endpoint), _) => Some(Home { endpoint, kind: HomeKind::Session }),
                 (None, Some(endpoint)) => Some(Home { endpoint, kind: HomeKind::Continuation }),
-                (None, None) => None,
+                (None, None) => match (self.placement, session) {
+                    (crate::config::SessionPlacement::Hash, Some(k)) => {
+                        drop(state);
+                        self.hashed_home(k)
+                            .map(|endpoint| Home { endpoint, kind: HomeKind::Session })
+                    }
+                    _ => None,
+                },
             };
             (matched, home)
         } else {

@@ -31,7 +31,7 @@ pub use balance::{Reason, EXPECTED_OUTPUT_TOKENS};
 pub use cli::{ConfigError, PodSelector, RouterArgs};
 pub use config::{
     parse_bytes, parse_duration, AffinityConfig, ClientLimits, HealthConfig, Policy, RouterConfig,
-    SessionConfig, TierConfig, UpstreamConfig,
+    SessionConfig, SessionPlacement, TierConfig, UpstreamConfig,
 };
 pub use discovery::{Discovery, PodDiscovery, StaticDiscovery};
 pub use endpoint::{EndpointSpec, EndpointSpecError};

@@ -20,6 +20,15 @@ const SESSION_SEED: u64 = 0x6b76_7469_6572_7373; // "kvtierss"
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct SessionKey(u64);
 
+impl SessionKey {
+    /// The endpoint rendezvous hashing picks for this session among `candidates` (their
+    /// `host:port`): the same on every router that sees the same endpoints.
+    #[must_use]
+    pub fn rendezvous<'a>(self, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+        candidates.max_by_key(|a| (xxh3_64_with_seed(a.as_bytes(), self.0), *a))
+    }
+}
+
 /// Where a session key came from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum SessionSource {
@@ -131,6 +140,32 @@ impl SessionTable {
     #[must_use]
     pub fn len(&self) -> usize {
         self.bindings.len()
+    }
+}
+
+#[cfg(test)]
+mod rendezvous_tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_spreads_and_moves_only_the_sessions_of_a_removed_endpoint() {
+        let all = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000"];
+        let keys: Vec<SessionKey> =
+            (0..4000u64).map(|i| SessionKey(xxh3_64_with_seed(&i.to_le_bytes(), 1))).collect();
+        let mut count = HashMap::new();
+        for k in &keys {
+            *count.entry(k.rendezvous(all.iter().copied()).unwrap_or("")).or_insert(0) += 1;
+        }
+        assert!(count.values().all(|&n| (850..=1150).contains(&n)), "{count:?}");
+        let three = &all[1..];
+        for k in &keys {
+            let before = k.rendezvous(all.iter().copied());
+            let after = k.rendezvous(three.iter().copied());
+            if before != Some(all[0]) {
+                assert_eq!(before, after, "only the removed endpoint's sessions move");
+            }
+        }
+        assert_eq!(SessionKey(1).rendezvous(std::iter::empty()), None);
     }
 }
 

@@ -156,3 +156,28 @@ async fn a_long_conversation_without_session_follows_its_prefix() {
     // Every turn after the first was predicted to hit the whole previous turn.
     assert!(s.metric("kvtier_router_routing_decisions_total{reason=\"prefix\"}").await >= 11.0);
 }
+
+#[tokio::test]
+async fn with_hash_placement_router_replicas_and_a_restarted_router_agree() {
+    let hash = |c: &mut kvtier_router::RouterConfig| {
+        c.session.placement = kvtier_router::SessionPlacement::Hash;
+    };
+    let a = stack(4, hash).await;
+    let b = support::router_over(&a.engines, hash).await;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..40 {
+        let sid = format!("agent-{i}");
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, text(i, 2000));
+        let first = a.chat(body.clone(), &[("x-session-id", &sid)]).await.served_by();
+        // The next turn reaches the other router replica, which never saw the session.
+        let second = b.chat(body.clone(), &[("x-session-id", &sid)]).await.served_by();
+        assert_eq!(first, second, "session {sid}");
+        *seen.entry(first.clone().unwrap_or_default()).or_default() += 1;
+        // And a router started afresh agrees too.
+        if i % 10 == 0 {
+            let c = support::router_over(&a.engines, hash).await;
+            assert_eq!(c.chat(body, &[("x-session-id", &sid)]).await.served_by(), first);
+        }
+    }
+    assert_eq!(seen.len(), 4, "rendezvous hashing uses every endpoint: {seen:?}");
+}

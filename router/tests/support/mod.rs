@@ -42,6 +42,26 @@ pub fn spec(e: &StubEngine) -> EndpointSpec {
     EndpointSpec::parse(&e.url()).unwrap()
 }
 
+/// Another router in front of `engines` (a second replica, or a restarted one).
+pub async fn router_over(engines: &[StubEngine], tweak: impl FnOnce(&mut RouterConfig)) -> Stack {
+    let mut config = RouterConfig::new(engines.iter().map(spec).collect());
+    tweak(&mut config);
+    let discovery = Arc::new(StaticDiscovery::new(config.endpoints.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let d: Arc<dyn kvtier_router::Discovery> = discovery.clone();
+    tokio::spawn(async move {
+        kvtier_router::run(config, listener, None, d, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    Stack { engines: Vec::new(), addr, discovery, client, shutdown: Some(tx) }
+}
+
 /// `n` stand-ins named e0…, a router in front of them configured by `tweak`.
 pub async fn stack(n: usize, tweak: impl FnOnce(&mut RouterConfig)) -> Stack {
     let mut engines = Vec::new();
