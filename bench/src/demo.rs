@@ -122,6 +122,8 @@ pub struct DemoOptions {
     pub out: PathBuf,
     /// Progress bars.
     pub progress: bool,
+    /// Where the router places sessions it has no binding for.
+    pub session_placement: kvtier_router::SessionPlacement,
 }
 
 /// One configuration's outcome.
@@ -182,6 +184,7 @@ pub async fn run_one(
         .context("replica address")?;
     let mut config = RouterConfig::new(endpoints.clone());
     config.policy = policy;
+    config.session.placement = opts.session_placement;
     config.workers = std::num::NonZeroUsize::MIN;
     let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the router")?;
     let router_url = format!("http://{}", listener.local_addr()?);

@@ -127,6 +127,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
         strategies: vec![Strategy::Hbm],
         out: PathBuf::from(&out),
         progress: false,
+        session_placement: kvtier_router::SessionPlacement::Load,
     };
     let (results, text) = demo::run(&opts).await.expect("demo");
     assert_eq!(results.len(), 2);

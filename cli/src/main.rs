@@ -218,6 +218,10 @@ struct DemoArgs {
     /// round-robin, by kvtier's prefix routing, and tier-aware (residency streams).
     #[arg(long)]
     node_tiers: bool,
+    /// Where the router places a session it has no binding for: `load` or `hash` (what
+    /// several router replicas use to agree).
+    #[arg(long, value_enum, default_value = "load")]
+    session_placement: kvtier_router::SessionPlacement,
     /// Replicas per node in the node-tier scenario.
     #[arg(long, default_value_t = 2)]
     replicas_per_node: usize,
@@ -430,6 +434,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         strategies: Strategy::ALL.to_vec(),
         out: a.out.clone(),
         progress: !a.no_progress,
+        session_placement: a.session_placement,
     };
     let started = std::time::Instant::now();
     if a.node_tiers {
