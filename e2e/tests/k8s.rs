@@ -134,6 +134,29 @@ async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) 
     (status, text)
 }
 
+/// One HTTP/1.1 request carrying session `sid`, with `Connection: close`; returns (status,
+/// the whole response text).
+async fn http_session(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    sid: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Session-ID: {sid}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
 /// A token for the chart's ServiceAccount (a token Secret works on every server version).
 async fn service_account_token(client: &Client) -> String {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), SYSTEM);
@@ -407,6 +430,101 @@ async fn the_stack_on_a_real_api_server() {
     }
     let _ = router_stop.send(());
     let _ = router.await;
+
+    step("two router replicas agree on each session's replica and move it together when it goes");
+    let (l2, l3) = loop {
+        let l2 = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
+        let port = l2.local_addr().expect("addr").port();
+        if let Ok(l3) = tokio::net::TcpListener::bind(("127.0.0.3", port)).await {
+            break (l2, l3);
+        }
+    };
+    let port = l2.local_addr().expect("addr").port();
+    let _e2 = kvtier_testkit::StubEngine::serve(l2, "e-2");
+    let _e3 = kvtier_testkit::StubEngine::serve(l3, "e-3");
+    for (name, ip) in [("agree-2", "127.0.0.2"), ("agree-3", "127.0.0.3")] {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": "e2e-agree"}},
+            "spec": {"containers": [{"name": "engine", "image": "stand-in"}]},
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &p).await.expect("create pod");
+        let patch = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                                      "conditions": [{"type": "Ready", "status": "True"}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("pod status");
+    }
+    let mut routers = Vec::new();
+    for _ in 0..2 {
+        let mut config = kvtier_router::RouterConfig::new(Vec::new());
+        config.session.placement = kvtier_router::SessionPlacement::Hash;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let discovery =
+            Arc::new(kvtier_router::PodDiscovery::start(admin.clone(), NS, "app=e2e-agree", port));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(kvtier_router::run(config, listener, None, discovery, async {
+            let _ = stopped.await;
+        }));
+        routers.push((addr, stop, task));
+    }
+    let served_by = |reply: &str| {
+        reply
+            .lines()
+            .find_map(|l| l.strip_prefix("x-served-by: ").map(|v| v.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    let turn = |router: std::net::SocketAddr, sid: String| async move {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"next turn"}]}"#;
+        http_session(router, "/v1/chat/completions", body, &sid).await
+    };
+    for (addr, _, _) in &routers {
+        eventually("each router sees both stand-ins", WAIT, || async {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..16 {
+                let (code, r) = turn(*addr, format!("probe-{i}")).await;
+                if code == 200 {
+                    seen.insert(served_by(&r));
+                }
+            }
+            if seen.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        })
+        .await;
+    }
+    let (a, b) = (routers[0].0, routers[1].0);
+    let mut on_e2 = Vec::new();
+    for i in 0..12 {
+        let sid = format!("agent-{i}");
+        let first = served_by(&turn(a, sid.clone()).await.1);
+        let second = served_by(&turn(b, sid.clone()).await.1);
+        assert_eq!(first, second, "{sid}: the two router replicas agree");
+        if first == "e-2" {
+            on_e2.push(sid);
+        }
+    }
+    assert!(!on_e2.is_empty(), "some sessions live on e-2");
+    pods.delete("agree-2", &kube::api::DeleteParams::default()).await.expect("scale down");
+    for sid in &on_e2 {
+        let moved = eventually("the session moves off the removed replica", WAIT, || async {
+            let r = served_by(&turn(a, sid.clone()).await.1);
+            if r == "e-3" {
+                Ok(r)
+            } else {
+                Err(r)
+            }
+        })
+        .await;
+        assert_eq!(served_by(&turn(b, sid.clone()).await.1), moved, "{sid}: both routers moved it");
+    }
+    for (_, stop, task) in routers {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
 
     step("drift: an edited engine command and a manual scale are put back");
     let before = args_of(&deployment(&deps, "llama-8b-engine").await);
