@@ -491,6 +491,25 @@ pub struct NodeRun {
     pub dram_hit_tokens: u64,
     /// Prompt tokens recomputed, over every replica.
     pub computed_tokens: u64,
+    /// Mean TTFT of the requests started in the 5 simulated minutes before the scale-down.
+    pub ttft_before: f64,
+    /// Mean TTFT of the requests started in the 5 simulated minutes after it.
+    pub ttft_after: f64,
+}
+
+/// Mean TTFT of the successful requests of `replay` started in `[from, to)`.
+fn window_ttft(replay: &Replay, from: f64, to: f64) -> f64 {
+    let v: Vec<f64> = replay
+        .records
+        .iter()
+        .filter(|r| r.success && r.start >= from && r.start < to)
+        .filter_map(crate::replay::Record::ttft)
+        .collect();
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
 }
 
 /// The node-tier scenario: `opts.replicas` tiered replicas, `per_node` to a node sharing
@@ -619,11 +638,14 @@ pub async fn run_node_tiers(
         dram += c.dram_hits;
         computed += c.computed_tokens;
     }
+    let half = opts.duration / 2.0;
     Ok(NodeRun {
         routing,
         summary: report::summarize(&replay),
         dram_hit_tokens: dram,
         computed_tokens: computed,
+        ttft_before: window_ttft(&replay, half - 300.0, half),
+        ttft_after: window_ttft(&replay, half, half + 300.0),
     })
 }
 
@@ -634,8 +656,8 @@ pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> Stri
         "# Node tiers: {} tiered replicas of `{}`, {} per node sharing its tiers (DRAM {}x the \
          replicas', NVMe {}x that), the first scaled down halfway; {} simulated s at {}x, {} \
          traces, seed {}\n\n\
-         | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | recomputed tokens |\n\
-         | --- | --- | --- | --- | --- | --- |\n",
+         | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | recomputed tokens | TTFT 5 min before / after the scale-down (s) |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
         opts.replicas,
         opts.profile.name,
         node.per_node,
@@ -649,13 +671,15 @@ pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> Stri
     for r in runs {
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {:.2} | {:.2} | {} | {} | {} | {:.2} / {:.2} |",
             r.routing.label(),
             r.summary.ttft_avg,
             r.summary.ttft_p95,
             r.summary.completed,
             r.dram_hit_tokens,
-            r.computed_tokens
+            r.computed_tokens,
+            r.ttft_before,
+            r.ttft_after
         );
     }
     if let (Some(prefix), Some(tier)) = (
