@@ -1,0 +1,244 @@
+//! Where the router's tier-aware state comes from and goes to: the node-agents' residency
+//! streams it follows, the prefetches it asks for, and the conversation key it adds to each
+//! request for the connector.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvtier_api::agent::Tier;
+use kvtier_api::residency::{ConversationKey, ResidencyEvent};
+
+use super::{lock, Applied, GapModel, TierRouting};
+
+/// The key the connector reads from a request's `kv_transfer_params`.
+pub const CONVERSATION_PARAM: &str = "kvtier_conversation";
+
+/// `body` (a JSON object) with `"kv_transfer_params": {"kvtier_conversation": "<key>"}` added
+/// as its first member, every other byte as received; `None` when the body is not an object
+/// or already carries `kv_transfer_params` (the client's own are left alone).
+#[must_use]
+pub fn tag_conversation(body: &[u8], conversation: ConversationKey) -> Option<bytes::Bytes> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    let param: &[u8] = b"\"kv_transfer_params\"";
+    if body[start] != b'{' || body.windows(param.len()).any(|w| w == param) {
+        return None;
+    }
+    let rest = &body[start + 1..];
+    let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+    let member = format!(
+        "\"kv_transfer_params\":{{\"{CONVERSATION_PARAM}\":\"{}\"}}{}",
+        conversation.to_hex(),
+        if empty { "" } else { "," }
+    );
+    let mut out = Vec::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..=start]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(rest);
+    Some(out.into())
+}
+
+fn parse_event(line: &str) -> Option<ResidencyEvent> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some(ResidencyEvent {
+        seq: v.get("seq")?.as_u64()?,
+        conversation: ConversationKey::from_hex(v.get("conversation")?.as_str()?)?,
+        tier: match v.get("tier")?.as_str()? {
+            "dram" => Tier::Dram,
+            "nvme" => Tier::Nvme,
+            _ => Tier::Absent,
+        },
+        entered: v.get("event")?.as_str()? == "entered",
+        chunks: u32::try_from(v.get("chunks")?.as_u64()?).ok()?,
+    })
+}
+
+/// Follows `node`'s residency stream at `url` (`GET`, one JSON event per line) into `t` for
+/// as long as the task runs, reconnecting with backoff (250 ms doubling to 10 s). Every
+/// (re)connection forgets the node first: the stream restarts with the current residency.
+pub async fn follow(node: String, url: String, t: Arc<TierRouting>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match stream_once(&node, &url, &t).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(e) => tracing::debug!(%node, %url, error = %e, "residency stream"),
+        }
+        t.forget_node(&node);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Follows every node-agent discovery reports, starting and stopping streams as agents come
+/// and go (one per node).
+pub async fn follow_all(
+    mut agents: tokio::sync::watch::Receiver<Vec<crate::endpoint::EndpointSpec>>,
+    t: Arc<TierRouting>,
+) {
+    let mut running: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    loop {
+        let want: HashMap<String, String> = agents
+            .borrow_and_update()
+            .iter()
+            .filter_map(|a| {
+                let url = a.uri("/residency").ok()?.to_string();
+                Some((a.node()?.to_owned(), url))
+            })
+            .collect();
+        running.retain(|node, (url, task)| {
+            let keep = want.get(node) == Some(url);
+            if !keep {
+                task.abort();
+                t.forget_node(node);
+            }
+            keep
+        });
+        for (node, url) in want {
+            running.entry(node).or_insert_with_key(|node| {
+                let task = tokio::spawn(follow(node.clone(), url.clone(), t.clone()));
+                (url, task)
+            });
+        }
+        if agents.changed().await.is_err() {
+            break;
+        }
+    }
+    for (_, (_, task)) in running {
+        task.abort();
+    }
+}
+
+async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let (res, authority) = request(http::Method::GET, url, "/residency").await?;
+    t.forget_node(node);
+    lock(&t.agents).insert(node.to_owned(), format!("http://{authority}"));
+    tracing::info!(%node, %url, "following residency");
+    let mut body = res.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let Some(e) = std::str::from_utf8(&line).ok().and_then(|l| parse_event(l.trim()))
+            else {
+                continue;
+            };
+            if t.apply(node, &e) == Applied::Gap {
+                return Err("events were missed; resubscribing".into());
+            }
+        }
+        if buf.len() > 1 << 16 {
+            return Err("a line longer than 64 KiB".into());
+        }
+    }
+    Ok(())
+}
+
+/// Asks the agents to promote conversations whose next turn is likely soon, every `every`,
+/// for as long as the task runs (one request per conversation and pause).
+pub async fn prefetch_loop(t: Arc<TierRouting>, p: PrefetchConfig) {
+    loop {
+        tokio::time::sleep(p.every).await;
+        for (c, node, url) in t.prefetch_due(Instant::now(), &p.gaps, p.horizon, p.threshold) {
+            tokio::spawn(async move {
+                let target = format!("{url}/prefetch/{}", c.to_hex());
+                if let Err(e) = request(http::Method::POST, &target, "/").await {
+                    tracing::debug!(%node, error = %e, "prefetch");
+                }
+            });
+        }
+    }
+}
+
+/// Sends `method url` (path `default_path` when the URL has none) with an empty body on a
+/// fresh connection; a status other than success is an error. Returns the response (its body
+/// still streaming) and the host it came from.
+async fn request(
+    method: http::Method,
+    url: &str,
+    default_path: &str,
+) -> Result<(http::Response<hyper::body::Incoming>, http::uri::Authority), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let authority = uri.authority().ok_or("no host")?.clone();
+    let tcp =
+        tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or(default_path, |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if !res.status().is_success() {
+        return Err(format!("{url}: {}", res.status()));
+    }
+    Ok((res, authority))
+}
+
+/// Proactive prefetch settings.
+#[derive(Clone, Debug)]
+pub struct PrefetchConfig {
+    /// The pause distribution.
+    pub gaps: GapModel,
+    /// How far ahead a turn counts (the promotion's duration and a margin).
+    pub horizon: Duration,
+    /// The chance of a turn within the horizon that triggers a prefetch.
+    pub threshold: f64,
+    /// Between checks.
+    pub every: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiers::{Holding, TierCosts};
+
+    fn study() -> TierCosts {
+        TierCosts::from_rates(126_976.0, 2400.0, 20e9, 6e9)
+    }
+
+    #[test]
+    fn events_parse_from_the_agents_lines_and_holdings_use_the_last_prompt() {
+        let line = ResidencyEvent {
+            seq: 3,
+            conversation: ConversationKey::of_session("s"),
+            tier: Tier::Nvme,
+            entered: true,
+            chunks: 9,
+        }
+        .to_json_line();
+        let e = parse_event(line.trim()).expect("parses");
+        assert_eq!((e.seq, e.tier, e.entered, e.chunks), (3, Tier::Nvme, true, 9));
+        assert!(parse_event("{\"seq\":1}").is_none());
+        let t = TierRouting::new(study(), 256);
+        let c = ConversationKey::of_session("s");
+        assert_eq!(t.holding_for(c, "n1", 50_000), Holding::default());
+        t.saw(c, 40_000);
+        assert_eq!(t.apply("n1", &e), Applied::Ok);
+        assert_eq!(t.holding_for(c, "n1", 50_000), Holding { dram_tokens: 0, nvme_tokens: 40_000 });
+        assert_eq!(t.holding_for(c, "n2", 50_000), Holding::default());
+    }
+
+    #[test]
+    fn the_conversation_rides_in_kv_transfer_params_and_the_rest_is_untouched() {
+        let c = ConversationKey(0xabc);
+        let body = br#"  {"model":"m","messages":[{"role":"user","content":"{x}"}]}"#;
+        let out = tag_conversation(body, c).expect("tagged");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        assert_eq!(v["kv_transfer_params"][CONVERSATION_PARAM], "0000000000000abc");
+        assert_eq!(v["messages"][0]["content"], "{x}");
+        assert!(out.ends_with(&body[3..]), "the client's bytes follow unchanged");
+        let e = tag_conversation(b"{}", c).expect("tagged");
+        assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok(), "{e:?}");
+        assert!(tag_conversation(br#"{"kv_transfer_params":{"a":1}}"#, c).is_none());
+        assert!(tag_conversation(b"[1]", c).is_none());
+    }
+}
