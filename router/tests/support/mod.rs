@@ -68,23 +68,13 @@ pub async fn stack(n: usize, tweak: impl FnOnce(&mut RouterConfig)) -> Stack {
     for i in 0..n {
         engines.push(StubEngine::start(&format!("e{i}")).await.unwrap());
     }
-    let mut config = RouterConfig::new(engines.iter().map(spec).collect());
-    config.upstream.retry_backoff = std::time::Duration::from_millis(1);
-    tweak(&mut config);
-    let discovery = Arc::new(StaticDiscovery::new(config.endpoints.clone()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel();
-    let d: Arc<dyn kvtier_router::Discovery> = discovery.clone();
-    tokio::spawn(async move {
-        kvtier_router::run(config, listener, None, d, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    Stack { engines, addr, discovery, client, shutdown: Some(tx) }
+    let mut s = router_over(&engines, |config| {
+        config.upstream.retry_backoff = std::time::Duration::from_millis(1);
+        tweak(config);
+    })
+    .await;
+    s.engines = engines;
+    s
 }
 
 impl Stack {
