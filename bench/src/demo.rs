@@ -152,6 +152,69 @@ fn policy_label(p: Policy) -> &'static str {
     }
 }
 
+/// kvtier's router on loopback in front of a config's endpoints (static discovery, which the
+/// caller may change while it runs).
+pub(crate) struct LocalRouter {
+    /// `http://127.0.0.1:port`.
+    pub(crate) url: String,
+    /// Its endpoints.
+    pub(crate) discovery: Arc<StaticDiscovery>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LocalRouter {
+    /// Starts a router with `config` (one worker).
+    pub(crate) async fn start(mut config: RouterConfig) -> anyhow::Result<Self> {
+        config.workers = std::num::NonZeroUsize::MIN;
+        let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the router")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let discovery = Arc::new(StaticDiscovery::new(config.endpoints.clone()));
+        let d = discovery.clone();
+        let task = tokio::spawn(async move {
+            let _ = kvtier_router::run(config, listener, None, d, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Self { url, discovery, stop, task })
+    }
+
+    /// Stops it and waits.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// The replay of a run under `regime` against `endpoint`: every user of the regime, started
+/// over the first fifth of the run, recycled, for the run's duration.
+pub(crate) fn replay_options(
+    opts: &DemoOptions,
+    regime: &Regime,
+    endpoint: String,
+    label: String,
+) -> ReplayOptions {
+    let users = users_per_replica(regime, opts) * opts.replicas;
+    ReplayOptions {
+        endpoint,
+        model: Some(opts.profile.served_model.clone()),
+        seed: opts.seed,
+        start_users: users,
+        ramp_up: opts.duration / 5.0,
+        max_users: users,
+        max_ttft: opts.max_ttft,
+        max_context: opts.max_context,
+        duration: opts.duration,
+        recycle: true,
+        time_scale: opts.time_scale,
+        progress: opts.progress,
+        label,
+        ..ReplayOptions::default()
+    }
+}
+
 /// Runs one configuration: replicas and router up, replay, everything down.
 ///
 /// # Errors
@@ -182,20 +245,10 @@ pub async fn run_one(
         .map(|s| EndpointSpec::parse(&s.url()))
         .collect::<Result<Vec<_>, _>>()
         .context("replica address")?;
-    let mut config = RouterConfig::new(endpoints.clone());
+    let mut config = RouterConfig::new(endpoints);
     config.policy = policy;
     config.session.placement = opts.session_placement;
-    config.workers = std::num::NonZeroUsize::MIN;
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the router")?;
-    let router_url = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let discovery = Arc::new(StaticDiscovery::new(endpoints));
-    let router = tokio::spawn(async move {
-        let _ = kvtier_router::run(config, listener, None, discovery, async {
-            let _ = stop_rx.await;
-        })
-        .await;
-    });
+    let router = LocalRouter::start(config).await?;
 
     // Sample what the replicas hold while the replay runs.
     let sims = Arc::new(sims);
@@ -223,27 +276,11 @@ pub async fn run_one(
     };
 
     let label = format!("{}/{}/{}", regime.name, policy_label(policy), strategy.label());
-    let ropts = ReplayOptions {
-        endpoint: router_url,
-        model: Some(opts.profile.served_model.clone()),
-        seed: opts.seed,
-        start_users: users_per_replica(&regime, opts) * opts.replicas,
-        ramp_up: opts.duration / 5.0,
-        max_users: users_per_replica(&regime, opts) * opts.replicas,
-        max_ttft: opts.max_ttft,
-        max_context: opts.max_context,
-        duration: opts.duration,
-        recycle: true,
-        time_scale: opts.time_scale,
-        progress: opts.progress,
-        label: label.clone(),
-        ..ReplayOptions::default()
-    };
+    let ropts = replay_options(opts, &regime, router.url.clone(), label.clone());
     let result = replay::run(opts.traces.clone(), ropts).await;
     running.store(false, Ordering::Relaxed);
     let _ = sampler.await;
-    let _ = stop_tx.send(());
-    let _ = router.await;
+    router.stop().await;
     let replay = result.with_context(|| format!("replaying {label}"))?;
     let (held, lag) = *peak.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok(RunResult {
@@ -437,279 +474,4 @@ fn plots(opts: &DemoOptions, results: &[RunResult]) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// How the router routes in the node-tier scenario.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NodeRouting {
-    /// Each replica in turn.
-    RoundRobin,
-    /// kvtier's routing on what each replica's HBM holds.
-    Prefix,
-    /// kvtier's routing also counting what each node's tiers hold (residency streams).
-    TierAware,
-    /// Tier-aware, and conversations promoted from NVMe before their likely next turn.
-    TierAwarePrefetch,
-}
-
-impl NodeRouting {
-    /// Every mode without NVMe, baseline first.
-    pub const ALL: [NodeRouting; 3] =
-        [NodeRouting::RoundRobin, NodeRouting::Prefix, NodeRouting::TierAware];
-
-    /// Table label.
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            NodeRouting::RoundRobin => "round-robin",
-            NodeRouting::Prefix => "kvtier prefix",
-            NodeRouting::TierAware => "kvtier tier-aware",
-            NodeRouting::TierAwarePrefetch => "kvtier tier-aware + prefetch",
-        }
-    }
-}
-
-/// How the node-tier scenario groups replicas and sizes the node tiers.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct NodeShape {
-    /// Replicas per node.
-    pub per_node: usize,
-    /// A node's DRAM tier over the sum of its replicas' DRAM in the profile.
-    pub dram: f64,
-    /// A node's NVMe tier over its DRAM tier.
-    pub nvme: f64,
-}
-
-/// One run of the node-tier scenario.
-#[derive(Debug, Clone)]
-pub struct NodeRun {
-    /// Routing.
-    pub routing: NodeRouting,
-    /// Headline figures.
-    pub summary: Summary,
-    /// Prompt tokens served from a node's DRAM tier, over every replica.
-    pub dram_hit_tokens: u64,
-    /// Prompt tokens recomputed, over every replica.
-    pub computed_tokens: u64,
-    /// Mean TTFT of the requests started in the 5 simulated minutes before the scale-down.
-    pub ttft_before: f64,
-    /// Mean TTFT of the requests started in the 5 simulated minutes after it.
-    pub ttft_after: f64,
-}
-
-/// Mean TTFT of the successful requests of `replay` started in `[from, to)`.
-fn window_ttft(replay: &Replay, from: f64, to: f64) -> f64 {
-    let v: Vec<f64> = replay
-        .records
-        .iter()
-        .filter(|r| r.success && r.start >= from && r.start < to)
-        .filter_map(crate::replay::Record::ttft)
-        .collect();
-    if v.is_empty() {
-        0.0
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
-}
-
-/// The node-tier scenario: `opts.replicas` tiered replicas, `per_node` to a node sharing
-/// one DRAM tier (each replica's DRAM times `per_node`), under `regime`; halfway through,
-/// the first replica is scaled down (the router stops sending it requests). Compares the
-/// routings on the same traces and seed.
-///
-/// # Errors
-/// When a socket cannot be bound or the replay cannot start.
-pub async fn run_node_tiers(
-    opts: &DemoOptions,
-    regime: Regime,
-    node: NodeShape,
-    routing: NodeRouting,
-) -> anyhow::Result<NodeRun> {
-    let per_node = node.per_node.max(1);
-    let clock = SimClock::new(opts.time_scale);
-    let config = opts.profile.engine_config(Strategy::Tiered);
-    let p = &opts.profile;
-    let mut sims = Vec::with_capacity(opts.replicas);
-    let mut nodes: Vec<(String, kvtier_sim::engine::HostTiers)> = Vec::new();
-    for i in 0..opts.replicas {
-        if i % per_node == 0 {
-            let dram = (config.dram_blocks as f64 * per_node as f64 * node.dram) as u64;
-            let tiers = kvtier_sim::engine::HostTiers::new(dram, (dram as f64 * node.nvme) as u64);
-            nodes.push((format!("node-{}", i / per_node), tiers));
-        }
-        let (node, tiers) = nodes.last().expect("a node").clone();
-        let l = TcpListener::bind("127.0.0.1:0").await.context("binding a replica")?;
-        let opts = SimOptions {
-            profile: p.clone(),
-            strategy: Strategy::Tiered,
-            time_scale: opts.time_scale,
-            served_model: None,
-        };
-        sims.push((node, Sim::serve_on_node(l, opts, clock, tiers)));
-    }
-    let endpoints = sims
-        .iter()
-        .map(|(node, s)| EndpointSpec::parse(&format!("{node}={}", s.url())))
-        .collect::<Result<Vec<_>, _>>()
-        .context("replica address")?;
-    let mut rc = RouterConfig::new(endpoints.clone());
-    rc.policy =
-        if routing == NodeRouting::RoundRobin { Policy::RoundRobin } else { Policy::Affinity };
-    rc.workers = std::num::NonZeroUsize::MIN;
-    if matches!(routing, NodeRouting::TierAware | NodeRouting::TierAwarePrefetch) {
-        // One residency stream per node: any replica of the node serves it.
-        let mut feeds = Vec::new();
-        for (node, s) in &sims {
-            if !feeds.iter().any(|(n, _): &(String, String)| n == node) {
-                feeds.push((node.clone(), format!("{}/residency", s.url())));
-            }
-        }
-        let kv = p.kv_bytes_per_token() as f64;
-        rc.tiers = Some(kvtier_router::TierConfig {
-            costs: kvtier_router::tiers::TierCosts::from_rates(
-                kv,
-                p.prefill.tokens_per_s,
-                p.tiers.dram_load_gb_s * 1e9,
-                p.tiers.nvme_load_gb_s * 1e9,
-            ),
-            feeds,
-            agents: None,
-            prefetch: (routing == NodeRouting::TierAwarePrefetch).then(|| {
-                let s = opts.time_scale;
-                kvtier_router::tiers::PrefetchConfig {
-                    gaps: kvtier_router::tiers::GapModel::traces(s),
-                    horizon: Duration::from_secs_f64(5.0 / s),
-                    threshold: 0.2,
-                    every: Duration::from_secs_f64(1.0 / s),
-                }
-            }),
-            chunk_tokens: u64::from(config.block_tokens),
-        });
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the router")?;
-    let router_url = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let discovery = Arc::new(StaticDiscovery::new(endpoints.clone()));
-    let router = {
-        let discovery = discovery.clone();
-        tokio::spawn(async move {
-            let _ = kvtier_router::run(rc, listener, None, discovery, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        })
-    };
-    // Halfway: scale the first replica down.
-    let scale_down = {
-        let discovery = discovery.clone();
-        let rest = endpoints[1..].to_vec();
-        let at = Duration::from_secs_f64(opts.duration / 2.0 / opts.time_scale);
-        tokio::spawn(async move {
-            tokio::time::sleep(at).await;
-            discovery.set(rest);
-        })
-    };
-    let label = format!("{}/{}", regime.name, routing.label());
-    let users = users_per_replica(&regime, opts) * opts.replicas;
-    let ropts = ReplayOptions {
-        endpoint: router_url,
-        model: Some(p.served_model.clone()),
-        seed: opts.seed,
-        start_users: users,
-        ramp_up: opts.duration / 5.0,
-        max_users: users,
-        max_ttft: opts.max_ttft,
-        max_context: opts.max_context,
-        duration: opts.duration,
-        recycle: true,
-        time_scale: opts.time_scale,
-        progress: opts.progress,
-        label: label.clone(),
-        ..ReplayOptions::default()
-    };
-    let result = replay::run(opts.traces.clone(), ropts).await;
-    scale_down.abort();
-    let _ = stop_tx.send(());
-    let _ = router.await;
-    let replay = result.with_context(|| format!("replaying {label}"))?;
-    let (mut dram, mut computed) = (0, 0);
-    for (_, s) in &sims {
-        let c = s.snapshot().counters;
-        dram += c.dram_hits;
-        computed += c.computed_tokens;
-    }
-    let half = opts.duration / 2.0;
-    Ok(NodeRun {
-        routing,
-        summary: report::summarize(&replay),
-        dram_hit_tokens: dram,
-        computed_tokens: computed,
-        ttft_before: window_ttft(&replay, half - 300.0, half),
-        ttft_after: window_ttft(&replay, half, half + 300.0),
-    })
-}
-
-/// The node-tier scenario's table, with ratios against the first run.
-#[must_use]
-pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> String {
-    let mut s = format!(
-        "# Node tiers: {} tiered replicas of `{}`, {} per node sharing its tiers (DRAM {}x the \
-         replicas', NVMe {}x that), the first scaled down halfway; {} simulated s at {}x, {} \
-         traces, seed {}\n\n\
-         | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | recomputed tokens | TTFT 5 min before / after the scale-down (s) |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
-        opts.replicas,
-        opts.profile.name,
-        node.per_node,
-        node.dram,
-        node.nvme,
-        opts.duration,
-        opts.time_scale,
-        opts.traces.len(),
-        opts.seed
-    );
-    for r in runs {
-        let _ = writeln!(
-            s,
-            "| {} | {:.2} | {:.2} | {} | {} | {} | {:.2} / {:.2} |",
-            r.routing.label(),
-            r.summary.ttft_avg,
-            r.summary.ttft_p95,
-            r.summary.completed,
-            r.dram_hit_tokens,
-            r.computed_tokens,
-            r.ttft_before,
-            r.ttft_after
-        );
-    }
-    if let (Some(prefix), Some(tier)) = (
-        runs.iter().find(|r| r.routing == NodeRouting::Prefix),
-        runs.iter().find(|r| r.routing == NodeRouting::TierAware),
-    ) {
-        let _ = writeln!(
-            s,
-            "\nTier-aware vs prefix routing: TTFT avg {:.2}x lower, p95 {:.2}x lower, {:.2}x the \
-             completed requests, {:.2}x the DRAM hits, {:.2}x the recomputed tokens.",
-            prefix.summary.ttft_avg / tier.summary.ttft_avg.max(1e-9),
-            prefix.summary.ttft_p95 / tier.summary.ttft_p95.max(1e-9),
-            tier.summary.completed as f64 / prefix.summary.completed.max(1) as f64,
-            tier.dram_hit_tokens as f64 / prefix.dram_hit_tokens.max(1) as f64,
-            tier.computed_tokens as f64 / prefix.computed_tokens.max(1) as f64,
-        );
-    }
-    if let (Some(tier), Some(pf)) = (
-        runs.iter().find(|r| r.routing == NodeRouting::TierAware),
-        runs.iter().find(|r| r.routing == NodeRouting::TierAwarePrefetch),
-    ) {
-        let _ = writeln!(
-            s,
-            "Prefetch vs tier-aware alone: TTFT avg {:.2}x lower, p95 {:.2}x lower, {:.2}x the \
-             completed requests, {:.2}x the DRAM hits.",
-            tier.summary.ttft_avg / pf.summary.ttft_avg.max(1e-9),
-            tier.summary.ttft_p95 / pf.summary.ttft_p95.max(1e-9),
-            pf.summary.completed as f64 / tier.summary.completed.max(1) as f64,
-            pf.dram_hit_tokens as f64 / tier.dram_hit_tokens.max(1) as f64,
-        );
-    }
-    s
 }

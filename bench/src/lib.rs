@@ -2,6 +2,7 @@
 //! the whole stack (simulated engines, the router, the replay) in one process.
 
 pub mod demo;
+pub mod node_tiers;
 pub mod plot;
 pub mod replay;
 pub mod report;

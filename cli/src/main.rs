@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kvtier_bench::{demo, replay, report, trace};
+use kvtier_bench::{demo, node_tiers, replay, report, trace};
 use kvtier_router::{PodDiscovery, Policy, RouterArgs, StaticDiscovery};
 use kvtier_sim::{Profile, Sim, SimOptions, Strategy};
 use tokio::net::TcpListener;
@@ -438,20 +438,20 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     if a.node_tiers {
-        let shape = demo::NodeShape {
+        let shape = node_tiers::NodeShape {
             per_node: a.replicas_per_node,
             dram: a.node_dram,
             nvme: a.node_nvme.max(0.0),
         };
-        let mut modes = demo::NodeRouting::ALL.to_vec();
+        let mut modes = node_tiers::NodeRouting::ALL.to_vec();
         if shape.nvme > 0.0 {
-            modes.push(demo::NodeRouting::TierAwarePrefetch);
+            modes.push(node_tiers::NodeRouting::TierAwarePrefetch);
         }
         let mut runs = Vec::new();
         for routing in modes {
-            runs.push(demo::run_node_tiers(&opts, stress, shape, routing).await?);
+            runs.push(node_tiers::run_node_tiers(&opts, stress, shape, routing).await?);
         }
-        out(&demo::node_table(&opts, shape, &runs));
+        out(&node_tiers::node_table(&opts, shape, &runs));
         out(&format!("({:.0} s)\n", started.elapsed().as_secs_f64()));
         return Ok(());
     }
