@@ -20,14 +20,15 @@ async fn sim(tiers: HostTiers, clock: SimClock) -> Sim {
     Sim::serve_on_node(TcpListener::bind("127.0.0.1:0").await.expect("bind"), opts, clock, tiers)
 }
 
-async fn turn(router: std::net::SocketAddr, words: usize) -> u16 {
+/// One turn of session `s-1` with `words` words of context, sent to `addr`; the status.
+async fn turn(addr: std::net::SocketAddr, words: usize) -> u16 {
     let body = serde_json::json!({
         "model": "meta-llama/Llama-3.1-8B-Instruct",
         "messages": [{"role": "user", "content": "agent context ".repeat(words)}],
         "max_tokens": 4,
     })
     .to_string();
-    let mut s = tokio::net::TcpStream::connect(router).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\nx-session-id: s-1\r\n\
          content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -113,21 +114,7 @@ async fn the_router_follows_the_agents_discovery_reports_and_drops_the_ones_that
     let (tx, rx) = tokio::sync::watch::channel(vec![spec]);
     let task = tokio::spawn(follow_all(rx, t.clone()));
     // A turn of session s-1 lands in the node's DRAM (sent straight to the replica).
-    let body = serde_json::json!({
-        "model": "meta-llama/Llama-3.1-8B-Instruct",
-        "messages": [{"role": "user", "content": "agent context ".repeat(2_000)}],
-        "max_tokens": 2,
-    })
-    .to_string();
-    let mut s = tokio::net::TcpStream::connect(agent.addr()).await.expect("connect");
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\nx-session-id: s-1\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
+    assert_eq!(turn(agent.addr(), 2_000).await, 200);
     let c = ConversationKey::of_session("s-1");
     t.saw(c, 4_000);
     let mut held = 0;
