@@ -16,16 +16,24 @@
 //! Every object carries the resource as its controller owner, so deleting the resource lets
 //! the garbage collector remove them all.
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
-use kvtier_api::crd::{quantity_bytes, CacheStrategy, KVCachedInference, RoutingPolicy};
+use kvtier_api::crd::{CacheStrategy, KVCachedInference};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::engine;
+
+mod node;
+mod router;
+
+pub use node::{deletion_costs, node_agent_daemonset, DELETION_COST};
+pub use router::{
+    router_args, router_deployment, router_endpoint, router_role, router_role_binding,
+    router_service, router_service_account,
+};
 
 /// Port the router serves the OpenAI API on, in its Pod and on its Service.
 pub const ROUTER_PORT: u16 = 8000;
@@ -290,264 +298,6 @@ pub fn engine_service(kvci: &KVCachedInference) -> Service {
             "ports": [{"name": "http", "port": engine::ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }))
-}
-
-/// The router's ServiceAccount.
-#[must_use]
-pub fn router_service_account(kvci: &KVCachedInference) -> ServiceAccount {
-    let n = Names::of(&kvci.name_any());
-    typed(json!({
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": meta(kvci, &n.router, Component::Router),
-    }))
-}
-
-/// The router's Role: it reads Pods in its namespace to find the engine replicas, nothing
-/// else.
-#[must_use]
-pub fn router_role(kvci: &KVCachedInference) -> Role {
-    let n = Names::of(&kvci.name_any());
-    typed(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": meta(kvci, &n.router, Component::Router),
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
-    }))
-}
-
-/// Binds [`router_role`] to [`router_service_account`].
-#[must_use]
-pub fn router_role_binding(kvci: &KVCachedInference) -> RoleBinding {
-    let n = Names::of(&kvci.name_any());
-    typed(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": meta(kvci, &n.router, Component::Router),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.router},
-        "subjects": [{"kind": "ServiceAccount", "name": n.router, "namespace": kvci.namespace()}],
-    }))
-}
-
-/// The router's command line (after `kvtier`).
-#[must_use]
-pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
-    let r = &kvci.spec.router;
-    let policy = match r.policy {
-        RoutingPolicy::Affinity => "affinity",
-        RoutingPolicy::LeastLoad => "least-load",
-        RoutingPolicy::RoundRobin => "round-robin",
-    };
-    let mut a: Vec<String> = vec![
-        "router".into(),
-        "--listen".into(),
-        format!("0.0.0.0:{ROUTER_PORT}"),
-        "--discover-pods".into(),
-        selector_string(kvci, Component::Engine),
-        "--discover-port".into(),
-        engine::ENGINE_PORT.to_string(),
-        "--policy".into(),
-        policy.into(),
-        "--session-ttl".into(),
-        r.session_ttl.clone(),
-        "--overload-bound-tokens".into(),
-        r.overload_bound_tokens.to_string(),
-    ];
-    for h in &r.session_headers {
-        a.push("--session-header".into());
-        a.push(h.clone());
-    }
-    if r.replicas > 1 {
-        // Router replicas agree on a session's replica without sharing state.
-        a.extend(["--session-placement".into(), "hash".into()]);
-    }
-    if kvci.spec.cache.strategy == CacheStrategy::Tiered {
-        // Tier-aware routing: follow this resource's node-agents' residency streams.
-        a.extend([
-            "--residency-pods".into(),
-            selector_string(kvci, Component::NodeAgent),
-            "--residency-port".into(),
-            AGENT_METRICS_PORT.to_string(),
-        ]);
-    }
-    a
-}
-
-/// The router Deployment.
-#[must_use]
-pub fn router_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
-    let n = Names::of(&kvci.name_any());
-    typed(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta(kvci, &n.router, Component::Router),
-        "spec": {
-            "replicas": kvci.spec.router.replicas,
-            "selector": {"matchLabels": selector(kvci, Component::Router)},
-            "template": {
-                "metadata": {"labels": labels(kvci, Component::Router)},
-                "spec": {
-                    "serviceAccountName": n.router,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532},
-                    "containers": [{
-                        "name": "router",
-                        "image": s.kvtier_image,
-                        "imagePullPolicy": s.image_pull_policy,
-                        "command": ["kvtier"],
-                        "args": router_args(kvci),
-                        "env": [{"name": "POD_NAMESPACE",
-                                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                                {"name": "KVTIER_LOG_FORMAT", "value": "json"}],
-                        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
-                                           "periodSeconds": 5},
-                        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
-                                          "periodSeconds": 20},
-                        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"},
-                                      "limits": {"memory": "1Gi"}},
-                        "securityContext": {"allowPrivilegeEscalation": false,
-                                            "readOnlyRootFilesystem": true,
-                                            "capabilities": {"drop": ["ALL"]}},
-                    }],
-                },
-            },
-        },
-    }))
-}
-
-/// The router Service: `http://NAME.NAMESPACE.svc:8000/v1` is the OpenAI endpoint.
-#[must_use]
-pub fn router_service(kvci: &KVCachedInference) -> Service {
-    let n = Names::of(&kvci.name_any());
-    typed(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta(kvci, &n.service, Component::Router),
-        "spec": {
-            "selector": selector(kvci, Component::Router),
-            "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }))
-}
-
-/// The annotation the ReplicaSet controller reads to choose which Pods to remove first (the
-/// lowest cost goes first).
-pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
-
-/// Deletion cost of each engine Pod so that a scale-down loses the least KV: a replica that
-/// shares its node with other replicas of the resource goes first, because its
-/// conversations' KV stays in the node's tier for the replicas that remain there; a replica
-/// alone on its node goes last. `pods` are `(name, node)`; Pods not yet on a node are the
-/// cheapest of all (they hold nothing).
-#[must_use]
-pub fn deletion_costs(pods: &[(String, Option<String>)]) -> Vec<(String, i32)> {
-    let mut per_node: std::collections::HashMap<&str, i32> = std::collections::HashMap::new();
-    for (_, node) in pods {
-        if let Some(n) = node {
-            *per_node.entry(n.as_str()).or_default() += 1;
-        }
-    }
-    pods.iter()
-        .map(|(name, node)| {
-            let cost = match node {
-                None => -1000,
-                Some(n) => 1000 - 100 * (per_node[n.as_str()] - 1).min(10),
-            };
-            (name.clone(), cost)
-        })
-        .collect()
-}
-
-/// The endpoint clients use, as the status reports it.
-#[must_use]
-pub fn router_endpoint(kvci: &KVCachedInference) -> String {
-    format!(
-        "http://{}.{}.svc:{ROUTER_PORT}/v1",
-        Names::of(&kvci.name_any()).service,
-        kvci.namespace().unwrap_or_else(|| "default".to_owned())
-    )
-}
-
-/// The node-agent DaemonSet of a `tiered` resource, on the engine's nodes; `None` for other
-/// strategies. Unprivileged: it adds only `IPC_LOCK` (to lock the pool), shares no IPC
-/// namespace (the pool travels as a file descriptor over the socket) and mounts only its
-/// socket directory and, with an NVMe tier, that tier's directory.
-#[must_use]
-pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<DaemonSet> {
-    let spec = &kvci.spec;
-    if spec.cache.strategy != CacheStrategy::Tiered {
-        return None;
-    }
-    let dram = quantity_bytes(spec.cache.dram.as_ref()?).ok()?;
-    let n = Names::of(&kvci.name_any());
-    let memory = (dram + AGENT_OVERHEAD_BYTES).to_string();
-    let mut args: Vec<String> = vec![
-        "node-agent".into(),
-        "--socket".into(),
-        engine::AGENT_SOCKET.into(),
-        "--dram".into(),
-        dram.to_string(),
-        "--mlock".into(),
-        s.agent_mlock.clone(),
-        "--metrics-listen".into(),
-        format!("0.0.0.0:{AGENT_METRICS_PORT}"),
-    ];
-    let mut mounts = vec![json!({"name": "socket", "mountPath": HOST_SOCKET_ROOT})];
-    let mut volumes = vec![json!({"name": "socket",
-        "hostPath": {"path": host_socket_dir(kvci), "type": "DirectoryOrCreate"}})];
-    if let Some(nvme) = &spec.cache.nvme {
-        let bytes = quantity_bytes(&nvme.size).ok()?;
-        args.extend([
-            "--nvme-dir".into(),
-            "/nvme".into(),
-            "--nvme-bytes".into(),
-            bytes.to_string(),
-        ]);
-        mounts.push(json!({"name": "nvme", "mountPath": "/nvme"}));
-        volumes.push(json!({"name": "nvme",
-            "hostPath": {"path": nvme.path, "type": "DirectoryOrCreate"}}));
-    }
-    Some(typed(json!({
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": meta(kvci, &n.node_agent, Component::NodeAgent),
-        "spec": {
-            "selector": {"matchLabels": selector(kvci, Component::NodeAgent)},
-            "template": {
-                "metadata": {"labels": labels(kvci, Component::NodeAgent)},
-                "spec": {
-                    "nodeSelector": spec.engine.node_selector,
-                    "tolerations": spec.engine.tolerations,
-                    "hostIPC": false,
-                    "hostPID": false,
-                    "hostNetwork": false,
-                    "containers": [{
-                        "name": "node-agent",
-                        "image": s.kvtier_image,
-                        "imagePullPolicy": s.image_pull_policy,
-                        "command": ["kvtier"],
-                        "args": args,
-                        "env": [{"name": "KVTIER_LOG_FORMAT", "value": "json"}],
-                        "ports": [{"name": "metrics", "containerPort": AGENT_METRICS_PORT, "protocol": "TCP"}],
-                        // The pool is charged to this container: its limit is the pool plus
-                        // the agent's own memory, requested whole so the node reserves it.
-                        "resources": {"requests": {"cpu": "250m", "memory": memory},
-                                      "limits": {"memory": memory}},
-                        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
-                                           "periodSeconds": 10},
-                        "securityContext": {
-                            "privileged": false,
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]},
-                        },
-                        "volumeMounts": mounts,
-                    }],
-                    "volumes": volumes,
-                },
-            },
-        },
-    })))
 }
 
 #[cfg(test)]

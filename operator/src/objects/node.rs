@@ -1,0 +1,123 @@
+//! The node's side of a `tiered` resource: the node-agent DaemonSet, and the engine Pods'
+//! deletion cost that keeps KV reachable through a scale-down.
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::ResourceExt;
+use kvtier_api::crd::{quantity_bytes, CacheStrategy, KVCachedInference};
+use serde_json::json;
+
+use super::{
+    host_socket_dir, labels, meta, selector, typed, Component, Names, Settings, AGENT_METRICS_PORT,
+    AGENT_OVERHEAD_BYTES, HOST_SOCKET_ROOT,
+};
+use crate::engine;
+
+/// The annotation the ReplicaSet controller reads to choose which Pods to remove first (the
+/// lowest cost goes first).
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// Deletion cost of each engine Pod so that a scale-down loses the least KV: a replica that
+/// shares its node with other replicas of the resource goes first, because its
+/// conversations' KV stays in the node's tier for the replicas that remain there; a replica
+/// alone on its node goes last. `pods` are `(name, node)`; Pods not yet on a node are the
+/// cheapest of all (they hold nothing).
+#[must_use]
+pub fn deletion_costs(pods: &[(String, Option<String>)]) -> Vec<(String, i32)> {
+    let mut per_node: std::collections::HashMap<&str, i32> = std::collections::HashMap::new();
+    for (_, node) in pods {
+        if let Some(n) = node {
+            *per_node.entry(n.as_str()).or_default() += 1;
+        }
+    }
+    pods.iter()
+        .map(|(name, node)| {
+            let cost = match node {
+                None => -1000,
+                Some(n) => 1000 - 100 * (per_node[n.as_str()] - 1).min(10),
+            };
+            (name.clone(), cost)
+        })
+        .collect()
+}
+
+/// The node-agent DaemonSet of a `tiered` resource, on the engine's nodes; `None` for other
+/// strategies. Unprivileged: it adds only `IPC_LOCK` (to lock the pool), shares no IPC
+/// namespace (the pool travels as a file descriptor over the socket) and mounts only its
+/// socket directory and, with an NVMe tier, that tier's directory.
+#[must_use]
+pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<DaemonSet> {
+    let spec = &kvci.spec;
+    if spec.cache.strategy != CacheStrategy::Tiered {
+        return None;
+    }
+    let dram = quantity_bytes(spec.cache.dram.as_ref()?).ok()?;
+    let n = Names::of(&kvci.name_any());
+    let memory = (dram + AGENT_OVERHEAD_BYTES).to_string();
+    let mut args: Vec<String> = vec![
+        "node-agent".into(),
+        "--socket".into(),
+        engine::AGENT_SOCKET.into(),
+        "--dram".into(),
+        dram.to_string(),
+        "--mlock".into(),
+        s.agent_mlock.clone(),
+        "--metrics-listen".into(),
+        format!("0.0.0.0:{AGENT_METRICS_PORT}"),
+    ];
+    let mut mounts = vec![json!({"name": "socket", "mountPath": HOST_SOCKET_ROOT})];
+    let mut volumes = vec![json!({"name": "socket",
+        "hostPath": {"path": host_socket_dir(kvci), "type": "DirectoryOrCreate"}})];
+    if let Some(nvme) = &spec.cache.nvme {
+        let bytes = quantity_bytes(&nvme.size).ok()?;
+        args.extend([
+            "--nvme-dir".into(),
+            "/nvme".into(),
+            "--nvme-bytes".into(),
+            bytes.to_string(),
+        ]);
+        mounts.push(json!({"name": "nvme", "mountPath": "/nvme"}));
+        volumes.push(json!({"name": "nvme",
+            "hostPath": {"path": nvme.path, "type": "DirectoryOrCreate"}}));
+    }
+    Some(typed(json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": meta(kvci, &n.node_agent, Component::NodeAgent),
+        "spec": {
+            "selector": {"matchLabels": selector(kvci, Component::NodeAgent)},
+            "template": {
+                "metadata": {"labels": labels(kvci, Component::NodeAgent)},
+                "spec": {
+                    "nodeSelector": spec.engine.node_selector,
+                    "tolerations": spec.engine.tolerations,
+                    "hostIPC": false,
+                    "hostPID": false,
+                    "hostNetwork": false,
+                    "containers": [{
+                        "name": "node-agent",
+                        "image": s.kvtier_image,
+                        "imagePullPolicy": s.image_pull_policy,
+                        "command": ["kvtier"],
+                        "args": args,
+                        "env": [{"name": "KVTIER_LOG_FORMAT", "value": "json"}],
+                        "ports": [{"name": "metrics", "containerPort": AGENT_METRICS_PORT, "protocol": "TCP"}],
+                        // The pool is charged to this container: its limit is the pool plus
+                        // the agent's own memory, requested whole so the node reserves it.
+                        "resources": {"requests": {"cpu": "250m", "memory": memory},
+                                      "limits": {"memory": memory}},
+                        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
+                                           "periodSeconds": 10},
+                        "securityContext": {
+                            "privileged": false,
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]},
+                        },
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": volumes,
+                },
+            },
+        },
+    })))
+}
