@@ -15,6 +15,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod validate;
+
+pub use validate::{quantity_bytes, validate, MIN_DRAM_BYTES};
+
 /// The engine image the reference study ran (ROCm vLLM).
 pub const DEFAULT_ENGINE_IMAGE: &str = "vllm/vllm-openai-rocm:v0.19.0";
 
@@ -317,173 +321,6 @@ fn default_overload_bound() -> u32 {
     8192
 }
 
-/// The smallest DRAM tier worth running: 128 chunks of 2 MiB.
-pub const MIN_DRAM_BYTES: u64 = 256 << 20;
-
-/// Bytes in a Kubernetes quantity: `64Gi`, `500M`, `1.5Gi`, `1e9`, `1048576`. A fraction of a
-/// byte rounds up.
-///
-/// # Errors
-/// When the text is not a non-negative quantity or exceeds `u64`.
-pub fn quantity_bytes(q: &Quantity) -> Result<u64, String> {
-    let s = q.0.trim();
-    let bad = || format!("{s:?} is not a quantity like 64Gi");
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, suffix) = s.split_at(end);
-    if num.is_empty() || num.matches('.').count() > 1 {
-        return Err(bad());
-    }
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let mult: f64 = match suffix {
-        "" => 1.0,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        e if e.starts_with(['e', 'E']) => {
-            let exp: i32 = e[1..].parse().map_err(|_| bad())?;
-            10f64.powi(exp)
-        }
-        _ => return Err(bad()),
-    };
-    let bytes = (value * mult).ceil();
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(format!("{s:?} is too large"));
-    }
-    // In range and non-negative by construction (no sign is accepted).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    Ok(bytes as u64)
-}
-
-/// Whether `s` is a valid HTTP header name (RFC 9110 token).
-fn is_header_name(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// Engine flags the KV strategy owns: a spec may not set them through `extraArgs`.
-const OWNED_FLAGS: &[&str] = &[
-    "--enable-prefix-caching",
-    "--no-enable-prefix-caching",
-    "--kv-transfer-config",
-    "--kv-offloading-size",
-    "--kv-offloading-backend",
-    "--gpu-memory-utilization",
-    "--tensor-parallel-size",
-    "--kv-cache-dtype",
-    "--served-model-name",
-];
-
-/// The checks that keep a spec out of the known traps. Every reason is returned, each a
-/// sentence naming the field and what to do.
-///
-/// # Errors
-/// The reasons the spec is refused.
-pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
-    let mut why = Vec::new();
-    let e = &spec.engine;
-    if spec.model.name.trim().is_empty() {
-        why.push("spec.model.name is empty: name a model id or a path".to_owned());
-    }
-    if e.replicas < 0 {
-        why.push(format!("spec.engine.replicas is {}: it cannot be negative", e.replicas));
-    }
-    if e.tensor_parallel_size < 1 {
-        why.push(format!(
-            "spec.engine.tensorParallelSize is {}: at least 1",
-            e.tensor_parallel_size
-        ));
-    }
-    if !(e.gpu_memory_utilization > 0.0 && e.gpu_memory_utilization <= 1.0) {
-        why.push(format!(
-            "spec.engine.gpuMemoryUtilization is {}: it must be in (0, 1]",
-            e.gpu_memory_utilization
-        ));
-    }
-    for arg in &e.extra_args {
-        let flag = arg.split('=').next().unwrap_or(arg);
-        if OWNED_FLAGS.contains(&flag) {
-            why.push(format!(
-                "spec.engine.extraArgs sets {flag}, which the operator sets from the spec \
-                 (cache.strategy, engine fields); remove it"
-            ));
-        }
-    }
-    for h in &spec.router.session_headers {
-        if !is_header_name(h) {
-            why.push(format!("spec.router.sessionHeaders has {h:?}, which is not a header name"));
-        }
-    }
-    match humantime::parse_duration(&spec.router.session_ttl) {
-        Ok(d) if !d.is_zero() => {}
-        _ => why.push(format!(
-            "spec.router.sessionTtl is {:?}: use a duration like 30m",
-            spec.router.session_ttl
-        )),
-    }
-    if let Some(q) = &spec.cache.dram {
-        match quantity_bytes(q) {
-            Ok(b) if b >= MIN_DRAM_BYTES => {}
-            Ok(_) => why.push(format!("spec.cache.dram is {}: the tier needs at least 256Mi", q.0)),
-            Err(e) => why.push(format!("spec.cache.dram: {e}")),
-        }
-    }
-    if let Some(n) = &spec.cache.nvme {
-        match quantity_bytes(&n.size) {
-            Ok(b) if b > 0 => {}
-            Ok(_) => why.push("spec.cache.nvme.size is zero: omit nvme instead".to_owned()),
-            Err(e) => why.push(format!("spec.cache.nvme.size: {e}")),
-        }
-        if !n.path.starts_with('/') {
-            why.push(format!("spec.cache.nvme.path is {:?}: use an absolute path", n.path));
-        }
-    }
-    if spec.router.replicas < 1 {
-        why.push(format!("spec.router.replicas is {}: at least 1", spec.router.replicas));
-    }
-    if spec.cache.chunk_tokens == 0 || !spec.cache.chunk_tokens.is_power_of_two() {
-        why.push(format!(
-            "spec.cache.chunkTokens is {}: use a power of two (256 by default)",
-            spec.cache.chunk_tokens
-        ));
-    }
-    match spec.cache.strategy {
-        CacheStrategy::Tiered => {
-            if spec.cache.dram.is_none() {
-                why.push(
-                    "spec.cache.strategy is tiered but spec.cache.dram is not set: size the DRAM \
-                     tier (kvtier plan gives the figure)"
-                        .to_owned(),
-                );
-            }
-        }
-        CacheStrategy::None | CacheStrategy::Hbm => {
-            if spec.cache.dram.is_some() || spec.cache.nvme.is_some() {
-                why.push(format!(
-                    "spec.cache.dram/nvme are set but spec.cache.strategy is {}: host tiers are \
-                     used only with tiered",
-                    serde_json::to_string(&spec.cache.strategy)
-                        .unwrap_or_default()
-                        .trim_matches('"')
-                ));
-            }
-        }
-    }
-    if why.is_empty() {
-        Ok(())
-    } else {
-        Err(why)
-    }
-}
-
 /// The CRD as YAML, as `kvtier crdgen` writes it.
 ///
 /// # Panics
@@ -493,7 +330,7 @@ pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let crd = KVCachedInference::crd();
     format!(
-        "# Generated by `kvtier crdgen` from api/src/crd.rs. Do not edit.\n{}",
+        "# Generated by `kvtier crdgen` from api/src/crd/. Do not edit.\n{}",
         serde_yaml::to_string(&crd).expect("a CRD serialises")
     )
 }
@@ -525,7 +362,7 @@ pub fn crd_chart_template() -> String {
         }
         if line.starts_with("# Generated by") {
             out.push_str(
-                "# Generated by `kvtier crdgen --chart` from api/src/crd.rs. Do not edit.\n",
+                "# Generated by `kvtier crdgen --chart` from api/src/crd/. Do not edit.\n",
             );
             continue;
         }
@@ -561,61 +398,6 @@ mod tests {
         assert_eq!(s.router.policy, RoutingPolicy::Affinity);
         assert_eq!(s.engine.accelerator.resource(), "amd.com/gpu");
         assert!(validate(&s).is_ok());
-    }
-
-    #[test]
-    fn the_traps_are_refused_with_reasons() {
-        let s = spec(
-            "model: {name: m}\n\
-             engine: {extraArgs: ['--no-enable-prefix-caching', '--tool-call-parser=hermes'], gpuMemoryUtilization: 1.5}\n\
-             cache: {strategy: tiered, chunkTokens: 300}",
-        );
-        let why = validate(&s).expect_err("refused");
-        let all = why.join("\n");
-        assert!(all.contains("--no-enable-prefix-caching"), "{all}");
-        assert!(!all.contains("--tool-call-parser"), "other flags pass: {all}");
-        assert!(all.contains("gpuMemoryUtilization is 1.5"), "{all}");
-        assert!(all.contains("spec.cache.dram is not set"), "{all}");
-        assert!(all.contains("chunkTokens is 300"), "{all}");
-        let s = spec("model: {name: m}\ncache: {strategy: hbm, dram: 64Gi}");
-        assert!(validate(&s).expect_err("refused").join("").contains("only with tiered"));
-        let s = spec("model: {name: m}\ncache: {strategy: tiered, dram: 64Gi, nvme: {size: 1Ti}}");
-        assert!(validate(&s).is_ok());
-    }
-
-    #[test]
-    fn quantities_are_bytes() {
-        let b = |s: &str| quantity_bytes(&Quantity(s.to_owned()));
-        assert_eq!(b("64Gi"), Ok(64 << 30));
-        assert_eq!(b("1Ti"), Ok(1 << 40));
-        assert_eq!(b("500M"), Ok(500_000_000));
-        assert_eq!(b("1.5Gi"), Ok(3 << 29));
-        assert_eq!(b("1e9"), Ok(1_000_000_000));
-        assert_eq!(b("1048576"), Ok(1 << 20));
-        assert_eq!(b("1500m"), Ok(2));
-        for bad in ["", "Gi", "-1Gi", "1..5Gi", "12XB", "1e", "99999999E"] {
-            assert!(b(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn sizes_durations_and_headers_are_checked() {
-        let s = spec(
-            "model: {name: m}\n\
-             cache: {strategy: tiered, dram: 100Mi, nvme: {size: lots, path: relative}}\n\
-             router: {sessionTtl: soon, sessionHeaders: ['X-Session-ID', 'bad header']}",
-        );
-        let all = validate(&s).expect_err("refused").join("\n");
-        for needle in [
-            "at least 256Mi",
-            "nvme.size: \"lots\"",
-            "absolute path",
-            "sessionTtl is \"soon\"",
-            "\"bad header\"",
-        ] {
-            assert!(all.contains(needle), "{needle} not in {all}");
-        }
-        assert!(!all.contains("X-Session-ID"), "{all}");
     }
 
     #[test]
