@@ -86,10 +86,8 @@ impl CudaCopy {
         // engine's KV cache (the worker's contract), lengths within both.
         unsafe {
             if self.batch {
-                let (mut dst, mut src): (Vec<u64>, Vec<u64>) = copies
-                    .iter()
-                    .map(|c| if to_device { (c.kv, c.pool) } else { (c.pool, c.kv) })
-                    .unzip();
+                let (mut dst, mut src): (Vec<u64>, Vec<u64>) =
+                    copies.iter().map(|c| c.ends(to_device)).unzip();
                 let mut sizes: Vec<usize> = copies.iter().map(|c| c.len).collect();
                 let mut attrs: sys::CUmemcpyAttributes = std::mem::zeroed();
                 attrs.srcAccessOrder =

@@ -91,7 +91,7 @@ impl HipCopy {
                 let (mut dst, mut src): (Vec<*mut c_void>, Vec<*mut c_void>) = copies
                     .iter()
                     .map(|c| {
-                        let (d, s) = if to_device { (c.kv, c.pool) } else { (c.pool, c.kv) };
+                        let (d, s) = c.ends(to_device);
                         (d as *mut c_void, s as *mut c_void)
                     })
                     .unzip();
@@ -120,7 +120,7 @@ impl HipCopy {
                     hiprt::hipMemcpyKind::hipMemcpyDeviceToHost
                 };
                 for c in copies {
-                    let (d, s) = if to_device { (c.kv, c.pool) } else { (c.pool, c.kv) };
+                    let (d, s) = c.ends(to_device);
                     check(
                         "hipMemcpyAsync",
                         hiprt::hipMemcpyAsync(

@@ -14,6 +14,18 @@ pub struct Copy {
     pub len: usize,
 }
 
+impl Copy {
+    /// `(destination, source)` of a load (`to_kv`) or of a save.
+    #[must_use]
+    pub fn ends(&self, to_kv: bool) -> (u64, u64) {
+        if to_kv {
+            (self.kv, self.pool)
+        } else {
+            (self.pool, self.kv)
+        }
+    }
+}
+
 /// Why a transfer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
