@@ -7,6 +7,7 @@ pub mod clock;
 mod driver;
 pub mod engine;
 mod metrics;
+mod node;
 pub mod plan;
 pub mod profile;
 pub mod server;

@@ -70,7 +70,7 @@ pub(crate) struct Shared {
     pub(crate) snapshot: Mutex<Snapshot>,
     next_id: AtomicU64,
     pub(crate) profile: String,
-    tiers: HostTiers,
+    pub(crate) tiers: HostTiers,
 }
 
 /// A running simulated engine.
@@ -191,9 +191,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut res = Response::new(Full::new(body.into()).boxed());
     *res.status_mut() = status;
     res.headers_mut()
@@ -202,7 +202,7 @@ fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// An error in vLLM's shape.
-fn error(status: StatusCode, message: &str) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, message: &str) -> Response<Body> {
     let kind = match status {
         StatusCode::NOT_FOUND => "NotFoundError",
         StatusCode::PAYLOAD_TOO_LARGE => "RequestEntityTooLarge",
@@ -225,8 +225,8 @@ async fn handle(st: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/health") => Response::new(Full::new(Bytes::new()).boxed()),
         (&Method::GET, "/v1/models") => models(st),
         (&Method::GET, "/metrics") => metrics(st),
-        (&Method::GET, "/residency") => residency(st),
-        (&Method::POST, p) if p.starts_with("/prefetch/") => prefetch(st, p).await,
+        (&Method::GET, "/residency") => crate::node::residency(st),
+        (&Method::POST, p) if p.starts_with("/prefetch/") => crate::node::prefetch(st, p).await,
         (&Method::POST, "/v1/chat/completions") => generate(st, req, Api::Chat).await,
         (&Method::POST, "/v1/completions") => generate(st, req, Api::Completions).await,
         (_, "/health" | "/v1/models" | "/metrics" | "/v1/chat/completions" | "/v1/completions") => {
@@ -293,62 +293,8 @@ enum PromptField {
 /// Output tokens when the request names none.
 const DEFAULT_MAX_TOKENS: u32 = 256;
 
-/// The host tiers' residency events, one JSON object per line, as the node-agent streams them.
-fn residency(st: &Arc<Shared>) -> Response<Body> {
-    let (now, rx) = st.tiers.subscribe();
-    let (tx, out) = mpsc::unbounded_channel::<Bytes>();
-    tokio::spawn(async move {
-        for e in now {
-            if tx.send(e.to_json_line().into()).is_err() {
-                return;
-            }
-        }
-        let mut rx = rx;
-        loop {
-            match rx.recv().await {
-                Ok(e) => {
-                    if tx.send(e.to_json_line().into()).is_err() {
-                        return;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    let frames = UnboundedReceiverStream::new(out).map(|b| Ok::<_, Infallible>(Frame::data(b)));
-    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
-    res
-}
-
-/// `POST /prefetch/CONVERSATION`: the node-agent's prefetch. The blocks move from NVMe to DRAM
-/// after the time reading them takes at the profile's NVMe bandwidth (simulated).
-async fn prefetch(st: &Arc<Shared>, path: &str) -> Response<Body> {
-    let Some(key) =
-        path.strip_prefix("/prefetch/").and_then(kvtier_api::residency::ConversationKey::from_hex)
-    else {
-        return error(StatusCode::NOT_FOUND, "POST /prefetch/<conversation hex>");
-    };
-    let blocks = st.tiers.nvme_blocks_of(key.0);
-    let c = &st.config.cost;
-    let seconds = blocks.len() as f64 * c.block_bytes / c.nvme_bytes_per_s;
-    tokio::time::sleep(std::time::Duration::from_secs_f64(seconds / st.clock.scale())).await;
-    let moved = st.tiers.promote(&blocks, key.0);
-    json(StatusCode::OK, format!("{{\"dram_chunks\":{moved}}}\n"))
-}
-
-/// The conversation a request belongs to, from its session header.
-fn conversation_of(req: &Request<Incoming>) -> u64 {
-    ["x-session-id", "x-claude-code-session-id"]
-        .iter()
-        .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
-        .map_or(0, |s| kvtier_api::residency::ConversationKey::of_session(s).0)
-}
-
 async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Response<Body> {
-    let conversation = conversation_of(&req);
+    let conversation = crate::node::conversation_of(&req);
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
