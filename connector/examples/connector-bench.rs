@@ -4,7 +4,11 @@
 //!
 //! The KV cache is Llama-3-8B-shaped (32 layers, 8 KV heads, head dim 128, 2-byte elements,
 //! blocks of 16 tokens: 128 KiB per token), in vLLM's cross-layer layout (a block is 2 MiB
-//! of every layer, one copy) and in the per-layer layout (32 KiB runs).
+//! of every layer, one copy) and in the per-layer layout (a tensor per layer, 32 KiB runs).
+//!
+//! Then one engine step with that load in front of a forward pass (each layer's "compute" a
+//! busy wait, sized so the whole pass takes as long as the load): loads pipelined layer by
+//! layer against loads finished before the first layer, as a share of load + compute.
 //!
 //! `cargo run --release -p kvtier-connector --example connector-bench` (`KVTIER_BENCH_TOKENS`,
 //! default 16384).
@@ -83,13 +87,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         strides: vec![e(2 * page), e(page), e(LAYERS * 2 * page), e(HEADS * DIM), e(DIM), 1],
         elem_size: 2,
     };
-    // The same memory seen as one (2, blocks, block, heads, dim) tensor per layer.
+    // The same memory as one (2, blocks, block, heads, dim) tensor per layer, one after the
+    // other (vLLM's per-layer layout).
+    let region = 2 * num_blocks * page;
     let per_layer: Vec<TensorDesc> = (0..LAYERS)
         .map(|l| TensorDesc {
             name: format!("layer.{l}"),
-            ptr: base + (l * 2 * page * 2) as u64,
+            ptr: base + (l * region * 2) as u64,
             shape: vec![2, num_blocks, BLOCK, HEADS, DIM],
-            strides: vec![e(page), e(LAYERS * 2 * page), e(HEADS * DIM), e(DIM), 1],
+            strides: vec![e(num_blocks * page), e(page), e(HEADS * DIM), e(DIM), 1],
             elem_size: 2,
         })
         .collect();
@@ -139,13 +145,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 lease: Duration::from_secs(60),
                 nvme_wait: Duration::from_millis(10),
             })?;
-            let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy))?;
+            let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new()))?;
             // SAFETY: `cache` outlives the worker.
             unsafe { w.register(&tensors, num_blocks, CHUNK / BLOCK, chunk_bytes, layer_dim)? };
             let first: Vec<u32> = (0..blocks as u32).collect();
             s.lookup("a", &prompt, 0)?;
-            let plan =
-                s.build_plan(&[Step { req: "a".into(), block_ids: first, computed_after: tokens }]);
+            let plan = s.build_plan(
+                &[Step { req: "a".into(), block_ids: first, computed_after: tokens }],
+                Some(Vec::new()),
+            );
             let t = Instant::now();
             let r = w.save(&plan);
             saves.push(gbps(r.bytes as usize, t.elapsed()));
@@ -155,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let n = s.lookup("b", &prompt, 0)?.unwrap_or(0);
             assert_eq!(n, tokens, "the whole context is in DRAM");
             s.after_alloc("b", &second, n)?;
-            let plan = s.build_plan(&[]);
+            let plan = s.build_plan(&[], Some(Vec::new()));
             let t = Instant::now();
             assert!(w.load(&plan).is_empty(), "no load errors");
             loads.push(gbps(context, t.elapsed()));
@@ -167,10 +175,65 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             sv / memcpy,
             ld / memcpy
         );
+
+        // One step: load, then a forward pass whose layers each wait for their KV.
+        let layer_time = Duration::from_secs_f64(context as f64 / (ld * 1e9) / LAYERS as f64);
+        let mut s = SchedulerCore::connect(SchedulerConfig {
+            socket: socket.clone(),
+            layouts: vec![fp ^ 0xfeed << 64 ^ u128::from(layer_dim.is_some())],
+            chunk_tokens: CHUNK,
+            block_size: BLOCK,
+            chunk_bytes,
+            lease: Duration::from_secs(60),
+            nvme_wait: Duration::from_millis(10),
+        })?;
+        let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new()))?;
+        // SAFETY: `cache` outlives the worker.
+        unsafe { w.register(&tensors, num_blocks, CHUNK / BLOCK, chunk_bytes, layer_dim)? };
+        s.lookup("a", &prompt, 0)?;
+        let first: Vec<u32> = (0..blocks as u32).collect();
+        let plan = s.build_plan(
+            &[Step { req: "a".into(), block_ids: first, computed_after: tokens }],
+            Some(Vec::new()),
+        );
+        assert_eq!(w.save(&plan).skipped, 0);
+        s.finished("a")?;
+        let mut shares = [Vec::new(), Vec::new()];
+        for round in 0..2 * ROUNDS {
+            let layerwise = round % 2 == 1;
+            w.set_layerwise(layerwise);
+            let req = format!("step-{round}");
+            let second: Vec<u32> = (blocks as u32..2 * blocks as u32).collect();
+            let n = s.lookup(&req, &prompt, 0)?.unwrap_or(0);
+            s.after_alloc(&req, &second, n)?;
+            let plan = s.build_plan(&[], Some(Vec::new()));
+            let t = Instant::now();
+            w.start_load(&plan);
+            for layer in 0..LAYERS {
+                w.wait_layer(Some(layer));
+                let c = Instant::now();
+                while c.elapsed() < layer_time {
+                    std::hint::spin_loop();
+                }
+            }
+            assert!(w.finish_load().is_empty(), "no load errors");
+            let sequential = context as f64 / (ld * 1e9) + layer_time.as_secs_f64() * LAYERS as f64;
+            shares[usize::from(layerwise)].push(t.elapsed().as_secs_f64() / sequential);
+            s.finished(&req)?;
+        }
+        let [before, pipelined] = shares.map(median);
+        println!(
+            "{name:>11}: a step of load + forward pass takes {before:.2}x load + compute with \
+             loads first, {pipelined:.2}x pipelined ({} layers per stage)",
+            {
+                w.set_layerwise(true);
+                w.layers_per_stage()
+            }
+        );
     }
-    // Spot check: the last load wrote the first context's bytes into the second's blocks.
-    let words = block_bytes / 2;
-    assert!(cache[..words] == cache[blocks * words..(blocks + 1) * words], "loaded bytes differ");
+    // Spot check: the last (per-layer) load wrote the first context's bytes into the second's
+    // blocks: layer 0's K page of block 0 is that of block `blocks`.
+    assert!(cache[..page] == cache[blocks * page..(blocks + 1) * page], "loaded bytes differ");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

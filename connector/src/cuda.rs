@@ -3,17 +3,19 @@
 //! driver is present, and NVIDIA nodes.
 //!
 //! The pool mapping is registered once (`cuMemHostRegister`), so copies are DMA between HBM
-//! and the pool with no bounce buffer. Copies run on the engine's current stream, so a load
-//! lands before the forward pass that reads it and a save reads what the forward pass wrote;
-//! both wait for the stream before returning (a save is committed to the agent only once its
-//! bytes are in the pool). With CUDA 12.8 and later, a plan's copies go in one
+//! and the pool with no bounce buffer. Copies run on two streams of the copier's own, one per
+//! direction, so loads and saves share no queue with each other or with the engine's
+//! kernels. Each batch starts after the engine's work queued so far (an event recorded on the
+//! engine's stream) and ends with an event of its own, which the engine's stream waits on
+//! (a layer's loads before its attention) or the commit thread waits for (a save before its
+//! chunks are committed). With CUDA 12.8 and later, a batch's copies go in one
 //! `cuMemcpyBatchAsync`; otherwise one `cuMemcpyAsync` each.
 
 use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use crate::transfer::{Copy, Transfer, TransferError};
+use crate::transfer::{Copy, Done, Signal, Transfer, TransferError};
 
 fn check(what: &str, r: sys::CUresult) -> Result<(), TransferError> {
     if r == sys::CUresult::CUDA_SUCCESS {
@@ -23,17 +25,71 @@ fn check(what: &str, r: sys::CUresult) -> Result<(), TransferError> {
     }
 }
 
-/// Copies through the CUDA driver on the engine's stream.
-#[derive(Debug)]
-pub struct CudaCopy {
-    stream: u64,
-    batch: bool,
+/// The end of one batch: a CUDA event.
+struct CudaSignal {
+    event: sys::CUevent,
+    ctx: sys::CUcontext,
+}
+
+// SAFETY: driver handles may be used from any thread once the context is current there, which
+// `wait` makes it; the event is only destroyed on drop, when no clone of its `Done` is left.
+#[allow(unsafe_code)]
+unsafe impl Send for CudaSignal {}
+// SAFETY: as above; the driver synchronises its own calls on one event.
+#[allow(unsafe_code)]
+unsafe impl Sync for CudaSignal {}
+
+#[allow(unsafe_code)]
+impl Signal for CudaSignal {
+    fn wait(&self) -> Result<(), TransferError> {
+        // SAFETY: the context and the event are live (the engine keeps its primary context for
+        // the life of the process; the event lives as long as `self`).
+        unsafe {
+            check("cuCtxSetCurrent", sys::cuCtxSetCurrent(self.ctx))?;
+            check("cuEventSynchronize", sys::cuEventSynchronize(self.event))
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        // SAFETY: as in `wait`; querying needs no current context.
+        unsafe { sys::cuEventQuery(self.event) != sys::CUresult::CUDA_ERROR_NOT_READY }
+    }
+
+    fn event(&self) -> Option<u64> {
+        Some(self.event as u64)
+    }
 }
 
 #[allow(unsafe_code)]
+impl Drop for CudaSignal {
+    fn drop(&mut self) {
+        // SAFETY: the event is ours; destroying it while recorded work is pending is allowed
+        // (the driver frees it once the work is done).
+        unsafe {
+            let _ = sys::cuEventDestroy_v2(self.event);
+        }
+    }
+}
+
+/// Copies through the CUDA driver on the copier's streams, ordered against the engine's.
+#[derive(Debug)]
+pub struct CudaCopy {
+    ctx: sys::CUcontext,
+    engine: u64,
+    loads: sys::CUstream,
+    saves: sys::CUstream,
+    batch: bool,
+}
+
+// SAFETY: the handles are driver objects usable from any thread with the context current; the
+// worker uses the copier from one thread at a time (it sits behind the worker's lock).
+#[allow(unsafe_code)]
+unsafe impl Send for CudaCopy {}
+
+#[allow(unsafe_code)]
 impl CudaCopy {
-    /// Attaches to device `ordinal` (the engine's context when it has one) and registers the
-    /// pool mapping `[pool, pool + len)` for DMA.
+    /// Attaches to device `ordinal` (the engine's context when it has one), registers the
+    /// pool mapping `[pool, pool + len)` for DMA and makes the copy streams.
     ///
     /// # Errors
     /// When no CUDA driver is installed, or the driver refuses.
@@ -49,12 +105,11 @@ impl CudaCopy {
         // primary context, which it keeps for the life of the process.
         unsafe {
             check("cuInit", sys::cuInit(0))?;
-            let mut current: sys::CUcontext = std::ptr::null_mut();
-            check("cuCtxGetCurrent", sys::cuCtxGetCurrent(&mut current))?;
-            if current.is_null() {
+            let mut ctx: sys::CUcontext = std::ptr::null_mut();
+            check("cuCtxGetCurrent", sys::cuCtxGetCurrent(&mut ctx))?;
+            if ctx.is_null() {
                 let mut dev: sys::CUdevice = 0;
                 check("cuDeviceGet", sys::cuDeviceGet(&mut dev, ordinal))?;
-                let mut ctx: sys::CUcontext = std::ptr::null_mut();
                 check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
                 check("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx))?;
             }
@@ -66,8 +121,13 @@ impl CudaCopy {
             if r != sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
                 check("cuMemHostRegister", r)?;
             }
+            let flags = sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32;
+            let mut loads: sys::CUstream = std::ptr::null_mut();
+            check("cuStreamCreate", sys::cuStreamCreate(&mut loads, flags))?;
+            let mut saves: sys::CUstream = std::ptr::null_mut();
+            check("cuStreamCreate", sys::cuStreamCreate(&mut saves, flags))?;
             let batch = sys::culib().get::<*const c_void>(b"cuMemcpyBatchAsync\0").is_ok();
-            Ok(Self { stream: 0, batch })
+            Ok(Self { ctx, engine: 0, loads, saves, batch })
         }
     }
 
@@ -77,13 +137,27 @@ impl CudaCopy {
         self.batch
     }
 
-    fn run(&mut self, copies: &[Copy], to_device: bool) -> Result<(), TransferError> {
-        if copies.is_empty() {
-            return Ok(());
-        }
-        let stream = self.stream as sys::CUstream;
-        // SAFETY: every address is a registered pool address or a device address of the
-        // engine's KV cache (the worker's contract), lengths within both.
+    fn event(&self) -> Result<sys::CUevent, TransferError> {
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        let flags = sys::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: a plain driver call; the context is current on this thread (set in `new`,
+        // and the engine's thread keeps it).
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut ev, flags) })?;
+        Ok(ev)
+    }
+
+    /// Queues `copies` on `stream`.
+    ///
+    /// # Safety
+    /// Every address is a registered pool address or a device address of the engine's KV
+    /// cache (the worker's contract), lengths within both.
+    unsafe fn enqueue(
+        &self,
+        stream: sys::CUstream,
+        copies: &[Copy],
+        to_device: bool,
+    ) -> Result<(), TransferError> {
+        // SAFETY: the caller's contract.
         unsafe {
             if self.batch {
                 let (mut dst, mut src): (Vec<u64>, Vec<u64>) =
@@ -107,7 +181,7 @@ impl CudaCopy {
                         &mut fail,
                         stream,
                     ),
-                )?;
+                )
             } else {
                 for c in copies {
                     if to_device {
@@ -122,27 +196,70 @@ impl CudaCopy {
                         )?;
                     }
                 }
+                Ok(())
             }
-            check("cuStreamSynchronize", sys::cuStreamSynchronize(stream))
         }
     }
 }
 
+#[allow(unsafe_code)]
 impl Transfer for CudaCopy {
-    fn load(&mut self, copies: &[Copy]) -> Result<(), TransferError> {
-        self.run(copies, true)
+    fn submit(&mut self, copies: &[Copy], to_kv: bool) -> Result<Done, TransferError> {
+        if copies.is_empty() {
+            return Ok(Done::ready());
+        }
+        let side = if to_kv { self.loads } else { self.saves };
+        let engine = self.engine as sys::CUstream;
+        let ready = self.event()?;
+        // SAFETY: live handles; the copies follow the worker's contract (see `enqueue`).
+        unsafe {
+            let queued = check("cuEventRecord", sys::cuEventRecord(ready, engine))
+                .and_then(|()| check("cuStreamWaitEvent", sys::cuStreamWaitEvent(side, ready, 0)))
+                .and_then(|()| self.enqueue(side, copies, to_kv));
+            let _ = sys::cuEventDestroy_v2(ready);
+            if let Err(e) = queued {
+                // Copies queued before the failure still run: let them finish before the
+                // caller recomputes those blocks or hands the slots back.
+                let _ = sys::cuStreamSynchronize(side);
+                return Err(e);
+            }
+            let done = self.event()?;
+            if let Err(e) = check("cuEventRecord", sys::cuEventRecord(done, side)) {
+                let _ = sys::cuStreamSynchronize(side);
+                let _ = sys::cuEventDestroy_v2(done);
+                return Err(e);
+            }
+            Ok(Done::new(CudaSignal { event: done, ctx: self.ctx }))
+        }
     }
 
-    fn save(&mut self, copies: &[Copy]) -> Result<(), TransferError> {
-        self.run(copies, false)
+    fn order_engine_after(&mut self, done: &Done) -> Result<(), TransferError> {
+        match done.event() {
+            // SAFETY: a live event of this context and the engine's stream.
+            Some(ev) => check("cuStreamWaitEvent", unsafe {
+                sys::cuStreamWaitEvent(self.engine as sys::CUstream, ev as sys::CUevent, 0)
+            }),
+            None => done.wait(),
+        }
     }
 
     fn set_stream(&mut self, stream: u64) {
-        self.stream = stream;
+        self.engine = stream;
     }
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+}
+
+#[allow(unsafe_code)]
+impl Drop for CudaCopy {
+    fn drop(&mut self) {
+        // SAFETY: our streams; the driver releases them once their queued work is done.
+        unsafe {
+            let _ = sys::cuStreamDestroy_v2(self.loads);
+            let _ = sys::cuStreamDestroy_v2(self.saves);
+        }
     }
 }
 

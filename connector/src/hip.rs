@@ -2,17 +2,18 @@
 //! `hip-sys` bindings. Built and linked in CI against Debian's HIP 5.2 packages; it has not
 //! run on AMD silicon here (no AMD GPU is reachable from these machines).
 //!
-//! Same shape as the CUDA backend: the pool mapping is registered once (`hipHostRegister`),
-//! copies run on the engine's current stream and are waited for before returning. ROCm 7.1
-//! added `hipMemcpyBatchAsync`, which the 5.x bindings lack: it is looked up at run time in the
-//! loaded runtime and used when present (with no attributes: ROCm 7.2 refuses them), else one
-//! `hipMemcpyAsync` per copy.
+//! Same shape as the CUDA backend: the pool mapping is registered once (`hipHostRegister`);
+//! copies run on two streams of the copier's own (loads, saves), each batch after an event
+//! recorded on the engine's stream and ending with an event the engine's stream or the commit
+//! thread waits on. ROCm 7.1 added `hipMemcpyBatchAsync`, which the 5.x bindings lack: it is
+//! looked up at run time in the loaded runtime and used when present (with no attributes:
+//! ROCm 7.2 refuses them), else one `hipMemcpyAsync` per copy.
 
 use std::ffi::c_void;
 
 use hip_sys::hiprt;
 
-use crate::transfer::{Copy, Transfer, TransferError};
+use crate::transfer::{Copy, Done, Signal, Transfer, TransferError};
 
 /// `hipMemcpyBatchAsync` (ROCm >= 7.1), declared by hand; the error code is read as a plain
 /// integer so a code the 5.x bindings do not know cannot be misread.
@@ -36,24 +37,78 @@ fn check(what: &str, r: hiprt::hipError_t) -> Result<(), TransferError> {
     }
 }
 
-/// Copies through the HIP runtime on the engine's stream.
+/// The end of one batch: a HIP event.
+struct HipSignal {
+    event: hiprt::hipEvent_t,
+    device: i32,
+}
+
+// SAFETY: runtime handles may be used from any thread once the device is set there, which
+// `wait` does; the event is only destroyed on drop, when no clone of its `Done` is left.
+#[allow(unsafe_code)]
+unsafe impl Send for HipSignal {}
+// SAFETY: as above; the runtime synchronises its own calls on one event.
+#[allow(unsafe_code)]
+unsafe impl Sync for HipSignal {}
+
+#[allow(unsafe_code)]
+impl Signal for HipSignal {
+    fn wait(&self) -> Result<(), TransferError> {
+        // SAFETY: a live event of a live device.
+        unsafe {
+            check("hipSetDevice", hiprt::hipSetDevice(self.device))?;
+            check("hipEventSynchronize", hiprt::hipEventSynchronize(self.event))
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        // SAFETY: as in `wait`.
+        unsafe { hiprt::hipEventQuery(self.event) != hiprt::hipError_t::hipErrorNotReady }
+    }
+
+    fn event(&self) -> Option<u64> {
+        Some(self.event as u64)
+    }
+}
+
+#[allow(unsafe_code)]
+impl Drop for HipSignal {
+    fn drop(&mut self) {
+        // SAFETY: the event is ours; the runtime frees it once recorded work is done.
+        unsafe {
+            let _ = hiprt::hipEventDestroy(self.event);
+        }
+    }
+}
+
+/// Copies through the HIP runtime on the copier's streams, ordered against the engine's.
 pub struct HipCopy {
-    stream: u64,
+    device: i32,
+    engine: u64,
+    loads: hiprt::hipStream_t,
+    saves: hiprt::hipStream_t,
     batch: Option<(libloading::Library, BatchFn)>,
 }
+
+// SAFETY: the handles are runtime objects usable from any thread; the worker uses the copier
+// from one thread at a time (it sits behind the worker's lock).
+#[allow(unsafe_code)]
+unsafe impl Send for HipCopy {}
 
 impl std::fmt::Debug for HipCopy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HipCopy")
-            .field("stream", &self.stream)
+            .field("device", &self.device)
+            .field("engine", &self.engine)
             .field("batch", &self.batch.is_some())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 #[allow(unsafe_code)]
 impl HipCopy {
-    /// Uses device `ordinal` and registers the pool mapping `[pool, pool + len)` for DMA.
+    /// Uses device `ordinal`, registers the pool mapping `[pool, pool + len)` for DMA and
+    /// makes the copy streams.
     ///
     /// # Errors
     /// When the runtime finds no device or refuses the registration.
@@ -70,22 +125,46 @@ impl HipCopy {
             if r != hiprt::hipError_t::hipErrorHostMemoryAlreadyRegistered {
                 check("hipHostRegister", r)?;
             }
+            let mut loads: hiprt::hipStream_t = std::ptr::null_mut();
+            check(
+                "hipStreamCreateWithFlags",
+                hiprt::hipStreamCreateWithFlags(&mut loads, hiprt::hipStreamNonBlocking),
+            )?;
+            let mut saves: hiprt::hipStream_t = std::ptr::null_mut();
+            check(
+                "hipStreamCreateWithFlags",
+                hiprt::hipStreamCreateWithFlags(&mut saves, hiprt::hipStreamNonBlocking),
+            )?;
             // The library is already loaded (linked); this only finds the newer entry point.
             let batch = libloading::Library::new("libamdhip64.so").ok().and_then(|lib| {
                 let f = *lib.get::<BatchFn>(b"hipMemcpyBatchAsync\0").ok()?;
                 Some((lib, f))
             });
-            Ok(Self { stream: 0, batch })
+            Ok(Self { device: ordinal, engine: 0, loads, saves, batch })
         }
     }
 
-    fn run(&mut self, copies: &[Copy], to_device: bool) -> Result<(), TransferError> {
-        if copies.is_empty() {
-            return Ok(());
-        }
-        let stream = self.stream as hiprt::hipStream_t;
-        // SAFETY: every address is a registered pool address or a device address of the
-        // engine's KV cache (the worker's contract), lengths within both.
+    fn event() -> Result<hiprt::hipEvent_t, TransferError> {
+        let mut ev: hiprt::hipEvent_t = std::ptr::null_mut();
+        // SAFETY: a plain runtime call.
+        check("hipEventCreateWithFlags", unsafe {
+            hiprt::hipEventCreateWithFlags(&mut ev, hiprt::hipEventDisableTiming)
+        })?;
+        Ok(ev)
+    }
+
+    /// Queues `copies` on `stream`.
+    ///
+    /// # Safety
+    /// Every address is a registered pool address or a device address of the engine's KV
+    /// cache (the worker's contract), lengths within both.
+    unsafe fn enqueue(
+        &self,
+        stream: hiprt::hipStream_t,
+        copies: &[Copy],
+        to_device: bool,
+    ) -> Result<(), TransferError> {
+        // SAFETY: the caller's contract.
         unsafe {
             if let Some((_, batch)) = &self.batch {
                 let (mut dst, mut src): (Vec<*mut c_void>, Vec<*mut c_void>) = copies
@@ -133,26 +212,75 @@ impl HipCopy {
                     )?;
                 }
             }
-            check("hipStreamSynchronize", hiprt::hipStreamSynchronize(stream))
+            Ok(())
         }
     }
 }
 
+#[allow(unsafe_code)]
 impl Transfer for HipCopy {
-    fn load(&mut self, copies: &[Copy]) -> Result<(), TransferError> {
-        self.run(copies, true)
+    fn submit(&mut self, copies: &[Copy], to_kv: bool) -> Result<Done, TransferError> {
+        if copies.is_empty() {
+            return Ok(Done::ready());
+        }
+        let side = if to_kv { self.loads } else { self.saves };
+        let engine = self.engine as hiprt::hipStream_t;
+        let ready = Self::event()?;
+        // SAFETY: live handles; the copies follow the worker's contract (see `enqueue`).
+        unsafe {
+            let queued = check("hipEventRecord", hiprt::hipEventRecord(ready, engine))
+                .and_then(|()| {
+                    check("hipStreamWaitEvent", hiprt::hipStreamWaitEvent(side, ready, 0))
+                })
+                .and_then(|()| self.enqueue(side, copies, to_kv));
+            let _ = hiprt::hipEventDestroy(ready);
+            if let Err(e) = queued {
+                // Copies queued before the failure still run: let them finish before the
+                // caller recomputes those blocks or hands the slots back.
+                let _ = hiprt::hipStreamSynchronize(side);
+                return Err(e);
+            }
+            let done = Self::event()?;
+            if let Err(e) = check("hipEventRecord", hiprt::hipEventRecord(done, side)) {
+                let _ = hiprt::hipStreamSynchronize(side);
+                let _ = hiprt::hipEventDestroy(done);
+                return Err(e);
+            }
+            Ok(Done::new(HipSignal { event: done, device: self.device }))
+        }
     }
 
-    fn save(&mut self, copies: &[Copy]) -> Result<(), TransferError> {
-        self.run(copies, false)
+    fn order_engine_after(&mut self, done: &Done) -> Result<(), TransferError> {
+        match done.event() {
+            // SAFETY: a live event and the engine's stream.
+            Some(ev) => check("hipStreamWaitEvent", unsafe {
+                hiprt::hipStreamWaitEvent(
+                    self.engine as hiprt::hipStream_t,
+                    ev as hiprt::hipEvent_t,
+                    0,
+                )
+            }),
+            None => done.wait(),
+        }
     }
 
     fn set_stream(&mut self, stream: u64) {
-        self.stream = stream;
+        self.engine = stream;
     }
 
     fn name(&self) -> &'static str {
         "hip"
+    }
+}
+
+#[allow(unsafe_code)]
+impl Drop for HipCopy {
+    fn drop(&mut self) {
+        // SAFETY: our streams; the runtime releases them once their queued work is done.
+        unsafe {
+            let _ = hiprt::hipStreamDestroy(self.loads);
+            let _ = hiprt::hipStreamDestroy(self.saves);
+        }
     }
 }
 

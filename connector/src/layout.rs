@@ -14,6 +14,8 @@
 //! so the two never need different keys. With a block-outermost cross-layer tensor the pieces
 //! of a block coalesce into one copy of every layer's KV (megabytes, at link speed).
 
+use std::ops::Range;
+
 /// One registered KV tensor, as the worker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorDesc {
@@ -261,12 +263,25 @@ impl ChunkGeometry {
     /// If `block_ids` is longer than a chunk (a bug in the caller).
     #[must_use]
     pub fn pieces(&self, block_ids: &[u32], from: usize) -> Vec<Piece> {
+        self.pieces_of(block_ids, from, 0..self.tensors.len())
+    }
+
+    /// As [`ChunkGeometry::pieces`], for the tensors (layers) in `layers` only. Stream offsets
+    /// are those of the whole chunk, so the pieces of ranges that cover every layer are the
+    /// chunk's.
+    ///
+    /// # Panics
+    /// If `block_ids` is longer than a chunk or `layers` goes beyond the tensors (bugs in the
+    /// caller).
+    #[must_use]
+    pub fn pieces_of(&self, block_ids: &[u32], from: usize, layers: Range<usize>) -> Vec<Piece> {
         assert!(block_ids.len() <= self.blocks_per_chunk, "more blocks than a chunk holds");
         let per_block = self.bytes_per_block();
+        let before: usize = self.tensors[..layers.start].iter().map(BlockLayout::block_bytes).sum();
         let mut out: Vec<Piece> = Vec::new();
         for (j, &b) in block_ids.iter().enumerate().skip(from) {
-            let mut at = j * per_block;
-            for t in &self.tensors {
+            let mut at = j * per_block + before;
+            for t in &self.tensors[layers.clone()] {
                 let origin = t.ptr as i128 + i128::from(b) * t.block_stride as i128;
                 for s in &t.segments {
                     let addr = (origin + s.offset as i128) as u64;
@@ -283,6 +298,27 @@ impl ChunkGeometry {
             }
         }
         out
+    }
+
+    /// How many consecutive layers one load stage moves, so that a stage's copies reach
+    /// `min_copy` bytes where the layout allows it. When a block's layers lie next to each
+    /// other (the cross-layer layout) copies grow with the layers per stage; when each layer
+    /// is a tensor of its own they do not, and every layer is a stage (its small copies go to
+    /// the runtime as one batch).
+    #[must_use]
+    pub fn layers_per_stage(&self, min_copy: usize) -> usize {
+        let n = self.tensors.len();
+        if n <= 1 {
+            return 1;
+        }
+        let one = self.pieces_of(&[0], 0, 0..1);
+        let all = self.pieces_of(&[0], 0, 0..n);
+        let largest = one.iter().map(|p| p.len).max().unwrap_or(0);
+        let coalesce = all.len() < one.len() * n;
+        if largest == 0 || largest >= min_copy || !coalesce {
+            return 1;
+        }
+        min_copy.div_ceil(largest).min(n)
     }
 }
 
@@ -420,5 +456,56 @@ mod tests {
         );
         assert_eq!(p[1].stream_offset, block);
         assert!(cross.split(9).is_err());
+    }
+
+    #[test]
+    fn stages_of_layers_cover_the_chunk_and_grow_only_where_copies_do() {
+        // Per-layer tensors: K and V runs per layer, never adjacent across layers.
+        let shape = [2, 8, 16, 1, 4];
+        let mk = |ptr| {
+            let mut t = desc(&shape, contiguous_strides(&shape));
+            t.ptr = ptr;
+            block_layout(&t, 8, None).expect("layout")
+        };
+        let g =
+            ChunkGeometry::new(vec![mk(0x10000), mk(0x20000), mk(0x30000)], 2).expect("geometry");
+        assert_eq!(g.layers_per_stage(1 << 19), 1);
+        let mut staged: Vec<Piece> =
+            (0..3).flat_map(|l| g.pieces_of(&[5, 3], 0, l..l + 1)).collect();
+        staged.sort_by_key(|p| p.stream_offset);
+        assert_eq!(staged, g.pieces(&[5, 3], 0), "the stages together are the chunk");
+
+        // Cross-layer: a block's layers are adjacent, so stages take enough layers per copy.
+        let (l, b, n, h, d) = (8, 4, 16, 2, 8);
+        let phys = contiguous_strides(&[b, l, 2, n, h, d]);
+        let strides = vec![phys[1], phys[2], phys[0], phys[3], phys[4], phys[5]];
+        let cross = TensorDesc {
+            name: "x".into(),
+            ptr: 0x1_0000,
+            shape: vec![l, 2, b, n, h, d],
+            strides,
+            elem_size: 2,
+        };
+        let layouts = cross
+            .split(0)
+            .expect("split")
+            .iter()
+            .map(|t| block_layout(t, b, None))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("layouts");
+        let g = ChunkGeometry::new(layouts, 1).expect("geometry");
+        let layer = 2 * n * h * d * 2;
+        assert_eq!(g.layers_per_stage(3 * layer), 3);
+        assert_eq!(g.layers_per_stage(100 * layer), l, "never more than every layer");
+        assert_eq!(g.layers_per_stage(layer), 1);
+        let p = g.pieces_of(&[2], 0, 3..6);
+        assert_eq!(
+            p,
+            vec![Piece {
+                addr: 0x1_0000 + (2 * l + 3) as u64 * layer as u64,
+                stream_offset: 3 * layer,
+                len: 3 * layer
+            }]
+        );
     }
 }

@@ -5,7 +5,7 @@
 use kvtier_api::chunk::ChunkKey;
 
 const MAGIC: &[u8; 4] = b"KVTP";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Bound on any list in a plan.
 const MAX_ITEMS: usize = 1 << 20;
 
@@ -42,6 +42,9 @@ pub struct Plan {
     pub loads: Vec<LoadJob>,
     /// Saves, after it.
     pub saves: Vec<SaveJob>,
+    /// Requests preempted this step, whose blocks the engine may reuse at once (`None`: the
+    /// engine did not say, so any may be).
+    pub preempted: Option<Vec<String>>,
 }
 
 /// A plan that does not decode.
@@ -105,7 +108,7 @@ impl R<'_> {
 }
 
 impl Plan {
-    /// Whether there is nothing to do.
+    /// Whether there is nothing to copy.
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.loads.is_empty() && self.saves.is_empty()
@@ -139,6 +142,16 @@ impl Plan {
                 }
             }
             w.0.extend_from_slice(&s.conversation.to_le_bytes());
+        }
+        match &self.preempted {
+            None => w.0.push(0),
+            Some(p) => {
+                w.0.push(1);
+                w.len(p.len());
+                for r in p {
+                    w.str(r);
+                }
+            }
         }
         w.0
     }
@@ -182,6 +195,11 @@ impl Plan {
             let conversation = r.u64()?;
             plan.saves.push(SaveJob { req, block_ids, keys, conversation });
         }
+        plan.preempted = match r.take(1)?[0] {
+            0 => None,
+            1 => Some((0..r.len(4)?).map(|_| r.str()).collect::<Result<_, _>>()?),
+            _ => return Err(PlanError("bad preemption flag")),
+        };
         if !r.0.is_empty() {
             return Err(PlanError("trailing bytes"));
         }
@@ -208,6 +226,7 @@ mod tests {
                 keys: vec![vec![ChunkKey(u128::MAX - 5)], vec![ChunkKey(42)]],
                 conversation: 99,
             }],
+            preempted: Some(vec!["req-3".into()]),
         }
     }
 
@@ -220,9 +239,9 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(Plan::decode(&bytes[..cut]).is_err(), "truncated at {cut}");
         }
-        let mut v2 = bytes.clone();
-        v2[4] = 2;
-        assert_eq!(Plan::decode(&v2), Err(PlanError("unknown plan version")));
+        let mut v1 = bytes.clone();
+        v1[4] = 1;
+        assert_eq!(Plan::decode(&v1), Err(PlanError("unknown plan version")));
         let mut huge = bytes;
         huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Plan::decode(&huge).is_err());
@@ -231,7 +250,7 @@ mod tests {
     proptest! {
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut v = b"KVTP\x01".to_vec();
+            let mut v = b"KVTP\x02".to_vec();
             v.extend_from_slice(&b);
             let _ = Plan::decode(&v);
         }

@@ -35,6 +35,10 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn decode(plan: &[u8]) -> PyResult<Plan> {
+    Plan::decode(plan).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// The scheduler side (one per engine).
 #[pyclass(module = "kvtier._native")]
 struct Scheduler {
@@ -103,23 +107,34 @@ impl Scheduler {
     }
 
     /// This step's plan, encoded; `steps` are `(request id, block ids, tokens computed after
-    /// the step)`.
+    /// the step)`, `preempted` the requests preempted this step (None: not known).
+    #[pyo3(signature = (steps, preempted=None))]
     fn build_plan<'py>(
         &self,
         py: Python<'py>,
         steps: Vec<(String, Vec<u32>, usize)>,
+        preempted: Option<Vec<String>>,
     ) -> Bound<'py, PyBytes> {
         let steps: Vec<Step> = steps
             .into_iter()
             .map(|(req, block_ids, computed_after)| Step { req, block_ids, computed_after })
             .collect();
-        let plan = locked(&self.inner).build_plan(&steps);
+        let plan = locked(&self.inner).build_plan(&steps, preempted);
         PyBytes::new(py, &plan.encode())
     }
 
-    /// The request is done.
-    fn finished(&self, py: Python<'_>, req: &str) -> PyResult<()> {
-        py.detach(|| locked(&self.inner).finished(req)).map_err(sched_err)
+    /// The request is done: `(delay, error)`. `delay`: a plan had saves for it, so vLLM keeps
+    /// its blocks until the workers report it sent; `error`: the unpin failed (the pins lapse
+    /// with their lease).
+    fn finished(&self, py: Python<'_>, req: &str) -> (bool, Option<String>) {
+        py.detach(|| {
+            let mut core = locked(&self.inner);
+            let delay = core.saving(req);
+            match core.finished(req) {
+                Ok(d) => (d, None),
+                Err(e) => (delay, Some(e.to_string())),
+            }
+        })
     }
 
     /// Requests tracked.
@@ -131,7 +146,7 @@ impl Scheduler {
 /// A tensor as Python describes it: `(name, address, shape, strides, element size)`.
 type PyTensor = (String, u64, Vec<usize>, Vec<isize>, usize);
 
-/// The worker side (one per worker process), host-memory transfers.
+/// The worker side (one per worker process).
 #[pyclass(module = "kvtier._native")]
 struct Worker {
     inner: Mutex<WorkerCore>,
@@ -206,17 +221,80 @@ impl Worker {
         .map_err(worker_err)
     }
 
-    /// Runs the plan's loads; returns the block ids that failed.
+    /// Pipelines loads layer by layer (default) or finishes them before the first layer.
+    fn set_layerwise(&self, on: bool) {
+        locked(&self.inner).set_layerwise(on);
+    }
+
+    /// Layers each load stage moves.
+    #[getter]
+    fn layers_per_stage(&self) -> usize {
+        locked(&self.inner).layers_per_stage()
+    }
+
+    /// Queues the plan's loads before the forward pass.
+    fn start_load(&self, py: Python<'_>, plan: &[u8]) -> PyResult<()> {
+        let plan = decode(plan)?;
+        py.detach(|| locked(&self.inner).start_load(&plan));
+        Ok(())
+    }
+
+    /// Orders the engine after the load stage of registered layer `layer` (None: all).
+    #[pyo3(signature = (layer=None))]
+    fn wait_layer(&self, py: Python<'_>, layer: Option<usize>) {
+        py.detach(|| locked(&self.inner).wait_layer(layer));
+    }
+
+    /// After the forward pass: the block ids whose loads failed.
+    fn finish_load(&self, py: Python<'_>) -> Vec<u32> {
+        py.detach(|| locked(&self.inner).finish_load())
+    }
+
+    /// Runs the plan's loads to the end; returns the block ids that failed.
     fn load(&self, py: Python<'_>, plan: &[u8]) -> PyResult<Vec<u32>> {
-        let plan = Plan::decode(plan).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let plan = decode(plan)?;
         Ok(py.detach(|| locked(&self.inner).load(&plan)))
     }
 
-    /// Runs the plan's saves; returns `(saved, skipped, bytes)`.
+    /// Queues the plan's saves after the forward pass; they are committed when copied.
+    fn start_save(&self, py: Python<'_>, plan: &[u8]) -> PyResult<()> {
+        let plan = decode(plan)?;
+        py.detach(|| locked(&self.inner).start_save(&plan));
+        Ok(())
+    }
+
+    /// Runs the plan's saves to the end; returns `(saved, skipped, bytes)`.
     fn save(&self, py: Python<'_>, plan: &[u8]) -> PyResult<(u32, u32, u64)> {
-        let plan = Plan::decode(plan).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let plan = decode(plan)?;
         let r = py.detach(|| locked(&self.inner).save(&plan));
         Ok((r.saved, r.skipped, r.bytes))
+    }
+
+    /// Orders the engine after the saves still copying for the plan's preempted requests
+    /// (all saves when the plan does not say which).
+    fn preempted(&self, py: Python<'_>, plan: &[u8]) -> PyResult<()> {
+        let plan = decode(plan)?;
+        py.detach(|| locked(&self.inner).order_after_saves(plan.preempted.as_deref()));
+        Ok(())
+    }
+
+    /// Of `finished` (and earlier finished) requests, those whose saves are all done.
+    fn finished_sending(&self, py: Python<'_>, finished: Vec<String>) -> Vec<String> {
+        py.detach(|| locked(&self.inner).finished_sending(&finished))
+    }
+
+    /// Waits until every queued save is committed or dropped.
+    fn flush(&self, py: Python<'_>) {
+        py.detach(|| {
+            let core = locked(&self.inner);
+            core.flush_saves();
+        });
+    }
+
+    /// `(saved, skipped, bytes)` since the worker started.
+    fn save_stats(&self) -> (u32, u32, u64) {
+        let r = locked(&self.inner).save_report();
+        (r.saved, r.skipped, r.bytes)
     }
 
     /// How the registered tensors order a block's bytes.
@@ -234,7 +312,7 @@ fn make_transfer(
 ) -> Result<Box<dyn crate::transfer::Transfer>, crate::transfer::TransferError> {
     use crate::transfer::TransferError;
     match backend {
-        "host" => Ok(Box::new(HostCopy)),
+        "host" => Ok(Box::new(HostCopy::new())),
         #[cfg(feature = "cuda")]
         // SAFETY: the pool mapping lives as long as the worker that owns this copier.
         "cuda" => Ok(Box::new(unsafe { crate::cuda::CudaCopy::new(device, pool, len) }?)),

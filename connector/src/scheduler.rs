@@ -78,6 +78,8 @@ struct Req {
     /// Chunks below this index are stored (found, or already planned for saving).
     stored: usize,
     conversation: u64,
+    /// A plan had saves for it: its blocks stay allocated until the workers have copied them.
+    saving: bool,
 }
 
 /// A request's place in one scheduler step, as [`SchedulerCore::build_plan`] needs it.
@@ -174,6 +176,7 @@ impl SchedulerCore {
                     pinned: Vec::new(),
                     prefetch_until: None,
                     stored: 0,
+                    saving: false,
                     conversation: 0,
                 },
             );
@@ -283,9 +286,11 @@ impl SchedulerCore {
         Ok(())
     }
 
-    /// This step's plan: the loads planned since the last one, and a save for every prompt
-    /// chunk whose KV exists once the step has run and the tiers do not hold yet.
-    pub fn build_plan(&mut self, steps: &[Step]) -> Plan {
+    /// This step's plan: the loads planned since the last one, a save for every prompt chunk
+    /// whose KV exists once the step has run and the tiers do not hold yet, and the requests
+    /// `preempted` this step (whose blocks the workers must not reuse before their saves are
+    /// done; `None` when the engine does not say).
+    pub fn build_plan(&mut self, steps: &[Step], preempted: Option<Vec<String>>) -> Plan {
         let (ct, bpc) = (self.cfg.chunk_tokens, self.cfg.chunk_tokens / self.cfg.block_size);
         let mut saves = Vec::new();
         for s in steps {
@@ -299,22 +304,32 @@ impl SchedulerCore {
                     conversation: r.conversation,
                 });
             }
+            r.saving |= upto > r.stored;
             r.stored = r.stored.max(upto);
         }
-        Plan { loads: std::mem::take(&mut self.loads), saves }
+        Plan { loads: std::mem::take(&mut self.loads), saves, preempted }
     }
 
-    /// The request is done: its pins go.
+    /// The request is done: its pins go. Returns whether a plan had saves for it: then vLLM
+    /// must keep its blocks until the workers report it in `finished_sending`.
     ///
     /// # Errors
-    /// When the agent fails (the pins then lapse with their lease).
-    pub fn finished(&mut self, req: &str) -> Result<(), SchedulerError> {
+    /// When the agent fails to unpin (the pins lapse with their lease); callers that must
+    /// know whether to delay anyway ask [`SchedulerCore::saving`] first.
+    pub fn finished(&mut self, req: &str) -> Result<bool, SchedulerError> {
         if let Some(r) = self.reqs.remove(req) {
             if !r.pinned.is_empty() {
                 self.client.ack(&Request::Unpin { keys: r.pinned })?;
             }
+            return Ok(r.saving);
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Whether a plan had saves for `req`.
+    #[must_use]
+    pub fn saving(&self, req: &str) -> bool {
+        self.reqs.get(req).is_some_and(|r| r.saving)
     }
 
     /// Requests tracked.

@@ -2,132 +2,11 @@
 //! caches shaped as vLLM's FlashAttention lays them out, two tensor-parallel ranks, chunks
 //! larger than a pool slot: what one request saves, the next loads back bit for bit.
 
-use std::time::Duration;
-
 mod common;
 
+use common::cache::{chunk_bytes, prompt, scheduler, workers, Cache, BLOCK, BLOCKS, CHUNK, LAYERS};
 use common::start_agent;
-use kvtier_api::chunk::KvLayout;
-use kvtier_connector::{HostCopy, SchedulerConfig, SchedulerCore, Step, TensorDesc, WorkerCore};
-
-const BLOCKS: usize = 40;
-const BLOCK: usize = 16;
-const HEADS: usize = 8;
-const DIM: usize = 128;
-const LAYERS: usize = 2;
-const CHUNK: usize = 128; // 8 blocks: 2 layers x 2 (K, V) x 8 x 32 KiB = 1 MiB = 2 slots
-const RANKS: usize = 2;
-
-/// One rank's KV cache: a tensor per layer, `(2, BLOCKS, BLOCK, HEADS, DIM)` of 2-byte
-/// elements, in host memory.
-struct Cache {
-    layers: Vec<Vec<u16>>,
-}
-
-impl Cache {
-    fn new() -> Self {
-        Self { layers: (0..LAYERS).map(|_| vec![0u16; 2 * BLOCKS * BLOCK * HEADS * DIM]).collect() }
-    }
-
-    fn descs(&mut self) -> Vec<TensorDesc> {
-        let shape = vec![2, BLOCKS, BLOCK, HEADS, DIM];
-        let strides = vec![
-            (BLOCKS * BLOCK * HEADS * DIM) as isize,
-            (BLOCK * HEADS * DIM) as isize,
-            (HEADS * DIM) as isize,
-            DIM as isize,
-            1,
-        ];
-        self.layers
-            .iter_mut()
-            .enumerate()
-            .map(|(i, l)| TensorDesc {
-                name: format!("model.layers.{i}.self_attn.attn"),
-                ptr: l.as_mut_ptr() as u64,
-                shape: shape.clone(),
-                strides: strides.clone(),
-                elem_size: 2,
-            })
-            .collect()
-    }
-
-    fn page(&self, layer: usize, kv: usize, block: usize) -> &[u16] {
-        let n = BLOCK * HEADS * DIM;
-        let at = (kv * BLOCKS + block) * n;
-        &self.layers[layer][at..at + n]
-    }
-
-    fn page_mut(&mut self, layer: usize, kv: usize, block: usize) -> &mut [u16] {
-        let n = BLOCK * HEADS * DIM;
-        let at = (kv * BLOCKS + block) * n;
-        &mut self.layers[layer][at..at + n]
-    }
-
-    /// What the engine would compute for token block `t` of the prompt (per rank, layer, K/V).
-    fn compute(&mut self, rank: usize, block_ids: &[u32]) {
-        for (t, &b) in block_ids.iter().enumerate() {
-            for layer in 0..LAYERS {
-                for kv in 0..2 {
-                    let seed = (rank * 1000 + t * 10 + layer * 2 + kv) as u16;
-                    for (i, x) in self.page_mut(layer, kv, b as usize).iter_mut().enumerate() {
-                        *x = seed.wrapping_mul(31).wrapping_add(i as u16);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn fingerprint(rank: usize) -> u128 {
-    KvLayout {
-        model: "test/model".into(),
-        dtype: "bf16".into(),
-        layers: LAYERS as u32,
-        kv_heads: HEADS as u32,
-        head_dim: DIM as u32,
-        tp_rank: rank as u32,
-        tp_size: RANKS as u32,
-        chunk_tokens: CHUNK as u32,
-        byte_order: "flash_attn/NHD".into(),
-    }
-    .fingerprint()
-}
-
-fn chunk_bytes() -> usize {
-    LAYERS * 2 * (CHUNK / BLOCK) * BLOCK * HEADS * DIM * 2
-}
-
-fn scheduler(socket: &std::path::Path) -> SchedulerCore {
-    SchedulerCore::connect(SchedulerConfig {
-        socket: socket.to_owned(),
-        layouts: (0..RANKS).map(fingerprint).collect(),
-        chunk_tokens: CHUNK,
-        block_size: BLOCK,
-        chunk_bytes: chunk_bytes(),
-        lease: Duration::from_secs(30),
-        nvme_wait: Duration::from_millis(200),
-    })
-    .expect("scheduler")
-}
-
-#[allow(unsafe_code)]
-fn workers(socket: &std::path::Path, caches: &mut [Cache]) -> Vec<WorkerCore> {
-    caches
-        .iter_mut()
-        .enumerate()
-        .map(|(rank, cache)| {
-            let mut w = WorkerCore::connect(socket, rank, Box::new(HostCopy)).expect("worker");
-            // SAFETY: the caches outlive the workers in every test.
-            unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes(), None) }
-                .expect("register");
-            w
-        })
-        .collect()
-}
-
-fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(salt) % 150_000).collect()
-}
+use kvtier_connector::{HostCopy, Step, WorkerCore};
 
 #[test]
 fn a_prompt_saved_by_one_request_loads_bit_identical_into_the_next() {
@@ -144,8 +23,10 @@ fn a_prompt_saved_by_one_request_loads_bit_identical_into_the_next() {
     for (rank, c) in caches.iter_mut().enumerate() {
         c.compute(rank, &a_blocks);
     }
-    let plan =
-        s.build_plan(&[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 300 }]);
+    let plan = s.build_plan(
+        &[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 300 }],
+        Some(Vec::new()),
+    );
     assert_eq!(plan.saves.len(), 2, "two full prompt chunks");
     assert!(plan.loads.is_empty());
     for w in &mut ws {
@@ -154,8 +35,10 @@ fn a_prompt_saved_by_one_request_loads_bit_identical_into_the_next() {
         assert_eq!(r.bytes, 2 * chunk_bytes() as u64);
     }
     // Saving again plans nothing: the step after has the same chunks.
-    let again =
-        s.build_plan(&[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 301 }]);
+    let again = s.build_plan(
+        &[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 301 }],
+        Some(Vec::new()),
+    );
     assert!(again.is_empty());
     s.finished("a").expect("finished");
 
@@ -165,11 +48,10 @@ fn a_prompt_saved_by_one_request_loads_bit_identical_into_the_next() {
     assert_eq!(s.lookup("b", &b_tokens, 0).expect("lookup"), Some(256));
     let b_blocks: Vec<u32> = (20..40).collect();
     s.after_alloc("b", &b_blocks, 256).expect("alloc");
-    let plan = s.build_plan(&[Step {
-        req: "b".into(),
-        block_ids: b_blocks.clone(),
-        computed_after: 256 + 94,
-    }]);
+    let plan = s.build_plan(
+        &[Step { req: "b".into(), block_ids: b_blocks.clone(), computed_after: 256 + 94 }],
+        Some(Vec::new()),
+    );
     assert_eq!(plan.loads.len(), 2);
     assert!(plan.saves.is_empty(), "B's loaded chunks are not saved again");
     let plan = kvtier_connector::Plan::decode(&plan.encode()).expect("the wire form");
@@ -205,8 +87,10 @@ fn local_hits_are_not_overwritten_and_the_last_token_is_always_computed() {
     for (rank, c) in caches.iter_mut().enumerate() {
         c.compute(rank, &a_blocks);
     }
-    let plan =
-        s.build_plan(&[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 256 }]);
+    let plan = s.build_plan(
+        &[Step { req: "a".into(), block_ids: a_blocks.clone(), computed_after: 256 }],
+        Some(Vec::new()),
+    );
     for w in &mut ws {
         assert_eq!(w.save(&plan).saved, 2);
     }
@@ -220,7 +104,7 @@ fn local_hits_are_not_overwritten_and_the_last_token_is_always_computed() {
         c.page_mut(0, 0, 20).fill(marker);
     }
     s.after_alloc("c", &c_blocks, 64).expect("alloc");
-    let plan = s.build_plan(&[]);
+    let plan = s.build_plan(&[], Some(Vec::new()));
     assert_eq!(plan.loads[0].from, 4);
     for w in &mut ws {
         assert!(w.load(&plan).is_empty());
@@ -240,7 +124,10 @@ fn bad_plans_become_load_errors_and_a_full_pool_skips_saves() {
     let tokens = prompt(600, 1);
     assert_eq!(s.lookup("a", &tokens, 0).expect("lookup"), Some(0));
     let blocks: Vec<u32> = (0..38).collect();
-    let plan = s.build_plan(&[Step { req: "a".into(), block_ids: blocks, computed_after: 600 }]);
+    let plan = s.build_plan(
+        &[Step { req: "a".into(), block_ids: blocks, computed_after: 600 }],
+        Some(Vec::new()),
+    );
     assert_eq!(plan.saves.len(), 4);
     // Two slots hold one chunk of one rank: each save evicts the one before.
     let r0 = ws[0].save(&plan);
@@ -271,7 +158,7 @@ fn bad_plans_become_load_errors_and_a_full_pool_skips_saves() {
 fn a_worker_whose_tensors_disagree_with_the_scheduler_is_refused() {
     let (_dir, socket, _rt) = start_agent(4, "mismatch");
     let mut cache = Cache::new();
-    let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy)).expect("worker");
+    let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new())).expect("worker");
     // SAFETY: `cache` outlives `w`.
     let e = unsafe { w.register(&cache.descs(), BLOCKS, CHUNK / BLOCK, chunk_bytes() / 2, None) };
     assert!(e.expect_err("refused").to_string().contains("the scheduler expects"));
@@ -291,7 +178,10 @@ fn saves_carry_the_conversation_so_the_agent_reports_where_it_is() {
     let conversation = kvtier_api::residency::ConversationKey::of_session("agent-7");
     s.tag("a", conversation.0);
     let blocks: Vec<u32> = (0..13).collect();
-    let plan = s.build_plan(&[Step { req: "a".into(), block_ids: blocks, computed_after: 200 }]);
+    let plan = s.build_plan(
+        &[Step { req: "a".into(), block_ids: blocks, computed_after: 200 }],
+        Some(Vec::new()),
+    );
     for w in &mut ws {
         assert_eq!(w.save(&plan).saved, 1);
     }

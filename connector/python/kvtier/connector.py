@@ -9,8 +9,14 @@ talks to the node-agent and moves the bytes.
   loads into the blocks vLLM gave, ``build_connector_meta`` adds saves of the prompt chunks this
   step computes (never decode-phase KV) and ships the plan to the workers as bytes.
 - Worker role: ``register_kv_caches`` learns where every layer's blocks are from the tensors'
-  shapes and strides, ``start_load_kv`` loads before the forward pass, ``wait_for_save``
-  saves after it; blocks that fail to load are reported, never used.
+  shapes and strides. ``start_load_kv`` queues the step's loads on the copier's own stream in
+  stages of layers; ``wait_for_layer_load`` makes each layer's attention wait only for its own
+  stage, so the first layers compute while the rest are still on the link (set
+  ``layerwise: false`` in ``kv_connector_extra_config`` to load everything before the first
+  layer and keep full CUDA graphs). ``wait_for_save`` queues the step's saves after the
+  forward pass; they are committed to the node-agent as soon as their copies are done, and a
+  finished request's blocks are held (``request_finished`` returns True) until
+  ``get_finished`` reports its saves done. Blocks that fail to load are reported, never used.
 
 Chunk keys come from token ids (``kvtier._native.chunk_keys``): the same on every process and
 node, whatever ``PYTHONHASHSEED`` is.
@@ -97,6 +103,13 @@ def _conversation(request: Any) -> int:
         return 0
 
 
+def _layerwise(extra: dict) -> bool:
+    value = extra.get("layerwise", True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)
+
+
 def _byte_order() -> str:
     try:
         from vllm.v1.attention.backends.utils import get_kv_cache_layout
@@ -109,11 +122,18 @@ def _byte_order() -> str:
 class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM's entry point (``kv_connector_module_path = "kvtier.connector"``)."""
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Layer-pipelined loads rely on wait_for_layer_load, which full CUDA graphs skip.
+        return _layerwise(dict(extra_config or {}))
+
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(getattr(self._kv_transfer_config, "kv_connector_extra_config", None) or {})
         self._socket = str(extra.get("agent_socket", DEFAULT_SOCKET))
         self._chunk_tokens = int(extra.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
+        self._layerwise = _layerwise(extra)
+        self._layer_index: dict[str, int] = {}
         self._facts = _kv_facts(kv_cache_config)
         self._rank, self._tp_size = _tp(vllm_config)
         self._sched = None
@@ -186,6 +206,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             ids = list(new.block_ids[0])
             self._blocks[new.req_id] = ids
             steps.append((new.req_id, ids, new.num_computed_tokens + scheduled.get(new.req_id, 0)))
+        preempted = getattr(scheduler_output, "preempted_req_ids", None)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set()) or set()
         for i, req_id in enumerate(cached.req_ids):
@@ -196,26 +217,27 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
                 self._blocks[req_id].extend(new_ids[0])
             computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
             steps.append((req_id, self._blocks[req_id], computed))
-        return KvtierMetadata(self._sched.build_plan(steps))
+        plan = self._sched.build_plan(steps, None if preempted is None else sorted(preempted))
+        return KvtierMetadata(plan)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
-        self._forget(request.request_id)
-        # Saves complete within the step that computes the chunk: nothing holds the blocks.
-        return False, None
+        # True while saves of the request may still be copying: vLLM keeps its blocks until
+        # the workers report it in get_finished.
+        return self._forget(request.request_id), None
 
     def request_finished_all_groups(
         self, request: Any, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, Optional[dict]]:
-        self._forget(request.request_id)
-        return False, None
+        return self._forget(request.request_id), None
 
-    def _forget(self, req_id: str) -> None:
+    def _forget(self, req_id: str) -> bool:
         self._blocks.pop(req_id, None)
-        if self._sched is not None:
-            try:
-                self._sched.finished(req_id)
-            except RuntimeError as e:
-                logger.warning("kvtier: unpin failed (%s); the lease will lapse", e)
+        if self._sched is None:
+            return False
+        delay, error = self._sched.finished(req_id)
+        if error:
+            logger.warning("kvtier: unpin failed (%s); the lease will lapse", error)
+        return delay
 
     # ---------------------------------------------------------------- worker side
 
@@ -225,11 +247,18 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         return True
 
     def register_kv_caches(self, kv_caches: dict[str, Any]):
-        self._register(list(kv_caches.items()), layer_dim=None)
+        named = list(kv_caches.items())
+        self._layer_index = {name: i for i, (name, _) in enumerate(named)}
+        self._register(named, layer_dim=None)
 
     def register_cross_layers_kv_cache(self, kv_cache: Any, attn_backend: Any):
-        # Its first dimension is the layers; the chunk's bytes are the same as with one
-        # tensor per layer, so both layouts share keys.
+        # Its first dimension is the layers, in the order of the KV cache config's tensors;
+        # the chunk's bytes are the same as with one tensor per layer, so both layouts share
+        # keys.
+        tensors = getattr(self._kv_cache_config, "kv_cache_tensors", None) or []
+        self._layer_index = {
+            name: i for i, t in enumerate(tensors) for name in getattr(t, "shared_by", ())
+        }
         self._register([("cross_layers", kv_cache)], layer_dim=0)
 
     def _register(self, named: list, layer_dim: Optional[int]) -> None:
@@ -249,6 +278,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             raise NotImplementedError(f"kvtier: no transfer backend for KV on {device}")
         self._worker = _native.Worker(self._socket, self._rank, backend, index)
+        self._worker.set_layerwise(self._layerwise)
         self._gpu = backend != "host"
         tensors = [
             (name, int(t.data_ptr()), list(t.shape), list(t.stride()), int(t.element_size()))
@@ -258,8 +288,10 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             tensors, self._facts["num_blocks"], self._blocks_per_chunk, self._chunk_bytes, layer_dim
         )
         logger.info(
-            "kvtier: %d KV tensors registered (%s), %d bytes per chunk, block runs %s",
+            "kvtier: %d KV tensors registered (%s), %d bytes per chunk, block runs %s, "
+            "%d layers per load stage",
             len(tensors), backend, self._chunk_bytes, self._worker.byte_order(),
+            self._worker.layers_per_stage,
         )
 
     def _on_engine_stream(self) -> None:
@@ -268,30 +300,56 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
 
             self._worker.set_stream(int(torch.cuda.current_stream().cuda_stream))
 
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+    def _plan(self) -> bytes:
         if self._worker is None or not self.has_connector_metadata():
-            return
-        plan = self._get_connector_metadata().plan
+            return b""
+        return self._get_connector_metadata().plan
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata):
+        # Preempted requests' blocks are free at once: the engine waits for their saves
+        # still copying before anything can overwrite them.
+        plan = getattr(kv_connector_metadata, "plan", b"")
+        if self._worker is not None and plan:
+            self._on_engine_stream()
+            self._worker.preempted(plan)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        plan = self._plan()
         if plan:
             self._on_engine_stream()
-            self._load_errors.update(self._worker.load(plan))
+            self._worker.start_load(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads finish in start_load_kv, before the first layer runs.
-        return None
+        if self._worker is not None:
+            # An unknown name (a layer sharing another's KV) waits for every stage.
+            self._worker.wait_layer(self._layer_index.get(layer_name))
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        # Whole chunks are saved after the forward pass, in wait_for_save.
+        # Whole chunks are saved after the forward pass, in wait_for_save: one batch of large
+        # copies per step instead of one per layer.
         return None
 
     def wait_for_save(self):
-        if self._worker is None or not self.has_connector_metadata():
-            return
-        plan = self._get_connector_metadata().plan
+        plan = self._plan()
         if plan:
             self._on_engine_stream()
-            self._worker.save(plan)
+            # Load failures first: saves of a request whose loads failed are skipped.
+            self._load_errors.update(self._worker.finish_load())
+            self._worker.start_save(plan)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        if self._worker is None:
+            return None, None
+        done = self._worker.finished_sending(sorted(finished_req_ids))
+        return (set(done) or None), None
+
+    def shutdown(self):
+        if self._worker is not None:
+            self._worker.flush()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if self._worker is not None:
+            # Steps without a forward pass never reach wait_for_save.
+            self._load_errors.update(self._worker.finish_load())
         failed, self._load_errors = self._load_errors, set()
         return failed

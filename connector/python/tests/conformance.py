@@ -8,8 +8,8 @@ Reads ``vllm/distributed/kv_transfer/kv_connector/v1/base.py`` from the released
 - every abstract method of ``KVConnectorBase_V1`` and ``SupportsHMA`` is implemented by
   ``kvtier.connector.KvtierConnector``;
 - every method the connector defines that the base also defines takes the same parameters
-  (names, order, ``*args``/``**kwargs``), ``__init__`` included (vLLM's factory passes
-  ``kv_cache_config`` by keyword);
+  (names, order, ``*args``/``**kwargs``), ``__init__`` and classmethods included (vLLM's
+  factory passes ``kv_cache_config`` by keyword);
 - the test stand-in of the base module declares exactly the release's abstract methods, with
   the same parameters, so the other tests exercise the real contract.
 
@@ -77,8 +77,11 @@ def main():
         for name, (params, varargs, varkw, abstract) in methods.items():
             if abstract and name not in own:
                 problems.append(f"{cls}.{name} is abstract in the release and not implemented")
-            if name in own and callable(own[name]) and not isinstance(own[name], classmethod):
-                got = live_params(own[name])
+            mine = own.get(name)
+            if isinstance(mine, classmethod):
+                mine = mine.__func__
+            if mine is not None and callable(mine):
+                got = live_params(mine)
                 if got != (params, varargs, varkw):
                     problems.append(f"{name}: release takes {params} (*{varargs}, **{varkw}), "
                                     f"connector takes {got[0]} (*{got[1]}, **{got[2]})")

@@ -8,6 +8,7 @@ memory shaped as vLLM's FlashAttention lays them out: ``(2, blocks, block_size, 
 import ctypes
 import os
 import pickle
+import time
 import unittest
 from types import SimpleNamespace
 
@@ -76,6 +77,8 @@ def config(socket=SOCKET, chunk_tokens=CHUNK):
     kv_cache_config = SimpleNamespace(
         num_blocks=BLOCKS,
         kv_cache_groups=[SimpleNamespace(layer_names=["l.0", "l.1"], kv_cache_spec=spec)],
+        kv_cache_tensors=[SimpleNamespace(size=BLOCKS * 2 * PAGE, shared_by=[n])
+                          for n in ("l.0", "l.1")],
     )
     return vllm_config, kv_cache_config
 
@@ -88,9 +91,10 @@ def blocks(ids):
     return SimpleNamespace(get_block_ids=lambda: (list(ids),))
 
 
-def step(new=(), cached=(), scheduled=None):
+def step(new=(), cached=(), scheduled=None, preempted=None):
     """A SchedulerOutput: ``new`` = (id, block ids, computed), ``cached`` = (id, new ids, computed)."""
     return SimpleNamespace(
+        preempted_req_ids=set(preempted or ()),
         scheduled_new_reqs=[
             SimpleNamespace(req_id=r, block_ids=(list(b),), num_computed_tokens=c) for r, b, c in new
         ],
@@ -119,6 +123,7 @@ class ConnectorTest(unittest.TestCase):
         meta = self.sched.build_connector_meta(so)
         self.assertIsInstance(meta, KvtierMetadata)
         meta = pickle.loads(pickle.dumps(meta))  # as it crosses to the worker process
+        self.worker.handle_preemptions(meta)
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)
         for name in self.kv:
@@ -131,6 +136,15 @@ class ConnectorTest(unittest.TestCase):
         self.worker.clear_connector_metadata()
         return meta
 
+    def sent(self, finished):
+        """The worker's get_finished, called each step as vLLM does, until it reports."""
+        got = self.worker.get_finished(set(finished))[0]
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.005)
+            got = self.worker.get_finished(set())[0]
+        return got
+
     def test_a_second_request_loads_what_the_first_saved(self):
         tokens = [(i * 7919) % 32000 for i in range(100)]
         a = request("a", tokens)
@@ -140,8 +154,11 @@ class ConnectorTest(unittest.TestCase):
                       compute=[(i, i) for i in range(7)])
         # Decode steps add no saves: decode-phase KV is never stored.
         meta = self.run_step(step(cached=[("a", [], 100)], scheduled={"a": 1}))
-        self.assertLess(len(meta.plan), 16, "an empty plan")
-        self.assertEqual(self.sched.request_finished(a, list(range(7))), (False, None))
+        self.assertLess(len(meta.plan), 24, "a plan with no loads or saves")
+        # Its saves may still be copying: vLLM keeps its blocks until the worker says so.
+        self.assertEqual(self.sched.request_finished(a, list(range(7))), (True, None))
+        self.assertEqual(self.sent({"a"}), {"a"})
+        self.assertEqual(self.worker.get_finished(set()), (None, None), "reported once")
 
         b = request("b", tokens + [1, 2, 3])
         # Three chunks of 32: the fourth holds the prompt's last tokens, which are computed.
@@ -153,7 +170,30 @@ class ConnectorTest(unittest.TestCase):
             for j in range(6):
                 for kv in (0, 1):
                     self.assertEqual(t.page(kv, 20 + j), t.page(kv, j), f"block {j} kv {kv}")
-        self.sched.request_finished_all_groups(b, (list(range(20, 27)),))
+        # B saved nothing (its chunks were loaded, its tail is not a full chunk): its blocks
+        # go at once, and the worker never reports it.
+        self.assertEqual(self.sched.request_finished_all_groups(b, (list(range(20, 27)),)),
+                         (False, None))
+        self.assertEqual(self.worker.get_finished({"b"}), (None, None))
+
+    def test_pipelining_is_on_by_default_and_asks_for_piecewise_graphs(self):
+        self.assertTrue(KvtierConnector.requires_piecewise_for_cudagraph({}))
+        self.assertFalse(KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": False}))
+        self.assertFalse(KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": "off"}))
+        self.assertEqual(self.worker._layer_index, {"l.0": 0, "l.1": 1})
+        self.assertEqual(self.worker._worker.layers_per_stage, 1, "a stage per layer")
+
+    def test_a_preempted_request_is_planned_for_the_workers(self):
+        tokens = [(i * 7) % 32000 for i in range(40)]
+        r = request("pre", tokens)
+        self.sched.get_num_new_matched_tokens(r, 0)
+        self.run_step(step(new=[("pre", range(40, 43), 0)], scheduled={"pre": 40}),
+                      compute=[(i, 40 + i) for i in range(3)])
+        # The next step preempts it; the worker orders the engine after its saves, then the
+        # request finishes and is reported once its saves are committed.
+        self.run_step(step(preempted={"pre"}))
+        self.assertEqual(self.sched.request_finished(r, []), (True, None))
+        self.assertEqual(self.sent({"pre"}), {"pre"})
 
     def test_local_prefix_hits_are_kept_and_the_engine_asks_only_for_the_rest(self):
         tokens = [(i * 104729) % 32000 for i in range(70)]
@@ -161,7 +201,8 @@ class ConnectorTest(unittest.TestCase):
         self.sched.get_num_new_matched_tokens(a, 0)
         self.run_step(step(new=[("p", range(5), 0)], scheduled={"p": 70}),
                       compute=[(i, i) for i in range(5)])
-        self.sched.request_finished(a, [])
+        self.assertEqual(self.sched.request_finished(a, []), (True, None))
+        self.assertEqual(self.sent({"p"}), {"p"}, "its saves are committed")
         # 16 tokens (one block) are already in the engine's own cache.
         q = request("q", tokens)
         self.assertEqual(self.sched.get_num_new_matched_tokens(q, 16), (48, False))
@@ -183,6 +224,8 @@ class ConnectorTest(unittest.TestCase):
         self.sched.get_num_new_matched_tokens(r, 0)
         self.run_step(step(new=[("x", range(3), 0)], scheduled={"x": 40}),
                       compute=[(i, i) for i in range(3)])
+        self.sched.request_finished(r, [])
+        self.assertEqual(self.sent({"x"}), {"x"})
         y = request("y", tokens)
         self.assertEqual(self.sched.get_num_new_matched_tokens(y, 0), (32, False))
         self.sched.update_state_after_alloc(y, blocks([9, 11, 13]), 32)

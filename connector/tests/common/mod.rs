@@ -1,5 +1,7 @@
 //! A node-agent on a fresh socket, for the tests.
 
+pub mod cache;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

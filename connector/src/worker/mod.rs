@@ -1,0 +1,240 @@
+//! The worker side: one per engine worker process (one per GPU). Maps the node-agent's pool,
+//! learns where the KV cache's blocks are, and carries out the scheduler's plan on the
+//! copier's own streams: loads are queued before the forward pass in stages of layers, each
+//! layer's attention waiting only for its own stage ([`load`]); saves are queued after the
+//! forward pass and committed to the agent when their copies are done, while the engine goes
+//! on ([`save`]).
+
+mod load;
+mod save;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use kvtier_node_agent::client::{Client, ClientError};
+
+use crate::layout::{block_layout, ChunkGeometry, LayoutError, TensorDesc};
+use crate::transfer::{Transfer, TransferError};
+
+pub use save::SaveReport;
+
+/// A stage's copies should reach this size where the layout allows it (DMA runs at link speed
+/// from about half a MiB per copy).
+pub const MIN_STAGE_COPY: usize = 512 << 10;
+
+/// Why the worker side cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The agent cannot be reached or refused.
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    /// The KV tensors cannot be used.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A copy failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The KV cache and the scheduler's idea of it disagree.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The pool has no free slots for a chunk right now.
+    #[error("the pool has no free slots")]
+    PoolFull,
+}
+
+/// Where the pool's slots are in this process.
+#[derive(Clone, Copy, Debug)]
+struct PoolView {
+    base: u64,
+    slots: u32,
+    slot_bytes: usize,
+}
+
+impl PoolView {
+    fn addrs(&self, slots: &[u32]) -> Result<Vec<u64>, WorkerError> {
+        slots
+            .iter()
+            .map(|&s| {
+                if s < self.slots {
+                    Ok(self.base + u64::from(s) * self.slot_bytes as u64)
+                } else {
+                    Err(WorkerError::Mismatch(format!(
+                        "slot {s} is outside the pool ({} slots)",
+                        self.slots
+                    )))
+                }
+            })
+            .collect()
+    }
+}
+
+fn locked(c: &Mutex<Client>) -> MutexGuard<'_, Client> {
+    c.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The worker side.
+pub struct WorkerCore {
+    client: Arc<Mutex<Client>>,
+    pool: PoolView,
+    rank: usize,
+    transfer: Box<dyn Transfer>,
+    geometry: Option<ChunkGeometry>,
+    layerwise: bool,
+    loading: Option<load::Loading>,
+    /// Blocks whose loads failed, until vLLM asks.
+    load_errors: Vec<u32>,
+    /// Requests whose loads failed this step: their saves are skipped (their KV was computed
+    /// on top of blocks that did not load).
+    failed_reqs: HashSet<String>,
+    saving: save::Saving,
+}
+
+impl std::fmt::Debug for WorkerCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerCore")
+            .field("rank", &self.rank)
+            .field("transfer", &self.transfer.name())
+            .field("geometry", &self.geometry)
+            .field("layerwise", &self.layerwise)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerCore {
+    /// Attaches to the agent at `socket` as tensor-parallel `rank`, copying with `transfer`.
+    ///
+    /// # Errors
+    /// When the agent cannot be reached.
+    pub fn connect(
+        socket: &Path,
+        rank: usize,
+        transfer: Box<dyn Transfer>,
+    ) -> Result<Self, WorkerError> {
+        Self::connect_with(socket, rank, |_, _| Ok(transfer))
+    }
+
+    /// As [`WorkerCore::connect`], with the copier made from the pool mapping (address and
+    /// length), which GPU backends register for DMA.
+    ///
+    /// # Errors
+    /// When the agent cannot be reached or the copier cannot be made.
+    pub fn connect_with(
+        socket: &Path,
+        rank: usize,
+        make: impl FnOnce(*mut u8, usize) -> Result<Box<dyn Transfer>, TransferError>,
+    ) -> Result<Self, WorkerError> {
+        let mut client = Client::connect(socket, &format!("kvtier-worker-{rank}"))?;
+        client.set_checksums(false);
+        let slot_bytes = client.slot_bytes() as usize;
+        let len = client.slots() as usize * slot_bytes;
+        let base = client.pool_mut().slot_mut(0).as_mut_ptr();
+        let pool = PoolView { base: base as u64, slots: client.slots(), slot_bytes };
+        let transfer = make(base, len)?;
+        let client = Arc::new(Mutex::new(client));
+        let saving = save::Saving::start(Arc::clone(&client), rank);
+        Ok(Self {
+            client,
+            pool,
+            rank,
+            transfer,
+            geometry: None,
+            layerwise: true,
+            loading: None,
+            load_errors: Vec::new(),
+            failed_reqs: HashSet::new(),
+            saving,
+        })
+    }
+
+    /// Orders the next copies and waits on the engine's `stream` (GPU backends).
+    pub fn set_stream(&mut self, stream: u64) {
+        self.transfer.set_stream(stream);
+    }
+
+    /// Whether loads are pipelined layer by layer (the default), or finish as one batch
+    /// before the first layer. Pipelining needs vLLM to call `wait_for_layer_load` in every
+    /// step, which full CUDA graphs skip: the connector then asks vLLM for piecewise graphs.
+    pub fn set_layerwise(&mut self, on: bool) {
+        self.layerwise = on;
+    }
+
+    /// The copier's name.
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        self.transfer.name()
+    }
+
+    /// Learns the KV cache: `tensors` (one per layer, in the engine's order), each holding
+    /// `num_blocks` blocks, `blocks_per_chunk` blocks per chunk; with `layer_dim`, each tensor
+    /// holds every layer along that dimension (vLLM's cross-layer layout) and is split into
+    /// per-layer views first. `chunk_bytes` is the scheduler's figure for one chunk on this
+    /// rank; a different one here means the two sides would disagree on every byte, so it is
+    /// refused.
+    ///
+    /// # Safety
+    /// Every tensor's memory (its address, shape and strides) must stay valid, and not be
+    /// freed or moved, for as long as this worker runs plans: the engine allocates the KV
+    /// cache once per process and keeps it.
+    ///
+    /// # Errors
+    /// When a tensor's layout cannot be derived or the sizes disagree.
+    #[allow(unsafe_code)]
+    pub unsafe fn register(
+        &mut self,
+        tensors: &[TensorDesc],
+        num_blocks: usize,
+        blocks_per_chunk: usize,
+        chunk_bytes: usize,
+        layer_dim: Option<usize>,
+    ) -> Result<(), WorkerError> {
+        let views: Vec<TensorDesc> = match layer_dim {
+            None => tensors.to_vec(),
+            Some(d) => {
+                let mut v = Vec::new();
+                for t in tensors {
+                    v.extend(t.split(d)?);
+                }
+                v
+            }
+        };
+        let layouts = views
+            .iter()
+            .map(|t| block_layout(t, num_blocks, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        let g = ChunkGeometry::new(layouts, blocks_per_chunk)?;
+        if g.chunk_bytes() != chunk_bytes {
+            return Err(WorkerError::Mismatch(format!(
+                "the KV tensors hold {} bytes per chunk, the scheduler expects {chunk_bytes}",
+                g.chunk_bytes()
+            )));
+        }
+        self.geometry = Some(g);
+        Ok(())
+    }
+
+    /// How the registered tensors order a block's bytes (for the layout fingerprint).
+    #[must_use]
+    pub fn byte_order(&self) -> String {
+        self.geometry
+            .as_ref()
+            .and_then(|g| g.tensors.first())
+            .map(crate::layout::BlockLayout::describe)
+            .unwrap_or_default()
+    }
+
+    /// Layers each load stage moves (1 with one tensor per layer; more with the cross-layer
+    /// layout, so each copy stays large; every layer when loads are not pipelined).
+    #[must_use]
+    pub fn layers_per_stage(&self) -> usize {
+        match &self.geometry {
+            None => 1,
+            Some(g) if !self.layerwise => g.tensors.len().max(1),
+            Some(g) => g.layers_per_stage(MIN_STAGE_COPY),
+        }
+    }
+
+    fn geometry(&self) -> Result<&ChunkGeometry, WorkerError> {
+        self.geometry.as_ref().ok_or_else(|| WorkerError::Mismatch("no KV cache registered".into()))
+    }
+}
