@@ -74,7 +74,7 @@ proptest! {
 #[test]
 fn responses_round_trip() {
     let all = [
-        Response::Hello { pool_bytes: 1 << 30, slot_bytes: 1 << 20, slots: 1024 },
+        Response::Hello { pool_bytes: 1 << 30, slot_bytes: 1 << 20, slots: 1024, pool_id: 42 },
         Response::Lookup {
             prefix: 1,
             tiers: vec![Tier::Dram, Tier::Nvme],

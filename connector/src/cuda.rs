@@ -25,6 +25,22 @@ fn check(what: &str, r: sys::CUresult) -> Result<(), TransferError> {
     }
 }
 
+/// Registers `[pool, pool + len)` for DMA (a mapping already registered is fine).
+///
+/// # Safety
+/// The range must be a live mapping; a context must be current.
+#[allow(unsafe_code)]
+unsafe fn register(pool: *mut u8, len: usize) -> Result<(), TransferError> {
+    // SAFETY: the caller's contract.
+    let r = unsafe {
+        sys::cuMemHostRegister_v2(pool.cast::<c_void>(), len, sys::CU_MEMHOSTREGISTER_PORTABLE)
+    };
+    if r == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
+        return Ok(());
+    }
+    check("cuMemHostRegister", r)
+}
+
 /// The end of one batch: a CUDA event.
 struct CudaSignal {
     event: sys::CUevent,
@@ -75,6 +91,8 @@ impl Drop for CudaSignal {
 #[derive(Debug)]
 pub struct CudaCopy {
     ctx: sys::CUcontext,
+    /// The registered pool mapping.
+    pool: *mut c_void,
     engine: u64,
     loads: sys::CUstream,
     saves: sys::CUstream,
@@ -113,21 +131,14 @@ impl CudaCopy {
                 check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
                 check("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx))?;
             }
-            let r = sys::cuMemHostRegister_v2(
-                pool.cast::<c_void>(),
-                len,
-                sys::CU_MEMHOSTREGISTER_PORTABLE,
-            );
-            if r != sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
-                check("cuMemHostRegister", r)?;
-            }
+            register(pool, len)?;
             let flags = sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32;
             let mut loads: sys::CUstream = std::ptr::null_mut();
             check("cuStreamCreate", sys::cuStreamCreate(&mut loads, flags))?;
             let mut saves: sys::CUstream = std::ptr::null_mut();
             check("cuStreamCreate", sys::cuStreamCreate(&mut saves, flags))?;
             let batch = sys::culib().get::<*const c_void>(b"cuMemcpyBatchAsync\0").is_ok();
-            Ok(Self { ctx, engine: 0, loads, saves, batch })
+            Ok(Self { ctx, pool: pool.cast(), engine: 0, loads, saves, batch })
         }
     }
 
@@ -247,6 +258,18 @@ impl Transfer for CudaCopy {
         self.engine = stream;
     }
 
+    unsafe fn attach(&mut self, pool: *mut u8, len: usize) -> Result<(), TransferError> {
+        // SAFETY: the caller hands a live mapping and no batch is in flight on the old one;
+        // the engine's context is made current first.
+        unsafe {
+            check("cuCtxSetCurrent", sys::cuCtxSetCurrent(self.ctx))?;
+            register(pool, len)?;
+            let _ = sys::cuMemHostUnregister(self.pool);
+        }
+        self.pool = pool.cast();
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }
@@ -255,10 +278,14 @@ impl Transfer for CudaCopy {
 #[allow(unsafe_code)]
 impl Drop for CudaCopy {
     fn drop(&mut self) {
-        // SAFETY: our streams; the driver releases them once their queued work is done.
+        // SAFETY: our streams, released once their queued work is done; the pool mapping is
+        // still mapped (the worker drops its copier before its connection).
         unsafe {
+            let _ = sys::cuStreamSynchronize(self.loads);
+            let _ = sys::cuStreamSynchronize(self.saves);
             let _ = sys::cuStreamDestroy_v2(self.loads);
             let _ = sys::cuStreamDestroy_v2(self.saves);
+            let _ = sys::cuMemHostUnregister(self.pool);
         }
     }
 }

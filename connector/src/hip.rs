@@ -37,6 +37,22 @@ fn check(what: &str, r: hiprt::hipError_t) -> Result<(), TransferError> {
     }
 }
 
+/// Registers `[pool, pool + len)` for DMA (a mapping already registered is fine).
+///
+/// # Safety
+/// The range must be a live mapping.
+#[allow(unsafe_code)]
+unsafe fn register(pool: *mut u8, len: usize) -> Result<(), TransferError> {
+    // SAFETY: the caller's contract.
+    let r = unsafe {
+        hiprt::hipHostRegister(pool.cast::<c_void>(), len, hiprt::hipHostRegisterPortable)
+    };
+    if r == hiprt::hipError_t::hipErrorHostMemoryAlreadyRegistered {
+        return Ok(());
+    }
+    check("hipHostRegister", r)
+}
+
 /// The end of one batch: a HIP event.
 struct HipSignal {
     event: hiprt::hipEvent_t,
@@ -84,6 +100,8 @@ impl Drop for HipSignal {
 /// Copies through the HIP runtime on the copier's streams, ordered against the engine's.
 pub struct HipCopy {
     device: i32,
+    /// The registered pool mapping.
+    pool: *mut c_void,
     engine: u64,
     loads: hiprt::hipStream_t,
     saves: hiprt::hipStream_t,
@@ -120,11 +138,7 @@ impl HipCopy {
         unsafe {
             check("hipInit", hiprt::hipInit(0))?;
             check("hipSetDevice", hiprt::hipSetDevice(ordinal))?;
-            let r =
-                hiprt::hipHostRegister(pool.cast::<c_void>(), len, hiprt::hipHostRegisterPortable);
-            if r != hiprt::hipError_t::hipErrorHostMemoryAlreadyRegistered {
-                check("hipHostRegister", r)?;
-            }
+            register(pool, len)?;
             let mut loads: hiprt::hipStream_t = std::ptr::null_mut();
             check(
                 "hipStreamCreateWithFlags",
@@ -140,7 +154,7 @@ impl HipCopy {
                 let f = *lib.get::<BatchFn>(b"hipMemcpyBatchAsync\0").ok()?;
                 Some((lib, f))
             });
-            Ok(Self { device: ordinal, engine: 0, loads, saves, batch })
+            Ok(Self { device: ordinal, pool: pool.cast(), engine: 0, loads, saves, batch })
         }
     }
 
@@ -268,6 +282,17 @@ impl Transfer for HipCopy {
         self.engine = stream;
     }
 
+    unsafe fn attach(&mut self, pool: *mut u8, len: usize) -> Result<(), TransferError> {
+        // SAFETY: the caller hands a live mapping and no batch is in flight on the old one.
+        unsafe {
+            check("hipSetDevice", hiprt::hipSetDevice(self.device))?;
+            register(pool, len)?;
+            let _ = hiprt::hipHostUnregister(self.pool);
+        }
+        self.pool = pool.cast();
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         "hip"
     }
@@ -276,10 +301,14 @@ impl Transfer for HipCopy {
 #[allow(unsafe_code)]
 impl Drop for HipCopy {
     fn drop(&mut self) {
-        // SAFETY: our streams; the runtime releases them once their queued work is done.
+        // SAFETY: our streams, released once their queued work is done; the pool mapping is
+        // still mapped (the worker drops its copier before its connection).
         unsafe {
+            let _ = hiprt::hipStreamSynchronize(self.loads);
+            let _ = hiprt::hipStreamSynchronize(self.saves);
             let _ = hiprt::hipStreamDestroy(self.loads);
             let _ = hiprt::hipStreamDestroy(self.saves);
+            let _ = hiprt::hipHostUnregister(self.pool);
         }
     }
 }

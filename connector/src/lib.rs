@@ -8,6 +8,7 @@ pub mod cuda;
 #[cfg(feature = "rocm")]
 pub mod hip;
 pub mod layout;
+pub mod link;
 pub mod plan;
 pub mod scheduler;
 pub mod transfer;

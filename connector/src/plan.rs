@@ -5,7 +5,7 @@
 use kvtier_api::chunk::ChunkKey;
 
 const MAGIC: &[u8; 4] = b"KVTP";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// Bound on any list in a plan.
 const MAX_ITEMS: usize = 1 << 20;
 
@@ -18,6 +18,9 @@ pub struct LoadJob {
     pub block_ids: Vec<u32>,
     /// Blocks before this index are already computed and not written.
     pub from: u32,
+    /// The pool the slots are in (the agent's pool id): a worker attached to another pool
+    /// (the agent restarted in between) refuses the load instead of copying wrong bytes.
+    pub pool: u64,
     /// Pool slots holding the chunk's parts, per tensor-parallel rank: `slots[rank][part]`.
     pub slots: Vec<Vec<u32>>,
 }
@@ -125,6 +128,7 @@ impl Plan {
             w.str(&l.req);
             w.u32s(&l.block_ids);
             w.u32(l.from);
+            w.0.extend_from_slice(&l.pool.to_le_bytes());
             w.len(l.slots.len());
             for s in &l.slots {
                 w.u32s(s);
@@ -169,13 +173,14 @@ impl Plan {
             return Err(PlanError("unknown plan version"));
         }
         let mut plan = Plan::default();
-        for _ in 0..r.len(12)? {
+        for _ in 0..r.len(20)? {
             let req = r.str()?;
             let block_ids = r.u32s()?;
             let from = r.u32()?;
+            let pool = r.u64()?;
             let ranks = r.len(4)?;
             let slots = (0..ranks).map(|_| r.u32s()).collect::<Result<_, _>>()?;
-            plan.loads.push(LoadJob { req, block_ids, from, slots });
+            plan.loads.push(LoadJob { req, block_ids, from, pool, slots });
         }
         for _ in 0..r.len(20)? {
             let req = r.str()?;
@@ -218,6 +223,7 @@ mod tests {
                 req: "req-1".into(),
                 block_ids: vec![4, 9, 2],
                 from: 1,
+                pool: 77,
                 slots: vec![vec![10, 11], vec![12, 13]],
             }],
             saves: vec![SaveJob {
@@ -239,9 +245,9 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(Plan::decode(&bytes[..cut]).is_err(), "truncated at {cut}");
         }
-        let mut v1 = bytes.clone();
-        v1[4] = 1;
-        assert_eq!(Plan::decode(&v1), Err(PlanError("unknown plan version")));
+        let mut old = bytes.clone();
+        old[4] = VERSION - 1;
+        assert_eq!(Plan::decode(&old), Err(PlanError("unknown plan version")));
         let mut huge = bytes;
         huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Plan::decode(&huge).is_err());
@@ -250,7 +256,7 @@ mod tests {
     proptest! {
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut v = b"KVTP\x02".to_vec();
+            let mut v = b"KVTP\x03".to_vec();
             v.extend_from_slice(&b);
             let _ = Plan::decode(&v);
         }

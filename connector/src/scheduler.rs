@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use kvtier_api::agent::{Request, Tier};
 use kvtier_api::chunk::{chunk_keys, ChunkKey, CHUNK_SEED};
-use kvtier_node_agent::client::{Client, ClientError};
+use kvtier_node_agent::client::ClientError;
 use twox_hash::XxHash3_128;
 
+use crate::link::Link;
 use crate::plan::{LoadJob, Plan, SaveJob};
 
 /// The scheduler side's settings.
@@ -71,6 +72,8 @@ struct Req {
     loadable: usize,
     /// Chunks matched in DRAM and pinned.
     matched: usize,
+    /// The pool `slots` and `pinned` belong to.
+    pool: u64,
     /// `slots[chunk][rank][part]` of the matched chunks.
     slots: Vec<Vec<Vec<u32>>>,
     pinned: Vec<ChunkKey>,
@@ -97,7 +100,7 @@ pub struct Step {
 #[derive(Debug)]
 pub struct SchedulerCore {
     cfg: SchedulerConfig,
-    client: Client,
+    link: Link,
     parts: u32,
     reqs: HashMap<String, Req>,
     loads: Vec<LoadJob>,
@@ -121,11 +124,11 @@ impl SchedulerCore {
         if cfg.layouts.is_empty() || cfg.chunk_bytes == 0 {
             return Err(SchedulerError::Config("no ranks or an empty chunk".into()));
         }
-        let client = Client::connect(&cfg.socket, "kvtier-scheduler")?;
-        let slot = client.slot_bytes() as usize;
+        let link = Link::connect(&cfg.socket, "kvtier-scheduler")?.auto();
+        let slot = link.slot_bytes() as usize;
         let parts = u32::try_from(cfg.chunk_bytes.div_ceil(slot))
             .map_err(|_| SchedulerError::Config("chunk too large".into()))?;
-        Ok(Self { cfg, client, parts, reqs: HashMap::new(), loads: Vec::new() })
+        Ok(Self { cfg, link, parts, reqs: HashMap::new(), loads: Vec::new() })
     }
 
     /// Pool slots per chunk and rank.
@@ -172,6 +175,7 @@ impl SchedulerCore {
                     loadable: loadable.min(keys.len()),
                     keys,
                     matched: 0,
+                    pool: 0,
                     slots: Vec::new(),
                     pinned: Vec::new(),
                     prefetch_until: None,
@@ -188,7 +192,7 @@ impl SchedulerCore {
             return Ok(Some(0));
         }
         let per_chunk = self.cfg.layouts.len() * self.parts as usize;
-        let found = self.client.lookup(&flat)?;
+        let found = self.link.call(|c| c.lookup(&flat))?;
         let in_dram = found.prefix as usize / per_chunk;
         // Chunks after the DRAM prefix that NVMe still holds whole.
         let on_nvme = found.tiers[in_dram * per_chunk..]
@@ -201,7 +205,7 @@ impl SchedulerCore {
             match r.prefetch_until {
                 None => {
                     let keys = flat[in_dram * per_chunk..(in_dram + on_nvme) * per_chunk].to_vec();
-                    self.client.ack(&Request::Prefetch { keys })?;
+                    self.link.call(|c| c.ack(&Request::Prefetch { keys }))?;
                     r.prefetch_until = Some(now + self.cfg.nvme_wait);
                     return Ok(None);
                 }
@@ -212,13 +216,25 @@ impl SchedulerCore {
         // Pin what DRAM holds, then look again: a chunk evicted in between is not counted.
         let matched_keys = flat[..in_dram * per_chunk].to_vec();
         let lease_ms = u32::try_from(self.cfg.lease.as_millis()).unwrap_or(u32::MAX);
-        if !matched_keys.is_empty() {
-            self.client.ack(&Request::Pin { keys: matched_keys.clone(), lease_ms })?;
-        }
-        let again =
-            if matched_keys.is_empty() { None } else { Some(self.client.lookup(&matched_keys)?) };
+        let pool = self.link.pool_id();
+        let again = if matched_keys.is_empty() {
+            None
+        } else {
+            let keys = matched_keys.clone();
+            let a = self.link.call(|c| {
+                c.ack(&Request::Pin { keys: keys.clone(), lease_ms })?;
+                c.lookup(&keys)
+            })?;
+            // Pinned and found in the same pool: an agent that restarted in between has
+            // another id, and nothing from the old one is used.
+            if self.link.pool_id() != pool {
+                return Ok(Some(0));
+            }
+            Some(a)
+        };
         let r = self.reqs.get_mut(req).expect("present");
         r.pinned = matched_keys;
+        r.pool = pool;
         let (matched, slots) = match again {
             None => (0, Vec::new()),
             Some(a) => {
@@ -280,6 +296,7 @@ impl SchedulerCore {
                 req: req.to_owned(),
                 block_ids: block_ids[c * bpc..(c + 1) * bpc].to_vec(),
                 from: from as u32,
+                pool: r.pool,
                 slots: r.slots[c].clone(),
             });
         }
@@ -318,8 +335,9 @@ impl SchedulerCore {
     /// know whether to delay anyway ask [`SchedulerCore::saving`] first.
     pub fn finished(&mut self, req: &str) -> Result<bool, SchedulerError> {
         if let Some(r) = self.reqs.remove(req) {
-            if !r.pinned.is_empty() {
-                self.client.ack(&Request::Unpin { keys: r.pinned })?;
+            // Pins of a pool that is gone went with it.
+            if !r.pinned.is_empty() && r.pool == self.link.pool_id() && self.link.is_up() {
+                self.link.call(|c| c.ack(&Request::Unpin { keys: r.pinned }))?;
             }
             return Ok(r.saving);
         }

@@ -143,6 +143,7 @@ fn bad_plans_become_load_errors_and_a_full_pool_skips_saves() {
         req: "x".into(),
         block_ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
         from: 2,
+        pool: hog.pool_id(),
         slots: vec![vec![0, 99], vec![0, 1]],
     });
     assert_eq!(ws[0].load(&bad), vec![3, 4, 5, 6, 7, 8], "a slot outside the pool fails the load");

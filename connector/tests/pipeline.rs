@@ -208,10 +208,12 @@ fn a_request_whose_load_failed_saves_nothing_that_step() {
     cache.compute(0, &blocks);
     let mut plan =
         s.build_plan(&[Step { req: "x".into(), block_ids: blocks, computed_after: 300 }], None);
+    let pool = kvtier_node_agent::Client::connect(&socket, "probe").expect("attach").pool_id();
     plan.loads.push(LoadJob {
         req: "x".into(),
         block_ids: vec![30, 31],
         from: 0,
+        pool,
         slots: vec![vec![9999, 9998]],
     });
     assert_eq!(w.load(&plan), vec![30, 31], "a slot outside the pool");

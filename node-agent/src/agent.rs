@@ -14,6 +14,19 @@ use crate::index::{ClientId, Index, Millis};
 use crate::nvme::NvmeTier;
 use crate::pool::{checksum, DramPool};
 
+/// A pool identity no earlier agent on this node had: the process's random hash seed mixed
+/// with the clock (never 0).
+fn new_pool_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
 /// What every connection shares.
 #[derive(Debug)]
 pub struct Agent {
@@ -27,6 +40,7 @@ pub struct Agent {
     /// Write chunks to NVMe when DRAM evicts them, instead of at commit.
     write_back: bool,
     residency: Mutex<Residency>,
+    pool_id: u64,
 }
 
 pub(crate) const DRAM: usize = 0;
@@ -143,7 +157,14 @@ impl Agent {
             nvme: None,
             write_back: false,
             residency: Mutex::new(Residency::new()),
+            pool_id: new_pool_id(),
         }
+    }
+
+    /// The pool's identity for this agent's life (sent with every `Hello`).
+    #[must_use]
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
     }
 
     fn residency(&self) -> std::sync::MutexGuard<'_, Residency> {

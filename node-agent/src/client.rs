@@ -56,6 +56,7 @@ pub struct Client {
     pool: MappedPool,
     slots: u32,
     slot_bytes: u32,
+    pool_id: u64,
     checksums: bool,
 }
 
@@ -104,10 +105,10 @@ impl Client {
         let mut body = vec![0u8; h.body_len as usize];
         stream.read_exact(&mut body)?;
         match Response::decode(h.op, &body)? {
-            Response::Hello { pool_bytes, slot_bytes, slots } => {
+            Response::Hello { pool_bytes, slot_bytes, slots, pool_id } => {
                 let fd = fd.ok_or_else(|| std::io::Error::other("the agent sent no pool"))?;
                 let pool = MappedPool::map(fd, pool_bytes, slot_bytes)?;
-                Ok(Self { stream, next_id: 1, pool, slots, slot_bytes, checksums: true })
+                Ok(Self { stream, next_id: 1, pool, slots, slot_bytes, pool_id, checksums: true })
             }
             Response::Error { code, message } => Err(ClientError::Refused { code, message }),
             other => Err(ClientError::Unexpected(Box::new(other))),
@@ -130,6 +131,12 @@ impl Client {
     #[must_use]
     pub fn slot_bytes(&self) -> u32 {
         self.slot_bytes
+    }
+
+    /// The pool's identity (a restarted agent's pool has another).
+    #[must_use]
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
     }
 
     /// The mapped pool.

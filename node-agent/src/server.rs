@@ -96,6 +96,7 @@ async fn connection(agent: &Arc<Agent>, client: ClientId, mut s: UnixStream) -> 
                 pool_bytes: agent.pool().bytes(),
                 slot_bytes: agent.pool().slot_bytes(),
                 slots: agent.pool().slots(),
+                pool_id: agent.pool_id(),
             };
             send_with_fd(&s, &reply.encode(h.request_id), agent)
                 .await

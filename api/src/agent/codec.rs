@@ -277,10 +277,11 @@ impl Response {
     pub fn encode(&self, request_id: u32) -> Vec<u8> {
         let mut w = W::default();
         let op = match self {
-            Response::Hello { pool_bytes, slot_bytes, slots } => {
+            Response::Hello { pool_bytes, slot_bytes, slots, pool_id } => {
                 w.u64(*pool_bytes);
                 w.u32(*slot_bytes);
                 w.u32(*slots);
+                w.u64(*pool_id);
                 op::HELLO | op::REPLY
             }
             Response::Lookup { prefix, tiers, slots } => {
@@ -328,9 +329,12 @@ impl Response {
             return Err(ProtocolError::Op(op));
         }
         let res = match op & !op::REPLY {
-            op::HELLO => {
-                Response::Hello { pool_bytes: r.u64()?, slot_bytes: r.u32()?, slots: r.u32()? }
-            }
+            op::HELLO => Response::Hello {
+                pool_bytes: r.u64()?,
+                slot_bytes: r.u32()?,
+                slots: r.u32()?,
+                pool_id: r.u64()?,
+            },
             op::LOOKUP => {
                 let prefix = r.u32()?;
                 let n = r.count(1)?;

@@ -170,6 +170,9 @@ pub enum Response {
         slot_bytes: u32,
         /// Slots.
         slots: u32,
+        /// This pool's identity, for the agent's life: a restarted agent has another, so slot
+        /// numbers learnt from one pool are never applied to another.
+        pool_id: u64,
     },
     /// Per key: tier and, in DRAM, its slot; and the length of the leading run in DRAM.
     Lookup {

@@ -119,6 +119,20 @@ pub trait Transfer: Send {
     /// The engine's stream later batches and waits are ordered against (GPU backends; 0: the
     /// default stream).
     fn set_stream(&mut self, _stream: u64) {}
+    /// Takes the pool mapping `[pool, pool + len)` in place of the current one (the agent
+    /// restarted with a new pool): GPU backends register the new mapping for DMA and release
+    /// the old, which the caller unmaps next. No batch is in flight.
+    ///
+    /// # Errors
+    /// When the runtime refuses the new mapping (the old one stays).
+    ///
+    /// # Safety
+    /// `[pool, pool + len)` must be a live mapping for as long as the copier uses it, and the
+    /// old one must stay mapped until this returns.
+    #[allow(unsafe_code)]
+    unsafe fn attach(&mut self, _pool: *mut u8, _len: usize) -> Result<(), TransferError> {
+        Ok(())
+    }
     /// The backend's name, for logs and metrics.
     fn name(&self) -> &'static str;
 }

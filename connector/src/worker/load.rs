@@ -40,6 +40,12 @@ impl WorkerCore {
         let slots = job.slots.get(self.rank).ok_or_else(|| {
             WorkerError::Mismatch(format!("the plan has no slots for rank {}", self.rank))
         })?;
+        if job.pool != self.pool.id {
+            return Err(WorkerError::Mismatch(format!(
+                "the load's slots are in pool {:#x}, this worker maps pool {:#x}",
+                job.pool, self.pool.id
+            )));
+        }
         let parts = self.pool.addrs(slots)?;
         if parts.len() * self.pool.slot_bytes < g.chunk_bytes() {
             return Err(WorkerError::Mismatch("too few slots for a chunk".into()));
@@ -59,6 +65,11 @@ impl WorkerCore {
         self.settle_load();
         if plan.loads.is_empty() {
             return;
+        }
+        // Slots of another pool than ours: the agent restarted and the scheduler side is on
+        // its new pool already; attach to it too (or refuse those loads below).
+        if plan.loads.iter().any(|j| j.pool != self.pool.id) {
+            self.rejoin();
         }
         let mut l = Loading {
             stages: Vec::new(),

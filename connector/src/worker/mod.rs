@@ -12,9 +12,10 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use kvtier_node_agent::client::{Client, ClientError};
+use kvtier_node_agent::client::ClientError;
 
 use crate::layout::{block_layout, ChunkGeometry, LayoutError, TensorDesc};
+use crate::link::Link;
 use crate::transfer::{Transfer, TransferError};
 
 pub use save::SaveReport;
@@ -43,15 +44,26 @@ pub enum WorkerError {
     PoolFull,
 }
 
-/// Where the pool's slots are in this process.
+/// Where the pool's slots are in this process, and which pool it is.
 #[derive(Clone, Copy, Debug)]
 struct PoolView {
+    id: u64,
     base: u64,
     slots: u32,
     slot_bytes: usize,
 }
 
 impl PoolView {
+    /// The view of `client`'s pool, with the mapping's address and length.
+    fn of(client: &mut kvtier_node_agent::Client) -> (Self, *mut u8, usize) {
+        let slot_bytes = client.slot_bytes() as usize;
+        let len = client.slots() as usize * slot_bytes;
+        let base = client.pool_mut().slot_mut(0).as_mut_ptr();
+        let view =
+            Self { id: client.pool_id(), base: base as u64, slots: client.slots(), slot_bytes };
+        (view, base, len)
+    }
+
     fn addrs(&self, slots: &[u32]) -> Result<Vec<u64>, WorkerError> {
         slots
             .iter()
@@ -69,16 +81,17 @@ impl PoolView {
     }
 }
 
-fn locked(c: &Mutex<Client>) -> MutexGuard<'_, Client> {
+fn locked(c: &Mutex<Link>) -> MutexGuard<'_, Link> {
     c.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The worker side.
 pub struct WorkerCore {
-    client: Arc<Mutex<Client>>,
+    // Dropped first: the copier lets go of the pool mapping before the connection unmaps it.
+    transfer: Box<dyn Transfer>,
+    link: Arc<Mutex<Link>>,
     pool: PoolView,
     rank: usize,
-    transfer: Box<dyn Transfer>,
     geometry: Option<ChunkGeometry>,
     layerwise: bool,
     loading: Option<load::Loading>,
@@ -124,17 +137,14 @@ impl WorkerCore {
         rank: usize,
         make: impl FnOnce(*mut u8, usize) -> Result<Box<dyn Transfer>, TransferError>,
     ) -> Result<Self, WorkerError> {
-        let mut client = Client::connect(socket, &format!("kvtier-worker-{rank}"))?;
-        client.set_checksums(false);
-        let slot_bytes = client.slot_bytes() as usize;
-        let len = client.slots() as usize * slot_bytes;
-        let base = client.pool_mut().slot_mut(0).as_mut_ptr();
-        let pool = PoolView { base: base as u64, slots: client.slots(), slot_bytes };
+        let mut link = Link::connect(socket, &format!("kvtier-worker-{rank}"))?;
+        link.set_checksums(false);
+        let (pool, base, len) = PoolView::of(link.client_mut());
         let transfer = make(base, len)?;
-        let client = Arc::new(Mutex::new(client));
-        let saving = save::Saving::start(Arc::clone(&client), rank);
+        let link = Arc::new(Mutex::new(link));
+        let saving = save::Saving::start(Arc::clone(&link), rank);
         Ok(Self {
-            client,
+            link,
             pool,
             rank,
             transfer,
@@ -232,6 +242,43 @@ impl WorkerCore {
             Some(g) if !self.layerwise => g.tensors.len().max(1),
             Some(g) => g.layers_per_stage(MIN_STAGE_COPY),
         }
+    }
+
+    /// Attaches again after the agent went away (a lost connection, or plans naming another
+    /// pool than ours), at most once per [`crate::link::RETRY`]: finishes the copies in flight
+    /// on the old pool, connects, registers the new pool with the copier, then lets the old
+    /// mapping go. Returns whether the worker is on a new pool.
+    #[allow(unsafe_code)]
+    fn rejoin(&mut self) -> bool {
+        if !locked(&self.link).retry_due() {
+            return false;
+        }
+        self.settle_load();
+        self.flush_saves();
+        let fresh = locked(&self.link).reconnect();
+        let mut client = match fresh {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the node-agent is still away");
+                return false;
+            }
+        };
+        if client.pool_id() == self.pool.id {
+            // The same agent: our connection was fine after all.
+            return false;
+        }
+        let (pool, base, len) = PoolView::of(&mut client);
+        // SAFETY: the new mapping lives in `client`, which becomes the link's connection and
+        // stays until the next rejoin; the old one is dropped only after this returns.
+        if let Err(e) = unsafe { self.transfer.attach(base, len) } {
+            tracing::warn!(error = %e, "the new pool cannot be registered; saves and loads stay off");
+            return false;
+        }
+        let old = locked(&self.link).replace(client);
+        drop(old);
+        self.pool = pool;
+        tracing::info!(pool = pool.id, "worker attached to the restarted node-agent's pool");
+        true
     }
 
     fn geometry(&self) -> Result<&ChunkGeometry, WorkerError> {

@@ -14,8 +14,8 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use crate::link::Link;
 use kvtier_api::agent::{Commit, Request, NO_CHECKSUM};
-use kvtier_node_agent::client::Client;
 
 use crate::plan::{Plan, SaveJob};
 use crate::transfer::{copies, Copy, Done};
@@ -53,9 +53,10 @@ struct Reserved {
     bytes: u64,
 }
 
-/// One queued batch of chunks.
+/// One queued batch of chunks, reserved in pool `pool`.
 struct Pending {
     done: Done,
+    pool: u64,
     chunks: Vec<Reserved>,
 }
 
@@ -92,8 +93,8 @@ pub(super) struct Saving {
 }
 
 impl Saving {
-    /// Starts the commit thread, which commits through `client`.
-    pub(super) fn start(client: Arc<Mutex<Client>>, rank: usize) -> Self {
+    /// Starts the commit thread, which commits through `link`.
+    pub(super) fn start(link: Arc<Mutex<Link>>, rank: usize) -> Self {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = channel::<Pending>();
         let s = Arc::clone(&shared);
@@ -104,17 +105,22 @@ impl Saving {
                     let copied = p.done.wait();
                     let mut results = Vec::with_capacity(p.chunks.len());
                     {
-                        let mut c = locked(&client);
+                        let mut l = locked(&link);
+                        // Slots of a pool that is gone mean nothing to the one now attached.
+                        let same_pool = l.pool_id() == p.pool;
                         for ch in p.chunks {
                             let ok = match &copied {
-                                Ok(()) => c.ack(&Request::Commit { chunks: ch.commits }).is_ok(),
+                                Ok(()) if same_pool => l
+                                    .call(|c| c.ack(&Request::Commit { chunks: ch.commits }))
+                                    .is_ok(),
+                                Ok(()) => false,
                                 Err(e) => {
                                     tracing::debug!(req = %ch.req, error = %e, "a save's copy failed");
                                     false
                                 }
                             };
-                            if !ok {
-                                let _ = c.ack(&Request::Release { slots: ch.slots });
+                            if !ok && same_pool && l.is_up() {
+                                let _ = l.call(|c| c.ack(&Request::Release { slots: ch.slots }));
                             }
                             results.push((ch.req, ok, ch.bytes));
                         }
@@ -175,18 +181,23 @@ impl WorkerCore {
         };
         let slot_bytes = self.pool.slot_bytes;
         let n = u32::try_from(keys.len()).unwrap_or(u32::MAX);
-        let slots = locked(&self.client).reserve(n)?;
+        let mut link = locked(&self.link);
+        if link.pool_id() != self.pool.id {
+            return Err(WorkerError::Mismatch("the agent's pool changed; not attached yet".into()));
+        }
+        let slots = link.call(|c| c.reserve(n))?;
         if slots.len() != keys.len() {
-            let _ = locked(&self.client).ack(&Request::Release { slots });
+            let _ = link.call(|c| c.ack(&Request::Release { slots }));
             return Err(WorkerError::PoolFull);
         }
         let parts = match self.pool.addrs(&slots) {
             Ok(p) => p,
             Err(e) => {
-                let _ = locked(&self.client).ack(&Request::Release { slots });
+                let _ = link.call(|c| c.ack(&Request::Release { slots }));
                 return Err(e);
             }
         };
+        drop(link);
         let commits = keys
             .iter()
             .zip(&slots)
@@ -210,6 +221,9 @@ impl WorkerCore {
     /// all at once, they go in waves: the chunks so far are copied and committed (which makes
     /// them evictable) before the rest are reserved.
     pub fn start_save(&mut self, plan: &Plan) {
+        if !plan.saves.is_empty() && !locked(&self.link).is_up() {
+            self.rejoin();
+        }
         let failed = std::mem::take(&mut self.failed_reqs);
         let mut skipped = 0;
         let mut batch = Vec::new();
@@ -260,9 +274,9 @@ impl WorkerCore {
         let mut dropped = 0;
         if let Err(e) = queued {
             tracing::warn!(error = %e, "saves not queued");
-            let mut c = locked(&self.client);
+            let mut l = locked(&self.link);
             for ch in chunks.drain(..) {
-                let _ = c.ack(&Request::Release { slots: ch.slots });
+                let _ = l.call(|c| c.ack(&Request::Release { slots: ch.slots }));
                 dropped += 1;
             }
         }
@@ -278,7 +292,8 @@ impl WorkerCore {
                 *st.outstanding.entry(r.clone()).or_default() += 1;
             }
         }
-        let pending = Pending { done: done.clone(), chunks: std::mem::take(chunks) };
+        let pending =
+            Pending { done: done.clone(), pool: self.pool.id, chunks: std::mem::take(chunks) };
         if let Err(back) = queue.send(pending) {
             let mut st = self.saving.shared.state();
             for r in &reqs {

@@ -32,15 +32,23 @@ pub fn start_agent_with(
     slots: u32,
     tag: &str,
 ) -> (AgentDir, PathBuf, tokio::runtime::Runtime, Arc<Agent>) {
+    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("agent.sock");
+    let (rt, agent) = serve_agent(&path, slots);
+    (AgentDir(dir), path, rt, agent)
+}
+
+/// An agent with `slots` slots of [`SLOT`] bytes serving on `path` (a socket left there by an
+/// earlier agent is replaced, as when the agent's pod restarts); dropping the runtime stops it
+/// and closes its connections.
+pub fn serve_agent(path: &std::path::Path, slots: u32) -> (tokio::runtime::Runtime, Arc<Agent>) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("agent.sock");
     let pool = DramPool::create(PoolConfig {
         bytes: u64::from(slots) * u64::from(SLOT),
         slot_bytes: SLOT,
@@ -51,8 +59,8 @@ pub fn start_agent_with(
     let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
     let listener = {
         let _g = rt.enter();
-        server::bind(&path).expect("bind")
+        server::bind(path).expect("bind")
     };
     rt.spawn(server::serve(listener, agent.clone()));
-    (AgentDir(dir), path, rt, agent)
+    (rt, agent)
 }
