@@ -307,6 +307,8 @@ impl WorkerCore {
             *chunks = back.0.chunks;
             return Err("the commit thread has stopped".into());
         }
+        // Batches done need no ordering (and hold runtime events): keep only the rest.
+        self.saving.inflight.retain(|(d, _)| !d.is_done());
         self.saving.inflight.push((done, reqs));
         Ok(())
     }
