@@ -57,6 +57,7 @@ pub fn transfer_config(spec: &KVCachedInferenceSpec) -> String {
         "kv_connector_extra_config": {
             "agent_socket": AGENT_SOCKET,
             "chunk_tokens": spec.cache.chunk_tokens,
+            "layerwise": spec.cache.pipeline_loads,
         },
     })
     .to_string()
@@ -104,6 +105,7 @@ mod tests {
         assert_eq!(cfg["kv_role"], "kv_both");
         assert_eq!(cfg["kv_connector_extra_config"]["chunk_tokens"], 512);
         assert_eq!(cfg["kv_connector_extra_config"]["agent_socket"], AGENT_SOCKET);
+        assert_eq!(cfg["kv_connector_extra_config"]["layerwise"], true);
     }
 
     #[test]

@@ -203,6 +203,11 @@ pub struct CacheSpec {
     /// An NVMe tier below DRAM, for working sets beyond DRAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<NvmeSpec>,
+    /// With `tiered`: load a returning conversation's KV layer by layer while the forward
+    /// pass runs (default), which makes vLLM use piecewise CUDA graphs. `false` loads it all
+    /// before the first layer and keeps full CUDA graphs, for decode-heavy engines.
+    #[serde(default = "default_true")]
+    pub pipeline_loads: bool,
 }
 
 impl Default for CacheSpec {
@@ -212,6 +217,7 @@ impl Default for CacheSpec {
             chunk_tokens: default_chunk_tokens(),
             dram: None,
             nvme: None,
+            pipeline_loads: true,
         }
     }
 }
@@ -308,6 +314,10 @@ fn one() -> i32 {
 fn default_gpu_memory_utilization() -> f64 {
     0.9
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_chunk_tokens() -> u32 {
     256
 }
@@ -395,6 +405,7 @@ mod tests {
         assert_eq!((s.engine.replicas, s.engine.tensor_parallel_size), (1, 1));
         assert_eq!(s.cache.strategy, CacheStrategy::Hbm);
         assert_eq!(s.cache.chunk_tokens, 256);
+        assert!(s.cache.pipeline_loads, "loads are pipelined unless turned off");
         assert_eq!(s.router.policy, RoutingPolicy::Affinity);
         assert_eq!(s.engine.accelerator.resource(), "amd.com/gpu");
         assert!(validate(&s).is_ok());
