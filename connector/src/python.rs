@@ -232,11 +232,11 @@ impl Worker {
         locked(&self.inner).layers_per_stage()
     }
 
-    /// Queues the plan's loads before the forward pass.
-    fn start_load(&self, py: Python<'_>, plan: &[u8]) -> PyResult<()> {
+    /// Queues the plan's loads before the forward pass; whether the layers have anything to
+    /// wait for.
+    fn start_load(&self, py: Python<'_>, plan: &[u8]) -> PyResult<bool> {
         let plan = decode(plan)?;
-        py.detach(|| locked(&self.inner).start_load(&plan));
-        Ok(())
+        Ok(py.detach(|| locked(&self.inner).start_load(&plan)))
     }
 
     /// Orders the engine after the load stage of registered layer `layer` (None: all).

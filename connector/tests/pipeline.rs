@@ -148,7 +148,7 @@ fn each_layer_is_usable_once_its_own_stage_lands() {
     );
     assert_eq!(plan.loads.len(), 2);
 
-    w.start_load(&plan);
+    assert!(w.start_load(&plan), "stages queued");
     assert_eq!(gate.log(), vec![("load", 0), ("load", 1)], "one batch per layer, both chunks");
     // Layer 0's attention: the engine waits for stage 0 only.
     w.wait_layer(Some(0));

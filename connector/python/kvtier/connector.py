@@ -134,6 +134,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._chunk_tokens = int(extra.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
         self._layerwise = _layerwise(extra)
         self._layer_index: dict[str, int] = {}
+        self._loading = False  # this step queued loads the layers must wait for
         self._facts = _kv_facts(kv_cache_config)
         self._rank, self._tp_size = _tp(vllm_config)
         self._sched = None
@@ -315,12 +316,14 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         plan = self._plan()
+        self._loading = False
         if plan:
             self._on_engine_stream()
-            self._worker.start_load(plan)
+            self._loading = self._worker.start_load(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._worker is not None:
+        # Called in every attention layer of every step: nothing to do unless loads are queued.
+        if self._loading:
             # An unknown name (a layer sharing another's KV) waits for every stage.
             self._worker.wait_layer(self._layer_index.get(layer_name))
 

@@ -59,12 +59,13 @@ impl WorkerCore {
     }
 
     /// Queues the plan's loads before the forward pass, in stages of
-    /// [`WorkerCore::layers_per_stage`] layers. A load still in flight from an earlier step is
-    /// finished first (its failures are kept for [`WorkerCore::finish_load`]).
-    pub fn start_load(&mut self, plan: &Plan) {
+    /// [`WorkerCore::layers_per_stage`] layers; returns whether there is anything for the
+    /// layers to wait for. A load still in flight from an earlier step is finished first (its
+    /// failures are kept for [`WorkerCore::finish_load`]).
+    pub fn start_load(&mut self, plan: &Plan) -> bool {
         self.settle_load();
         if plan.loads.is_empty() {
-            return;
+            return false;
         }
         // Slots of another pool than ours: the agent restarted and the scheduler side is on
         // its new pool already; attach to it too (or refuse those loads below).
@@ -100,7 +101,7 @@ impl WorkerCore {
         let Some(g) = self.geometry.as_ref() else {
             // Every job was refused above for want of a cache.
             self.loading = Some(l);
-            return;
+            return false;
         };
         let layers = g.tensors.len();
         let slot_bytes = self.pool.slot_bytes;
@@ -125,7 +126,9 @@ impl WorkerCore {
                 }
             }
         }
+        let queued = l.stages.iter().any(Option::is_some);
         self.loading = Some(l);
+        queued
     }
 
     /// Orders the engine after the stage holding `layer` (its index among the registered
