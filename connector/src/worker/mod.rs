@@ -247,7 +247,7 @@ impl WorkerCore {
     /// Attaches again after the agent went away (a lost connection, or plans naming another
     /// pool than ours), at most once per [`crate::link::RETRY`]: finishes the copies in flight
     /// on the old pool, connects, registers the new pool with the copier, then lets the old
-    /// mapping go. Returns whether the worker is on a new pool.
+    /// mapping go. Returns whether the worker is on a new connection.
     #[allow(unsafe_code)]
     fn rejoin(&mut self) -> bool {
         if !locked(&self.link).retry_due() {
@@ -263,8 +263,8 @@ impl WorkerCore {
                 return false;
             }
         };
-        if client.pool_id() == self.pool.id {
-            // The same agent: our connection was fine after all.
+        if client.pool_id() == self.pool.id && locked(&self.link).is_up() {
+            // The same agent, and our connection works: nothing to change.
             return false;
         }
         let (pool, base, len) = PoolView::of(&mut client);
@@ -277,7 +277,7 @@ impl WorkerCore {
         let old = locked(&self.link).replace(client);
         drop(old);
         self.pool = pool;
-        tracing::info!(pool = pool.id, "worker attached to the restarted node-agent's pool");
+        tracing::info!(pool = pool.id, "worker attached to the node-agent again");
         true
     }
 

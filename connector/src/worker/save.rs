@@ -14,9 +14,9 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use crate::link::Link;
 use kvtier_api::agent::{Commit, Request, NO_CHECKSUM};
 
+use crate::link::Link;
 use crate::plan::{Plan, SaveJob};
 use crate::transfer::{copies, Copy, Done};
 
@@ -236,8 +236,10 @@ impl WorkerCore {
             }
             let mut reserved = self.reserve(job);
             if matches!(reserved, Err(WorkerError::PoolFull)) {
+                // Commit what is reserved so far (it becomes evictable), then try again.
+                let queued = !chunks.is_empty();
                 skipped += self.queue_batch(&mut batch, &mut chunks);
-                if self.saves_outstanding() {
+                if queued || self.saves_outstanding() {
                     self.flush_saves();
                     reserved = self.reserve(job);
                 }
