@@ -133,21 +133,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, tensors, layer_dim) in
         [("cross-layer", vec![cross.clone()], Some(0)), ("per-layer", per_layer, None)]
     {
+        // A scheduler and a worker on the cache, under keys of their own (`salt`), so no
+        // round finds what an earlier one stored.
+        let attach =
+            |salt: u128| -> Result<(SchedulerCore, WorkerCore), Box<dyn std::error::Error>> {
+                let s = SchedulerCore::connect(SchedulerConfig {
+                    socket: socket.clone(),
+                    layouts: vec![fp ^ salt << 64 ^ u128::from(layer_dim.is_some())],
+                    chunk_tokens: CHUNK,
+                    block_size: BLOCK,
+                    chunk_bytes,
+                    lease: Duration::from_secs(60),
+                    nvme_wait: Duration::from_millis(10),
+                })?;
+                let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new()))?;
+                // SAFETY: `cache` outlives the worker.
+                unsafe { w.register(&tensors, num_blocks, CHUNK / BLOCK, chunk_bytes, layer_dim)? };
+                Ok((s, w))
+            };
         let mut saves = Vec::new();
         let mut loads = Vec::new();
         for round in 0..ROUNDS {
-            let mut s = SchedulerCore::connect(SchedulerConfig {
-                socket: socket.clone(),
-                layouts: vec![fp ^ (round as u128) << 64 ^ u128::from(layer_dim.is_some())],
-                chunk_tokens: CHUNK,
-                block_size: BLOCK,
-                chunk_bytes,
-                lease: Duration::from_secs(60),
-                nvme_wait: Duration::from_millis(10),
-            })?;
-            let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new()))?;
-            // SAFETY: `cache` outlives the worker.
-            unsafe { w.register(&tensors, num_blocks, CHUNK / BLOCK, chunk_bytes, layer_dim)? };
+            let (mut s, mut w) = attach(round as u128)?;
             let first: Vec<u32> = (0..blocks as u32).collect();
             s.lookup("a", &prompt, 0)?;
             let plan = s.build_plan(
@@ -178,18 +185,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
         // One step: load, then a forward pass whose layers each wait for their KV.
         let layer_time = Duration::from_secs_f64(context as f64 / (ld * 1e9) / LAYERS as f64);
-        let mut s = SchedulerCore::connect(SchedulerConfig {
-            socket: socket.clone(),
-            layouts: vec![fp ^ 0xfeed << 64 ^ u128::from(layer_dim.is_some())],
-            chunk_tokens: CHUNK,
-            block_size: BLOCK,
-            chunk_bytes,
-            lease: Duration::from_secs(60),
-            nvme_wait: Duration::from_millis(10),
-        })?;
-        let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new()))?;
-        // SAFETY: `cache` outlives the worker.
-        unsafe { w.register(&tensors, num_blocks, CHUNK / BLOCK, chunk_bytes, layer_dim)? };
+        let (mut s, mut w) = attach(0xfeed)?;
         s.lookup("a", &prompt, 0)?;
         let first: Vec<u32> = (0..blocks as u32).collect();
         let plan = s.build_plan(
