@@ -140,7 +140,6 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._sched = None
         self._worker = None
         self._blocks: dict[str, list[int]] = {}
-        self._load_errors: set[int] = set()
         if self._facts is None:
             logger.error(
                 "kvtier: the KV cache mixes layer types (or has no spec); the connector stays "
@@ -336,8 +335,6 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         plan = self._plan()
         if plan:
             self._on_engine_stream()
-            # Load failures first: saves of a request whose loads failed are skipped.
-            self._load_errors.update(self._worker.finish_load())
             self._worker.start_save(plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
@@ -351,8 +348,6 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker.flush()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        if self._worker is not None:
-            # Steps without a forward pass never reach wait_for_save.
-            self._load_errors.update(self._worker.finish_load())
-        failed, self._load_errors = self._load_errors, set()
-        return failed
+        if self._worker is None:
+            return set()
+        return set(self._worker.finish_load())

@@ -215,12 +215,14 @@ impl WorkerCore {
     }
 
     /// After the forward pass: reserves slots for the plan's saves and queues their copies
-    /// after the engine's work; they are committed when done. Chunks of a request whose loads
-    /// failed this step are not saved (their KV was computed on blocks that did not load),
+    /// after the engine's work; they are committed when done. The step's loads are settled
+    /// first (their failures wait for [`WorkerCore::finish_load`]): chunks of a request whose
+    /// loads failed this step are not saved (their KV was computed on blocks that did not load),
     /// nor are chunks the pool has no room for. When the pool cannot hold the step's chunks
     /// all at once, they go in waves: the chunks so far are copied and committed (which makes
     /// them evictable) before the rest are reserved.
     pub fn start_save(&mut self, plan: &Plan) {
+        self.settle_load();
         if !plan.saves.is_empty() && !locked(&self.link).is_up() {
             self.rejoin();
         }
