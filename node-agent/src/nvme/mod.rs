@@ -22,20 +22,10 @@ use crate::index::{EvictionPolicy, Lru};
 use crate::pool::checksum;
 use crate::uring::{Ring, Write as UringWrite};
 
-/// I/O alignment and trailer size.
-pub const BLOCK: usize = 4096;
-const MAGIC: u32 = u32::from_le_bytes(*b"KVTC");
-const VERSION: u16 = 1;
+mod file;
 
-fn padded(len: u32) -> usize {
-    (len as usize).div_ceil(BLOCK) * BLOCK
-}
-
-/// Bytes a chunk of `len` bytes takes on disk.
-#[must_use]
-pub fn file_bytes(len: u32) -> u64 {
-    (padded(len) + BLOCK) as u64
-}
+use file::{aligned, name, padded, parse_trailer, probe_direct, trailer, Entry, TRAILER};
+pub use file::{file_bytes, BLOCK};
 
 /// One chunk for [`NvmeTier::write_batch`].
 #[derive(Debug, Clone, Copy)]
@@ -90,13 +80,6 @@ pub enum NvmeError {
     Io(#[from] std::io::Error),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    len: u32,
-    checksum: u64,
-    conversation: u64,
-}
-
 /// The tier.
 #[derive(Debug)]
 pub struct NvmeTier {
@@ -112,52 +95,6 @@ pub struct NvmeTier {
     evicted: Vec<(ChunkKey, u64)>,
     /// io_uring for batched writes, when the kernel allows it.
     ring: Option<Ring>,
-}
-
-fn name(key: ChunkKey) -> String {
-    format!("{:032x}.kvc", key.0)
-}
-
-const TRAILER: usize = 56;
-
-fn trailer(key: ChunkKey, e: Entry) -> [u8; TRAILER] {
-    let mut t = [0u8; TRAILER];
-    t[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    t[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    t[8..24].copy_from_slice(&key.0.to_le_bytes());
-    t[24..28].copy_from_slice(&e.len.to_le_bytes());
-    t[32..40].copy_from_slice(&e.checksum.to_le_bytes());
-    t[40..48].copy_from_slice(&e.conversation.to_le_bytes());
-    let own = checksum(&t[..48]);
-    t[48..56].copy_from_slice(&own.to_le_bytes());
-    t
-}
-
-fn parse_trailer(t: &[u8]) -> Option<(ChunkKey, Entry)> {
-    if t.len() < TRAILER {
-        return None;
-    }
-    let u32_at = |i: usize| u32::from_le_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
-    let u64_at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&t[i..i + 8]);
-        u64::from_le_bytes(a)
-    };
-    if u32_at(0) != MAGIC || u16::from_le_bytes([t[4], t[5]]) != VERSION {
-        return None;
-    }
-    if checksum(&t[..48]) != u64_at(48) {
-        return None;
-    }
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&t[8..24]);
-    let e = Entry { len: u32_at(24), checksum: u64_at(32), conversation: u64_at(40) };
-    Some((ChunkKey(u128::from_le_bytes(k)), e))
-}
-
-/// A page-aligned scratch buffer (anonymous mapping), as `O_DIRECT` needs.
-fn aligned(len: usize) -> std::io::Result<MmapMut> {
-    MmapMut::map_anon(len.max(BLOCK))
 }
 
 impl NvmeTier {
@@ -519,23 +456,6 @@ impl NvmeTier {
     pub fn conversations(&self) -> impl Iterator<Item = u64> + '_ {
         self.entries.values().map(|e| e.conversation)
     }
-}
-
-/// Whether the filesystem of `dir` takes `O_DIRECT` (tmpfs does not).
-fn probe_direct(dir: &Path) -> bool {
-    let p = dir.join(".kvtier-direct-probe");
-    let ok = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(&p)
-        .is_ok();
-    let _ = std::fs::remove_file(&p);
-    if !ok {
-        tracing::warn!(dir = %dir.display(), "the filesystem refuses O_DIRECT: NVMe tier uses buffered I/O");
-    }
-    ok
 }
 
 #[cfg(test)]
