@@ -18,8 +18,9 @@
 //! prefix continues in DRAM or NVMe loads it instead of computing it. Generated tokens are
 //! not cached: the next turn of an agent resends them as text the engine did not produce.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 
+mod hbm;
 mod lru;
 mod tiers;
 mod types;
@@ -30,12 +31,7 @@ pub use types::{
 
 pub use tiers::HostTiers;
 
-/// A cached HBM block: how many running requests use it, and its LRU tick when none does.
-#[derive(Debug, Clone, Copy)]
-struct HbmBlock {
-    refs: u32,
-    tick: u64,
-}
+use hbm::Hbm;
 
 #[derive(Debug)]
 struct Request {
@@ -70,14 +66,9 @@ impl Request {
 pub struct Engine {
     config: EngineConfig,
     time: f64,
-    tick: u64,
     waiting: VecDeque<Request>,
     running: Vec<Request>,
-    hbm: HashMap<u64, HbmBlock>,
-    /// Cached HBM blocks with no reference, by LRU tick.
-    evictable: BTreeMap<u64, u64>,
-    /// HBM blocks held privately by running requests.
-    private_blocks: u64,
+    hbm: Hbm,
     tiers: HostTiers,
     counters: Counters,
 }
@@ -95,14 +86,11 @@ impl Engine {
     #[must_use]
     pub fn with_tiers(config: EngineConfig, tiers: HostTiers) -> Self {
         Self {
+            hbm: Hbm::new(config.hbm_blocks, config.strategy != Strategy::None),
             config,
             time: 0.0,
-            tick: 0,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            hbm: HashMap::new(),
-            evictable: BTreeMap::new(),
-            private_blocks: 0,
             tiers,
             counters: Counters::default(),
         }
@@ -136,24 +124,23 @@ impl Engine {
     /// Running totals.
     #[must_use]
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters { hbm_evictions: self.hbm.evictions, ..self.counters }
     }
 
     /// Point-in-time figures.
     #[must_use]
     pub fn gauges(&self) -> Gauges {
-        let cached = self.evictable.len() as u64;
         let held = if self.config.strategy == Strategy::Tiered {
             let (d, n) = self.tiers.lens();
-            d + n + self.hbm.keys().filter(|h| !self.tiers.holds(**h)).count() as u64
+            d + n + self.hbm.cached().filter(|h| !self.tiers.holds(**h)).count() as u64
         } else {
-            self.hbm.len() as u64
+            self.hbm.cached_len()
         };
         Gauges {
             running: self.running.len(),
             waiting: self.waiting.len(),
-            hbm_used_blocks: self.private_blocks + self.hbm.len() as u64 - cached,
-            hbm_cached_blocks: cached,
+            hbm_used_blocks: self.hbm.used(),
+            hbm_cached_blocks: self.hbm.unreferenced(),
             dram_blocks: self.tiers.lens().0,
             nvme_blocks: self.tiers.lens().1,
             held_blocks: held,
@@ -231,13 +218,13 @@ impl Engine {
     /// Drops a request whose client went away, releasing its KV.
     pub fn abort(&mut self, id: u64) {
         if let Some(i) = self.waiting.iter().position(|r| r.sub.id == id) {
-            if let Some(r) = self.waiting.remove(i) {
-                self.release(r);
+            if let Some(mut r) = self.waiting.remove(i) {
+                self.release(&mut r);
             }
             self.counters.aborted += 1;
         } else if let Some(i) = self.running.iter().position(|r| r.sub.id == id) {
-            let r = self.running.remove(i);
-            self.release(r);
+            let mut r = self.running.remove(i);
+            self.release(&mut r);
             self.counters.aborted += 1;
         }
     }
@@ -249,63 +236,12 @@ impl Engine {
         self.waiting.front().map(|r| r.sub.arrival)
     }
 
-    fn free_blocks(&self) -> u64 {
-        self.config.hbm_blocks.saturating_sub(self.private_blocks + self.hbm.len() as u64)
-    }
-
-    fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
-    }
-
-    /// Frees one cached block (least recently used), if any.
-    fn evict_one(&mut self) -> bool {
-        let Some((_, h)) = self.evictable.pop_first() else { return false };
-        self.hbm.remove(&h);
-        self.counters.hbm_evictions += 1;
-        true
-    }
-
-    /// Makes `n` blocks free by evicting cached ones. False when impossible (nothing changed
-    /// in that case only if no eviction was needed).
-    fn make_room(&mut self, n: u64) -> bool {
-        while self.free_blocks() < n {
-            if !self.evict_one() {
-                return false;
-            }
-        }
-        true
-    }
-
-    fn pin(&mut self, h: u64) {
-        if let Some(b) = self.hbm.get_mut(&h) {
-            if b.refs == 0 {
-                self.evictable.remove(&b.tick);
-            }
-            b.refs += 1;
-        }
-    }
-
-    fn unpin(&mut self, h: u64) {
-        let tick = self.next_tick();
-        if let Some(b) = self.hbm.get_mut(&h) {
-            b.refs = b.refs.saturating_sub(1);
-            if b.refs == 0 {
-                if self.config.strategy == Strategy::None {
-                    self.hbm.remove(&h);
-                } else {
-                    b.tick = tick;
-                    self.evictable.insert(tick, h);
-                }
-            }
-        }
-    }
-
-    fn release(&mut self, mut r: Request) {
+    /// Lets go of `r`'s HBM blocks.
+    fn release(&mut self, r: &mut Request) {
         for h in std::mem::take(&mut r.pinned) {
-            self.unpin(h);
+            self.hbm.unpin(h);
         }
-        self.private_blocks -= r.private;
+        self.hbm.give_private(std::mem::take(&mut r.private));
     }
 
     /// The host tiers this engine writes through to.
@@ -333,9 +269,7 @@ impl Engine {
         let blocks = &head.sub.blocks;
         let mut hbm_hit = 0;
         if caching {
-            while hbm_hit < blocks.len().min(max_hit_blocks)
-                && self.hbm.contains_key(&blocks[hbm_hit])
-            {
+            while hbm_hit < blocks.len().min(max_hit_blocks) && self.hbm.contains(blocks[hbm_hit]) {
                 hbm_hit += 1;
             }
         }
@@ -357,33 +291,28 @@ impl Engine {
         let needed = total_blocks - hbm_hit as u64;
         // The hit blocks are pinned before room is made, so they cannot be evicted for it.
         let hits: Vec<u64> = blocks[..hbm_hit].to_vec();
-        let evictable_hits =
-            hits.iter().filter(|h| self.hbm.get(h).is_some_and(|b| b.refs == 0)).count() as u64;
-        if self.free_blocks() + self.evictable.len() as u64 - evictable_hits < needed {
+        let evictable_hits = hits.iter().filter(|&&h| self.hbm.is_unreferenced(h)).count() as u64;
+        if self.hbm.reclaimable() - evictable_hits < needed {
             return None;
         }
         let mut r = self.waiting.pop_front()?;
         for &h in &hits {
-            self.pin(h);
+            self.hbm.pin(h);
         }
-        let ok = self.make_room(needed);
+        let ok = self.hbm.make_room(needed);
         debug_assert!(ok, "room was checked");
         r.pinned = hits;
         // Loaded blocks join the cache at once; the rest are private until computed.
         let loaded = (tier_hit - hbm_hit) as u64;
         let loaded_hashes = r.sub.blocks[hbm_hit..tier_hit].to_vec();
         for h in loaded_hashes {
-            if let std::collections::hash_map::Entry::Vacant(v) = self.hbm.entry(h) {
-                v.insert(HbmBlock { refs: 1, tick: 0 });
-            } else {
-                self.pin(h);
-            }
+            self.hbm.hold(h);
             r.pinned.push(h);
             // A load refreshes the block in DRAM (and promotes it from NVMe).
             self.store(h, r.sub.conversation);
         }
         r.private = needed - loaded;
-        self.private_blocks += r.private;
+        self.hbm.take_private(r.private);
         r.computed = tier_hit as u64 * bt;
         r.next_publish = tier_hit;
         if !r.counted {
@@ -421,11 +350,7 @@ impl Engine {
     /// again at the head of the queue, to be recomputed.
     fn preempt_newest(&mut self) -> bool {
         let Some(mut r) = self.running.pop() else { return false };
-        for h in std::mem::take(&mut r.pinned) {
-            self.unpin(h);
-        }
-        self.private_blocks -= r.private;
-        r.private = 0;
+        self.release(&mut r);
         r.computed = 0;
         r.next_publish = 0;
         r.target = r.context();
@@ -448,7 +373,7 @@ impl Engine {
         //    preemption) until the rest fit.
         loop {
             let short: u64 = self.running.iter().map(|r| self.decode_blocks_short(r)).sum();
-            if self.make_room(short) || !self.preempt_newest() {
+            if self.hbm.make_room(short) || !self.preempt_newest() {
                 break;
             }
         }
@@ -456,11 +381,11 @@ impl Engine {
         for i in 0..self.running.len() {
             let short = self.decode_blocks_short(&self.running[i]);
             let r = &self.running[i];
-            if r.computed < r.target || budget == 0 || short > self.free_blocks() {
+            if r.computed < r.target || budget == 0 || short > self.hbm.free() {
                 continue;
             }
             self.running[i].private += short;
-            self.private_blocks += short;
+            self.hbm.take_private(short);
             budget -= 1;
             decoding.push(i);
         }
@@ -547,10 +472,10 @@ impl Engine {
         let mut k = 0;
         while k < self.running.len() {
             if self.running[k].generated >= self.running[k].sub.max_tokens {
-                let r = self.running.remove(k);
+                let mut r = self.running.remove(k);
                 events.push(Event::Finished { id: r.sub.id });
                 self.counters.finished += 1;
-                self.release(r);
+                self.release(&mut r);
             } else {
                 k += 1;
             }
@@ -577,23 +502,13 @@ impl Engine {
             }
             let h = r.sub.blocks[b];
             self.running[i].next_publish += 1;
-            if let Some(block) = self.hbm.get(&h) {
-                // Computed twice (two requests raced on the same prefix): keep one copy.
-                if block.refs == 0 {
-                    let t = block.tick;
-                    self.evictable.remove(&t);
-                }
-                if let Some(block) = self.hbm.get_mut(&h) {
-                    block.refs += 1;
-                }
-            } else {
-                self.hbm.insert(h, HbmBlock { refs: 1, tick: 0 });
-            }
+            // Computed twice (two requests raced on the same prefix): one copy is kept.
+            self.hbm.hold(h);
             let r = &mut self.running[i];
             r.pinned.push(h);
             r.private -= 1;
             let conversation = r.sub.conversation;
-            self.private_blocks -= 1;
+            self.hbm.give_private(1);
             if self.config.strategy == Strategy::Tiered {
                 self.store(h, conversation);
                 stored += 1;
