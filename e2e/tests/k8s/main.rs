@@ -438,16 +438,10 @@ async fn the_stack_on_a_real_api_server() {
     }
     // A valid resource turned into a trap keeps running as it was.
     let served = args_of(&deps.get("llama-8b-engine").await.expect("engine"));
-    let (accepted, out) = cluster.kubectl_try(&[
-        "patch",
-        "kvci",
+    let (accepted, out) = cluster.kubectl_try(&merge_patch(
         "llama-8b",
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
         r#"{"spec":{"engine":{"extraArgs":["--kv-offloading-size=64"]}}}"#,
-    ]);
+    ));
     if accepted {
         let k = kvci_where(&kvcis, "llama-8b", "the edit is refused", |k| {
             conditions(k).get("ConfigValid").is_some_and(|c| c.0 == "False")
@@ -455,16 +449,7 @@ async fn the_stack_on_a_real_api_server() {
         .await;
         assert!(conditions(&k)["ConfigValid"].2.contains("--kv-offloading-size"));
         assert_eq!(args_of(&deps.get("llama-8b-engine").await.expect("engine")), served);
-        cluster.kubectl(&[
-            "patch",
-            "kvci",
-            "llama-8b",
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"engine":{"extraArgs":null}}}"#,
-        ]);
+        cluster.kubectl(&merge_patch("llama-8b", r#"{"spec":{"engine":{"extraArgs":null}}}"#));
         kvci_where(&kvcis, "llama-8b", "valid again", |k| {
             conditions(k).get("ConfigValid").is_some_and(|c| c.0 == "True")
         })
@@ -510,16 +495,7 @@ async fn the_stack_on_a_real_api_server() {
         step("the API server restarts; the operator resumes");
         tokio::task::block_in_place(|| cluster.restart_apiserver(Duration::from_secs(3)));
         assert!(!operator.is_finished(), "the operator survived the restart");
-        cluster.kubectl(&[
-            "patch",
-            "kvci",
-            "llama-8b",
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"engine":{"replicas":3}}}"#,
-        ]);
+        cluster.kubectl(&merge_patch("llama-8b", r#"{"spec":{"engine":{"replicas":3}}}"#));
         eventually("the scale after the restart is applied", WAIT, || async {
             let d = deps.get("llama-8b-engine").await.map_err(|e| e.to_string())?;
             let r = d.spec.and_then(|s| s.replicas);

@@ -25,6 +25,11 @@ pub fn step(s: &str) {
     eprintln!("e2e: {s}");
 }
 
+/// `kubectl` arguments merging `patch` (JSON) into KVCachedInference `name`.
+pub fn merge_patch<'a>(name: &'a str, patch: &'a str) -> [&'a str; 8] {
+    ["patch", "kvci", name, "-n", NS, "--type=merge", "-p", patch]
+}
+
 pub fn args_of(d: &Deployment) -> Vec<String> {
     d.spec
         .as_ref()
