@@ -21,4 +21,4 @@ pub use layout::{block_layout, ChunkGeometry, TensorDesc};
 pub use plan::{LoadJob, Plan, SaveJob};
 pub use scheduler::{SchedulerConfig, SchedulerCore, Step};
 pub use transfer::{HostCopy, Transfer};
-pub use worker::{SaveReport, WorkerCore};
+pub use worker::{LoadReport, SaveReport, WorkerCore};

@@ -291,10 +291,19 @@ impl Worker {
         });
     }
 
-    /// `(saved, skipped, bytes)` since the worker started.
-    fn save_stats(&self) -> (u32, u32, u64) {
-        let r = locked(&self.inner).save_report();
-        (r.saved, r.skipped, r.bytes)
+    /// What this worker's copies did since it started, by name (vLLM's connector stats are
+    /// the differences between two of these).
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        let core = locked(&self.inner);
+        let (l, s) = (core.load_report(), core.save_report());
+        vec![
+            ("loaded_chunks", l.loaded),
+            ("loaded_bytes", l.bytes),
+            ("load_failed_blocks", l.failed_blocks),
+            ("saved_chunks", u64::from(s.saved)),
+            ("saved_bytes", s.bytes),
+            ("save_skipped_chunks", u64::from(s.skipped)),
+        ]
     }
 
     /// How the registered tensors order a block's bytes.

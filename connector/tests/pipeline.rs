@@ -171,6 +171,9 @@ fn each_layer_is_usable_once_its_own_stage_lands() {
     for layer in 0..LAYERS {
         assert!(layer_landed(&cache, layer), "layer {layer} bit-identical");
     }
+    let r = w.load_report();
+    assert_eq!((r.loaded, r.failed_blocks), (2, 0));
+    assert_eq!(r.bytes, 2 * chunk_bytes() as u64, "two whole chunks");
 }
 
 #[test]
@@ -217,6 +220,8 @@ fn a_request_whose_load_failed_saves_nothing_that_step() {
         slots: vec![vec![9999, 9998]],
     });
     assert_eq!(w.load(&plan), vec![30, 31], "a slot outside the pool");
+    let r = w.load_report();
+    assert_eq!((r.loaded, r.failed_blocks, r.bytes), (0, 2, 0), "counted as failed blocks");
     let r = w.save(&plan);
     assert_eq!((r.saved, r.skipped), (0, 2), "KV computed on blocks that did not load");
     // The next step is clean again.

@@ -31,15 +31,31 @@ fn run(what: &str, cmd: &mut Command) -> String {
     text
 }
 
-/// A venv with maturin, and the connector's wheel built and installed in it.
+/// A venv with maturin and prometheus_client (vLLM's metrics module, which the connector's
+/// stats extend, needs it; vLLM 0.19.0 asks for >= 0.18), and the connector's wheel built and
+/// installed in it.
 fn venv_with_wheel() -> PathBuf {
     let venv = cache().join("connector-venv");
     let py = venv.join("bin/python");
-    if !venv.join("bin/maturin").exists() {
+    if !py.exists() {
         run("python3 -m venv", Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    }
+    let has_prometheus = Command::new(&py)
+        .args(["-c", "import prometheus_client"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !venv.join("bin/maturin").exists() || !has_prometheus {
         run(
-            "pip install maturin",
-            Command::new(&py).args(["-m", "pip", "install", "-q", "maturin>=1.9,<2"]),
+            "pip install maturin prometheus_client",
+            Command::new(&py).args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "maturin>=1.9,<2",
+                "prometheus_client>=0.18",
+            ]),
         );
     }
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -18,6 +18,9 @@ talks to the node-agent and moves the bytes.
   finished request's blocks are held (``request_finished`` returns True) until
   ``get_finished`` reports its saves done. Blocks that fail to load are reported, never used.
 
+Each worker reports what its copies did in ``get_kv_connector_stats`` (``kvtier.stats``): vLLM
+logs the sums and exports them as ``vllm:kvtier_*_total`` counters.
+
 Chunk keys come from token ids (``kvtier._native.chunk_keys``): the same on every process and
 node, whatever ``PYTHONHASHSEED`` is.
 """
@@ -42,6 +45,11 @@ except ImportError:  # pragma: no cover - older vLLM
 
 
 from kvtier import _native
+
+try:  # vLLM's connector stats (its metrics module needs prometheus_client, as vLLM does).
+    from kvtier.stats import KvtierPromMetrics, KvtierStats, WorkerDelta
+except ImportError:  # pragma: no cover - vLLM without connector stats
+    KvtierPromMetrics = KvtierStats = WorkerDelta = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger("kvtier.connector")
 
@@ -140,6 +148,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._sched = None
         self._worker = None
         self._blocks: dict[str, list[int]] = {}
+        self._reported = WorkerDelta() if WorkerDelta is not None else None
         if self._facts is None:
             logger.error(
                 "kvtier: the KV cache mixes layer types (or has no spec); the connector stays "
@@ -351,3 +360,30 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is None:
             return set()
         return set(self._worker.finish_load())
+
+    # ---------------------------------------------------------------- stats
+
+    def get_kv_connector_stats(self) -> Optional[Any]:
+        # vLLM asks after every step, after get_block_ids_with_load_errors (the step's loads
+        # are settled by then); saves count once committed, at whichever step follows.
+        if self._worker is None or self._reported is None:
+            return None
+        return self._reported.take(dict(self._worker.stats()))
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None) -> Optional[Any]:
+        if KvtierStats is None:
+            return None
+        return KvtierStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Optional[Any]:
+        if KvtierPromMetrics is None:
+            return None
+        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -11,7 +11,10 @@ Reads ``vllm/distributed/kv_transfer/kv_connector/v1/base.py`` from the released
   (names, order, ``*args``/``**kwargs``), ``__init__`` and classmethods included (vLLM's
   factory passes ``kv_cache_config`` by keyword);
 - the test stand-in of the base module declares exactly the release's abstract methods, with
-  the same parameters, so the other tests exercise the real contract.
+  the same parameters, so the other tests exercise the real contract;
+- in the release's ``metrics.py``, every method of ``KVConnectorStats`` and
+  ``KVConnectorPromMetrics`` is defined by ``kvtier.stats.KvtierStats`` and
+  ``KvtierPromMetrics`` with the same parameters, and by the stand-in too.
 
 Exits 1 with every difference listed.
 """
@@ -23,13 +26,16 @@ import zipfile
 
 BASE = "vllm/distributed/kv_transfer/kv_connector/v1/base.py"
 CLASSES = ("KVConnectorBase_V1", "SupportsHMA")
+METRICS = "vllm/distributed/kv_transfer/kv_connector/v1/metrics.py"
+# Release class -> the kvtier class that extends it.
+STATS = {"KVConnectorStats": "KvtierStats", "KVConnectorPromMetrics": "KvtierPromMetrics"}
 
 
-def release_methods(source):
+def release_methods(source, classes=CLASSES):
     """{class: {method: (params, has_varargs, has_varkw, abstract)}} from base.py's source."""
     out = {}
     for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and node.name in CLASSES:
+        if isinstance(node, ast.ClassDef) and node.name in classes:
             methods = {}
             for f in node.body:
                 if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -58,10 +64,38 @@ def live_params(func):
     return params, varargs, varkw
 
 
+def check_stats(source, problems):
+    """The stats classes against the release's metrics module; returns methods checked."""
+    from kvtier import stats as ours
+    from vllm.distributed.kv_transfer.kv_connector.v1 import metrics as standin
+
+    release = release_methods(source, tuple(STATS))
+    checked = 0
+    for cls, mine_name in STATS.items():
+        methods = release.get(cls)
+        if not methods:
+            problems.append(f"{METRICS} has no {cls}")
+            continue
+        mine = getattr(ours, mine_name)
+        for name, (params, varargs, varkw, _) in methods.items():
+            checked += 1
+            want = (params, varargs, varkw)
+            if name not in vars(mine):
+                problems.append(f"{mine_name} does not define {cls}.{name}")
+            elif live_params(getattr(mine, name)) != want:
+                problems.append(f"{mine_name}.{name}: release takes {want}, kvtier takes "
+                                f"{live_params(getattr(mine, name))}")
+            theirs = getattr(getattr(standin, cls), name, None)
+            if theirs is None or live_params(theirs) != want:
+                problems.append(f"stand-in {cls}.{name} differs from the release")
+    return checked
+
+
 def main():
     wheel = sys.argv[1]
     with zipfile.ZipFile(wheel) as z:
         source = z.read(BASE).decode()
+        metrics_source = z.read(METRICS).decode()
     release = release_methods(source)
     missing = [c for c in CLASSES if c not in release]
     if missing:
@@ -101,6 +135,7 @@ def main():
         problems.append(f"KvtierConnector is still abstract: {KvtierConnector.__abstractmethods__}")
 
     checked = sum(len(m) for m in release.values())
+    checked += check_stats(metrics_source, problems)
     if problems:
         print(f"{len(problems)} differences against {wheel}:")
         for p in problems:

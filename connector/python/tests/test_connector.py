@@ -176,6 +176,68 @@ class ConnectorTest(unittest.TestCase):
                          (False, None))
         self.assertEqual(self.worker.get_finished({"b"}), (None, None))
 
+    def test_what_the_copies_did_reaches_vllms_log_and_prometheus(self):
+        from functools import partial
+
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.assertIsNone(self.worker.get_kv_connector_stats(), "nothing moved yet")
+        tokens = [(i * 104729 + 5) % 32000 for i in range(100)]
+        a = request("sa", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
+        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
+        self.run_step(step(new=[("sa", range(7), 0)], scheduled={"sa": 100}),
+                      compute=[(i, i) for i in range(7)])
+        self.sched.request_finished(a, list(range(7)))
+        self.assertEqual(self.sent({"sa"}), {"sa"})
+        chunk = (CHUNK // BLOCK) * 2 * PAGE * len(self.kv)
+        saved = self.worker.get_kv_connector_stats()
+        self.assertEqual(saved.data, {
+            "loaded_chunks": 0, "loaded_bytes": 0, "load_failed_blocks": 0,
+            "saved_chunks": 3, "saved_bytes": 3 * chunk, "save_skipped_chunks": 0,
+        })
+        self.assertIsNone(self.worker.get_kv_connector_stats(), "each report is what is new")
+
+        b = request("sb", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(b, 0), (96, False))
+        self.sched.update_state_after_alloc(b, blocks(range(30, 37)), 96)
+        self.run_step(step(new=[("sb", range(30, 37), 96)], scheduled={"sb": 4}))
+        self.assertEqual(self.worker.get_block_ids_with_load_errors(), set())
+        loaded = self.worker.get_kv_connector_stats()
+        self.assertEqual((loaded.data["loaded_chunks"], loaded.data["loaded_bytes"]),
+                         (3, 3 * chunk))
+        self.assertEqual(loaded.data["saved_chunks"], 0)
+        self.sched.request_finished(b, list(range(30, 37)))
+
+        # As vLLM's logger side: rebuilt from the dict that crossed processes, summed, reduced.
+        total = KvtierConnector.build_kv_connector_stats(dict(saved.data)).aggregate(loaded)
+        self.assertFalse(total.is_empty())
+        self.assertEqual(total.reduce(), {
+            "loaded_chunks": 3, "loaded_GiB": round(3 * chunk / 2**30, 3),
+            "load_failed_blocks": 0, "saved_chunks": 3,
+            "saved_GiB": round(3 * chunk / 2**30, 3), "save_skipped_chunks": 0,
+        })
+        self.assertTrue(KvtierConnector.build_kv_connector_stats().is_empty())
+
+        # Prometheus, with vLLM's labels: counts land on the engine that reported them.
+        registry = CollectorRegistry()
+        types = {t: partial(t, registry=registry) for t in (Gauge, Counter, Histogram)}
+        vc, _ = config()
+        prom = KvtierConnector.build_prom_metrics(
+            vc, types, ["model_name", "engine"], {0: ["test/model", "0"], 1: ["test/model", "1"]}
+        )
+        prom.observe(total.data, engine_idx=1)
+        prom.observe(loaded.data, engine_idx=1)
+
+        def sample(name, engine):
+            return registry.get_sample_value(
+                f"vllm:kvtier_{name}_total", {"model_name": "test/model", "engine": engine}
+            )
+
+        self.assertEqual(sample("loaded_bytes", "1"), 6 * chunk)
+        self.assertEqual(sample("saved_chunks", "1"), 3)
+        self.assertEqual(sample("loaded_bytes", "0"), 0)
+
     def test_pipelining_is_on_by_default_and_asks_for_piecewise_graphs(self):
         self.assertTrue(KvtierConnector.requires_piecewise_for_cudagraph({}))
         self.assertFalse(KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": False}))

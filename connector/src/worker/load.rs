@@ -10,6 +10,17 @@ use crate::transfer::{copies, Copy, Done};
 
 use super::{WorkerCore, WorkerError};
 
+/// What loads did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Chunks (whole or their missing part) copied into the KV cache.
+    pub loaded: u64,
+    /// Blocks that did not load (the engine recomputed them).
+    pub failed_blocks: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+}
+
 /// One step's loads in flight.
 #[derive(Debug)]
 pub(super) struct Loading {
@@ -18,8 +29,8 @@ pub(super) struct Loading {
     /// Stages the engine is already ordered after (a prefix).
     ordered: usize,
     per_stage: usize,
-    /// Each queued job's request and the blocks it writes.
-    jobs: Vec<(String, Vec<u32>)>,
+    /// Each queued job's request, the blocks it writes and their bytes.
+    jobs: Vec<(String, Vec<u32>, u64)>,
     /// Blocks of jobs refused before copying.
     failed: Vec<u32>,
     failed_reqs: Vec<String>,
@@ -55,7 +66,11 @@ impl WorkerCore {
         {
             return Err(WorkerError::Mismatch("a block id beyond the cache".into()));
         }
-        Ok(Ready { block_ids: &job.block_ids, from: job.from as usize, parts })
+        Ok(Ready {
+            block_ids: &job.block_ids,
+            from: (job.from as usize).min(job.block_ids.len()),
+            parts,
+        })
     }
 
     /// Queues the plan's loads before the forward pass, in stages of
@@ -85,10 +100,10 @@ impl WorkerCore {
         for job in &plan.loads {
             match self.check_load(job) {
                 Ok(r) => {
-                    l.jobs.push((
-                        job.req.clone(),
-                        job.block_ids[r.from.min(job.block_ids.len())..].to_vec(),
-                    ));
+                    let blocks = job.block_ids[r.from..].to_vec();
+                    let bytes =
+                        self.geometry.as_ref().map_or(0, |g| g.bytes_per_block()) * blocks.len();
+                    l.jobs.push((job.req.clone(), blocks, bytes as u64));
                     ready.push(r);
                 }
                 Err(e) => {
@@ -175,14 +190,26 @@ impl WorkerCore {
                 l.broken = true;
             }
         }
+        self.load_report.failed_blocks += l.failed.len() as u64;
         self.load_errors.extend(l.failed);
         self.failed_reqs.extend(l.failed_reqs);
-        if l.broken {
-            for (req, blocks) in l.jobs {
+        for (req, blocks, bytes) in l.jobs {
+            if l.broken {
+                self.load_report.failed_blocks += blocks.len() as u64;
                 self.load_errors.extend(blocks);
                 self.failed_reqs.insert(req);
+            } else {
+                self.load_report.loaded += 1;
+                self.load_report.bytes += bytes;
             }
         }
+    }
+
+    /// What loads have done since the worker started (loads of a step count once the step's
+    /// loads are settled).
+    #[must_use]
+    pub fn load_report(&self) -> LoadReport {
+        self.load_report
     }
 
     /// Loads the plan's chunks and waits for them: [`WorkerCore::start_load`] then

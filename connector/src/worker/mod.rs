@@ -18,6 +18,7 @@ use crate::layout::{block_layout, ChunkGeometry, LayoutError, TensorDesc};
 use crate::link::Link;
 use crate::transfer::{Transfer, TransferError};
 
+pub use load::LoadReport;
 pub use save::SaveReport;
 
 /// A stage's copies should reach this size where the layout allows it (DMA runs at link speed
@@ -97,6 +98,7 @@ pub struct WorkerCore {
     loading: Option<load::Loading>,
     /// Blocks whose loads failed, until vLLM asks.
     load_errors: Vec<u32>,
+    load_report: LoadReport,
     /// Requests whose loads failed this step: their saves are skipped (their KV was computed
     /// on top of blocks that did not load).
     failed_reqs: HashSet<String>,
@@ -152,6 +154,7 @@ impl WorkerCore {
             layerwise: true,
             loading: None,
             load_errors: Vec::new(),
+            load_report: LoadReport::default(),
             failed_reqs: HashSet::new(),
             saving,
         })
