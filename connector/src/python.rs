@@ -108,6 +108,12 @@ impl Scheduler {
 
     /// This step's plan, encoded; `steps` are `(request id, block ids, tokens computed after
     /// the step)`, `preempted` the requests preempted this step (None: not known).
+    /// Blocks whose loads failed (vLLM's `invalid_block_ids`): the affected requests save their
+    /// chunks again once recomputed. Returns those requests.
+    fn load_failed(&self, block_ids: Vec<u32>) -> Vec<String> {
+        locked(&self.inner).load_failed(&block_ids)
+    }
+
     #[pyo3(signature = (steps, preempted=None))]
     fn build_plan<'py>(
         &self,

@@ -10,7 +10,7 @@
 //! - The last prompt token is never loaded (the engine must compute at least one), and only
 //!   prompt chunks are saved: decode-phase KV never is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,8 @@ struct Req {
     prefetch_until: Option<Instant>,
     /// Chunks below this index are stored (found, or already planned for saving).
     stored: usize,
+    /// Chunks planned for loading, with the blocks each load writes.
+    loaded: Vec<(usize, Vec<u32>)>,
     conversation: u64,
     /// A plan had saves for it: its blocks stay allocated until the workers have copied them.
     saving: bool,
@@ -180,6 +182,7 @@ impl SchedulerCore {
                     pinned: Vec::new(),
                     prefetch_until: None,
                     stored: 0,
+                    loaded: Vec::new(),
                     saving: false,
                     conversation: 0,
                 },
@@ -274,7 +277,7 @@ impl SchedulerCore {
         if num_external == 0 {
             return Ok(());
         }
-        let Some(r) = self.reqs.get(req) else {
+        let Some(r) = self.reqs.get_mut(req) else {
             return Err(SchedulerError::Config(format!("request {req} was never looked up")));
         };
         let (ct, bs) = (self.cfg.chunk_tokens, self.cfg.block_size);
@@ -292,15 +295,42 @@ impl SchedulerCore {
         }
         for c in start / ct..r.matched {
             let from = if c == start / ct { (start % ct) / bs } else { 0 };
+            let blocks = &block_ids[c * bpc..(c + 1) * bpc];
+            r.loaded.push((c, blocks[from..].to_vec()));
             self.loads.push(LoadJob {
                 req: req.to_owned(),
-                block_ids: block_ids[c * bpc..(c + 1) * bpc].to_vec(),
+                block_ids: blocks.to_vec(),
                 from: from as u32,
                 pool: r.pool,
                 slots: r.slots[c].clone(),
             });
         }
         Ok(())
+    }
+
+    /// Blocks whose loads failed (vLLM's `invalid_block_ids`, gathered from every worker).
+    /// The engine recomputes them; the tiers may no longer hold their chunks (the agent
+    /// restarted, a chunk could not be read), so each affected request saves again, once
+    /// recomputed, every chunk from its first failed one on (the workers skipped that step's
+    /// saves of the request too). Returns the requests affected.
+    pub fn load_failed(&mut self, blocks: &[u32]) -> Vec<String> {
+        let failed: HashSet<u32> = blocks.iter().copied().collect();
+        let mut affected = Vec::new();
+        for (id, r) in &mut self.reqs {
+            let first = r
+                .loaded
+                .iter()
+                .filter(|(_, b)| b.iter().any(|x| failed.contains(x)))
+                .map(|&(c, _)| c)
+                .min();
+            if let Some(c) = first {
+                r.stored = r.stored.min(c);
+                r.loaded.retain(|&(l, _)| l < c);
+                affected.push(id.clone());
+            }
+        }
+        affected.sort();
+        affected
     }
 
     /// This step's plan: the loads planned since the last one, a save for every prompt chunk

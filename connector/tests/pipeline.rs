@@ -227,6 +227,13 @@ fn a_request_whose_load_failed_saves_nothing_that_step() {
     // The next step is clean again.
     let r = w.save(&plan);
     assert_eq!((r.saved, r.skipped), (2, 0));
+    // A step that fails a load and never reaches wait_for_save: the next step's saves go on.
+    assert_eq!(w.load(&plan), vec![30, 31]);
+    let mut next = plan.clone();
+    next.loads.clear();
+    assert!(w.load(&next).is_empty());
+    let r = w.save(&next);
+    assert_eq!((r.saved, r.skipped), (2, 0), "only the failed step's saves are skipped");
 }
 
 #[test]
@@ -278,4 +285,47 @@ fn saves_commit_on_their_own_and_hold_their_blocks_until_copied() {
     assert!(w.finished_sending(&finished).is_empty(), "reported once");
     let r = w.save_report();
     assert_eq!((r.saved, r.skipped, r.bytes), (2, 0, 2 * chunk_bytes() as u64));
+}
+
+#[test]
+fn chunks_that_failed_to_load_are_saved_again_once_recomputed() {
+    let (_dir, socket, _rt) = start_agent(32, "resave");
+    let mut s = scheduler(&socket);
+    let tokens = stored_prompt(&socket, &mut s);
+    let mut cache = Cache::new();
+    let mut w = worker(&socket, &mut cache, Box::new(HostCopy::new()));
+    let mut long = tokens.clone();
+    long.extend(prompt(20, 4));
+    // Two requests load the same two chunks; one of b's loads names slots outside the pool.
+    for (req, blocks) in [("b", 20..40u32), ("c", 0..20)] {
+        assert_eq!(s.lookup(req, &long, 0).expect("lookup"), Some(256));
+        s.after_alloc(req, &blocks.collect::<Vec<_>>(), 256).expect("alloc");
+    }
+    let steps = |computed| {
+        [("b", 20..40u32), ("c", 0..20)].map(|(req, blocks)| Step {
+            req: req.into(),
+            block_ids: blocks.collect(),
+            computed_after: computed,
+        })
+    };
+    let mut plan = s.build_plan(&steps(320), None);
+    assert!(plan.saves.is_empty(), "both chunks are in the pool already");
+    let bad = plan.loads.iter_mut().find(|j| j.req == "b").expect("b loads");
+    bad.slots = vec![vec![9999, 9998]];
+    let failed = w.load(&plan);
+    assert_eq!(failed, (20..28).collect::<Vec<_>>(), "b's first chunk");
+    assert_eq!(w.save(&plan), Default::default(), "nothing to save this step");
+
+    // vLLM hands the failed blocks to the scheduler side and recomputes b from block 20.
+    assert_eq!(s.load_failed(&failed), vec!["b".to_owned()]);
+    assert!(s.load_failed(&[1000]).is_empty(), "blocks of no load");
+    let plan = s.build_plan(&steps(320), None);
+    let saved: Vec<(&str, u32)> =
+        plan.saves.iter().map(|j| (j.req.as_str(), j.block_ids[0])).collect();
+    assert_eq!(saved, vec![("b", 20), ("b", 28)], "b's chunks from the failed one on; c none");
+    assert!(w.load(&plan).is_empty());
+    cache.compute(0, &(20..40).collect::<Vec<_>>());
+    let r = w.save(&plan);
+    assert_eq!((r.saved, r.skipped), (2, 0));
+    assert!(s.build_plan(&steps(320), None).saves.is_empty(), "saved once");
 }

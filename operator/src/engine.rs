@@ -47,13 +47,17 @@ pub fn args(spec: &KVCachedInferenceSpec) -> Vec<String> {
 }
 
 /// `--kv-transfer-config` for `tiered`: the kvtier connector, loaded by module path, saving
-/// and loading (no decode-cache offload), told where the node-agent listens.
+/// and loading (no decode-cache offload), told where the node-agent listens. A chunk that
+/// fails to load is recomputed: vLLM's default (0.19.0, the default image) fails the request,
+/// which would turn a node-agent restart into failed requests. vLLM releases older than
+/// `kv_load_failure_policy` (added in late 2025) refuse the field.
 #[must_use]
 pub fn transfer_config(spec: &KVCachedInferenceSpec) -> String {
     serde_json::json!({
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "agent_socket": AGENT_SOCKET,
             "chunk_tokens": spec.cache.chunk_tokens,
@@ -103,6 +107,7 @@ mod tests {
         let cfg: serde_json::Value = serde_json::from_str(&tiered[i + 1]).expect("json config");
         assert_eq!(cfg["kv_connector_module_path"], CONNECTOR_MODULE);
         assert_eq!(cfg["kv_role"], "kv_both");
+        assert_eq!(cfg["kv_load_failure_policy"], "recompute", "load errors are recomputed");
         assert_eq!(cfg["kv_connector_extra_config"]["chunk_tokens"], 512);
         assert_eq!(cfg["kv_connector_extra_config"]["agent_socket"], AGENT_SOCKET);
         assert_eq!(cfg["kv_connector_extra_config"]["layerwise"], true);

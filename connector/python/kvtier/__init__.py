@@ -4,6 +4,7 @@ NVMe tiers. vLLM loads it with
     --kv-transfer-config '{"kv_connector": "KvtierConnector",
                            "kv_connector_module_path": "kvtier.connector",
                            "kv_role": "kv_both",
+                           "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"agent_socket": "/run/kvtier/agent.sock"}}'
 
 (the kvtier operator sets this for `cache.strategy: tiered`).

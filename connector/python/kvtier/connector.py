@@ -177,6 +177,15 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             self._sched = _native.Scheduler(
                 self._socket, self._layouts, self._chunk_tokens, f["block_size"], self._chunk_bytes
             )
+            policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+            if policy != "recompute":
+                logger.warning(
+                    "kvtier: kv_load_failure_policy is %r: a chunk that fails to load (the "
+                    "node-agent restarted, a copy failed) fails its request instead of being "
+                    "recomputed; set \"kv_load_failure_policy\": \"recompute\" in "
+                    "--kv-transfer-config (the kvtier operator does)",
+                    policy,
+                )
         # The worker attaches when the KV cache is registered: the copier depends on where
         # the cache lives.
 
@@ -228,6 +237,19 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
             steps.append((req_id, self._blocks[req_id], computed))
         plan = self._sched.build_plan(steps, None if preempted is None else sorted(preempted))
         return KvtierMetadata(plan)
+
+    def update_connector_output(self, connector_output: Any):
+        # Blocks that failed to load are recomputed by the engine; their chunks are saved
+        # again once they are.
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if self._sched is not None and invalid:
+            affected = self._sched.load_failed(sorted(invalid))
+            if affected:
+                logger.warning(
+                    "kvtier: %d blocks of %d requests did not load; the engine recomputes "
+                    "them and they are saved again",
+                    len(invalid), len(affected),
+                )
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
         # True while saves of the request may still be copying: vLLM keeps its blocks until

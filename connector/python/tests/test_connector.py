@@ -238,6 +238,42 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(sample("saved_chunks", "1"), 3)
         self.assertEqual(sample("loaded_bytes", "0"), 0)
 
+    def test_chunks_that_failed_to_load_are_saved_again_once_recomputed(self):
+        tokens = [(i * 7907 + 11) % 32000 for i in range(100)]
+        a = request("fa", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
+        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
+        self.run_step(step(new=[("fa", range(7), 0)], scheduled={"fa": 100}),
+                      compute=[(i, i) for i in range(7)])
+        self.sched.request_finished(a, list(range(7)))
+        self.assertEqual(self.sent({"fa"}), {"fa"})
+        self.worker.get_kv_connector_stats()
+
+        b = request("fb", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(b, 0), (96, False))
+        self.sched.update_state_after_alloc(b, blocks(range(40, 47)), 96)
+        self.run_step(step(new=[("fb", range(40, 47), 96)], scheduled={"fb": 4}))
+        # As vLLM does when a worker reports block 42 (fb's second chunk) as not loaded: the
+        # scheduler side hears of it, and fb is recomputed from token 32.
+        self.sched.update_connector_output(SimpleNamespace(invalid_block_ids={42}))
+        self.run_step(step(cached=[("fb", [], 32)], scheduled={"fb": 68}),
+                      compute=[(i, 40 + i) for i in range(2, 7)])
+        self.assertEqual(self.sched.request_finished(b, list(range(40, 47))), (True, None))
+        self.assertEqual(self.sent({"fb"}), {"fb"})
+        stats = self.worker.get_kv_connector_stats()
+        self.assertEqual(stats.data["saved_chunks"], 2, "chunks 1 and 2, from the failed one on")
+        # Nothing to say when no load failed.
+        self.sched.update_connector_output(SimpleNamespace(invalid_block_ids=set()))
+
+    def test_vllms_fail_policy_is_warned_about(self):
+        vc, kc = config()
+        with self.assertNoLogs("kvtier.connector", "WARNING"):
+            KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
+        vc.kv_transfer_config.kv_load_failure_policy = "fail"
+        with self.assertLogs("kvtier.connector", "WARNING") as logs:
+            KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
+        self.assertIn("recompute", logs.output[0])
+
     def test_pipelining_is_on_by_default_and_asks_for_piecewise_graphs(self):
         self.assertTrue(KvtierConnector.requires_piecewise_for_cudagraph({}))
         self.assertFalse(KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": False}))

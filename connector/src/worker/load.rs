@@ -79,6 +79,8 @@ impl WorkerCore {
     /// failures are kept for [`WorkerCore::finish_load`]).
     pub fn start_load(&mut self, plan: &Plan) -> bool {
         self.settle_load();
+        // Saves skipped for a failed load are those of the step it failed in only.
+        self.failed_reqs.clear();
         if plan.loads.is_empty() {
             return false;
         }

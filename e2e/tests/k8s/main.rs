@@ -104,6 +104,7 @@ async fn the_stack_on_a_real_api_server() {
     let a = args_of(&minimax);
     let cfg = a.iter().skip_while(|x| *x != "--kv-transfer-config").nth(1).expect("connector");
     assert!(cfg.contains("\"kv_connector_module_path\":\"kvtier.connector\""), "{cfg}");
+    assert!(cfg.contains("\"kv_load_failure_policy\":\"recompute\""), "{cfg}");
     assert!(a.contains(&"--enable-prefix-caching".to_owned()));
     assert!(a.windows(2).any(|w| w == ["--tensor-parallel-size", "2"]));
     let pod = minimax.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec");
