@@ -33,11 +33,10 @@ def main():
     tokens = int(os.environ.get("TOKENS", "100000")) // CHUNK * CHUNK
     blocks = tokens // BLOCK
     num_blocks = 2 * blocks + 16
-    # vLLM's cross-layer layout: physically (blocks, layers, 2, block, heads, dim), seen as
-    # (layers, 2, blocks, block, heads, dim).
+    # vLLM's cross-layer KV tensor with FlashAttention (NHD), registered as vLLM hands it to
+    # the connector: in physical order (blocks, layers, 2, block, heads, dim), layers in dim 1.
     phys = torch.empty((num_blocks, LAYERS, 2, BLOCK, HEADS, DIM), dtype=torch.bfloat16, device=DEVICE)
     phys.view(torch.int16).random_(-32768, 32767)
-    kv = phys.permute(1, 2, 0, 3, 4, 5)
     page_bytes = 2 * BLOCK * HEADS * DIM * 2
     chunk_bytes = page_bytes * LAYERS * (CHUNK // BLOCK)
     context = tokens // CHUNK * chunk_bytes
@@ -49,8 +48,8 @@ def main():
     t = time.perf_counter()
     worker = _native.Worker(socket, 0, "cuda" if GPU else "host", torch.cuda.current_device() if GPU else 0)
     print(f"worker attached and pool registered in {time.perf_counter() - t:.2f} s")
-    worker.register([("kv", kv.data_ptr(), list(kv.shape), list(kv.stride()), kv.element_size())],
-                    num_blocks, CHUNK // BLOCK, chunk_bytes, 0)
+    worker.register([("kv", phys.data_ptr(), list(phys.shape), list(phys.stride()), phys.element_size())],
+                    num_blocks, CHUNK // BLOCK, chunk_bytes, 1)
     if GPU:
         worker.set_stream(torch.cuda.current_stream().cuda_stream)
     # Three saves of the same KV under three prompts (each new to the pool; the pool evicts

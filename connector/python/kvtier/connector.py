@@ -127,6 +127,29 @@ def _byte_order() -> str:
         return "paged/NHD"
 
 
+def _layers_dim(shape: tuple, attn_backend: Any, layers: int) -> int:
+    """Where the layers are in vLLM's cross-layer KV tensor.
+
+    vLLM registers the tensor in its physical order: the backend's logical shape with the
+    layers prepended, permuted by the backend's stride order, so the layers dimension sits
+    where that order places logical dimension 0 (FlashAttention, NHD: ``(blocks, layers, 2,
+    block, heads, dim)``).
+    """
+    try:
+        order = tuple(attn_backend.get_kv_cache_stride_order(include_num_layers_dimension=True))
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        order = ()
+    if len(order) == len(shape) and 0 in order and shape[order.index(0)] == layers:
+        return order.index(0)
+    dims = [d for d, n in enumerate(shape) if n == layers]
+    if len(dims) == 1:
+        return dims[0]
+    raise ValueError(
+        f"kvtier: cannot tell the layers dimension ({layers} layers) of the cross-layer KV "
+        f"tensor {list(shape)}"
+    )
+
+
 class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM's entry point (``kv_connector_module_path = "kvtier.connector"``)."""
 
@@ -283,14 +306,16 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._register(named, layer_dim=None)
 
     def register_cross_layers_kv_cache(self, kv_cache: Any, attn_backend: Any):
-        # Its first dimension is the layers, in the order of the KV cache config's tensors;
-        # the chunk's bytes are the same as with one tensor per layer, so both layouts share
-        # keys.
+        # The layers are in the order of the KV cache config's tensors; the chunk's bytes are
+        # the same as with one tensor per layer, so both layouts share keys.
         tensors = getattr(self._kv_cache_config, "kv_cache_tensors", None) or []
         self._layer_index = {
             name: i for i, t in enumerate(tensors) for name in getattr(t, "shared_by", ())
         }
-        self._register([("cross_layers", kv_cache)], layer_dim=0)
+        if self._facts is None or self.role != KVConnectorRole.WORKER:
+            return
+        dim = _layers_dim(tuple(kv_cache.shape), attn_backend, self._facts["layers"])
+        self._register([("cross_layers", kv_cache)], layer_dim=dim)
 
     def _register(self, named: list, layer_dim: Optional[int]) -> None:
         if self._facts is None or self.role != KVConnectorRole.WORKER:

@@ -306,16 +306,19 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(self.sched.get_num_new_matched_tokens(q, 16), (48, False))
 
     def test_a_cross_layer_cache_shares_chunks_with_a_per_layer_cache(self):
-        # vLLM's cross-layer tensor: logical (layers, 2, blocks, block, heads, dim), physically
-        # blocks outermost, so every layer of a block is one contiguous region.
+        # vLLM's cross-layer tensor as vLLM registers it: in physical order, FlashAttention's
+        # (blocks, layers, 2, block, heads, dim), so every layer of a block is one region.
         self.assertTrue(self.worker.prefer_cross_layer_blocks)
-        layer, kvs, page = 2 * BLOCK * HEADS * DIM, BLOCK * HEADS * DIM, 1
+        layer, kvs = 2 * BLOCK * HEADS * DIM, BLOCK * HEADS * DIM
         block = 2 * layer  # elements of one block over both layers
-        strides = (layer, kvs, block, HEADS * DIM, DIM, page)
-        cross = HostTensor((2, 2, BLOCKS, BLOCK, HEADS, DIM), strides=strides)
+        cross = HostTensor((BLOCKS, 2, 2, BLOCK, HEADS, DIM))
+        flash_attn = SimpleNamespace(
+            get_kv_cache_stride_order=lambda include_num_layers_dimension=False:
+                (2, 0, 1, 3, 4, 5) if include_num_layers_dimension else (0, 1, 2, 3, 4)
+        )
         vc, kc = config()
         w2 = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
-        w2.register_cross_layers_kv_cache(cross, attn_backend=None)
+        w2.register_cross_layers_kv_cache(cross, attn_backend=flash_attn)
         tokens = [(i * 31337) % 32000 for i in range(40)]
         # The per-layer worker saves; the cross-layer worker loads.
         r = request("x", tokens)
@@ -339,6 +342,20 @@ class ConnectorTest(unittest.TestCase):
                     off = (dst * block + n * layer + kv * kvs) * ELEM
                     got = ctypes.string_at(base + off, PAGE)
                     self.assertEqual(got, t.page(kv, j), f"block {j} layer {n} kv {kv}")
+
+    def test_the_layers_dimension_follows_the_backends_stride_order(self):
+        from kvtier.connector import _layers_dim
+
+        def backend(order):
+            return SimpleNamespace(get_kv_cache_stride_order=lambda include_num_layers_dimension: order)
+
+        # FlashAttention NHD and HND: (blocks, layers, 2, ...) and (blocks, heads, layers, 2, ...).
+        self.assertEqual(_layers_dim((64, 32, 2, 16, 8, 128), backend((2, 0, 1, 3, 4, 5)), 32), 1)
+        self.assertEqual(_layers_dim((64, 8, 32, 2, 16, 128), backend((2, 4, 0, 1, 3, 5)), 32), 2)
+        # A backend that does not say: the one dimension of that size.
+        self.assertEqual(_layers_dim((64, 32, 2, 16, 8, 128), None, 32), 1)
+        with self.assertRaisesRegex(ValueError, "layers dimension"):
+            _layers_dim((64, 32, 2, 16, 32, 128), None, 32)
 
     def test_gpu_tensors_need_a_gpu_runtime_and_say_so(self):
         # A GPU KV cache picks the CUDA copier, which finds no driver on this machine.
