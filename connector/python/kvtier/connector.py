@@ -76,8 +76,11 @@ def _tp(vllm_config: Any) -> tuple[int, int]:
 
 
 def _kv_facts(kv_cache_config: Any) -> Optional[dict]:
-    """Layers, heads, head size, dtype and page bytes when every layer shares one spec."""
-    if kv_cache_config is None:
+    """Layers, heads, head size, dtype and page bytes when every layer shares one spec and one
+    block table. vLLM turns its hybrid KV cache manager off when a connector is configured,
+    so sliding-window layers share the full-attention group; a user who turns it back on gets
+    one group (and block ids) per layer type, which the connector does not follow."""
+    if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) != 1:
         return None
     specs = []
     layers = 0
@@ -174,8 +177,9 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._reported = WorkerDelta() if WorkerDelta is not None else None
         if self._facts is None:
             logger.error(
-                "kvtier: the KV cache mixes layer types (or has no spec); the connector stays "
-                "off and the engine computes every prompt"
+                "kvtier: the KV cache mixes layer types or has several block tables (hybrid KV "
+                "cache manager on), or has no spec; the connector stays off and the engine "
+                "computes every prompt"
             )
             return
         f = self._facts

@@ -265,6 +265,28 @@ class ConnectorTest(unittest.TestCase):
         # Nothing to say when no load failed.
         self.sched.update_connector_output(SimpleNamespace(invalid_block_ids=set()))
 
+    def test_several_block_tables_or_layer_types_turn_the_connector_off(self):
+        vc, kc = config()
+        spec = kc.kv_cache_groups[0].kv_cache_spec
+        hybrid = SimpleNamespace(**{**vars(spec), "page_size_bytes": 4 * PAGE})
+        for groups in (
+            # The hybrid KV cache manager on: a block table per group, even with equal specs.
+            [SimpleNamespace(layer_names=["l.0"], kv_cache_spec=spec),
+             SimpleNamespace(layer_names=["l.1"], kv_cache_spec=spec)],
+            # Layer types with different pages.
+            [SimpleNamespace(layer_names=["l.0"], kv_cache_spec=spec),
+             SimpleNamespace(layer_names=["l.1"], kv_cache_spec=hybrid)],
+            [],
+        ):
+            kc.kv_cache_groups = groups
+            with self.assertLogs("kvtier.connector", "ERROR"):
+                sched = KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
+                worker = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
+            self.assertEqual(sched.get_num_new_matched_tokens(request("h", list(range(99))), 0),
+                             (0, False))
+            worker.register_kv_caches(self.kv)
+            self.assertIsNone(worker.get_kv_connector_stats())
+
     def test_vllms_fail_policy_is_warned_about(self):
         vc, kc = config()
         with self.assertNoLogs("kvtier.connector", "WARNING"):
