@@ -145,6 +145,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     chunk_bytes,
                     lease: Duration::from_secs(60),
                     nvme_wait: Duration::from_millis(10),
+                    confirm_loads: true,
                 })?;
                 let mut w = WorkerCore::connect(&socket, 0, Box::new(HostCopy::new()))?;
                 // SAFETY: `cache` outlives the worker.

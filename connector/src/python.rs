@@ -49,7 +49,7 @@ struct Scheduler {
 impl Scheduler {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (socket, layouts, chunk_tokens, block_size, chunk_bytes, lease_ms=60_000, nvme_wait_ms=2_000))]
+    #[pyo3(signature = (socket, layouts, chunk_tokens, block_size, chunk_bytes, lease_ms=60_000, nvme_wait_ms=2_000, confirm_loads=true))]
     fn new(
         py: Python<'_>,
         socket: PathBuf,
@@ -59,6 +59,7 @@ impl Scheduler {
         chunk_bytes: usize,
         lease_ms: u64,
         nvme_wait_ms: u64,
+        confirm_loads: bool,
     ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             socket,
@@ -68,6 +69,7 @@ impl Scheduler {
             chunk_bytes,
             lease: Duration::from_millis(lease_ms),
             nvme_wait: Duration::from_millis(nvme_wait_ms),
+            confirm_loads,
         };
         let core = py.detach(|| SchedulerCore::connect(cfg)).map_err(sched_err)?;
         Ok(Self { inner: Mutex::new(core) })
@@ -108,6 +110,12 @@ impl Scheduler {
 
     /// This step's plan, encoded; `steps` are `(request id, block ids, tokens computed after
     /// the step)`, `preempted` the requests preempted this step (None: not known).
+    /// Per request, how many workers reported all its loads landed (one step's reports,
+    /// summed): requests every rank reported have their held-back saves planned.
+    fn loads_landed(&self, landed: Vec<(String, usize)>) {
+        locked(&self.inner).loads_landed(&landed);
+    }
+
     /// Blocks whose loads failed (vLLM's `invalid_block_ids`): the affected requests save their
     /// chunks again once recomputed. Returns those requests.
     fn load_failed(&self, block_ids: Vec<u32>) -> Vec<String> {
@@ -287,6 +295,11 @@ impl Worker {
     /// Of `finished` (and earlier finished) requests, those whose saves are all done.
     fn finished_sending(&self, py: Python<'_>, finished: Vec<String>) -> Vec<String> {
         py.detach(|| locked(&self.inner).finished_sending(&finished))
+    }
+
+    /// Requests whose loads all landed since the last call.
+    fn take_landed(&self) -> Vec<String> {
+        locked(&self.inner).take_landed()
     }
 
     /// Waits until every queued save is committed or dropped.

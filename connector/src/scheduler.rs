@@ -39,7 +39,16 @@ pub struct SchedulerConfig {
     pub lease: Duration,
     /// How long a request may wait for chunks coming back from NVMe.
     pub nvme_wait: Duration,
+    /// Hold back the saves of a request that loaded until every worker reported its loads
+    /// landed ([`SchedulerCore::loads_landed`]): KV computed on top of a block that failed to
+    /// load on any rank is wrong on every rank. Engines that never report are noticed after
+    /// [`CONFIRM_GRACE`] plans and saves are no longer held back.
+    pub confirm_loads: bool,
 }
+
+/// Plans a request's saves wait for its workers' first report of landed loads before the
+/// scheduler side concludes the engine does not send such reports.
+pub const CONFIRM_GRACE: u32 = 16;
 
 /// Why the scheduler side cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +91,9 @@ struct Req {
     stored: usize,
     /// Chunks planned for loading, with the blocks each load writes.
     loaded: Vec<(usize, Vec<u32>)>,
+    /// Plans built since its loads were planned, while no worker has reported them landed
+    /// (`None`: nothing to wait for); its saves are held back meanwhile.
+    unconfirmed: Option<u32>,
     conversation: u64,
     /// A plan had saves for it: its blocks stay allocated until the workers have copied them.
     saving: bool,
@@ -106,6 +118,8 @@ pub struct SchedulerCore {
     parts: u32,
     reqs: HashMap<String, Req>,
     loads: Vec<LoadJob>,
+    /// Whether the workers were ever heard to report landed loads.
+    reports_seen: bool,
 }
 
 impl SchedulerCore {
@@ -130,7 +144,7 @@ impl SchedulerCore {
         let slot = link.slot_bytes() as usize;
         let parts = u32::try_from(cfg.chunk_bytes.div_ceil(slot))
             .map_err(|_| SchedulerError::Config("chunk too large".into()))?;
-        Ok(Self { cfg, link, parts, reqs: HashMap::new(), loads: Vec::new() })
+        Ok(Self { cfg, link, parts, reqs: HashMap::new(), loads: Vec::new(), reports_seen: false })
     }
 
     /// Pool slots per chunk and rank.
@@ -183,6 +197,7 @@ impl SchedulerCore {
                     prefetch_until: None,
                     stored: 0,
                     loaded: Vec::new(),
+                    unconfirmed: None,
                     saving: false,
                     conversation: 0,
                 },
@@ -297,6 +312,9 @@ impl SchedulerCore {
             let from = if c == start / ct { (start % ct) / bs } else { 0 };
             let blocks = &block_ids[c * bpc..(c + 1) * bpc];
             r.loaded.push((c, blocks[from..].to_vec()));
+            if self.cfg.confirm_loads {
+                r.unconfirmed = Some(0);
+            }
             self.loads.push(LoadJob {
                 req: req.to_owned(),
                 block_ids: blocks.to_vec(),
@@ -326,11 +344,28 @@ impl SchedulerCore {
             if let Some(c) = first {
                 r.stored = r.stored.min(c);
                 r.loaded.retain(|&(l, _)| l < c);
+                r.unconfirmed = None;
                 affected.push(id.clone());
             }
         }
         affected.sort();
         affected
+    }
+
+    /// The workers' reports of one step: per request, how many workers had all its loads
+    /// land (vLLM sums the workers' reports). A request every rank reported is confirmed: its
+    /// saves, held back since its loads were planned, go into the next plan (its blocks kept
+    /// their KV meanwhile).
+    pub fn loads_landed(&mut self, landed: &[(String, usize)]) {
+        self.reports_seen = true;
+        let ranks = self.cfg.layouts.len();
+        for (req, n) in landed {
+            if let Some(r) = self.reqs.get_mut(req) {
+                if *n >= ranks {
+                    r.unconfirmed = None;
+                }
+            }
+        }
     }
 
     /// This step's plan: the loads planned since the last one, a save for every prompt chunk
@@ -340,8 +375,29 @@ impl SchedulerCore {
     pub fn build_plan(&mut self, steps: &[Step], preempted: Option<Vec<String>>) -> Plan {
         let (ct, bpc) = (self.cfg.chunk_tokens, self.cfg.chunk_tokens / self.cfg.block_size);
         let mut saves = Vec::new();
+        if !self.reports_seen
+            && self.cfg.confirm_loads
+            && self.reqs.values().any(|r| r.unconfirmed.is_some_and(|n| n >= CONFIRM_GRACE))
+        {
+            tracing::warn!(
+                "the engine does not report its workers' loads (build_connector_worker_meta); \
+                 saves after loads are no longer held back until every rank's loads landed"
+            );
+            self.cfg.confirm_loads = false;
+            for r in self.reqs.values_mut() {
+                r.unconfirmed = None;
+            }
+        }
+        for r in self.reqs.values_mut() {
+            if let Some(n) = r.unconfirmed.as_mut() {
+                *n += 1;
+            }
+        }
         for s in steps {
             let Some(r) = self.reqs.get_mut(&s.req) else { continue };
+            if r.unconfirmed.is_some() {
+                continue;
+            }
             let upto = (s.computed_after / ct).min(r.keys.len()).min(s.block_ids.len() / bpc);
             for c in r.stored..upto {
                 saves.push(SaveJob {

@@ -329,3 +329,93 @@ fn chunks_that_failed_to_load_are_saved_again_once_recomputed() {
     assert_eq!((r.saved, r.skipped), (2, 0));
     assert!(s.build_plan(&steps(320), None).saves.is_empty(), "saved once");
 }
+
+/// Request `req` (the stored prompt and 300 tokens more: four chunks, two of them stored) is
+/// allocated blocks 0..38 and its loads planned; returns the steps that build its plans.
+fn loading_request(
+    s: &mut kvtier_connector::SchedulerCore,
+    tokens: &[u32],
+    req: &str,
+) -> impl Fn(usize) -> Vec<Step> {
+    let mut long = tokens.to_vec();
+    long.extend(prompt(300, 8));
+    assert_eq!(s.lookup(req, &long, 0).expect("lookup"), Some(256));
+    s.after_alloc(req, &(0..38).collect::<Vec<_>>(), 256).expect("alloc");
+    let req = req.to_owned();
+    move |computed| {
+        vec![Step { req: req.clone(), block_ids: (0..38).collect(), computed_after: computed }]
+    }
+}
+
+fn first_blocks(plan: &kvtier_connector::Plan) -> Vec<u32> {
+    plan.saves.iter().map(|j| j.block_ids[0]).collect()
+}
+
+#[test]
+fn saves_after_loads_wait_until_every_rank_reports_them_landed() {
+    let (_dir, socket, _rt) = start_agent(64, "confirm");
+    let mut s = scheduler(&socket);
+    let tokens = stored_prompt(&socket, &mut s);
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let steps = loading_request(&mut s, &tokens, "b");
+
+    // The step that loads chunks 0-1 computes chunks 2-3: their saves wait.
+    let plan = s.build_plan(&steps(600), None);
+    assert_eq!(plan.loads.len(), 2);
+    assert!(plan.saves.is_empty(), "held back until the loads are known to have landed");
+    for (rank, w) in ws.iter_mut().enumerate() {
+        assert!(w.load(&plan).is_empty());
+        caches[rank].compute(rank, &(16..38).collect::<Vec<_>>());
+        assert_eq!(w.take_landed(), vec!["b".to_owned()]);
+        assert!(w.take_landed().is_empty(), "reported once");
+    }
+    // Async scheduling: the next step is planned before the reports arrive.
+    assert!(s.build_plan(&steps(601), None).saves.is_empty());
+    s.loads_landed(&[("b".into(), 1)]);
+    assert!(s.build_plan(&steps(602), None).saves.is_empty(), "one rank of two");
+    s.loads_landed(&[("b".into(), 2)]);
+    let plan = s.build_plan(&steps(603), None);
+    assert_eq!(first_blocks(&plan), vec![16, 24], "chunks 2 and 3, computed steps ago");
+    for w in &mut ws {
+        assert_eq!(w.save(&plan).saved, 2);
+    }
+}
+
+#[test]
+fn a_load_that_failed_on_one_rank_saves_nothing_either_rank_computed_on_it() {
+    let (_dir, socket, _rt) = start_agent(64, "partial");
+    let mut s = scheduler(&socket);
+    let tokens = stored_prompt(&socket, &mut s);
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let steps = loading_request(&mut s, &tokens, "b");
+    let mut plan = s.build_plan(&steps(600), None);
+    // Rank 0's slots of the first chunk are outside the pool; rank 1's load lands.
+    plan.loads[0].slots[0] = vec![9999, 9998];
+    let failed = ws[0].load(&plan);
+    assert_eq!(failed, (0..8).collect::<Vec<_>>());
+    assert!(ws[1].load(&plan).is_empty());
+    assert!(ws[0].take_landed().is_empty());
+    assert_eq!(ws[1].take_landed(), vec!["b".to_owned()]);
+    // Rank 1's KV of chunks 2-3 was computed on rank 0's missing blocks (the layers mix the
+    // ranks): no plan asked either rank to save it. vLLM sends the union of the failed blocks
+    // and the reports; the request is recomputed from block 0 and saved from chunk 0 on.
+    assert_eq!(s.load_failed(&failed), vec!["b".to_owned()]);
+    s.loads_landed(&[("b".into(), 1)]);
+    let plan = s.build_plan(&steps(600), None);
+    assert_eq!(first_blocks(&plan), vec![0, 8, 16, 24]);
+}
+
+#[test]
+fn an_engine_that_never_reports_loads_gets_its_saves_after_a_grace() {
+    let (_dir, socket, _rt) = start_agent(64, "grace");
+    let mut s = scheduler(&socket);
+    let tokens = stored_prompt(&socket, &mut s);
+    let steps = loading_request(&mut s, &tokens, "b");
+    for i in 0..kvtier_connector::scheduler::CONFIRM_GRACE {
+        assert!(s.build_plan(&steps(600 + i as usize), None).saves.is_empty(), "plan {i}");
+    }
+    let plan = s.build_plan(&steps(700), None);
+    assert_eq!(first_blocks(&plan), vec![16, 24], "no longer held back");
+}

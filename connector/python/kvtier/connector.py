@@ -36,6 +36,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+try:  # The workers' channel back to the scheduler side (vLLM 0.19 has it).
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+
+    WORKER_REPORTS = True
+except ImportError:  # pragma: no cover - older vLLM
+    WORKER_REPORTS = False
+
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
+        """Stand-in for vLLM versions without the workers' channel back."""
+
 try:  # vLLM >= 0.11 refuses connectors without it when the hybrid KV cache manager is on.
     from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
 except ImportError:  # pragma: no cover - older vLLM
@@ -62,6 +72,19 @@ class KvtierMetadata(KVConnectorMetadata):
 
     def __init__(self, plan: bytes):
         self.plan = plan
+
+
+class KvtierWorkerMeta(KVConnectorWorkerMetadata):
+    """One step's report from the workers: per request whose loads all landed on a worker, how
+    many workers say so (vLLM sums the workers' reports with ``aggregate``)."""
+
+    def __init__(self, landed: dict[str, int]):
+        self.landed = landed
+
+    def aggregate(self, other: Any) -> Any:
+        for req, n in getattr(other, "landed", {}).items():
+            self.landed[req] = self.landed.get(req, 0) + n
+        return self
 
 
 def _tp(vllm_config: Any) -> tuple[int, int]:
@@ -201,8 +224,11 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         ]
         self._gpu = False
         if role == KVConnectorRole.SCHEDULER:
+            # Saves computed on top of loads wait until every worker reported those loads
+            # landed, where the engine has the channel for it.
             self._sched = _native.Scheduler(
-                self._socket, self._layouts, self._chunk_tokens, f["block_size"], self._chunk_bytes
+                self._socket, self._layouts, self._chunk_tokens, f["block_size"],
+                self._chunk_bytes, confirm_loads=WORKER_REPORTS,
             )
             policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
             if policy != "recompute":
@@ -266,10 +292,12 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         return KvtierMetadata(plan)
 
     def update_connector_output(self, connector_output: Any):
+        if self._sched is None:
+            return
         # Blocks that failed to load are recomputed by the engine; their chunks are saved
         # again once they are.
         invalid = getattr(connector_output, "invalid_block_ids", None)
-        if self._sched is not None and invalid:
+        if invalid:
             affected = self._sched.load_failed(sorted(invalid))
             if affected:
                 logger.warning(
@@ -277,6 +305,10 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
                     "them and they are saved again",
                     len(invalid), len(affected),
                 )
+        # Loads every worker reports landed: the saves held back behind them may go.
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KvtierWorkerMeta) and meta.landed:
+            self._sched.loads_landed(sorted(meta.landed.items()))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
         # True while saves of the request may still be copying: vLLM keeps its blocks until
@@ -411,6 +443,13 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is None:
             return set()
         return set(self._worker.finish_load())
+
+    def build_connector_worker_meta(self) -> Optional[Any]:
+        # After get_block_ids_with_load_errors (the step's loads are settled by then).
+        if self._worker is None or not WORKER_REPORTS:
+            return None
+        landed = self._worker.take_landed()
+        return KvtierWorkerMeta({req: 1 for req in landed}) if landed else None
 
     # ---------------------------------------------------------------- stats
 

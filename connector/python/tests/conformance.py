@@ -12,9 +12,9 @@ Reads ``vllm/distributed/kv_transfer/kv_connector/v1/base.py`` from the released
   factory passes ``kv_cache_config`` by keyword);
 - the test stand-in of the base module declares exactly the release's abstract methods, with
   the same parameters, so the other tests exercise the real contract;
-- in the release's ``metrics.py``, every method of ``KVConnectorStats`` and
-  ``KVConnectorPromMetrics`` is defined by ``kvtier.stats.KvtierStats`` and
-  ``KvtierPromMetrics`` with the same parameters, and by the stand-in too.
+- every method of the other release classes kvtier extends (``KVConnectorStats``,
+  ``KVConnectorPromMetrics``, ``KVConnectorWorkerMetadata``) is defined by the kvtier class
+  with the same parameters, and by the stand-in too.
 
 Exits 1 with every difference listed.
 """
@@ -27,8 +27,12 @@ import zipfile
 BASE = "vllm/distributed/kv_transfer/kv_connector/v1/base.py"
 CLASSES = ("KVConnectorBase_V1", "SupportsHMA")
 METRICS = "vllm/distributed/kv_transfer/kv_connector/v1/metrics.py"
-# Release class -> the kvtier class that extends it.
-STATS = {"KVConnectorStats": "KvtierStats", "KVConnectorPromMetrics": "KvtierPromMetrics"}
+# (release module, class) -> the kvtier class that extends it, and where the stand-in is.
+EXTENDED = {
+    (METRICS, "KVConnectorStats"): "kvtier.stats.KvtierStats",
+    (METRICS, "KVConnectorPromMetrics"): "kvtier.stats.KvtierPromMetrics",
+    (BASE, "KVConnectorWorkerMetadata"): "kvtier.connector.KvtierWorkerMeta",
+}
 
 
 def release_methods(source, classes=CLASSES):
@@ -64,19 +68,19 @@ def live_params(func):
     return params, varargs, varkw
 
 
-def check_stats(source, problems):
-    """The stats classes against the release's metrics module; returns methods checked."""
-    from kvtier import stats as ours
-    from vllm.distributed.kv_transfer.kv_connector.v1 import metrics as standin
+def check_extended(sources, problems):
+    """The classes kvtier extends against the release's; returns methods checked."""
+    import importlib
 
-    release = release_methods(source, tuple(STATS))
     checked = 0
-    for cls, mine_name in STATS.items():
-        methods = release.get(cls)
+    for (module, cls), mine_path in EXTENDED.items():
+        methods = release_methods(sources[module], (cls,)).get(cls)
         if not methods:
-            problems.append(f"{METRICS} has no {cls}")
+            problems.append(f"{module} has no {cls}")
             continue
-        mine = getattr(ours, mine_name)
+        mod, _, mine_name = mine_path.rpartition(".")
+        mine = getattr(importlib.import_module(mod), mine_name)
+        standin = getattr(importlib.import_module(module[:-3].replace("/", ".")), cls)
         for name, (params, varargs, varkw, _) in methods.items():
             checked += 1
             want = (params, varargs, varkw)
@@ -85,7 +89,7 @@ def check_stats(source, problems):
             elif live_params(getattr(mine, name)) != want:
                 problems.append(f"{mine_name}.{name}: release takes {want}, kvtier takes "
                                 f"{live_params(getattr(mine, name))}")
-            theirs = getattr(getattr(standin, cls), name, None)
+            theirs = getattr(standin, name, None)
             if theirs is None or live_params(theirs) != want:
                 problems.append(f"stand-in {cls}.{name} differs from the release")
     return checked
@@ -135,7 +139,7 @@ def main():
         problems.append(f"KvtierConnector is still abstract: {KvtierConnector.__abstractmethods__}")
 
     checked = sum(len(m) for m in release.values())
-    checked += check_stats(metrics_source, problems)
+    checked += check_extended({BASE: source, METRICS: metrics_source}, problems)
     if problems:
         print(f"{len(problems)} differences against {wheel}:")
         for p in problems:

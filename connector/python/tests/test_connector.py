@@ -238,6 +238,38 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(sample("saved_chunks", "1"), 3)
         self.assertEqual(sample("loaded_bytes", "0"), 0)
 
+    def test_saves_computed_on_loaded_kv_wait_for_the_workers_reports(self):
+        tokens = [(i * 6007 + 3) % 32000 for i in range(100)]
+        a = request("ca", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
+        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
+        self.run_step(step(new=[("ca", range(7), 0)], scheduled={"ca": 100}),
+                      compute=[(i, i) for i in range(7)])
+        self.sched.request_finished(a, list(range(7)))
+        self.assertEqual(self.sent({"ca"}), {"ca"})
+        self.worker.get_kv_connector_stats()
+
+        # 160 tokens: three chunks load, the step computes chunks 3 and 4 on top of them.
+        b = request("cb", tokens + list(range(60)))
+        self.assertEqual(self.sched.get_num_new_matched_tokens(b, 0), (96, False))
+        self.sched.update_state_after_alloc(b, blocks(range(40, 51)), 96)
+        self.run_step(step(new=[("cb", range(40, 51), 96)], scheduled={"cb": 64}),
+                      compute=[(i, 40 + i) for i in range(6, 10)])
+        self.assertEqual(self.worker.get_block_ids_with_load_errors(), set())
+        self.assertEqual(self.worker.get_kv_connector_stats().data["saved_chunks"], 0,
+                         "held back until every worker's loads are known to have landed")
+        meta = pickle.loads(pickle.dumps(self.worker.build_connector_worker_meta()))
+        self.assertEqual(meta.landed, {"cb": 1})
+        self.assertIsNone(self.worker.build_connector_worker_meta(), "reported once")
+        # vLLM sums the workers' reports (here one worker; two would make 2).
+        self.assertEqual(pickle.loads(pickle.dumps(meta)).aggregate(meta).landed, {"cb": 2})
+        self.sched.update_connector_output(
+            SimpleNamespace(invalid_block_ids=set(), kv_connector_worker_meta=meta))
+        self.run_step(step(cached=[("cb", [], 160)], scheduled={"cb": 1}))
+        self.assertEqual(self.sched.request_finished(b, list(range(40, 51))), (True, None))
+        self.assertEqual(self.sent({"cb"}), {"cb"})
+        self.assertEqual(self.worker.get_kv_connector_stats().data["saved_chunks"], 2)
+
     def test_chunks_that_failed_to_load_are_saved_again_once_recomputed(self):
         tokens = [(i * 7907 + 11) % 32000 for i in range(100)]
         a = request("fa", tokens)

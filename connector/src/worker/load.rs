@@ -5,6 +5,8 @@
 //! pass, learns how every stage ended: a job whose copies did not all land is reported as
 //! blocks to recompute, never used as it is.
 
+use std::collections::HashSet;
+
 use crate::plan::Plan;
 use crate::transfer::{copies, Copy, Done};
 
@@ -194,7 +196,7 @@ impl WorkerCore {
         }
         self.load_report.failed_blocks += l.failed.len() as u64;
         self.load_errors.extend(l.failed);
-        self.failed_reqs.extend(l.failed_reqs);
+        let refused: HashSet<String> = l.failed_reqs.into_iter().collect();
         for (req, blocks, bytes) in l.jobs {
             if l.broken {
                 self.load_report.failed_blocks += blocks.len() as u64;
@@ -203,8 +205,18 @@ impl WorkerCore {
             } else {
                 self.load_report.loaded += 1;
                 self.load_report.bytes += bytes;
+                if !refused.contains(&req) && !self.landed.contains(&req) {
+                    self.landed.push(req);
+                }
             }
         }
+        self.failed_reqs.extend(refused);
+    }
+
+    /// Requests whose loads all landed in the steps settled since the last call (the
+    /// scheduler side holds back their saves until every worker said so).
+    pub fn take_landed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.landed)
     }
 
     /// What loads have done since the worker started (loads of a step count once the step's

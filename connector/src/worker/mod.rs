@@ -99,6 +99,8 @@ pub struct WorkerCore {
     /// Blocks whose loads failed, until vLLM asks.
     load_errors: Vec<u32>,
     load_report: LoadReport,
+    /// Requests whose loads all landed, until vLLM asks.
+    landed: Vec<String>,
     /// Requests whose loads failed this step: their saves are skipped (their KV was computed
     /// on top of blocks that did not load).
     failed_reqs: HashSet<String>,
@@ -155,6 +157,7 @@ impl WorkerCore {
             loading: None,
             load_errors: Vec::new(),
             load_report: LoadReport::default(),
+            landed: Vec::new(),
             failed_reqs: HashSet::new(),
             saving,
         })

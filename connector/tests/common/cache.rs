@@ -104,6 +104,7 @@ pub fn scheduler(socket: &std::path::Path) -> SchedulerCore {
         chunk_bytes: chunk_bytes(),
         lease: Duration::from_secs(30),
         nvme_wait: Duration::from_millis(200),
+        confirm_loads: true,
     })
     .expect("scheduler")
 }

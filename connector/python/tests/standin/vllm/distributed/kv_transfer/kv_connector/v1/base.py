@@ -17,6 +17,12 @@ class KVConnectorMetadata(ABC):  # noqa: B024
     pass
 
 
+class KVConnectorWorkerMetadata(ABC):
+    @abstractmethod
+    def aggregate(self, other):
+        pass
+
+
 class SupportsHMA(ABC):
     @abstractmethod
     def request_finished_all_groups(self, request, block_ids):
