@@ -105,18 +105,16 @@ def _kv_facts(kv_cache_config: Any) -> Optional[dict]:
     one group (and block ids) per layer type, which the connector does not follow."""
     if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) != 1:
         return None
-    specs = []
-    layers = 0
-    for group in kv_cache_config.kv_cache_groups:
-        specs.append(group.kv_cache_spec)
-        layers += len(group.layer_names)
-    first = specs[0] if specs else None
-    keys = ("block_size", "num_kv_heads", "head_size", "dtype", "page_size_bytes")
+    group = kv_cache_config.kv_cache_groups[0]
+    first = group.kv_cache_spec
     if first is None or any(
-        tuple(getattr(s, k, None) for k in keys) != tuple(getattr(first, k, None) for k in keys)
-        for s in specs
+        getattr(first, k, None) is None
+        for k in ("block_size", "num_kv_heads", "head_size", "dtype", "page_size_bytes")
     ):
         return None
+    # Layers that hold KV: one tensor each. Layers that read another layer's KV (KV sharing)
+    # are in the worker's group but hold nothing; the scheduler's group lacks them.
+    layers = len(getattr(kv_cache_config, "kv_cache_tensors", None) or group.layer_names)
     return {
         "layers": layers,
         "block_size": int(first.block_size),
@@ -337,8 +335,16 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         return True
 
     def register_kv_caches(self, kv_caches: dict[str, Any]):
-        named = list(kv_caches.items())
-        self._layer_index = {name: i for i, (name, _) in enumerate(named)}
+        # A layer that reads another layer's KV (KV sharing) is handed the same tensor: it is
+        # registered once, and waits for that layer's stage.
+        named: list = []
+        first: dict[int, int] = {}
+        self._layer_index = {}
+        for name, t in kv_caches.items():
+            i = first.setdefault(int(t.data_ptr()), len(named))
+            if i == len(named):
+                named.append((name, t))
+            self._layer_index[name] = i
         self._register(named, layer_dim=None)
 
     def register_cross_layers_kv_cache(self, kv_cache: Any, attn_backend: Any):

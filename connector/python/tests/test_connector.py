@@ -397,6 +397,39 @@ class ConnectorTest(unittest.TestCase):
                     got = ctypes.string_at(base + off, PAGE)
                     self.assertEqual(got, t.page(kv, j), f"block {j} layer {n} kv {kv}")
 
+    def test_a_layer_reading_another_layers_kv_is_registered_once(self):
+        # KV sharing: the worker's group lists the reading layer too, and vLLM hands it the
+        # same tensor; the scheduler's config has only the layers that hold KV.
+        vc, kc = config()
+        kc.kv_cache_groups[0].layer_names = ["l.0", "l.1", "l.2"]
+        w3 = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
+        kv = {"l.0": HostTensor((2, BLOCKS, BLOCK, HEADS, DIM)),
+              "l.1": HostTensor((2, BLOCKS, BLOCK, HEADS, DIM))}
+        kv["l.2"] = kv["l.0"]
+        w3.register_kv_caches(kv)
+        tokens = [(i * 7411 + 2) % 32000 for i in range(40)]
+        r = request("s1", tokens)
+        self.sched.get_num_new_matched_tokens(r, 0)
+        self.run_step(step(new=[("s1", range(3), 0)], scheduled={"s1": 40}),
+                      compute=[(i, i) for i in range(3)])
+        self.sched.request_finished(r, [])
+        self.assertEqual(self.sent({"s1"}), {"s1"})
+        y = request("s2", tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(y, 0), (32, False))
+        self.sched.update_state_after_alloc(y, blocks([20, 21, 22]), 32)
+        meta = pickle.loads(pickle.dumps(self.sched.build_connector_meta(
+            step(new=[("s2", [20, 21, 22], 32)], scheduled={"s2": 8}))))
+        w3.bind_connector_metadata(meta)
+        w3.start_load_kv(None)
+        for name in ("l.0", "l.1", "l.2"):
+            w3.wait_for_layer_load(name)
+        self.assertEqual(w3.get_block_ids_with_load_errors(), set())
+        for name in ("l.0", "l.1"):
+            for j in range(2):
+                for k in (0, 1):
+                    self.assertEqual(kv[name].page(k, 20 + j), self.kv[name].page(k, j))
+        self.sched.request_finished(y, [])
+
     def test_the_layers_dimension_follows_the_backends_stride_order(self):
         from kvtier.connector import _layers_dim
 
