@@ -9,6 +9,9 @@
 //!   `nvme_wait`, after which what DRAM holds is used.
 //! - The last prompt token is never loaded (the engine must compute at least one), and only
 //!   prompt chunks are saved: decode-phase KV never is.
+//! - A request that loaded saves nothing until every rank reported its loads landed, and one
+//!   whose loads failed saves its chunks again from the first failed one, once recomputed
+//!   (ADR 0009).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -301,6 +304,8 @@ impl SchedulerCore {
             SchedulerError::Config(format!("{num_external} external tokens exceed the match"))
         })?;
         let bpc = ct / bs;
+        // Blocks of an earlier allocation (before a preemption) are not the request's any more.
+        r.loaded.clear();
         if block_ids.len() < r.matched * bpc {
             return Err(SchedulerError::Config(format!(
                 "request {req} has {} blocks, the load needs {}",
@@ -369,7 +374,8 @@ impl SchedulerCore {
     }
 
     /// This step's plan: the loads planned since the last one, a save for every prompt chunk
-    /// whose KV exists once the step has run and the tiers do not hold yet, and the requests
+    /// whose KV exists once the step has run and the tiers do not hold yet (none yet for a
+    /// request whose loads are not confirmed landed), and the requests
     /// `preempted` this step (whose blocks the workers must not reuse before their saves are
     /// done; `None` when the engine does not say).
     pub fn build_plan(&mut self, steps: &[Step], preempted: Option<Vec<String>>) -> Plan {
