@@ -19,4 +19,5 @@ target/release/kvtier node-agent --socket "$W/agent.sock" --dram "${DRAM:-14GiB}
 AGENT=$!
 for i in $(seq 1 120); do [ -S "$W/agent.sock" ] && break; sleep 0.5; done
 nvidia-smi --query-gpu=name,pcie.link.gen.current,pcie.link.width.current --format=csv || true
-PYTHONPATH="$W/py" python3 connector/bench/gpu_check.py "$W/agent.sock" 2>&1 | tee "${OUT:-$W}/gpu_check.txt"
+# The test stand-in of vLLM's base classes: the check also drives the connector class.
+PYTHONPATH="$W/py:connector/python/tests/standin" python3 connector/bench/gpu_check.py "$W/agent.sock" 2>&1 | tee "${OUT:-$W}/gpu_check.txt"

@@ -143,7 +143,85 @@ def main():
     print(f"step of load + {LAYERS} layers ({compute_s * 1e3:.0f} ms of matmuls, load {load_s * 1e3:.0f} ms): "
           f"{min(shares[False]):.2f} x load + compute with loads first, "
           f"{min(shares[True]):.2f} x pipelined ({worker.layers_per_stage} layers per stage)")
-    return 0 if identical and not failed and skipped == 0 and n == tokens else 1
+    through_class = through_the_connector_class(socket)
+    ok = identical and not failed and skipped == 0 and n == tokens and through_class
+    return 0 if ok else 1
+
+
+def through_the_connector_class(socket):
+    """vLLM's call sequence through KvtierConnector itself (vLLM's base classes from the test
+    stand-in; no vLLM here), with a cross-layer KV tensor on the device registered as vLLM
+    registers it: the class picks the copier from the tensor's device and orders the copies
+    on the engine's current stream. Saves a 2,048-token prompt, loads it into other blocks."""
+    from types import SimpleNamespace
+
+    from kvtier.connector import KvtierConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    tokens, page = 2048, 2 * BLOCK * HEADS * DIM * 2
+    blocks = tokens // BLOCK
+    num_blocks = 2 * blocks + 8
+    phys = torch.empty((num_blocks, LAYERS, 2, BLOCK, HEADS, DIM), dtype=torch.bfloat16, device=DEVICE)
+    phys.view(torch.int16).random_(-32768, 32767)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    spec = SimpleNamespace(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=torch.bfloat16,
+                           page_size_bytes=page)
+    kv_cache_config = SimpleNamespace(
+        num_blocks=num_blocks,
+        kv_cache_groups=[SimpleNamespace(layer_names=names, kv_cache_spec=spec)],
+        kv_cache_tensors=[SimpleNamespace(size=num_blocks * page, shared_by=[n]) for n in names],
+    )
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(
+            kv_connector="KvtierConnector", kv_connector_module_path="kvtier.connector",
+            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"agent_socket": socket, "chunk_tokens": CHUNK},
+        ),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        model_config=SimpleNamespace(model="gpu-check/connector-class"),
+    )
+    flash_attn = SimpleNamespace(
+        get_kv_cache_stride_order=lambda include_num_layers_dimension=False: (2, 0, 1, 3, 4, 5))
+    sched = KvtierConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+    worker = KvtierConnector(vllm_config, KVConnectorRole.WORKER, kv_cache_config)
+    worker.register_cross_layers_kv_cache(phys, flash_attn)
+
+    def step(req, ids, computed, scheduled):
+        out = SimpleNamespace(
+            preempted_req_ids=set(),
+            scheduled_new_reqs=[SimpleNamespace(req_id=req, block_ids=(ids,), num_computed_tokens=computed)],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[],
+                                                  num_computed_tokens=[]),
+            num_scheduled_tokens={req: scheduled},
+        )
+        worker.bind_connector_metadata(sched.build_connector_meta(out))
+        worker.start_load_kv(None)
+        for name in names:
+            worker.wait_for_layer_load(name)
+        worker.wait_for_save()
+        errors = worker.get_block_ids_with_load_errors()
+        worker.clear_connector_metadata()
+        return errors
+
+    prompt = [(i * 40503 + 7) % 128000 for i in range(tokens + 1)]
+    first = SimpleNamespace(request_id="class-a", prompt_token_ids=prompt)
+    sched.get_num_new_matched_tokens(first, 0)
+    sched.update_state_after_alloc(first, SimpleNamespace(get_block_ids=lambda: (list(range(blocks + 1)),)), 0)
+    step("class-a", list(range(blocks + 1)), 0, tokens + 1)
+    delayed, _ = sched.request_finished(first, [])
+    deadline = time.monotonic() + 30
+    while delayed and not (worker.get_finished({"class-a"})[0] or set()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = SimpleNamespace(request_id="class-b", prompt_token_ids=prompt)
+    n, _ = sched.get_num_new_matched_tokens(second, 0)
+    ids = list(range(blocks + 8, 2 * blocks + 8))
+    sched.update_state_after_alloc(second, SimpleNamespace(get_block_ids=lambda: (ids,)), n)
+    errors = step("class-b", ids, n, 1)
+    sync()
+    same = torch.equal(phys[:blocks].view(torch.int16), phys[blocks + 8:2 * blocks + 8].view(torch.int16))
+    print(f"through KvtierConnector ({worker._worker.backend} copier, {tokens} tokens): "
+          f"{n} tokens loaded, {len(errors)} failed blocks, bit-identical: {same}")
+    return same and not errors and n == tokens
 
 
 if __name__ == "__main__":
