@@ -391,6 +391,7 @@ fn a_load_that_failed_on_one_rank_saves_nothing_either_rank_computed_on_it() {
     let mut ws = workers(&socket, &mut caches);
     let steps = loading_request(&mut s, &tokens, "b");
     let mut plan = s.build_plan(&steps(600), None);
+    assert!(plan.saves.is_empty(), "chunks 2-3 are computed on the loads: not saved yet");
     // Rank 0's slots of the first chunk are outside the pool; rank 1's load lands.
     plan.loads[0].slots[0] = vec![9999, 9998];
     let failed = ws[0].load(&plan);
@@ -401,6 +402,8 @@ fn a_load_that_failed_on_one_rank_saves_nothing_either_rank_computed_on_it() {
     // Rank 1's KV of chunks 2-3 was computed on rank 0's missing blocks (the layers mix the
     // ranks): no plan asked either rank to save it. vLLM sends the union of the failed blocks
     // and the reports; the request is recomputed from block 0 and saved from chunk 0 on.
+    // Async scheduling: the next step is planned before the outcome is known.
+    assert!(s.build_plan(&steps(601), None).saves.is_empty());
     assert_eq!(s.load_failed(&failed), vec!["b".to_owned()]);
     s.loads_landed(&[("b".into(), 1)]);
     let plan = s.build_plan(&steps(600), None);
