@@ -136,6 +136,18 @@ class ConnectorTest(unittest.TestCase):
         self.worker.clear_connector_metadata()
         return meta
 
+    def store(self, rid, tokens):
+        """Request ``rid`` computes ``tokens`` into blocks 0.. and the worker saves its full
+        chunks; returns once they are committed."""
+        n = -(-len(tokens) // BLOCK)
+        r = request(rid, tokens)
+        self.assertEqual(self.sched.get_num_new_matched_tokens(r, 0), (0, False))
+        self.sched.update_state_after_alloc(r, blocks(range(n)), 0)
+        self.run_step(step(new=[(rid, range(n), 0)], scheduled={rid: len(tokens)}),
+                      compute=[(i, i) for i in range(n)])
+        self.sched.request_finished(r, list(range(n)))
+        self.assertEqual(self.sent({rid}), {rid})
+
     def sent(self, finished):
         """The worker's get_finished, called each step as vLLM does, until it reports."""
         got = self.worker.get_finished(set(finished))[0]
@@ -183,13 +195,7 @@ class ConnectorTest(unittest.TestCase):
 
         self.assertIsNone(self.worker.get_kv_connector_stats(), "nothing moved yet")
         tokens = [(i * 104729 + 5) % 32000 for i in range(100)]
-        a = request("sa", tokens)
-        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
-        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
-        self.run_step(step(new=[("sa", range(7), 0)], scheduled={"sa": 100}),
-                      compute=[(i, i) for i in range(7)])
-        self.sched.request_finished(a, list(range(7)))
-        self.assertEqual(self.sent({"sa"}), {"sa"})
+        self.store("sa", tokens)
         chunk = (CHUNK // BLOCK) * 2 * PAGE * len(self.kv)
         saved = self.worker.get_kv_connector_stats()
         self.assertEqual(saved.data, {
@@ -240,13 +246,7 @@ class ConnectorTest(unittest.TestCase):
 
     def test_saves_computed_on_loaded_kv_wait_for_the_workers_reports(self):
         tokens = [(i * 6007 + 3) % 32000 for i in range(100)]
-        a = request("ca", tokens)
-        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
-        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
-        self.run_step(step(new=[("ca", range(7), 0)], scheduled={"ca": 100}),
-                      compute=[(i, i) for i in range(7)])
-        self.sched.request_finished(a, list(range(7)))
-        self.assertEqual(self.sent({"ca"}), {"ca"})
+        self.store("ca", tokens)
         self.worker.get_kv_connector_stats()
 
         # 160 tokens: three chunks load, the step computes chunks 3 and 4 on top of them.
@@ -272,13 +272,7 @@ class ConnectorTest(unittest.TestCase):
 
     def test_chunks_that_failed_to_load_are_saved_again_once_recomputed(self):
         tokens = [(i * 7907 + 11) % 32000 for i in range(100)]
-        a = request("fa", tokens)
-        self.assertEqual(self.sched.get_num_new_matched_tokens(a, 0), (0, False))
-        self.sched.update_state_after_alloc(a, blocks(range(7)), 0)
-        self.run_step(step(new=[("fa", range(7), 0)], scheduled={"fa": 100}),
-                      compute=[(i, i) for i in range(7)])
-        self.sched.request_finished(a, list(range(7)))
-        self.assertEqual(self.sent({"fa"}), {"fa"})
+        self.store("fa", tokens)
         self.worker.get_kv_connector_stats()
 
         b = request("fb", tokens)
@@ -375,12 +369,7 @@ class ConnectorTest(unittest.TestCase):
         w2.register_cross_layers_kv_cache(cross, attn_backend=flash_attn)
         tokens = [(i * 31337) % 32000 for i in range(40)]
         # The per-layer worker saves; the cross-layer worker loads.
-        r = request("x", tokens)
-        self.sched.get_num_new_matched_tokens(r, 0)
-        self.run_step(step(new=[("x", range(3), 0)], scheduled={"x": 40}),
-                      compute=[(i, i) for i in range(3)])
-        self.sched.request_finished(r, [])
-        self.assertEqual(self.sent({"x"}), {"x"})
+        self.store("x", tokens)
         y = request("y", tokens)
         self.assertEqual(self.sched.get_num_new_matched_tokens(y, 0), (32, False))
         self.sched.update_state_after_alloc(y, blocks([9, 11, 13]), 32)
@@ -408,12 +397,7 @@ class ConnectorTest(unittest.TestCase):
         kv["l.2"] = kv["l.0"]
         w3.register_kv_caches(kv)
         tokens = [(i * 7411 + 2) % 32000 for i in range(40)]
-        r = request("s1", tokens)
-        self.sched.get_num_new_matched_tokens(r, 0)
-        self.run_step(step(new=[("s1", range(3), 0)], scheduled={"s1": 40}),
-                      compute=[(i, i) for i in range(3)])
-        self.sched.request_finished(r, [])
-        self.assertEqual(self.sent({"s1"}), {"s1"})
+        self.store("s1", tokens)
         y = request("s2", tokens)
         self.assertEqual(self.sched.get_num_new_matched_tokens(y, 0), (32, False))
         self.sched.update_state_after_alloc(y, blocks([20, 21, 22]), 32)
