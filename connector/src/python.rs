@@ -108,8 +108,11 @@ impl Scheduler {
         locked(&self.inner).after_alloc(req, &block_ids, num_external).map_err(sched_err)
     }
 
-    /// This step's plan, encoded; `steps` are `(request id, block ids, tokens computed after
-    /// the step)`, `preempted` the requests preempted this step (None: not known).
+    /// Of the `num_external` tokens offered for `req`, how many came back from NVMe.
+    fn nvme_tokens(&self, req: &str, num_external: usize) -> usize {
+        locked(&self.inner).nvme_tokens(req, num_external)
+    }
+
     /// Per request, how many workers reported all its loads landed (one step's reports,
     /// summed): requests every rank reported have their held-back saves planned.
     fn loads_landed(&self, landed: Vec<(String, usize)>) {
@@ -122,6 +125,8 @@ impl Scheduler {
         locked(&self.inner).load_failed(&block_ids)
     }
 
+    /// This step's plan, encoded; `steps` are `(request id, block ids, tokens computed after
+    /// the step)`, `preempted` the requests preempted this step (None: not known).
     #[pyo3(signature = (steps, preempted=None))]
     fn build_plan<'py>(
         &self,

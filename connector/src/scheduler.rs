@@ -14,6 +14,7 @@
 //!   (ADR 0009).
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,9 @@ struct Req {
     slots: Vec<Vec<Vec<u32>>>,
     pinned: Vec<ChunkKey>,
     prefetch_until: Option<Instant>,
+    /// Chunks `[start, end)` that were on NVMe, not in DRAM, when first looked up (brought
+    /// back by a prefetch): where the engine's hit counts say the tokens came from.
+    from_nvme: Range<usize>,
     /// Chunks below this index are stored (found, or already planned for saving).
     stored: usize,
     /// Chunks planned for loading, with the blocks each load writes.
@@ -198,6 +202,7 @@ impl SchedulerCore {
                     slots: Vec::new(),
                     pinned: Vec::new(),
                     prefetch_until: None,
+                    from_nvme: 0..0,
                     stored: 0,
                     loaded: Vec::new(),
                     unconfirmed: None,
@@ -228,6 +233,7 @@ impl SchedulerCore {
                     let keys = flat[in_dram * per_chunk..(in_dram + on_nvme) * per_chunk].to_vec();
                     self.link.call(|c| c.ack(&Request::Prefetch { keys }))?;
                     r.prefetch_until = Some(now + self.cfg.nvme_wait);
+                    r.from_nvme = in_dram..in_dram + on_nvme;
                     return Ok(None);
                 }
                 Some(t) if now < t => return Ok(None),
@@ -271,6 +277,18 @@ impl SchedulerCore {
         r.slots = slots;
         r.stored = r.stored.max(matched);
         Ok(Some((matched * self.cfg.chunk_tokens).saturating_sub(num_computed)))
+    }
+
+    /// Of the `num_external` tokens [`SchedulerCore::lookup`] offered for `req`, how many
+    /// came back from NVMe (the rest were in DRAM).
+    #[must_use]
+    pub fn nvme_tokens(&self, req: &str, num_external: usize) -> usize {
+        let Some(r) = self.reqs.get(req) else { return 0 };
+        let ct = self.cfg.chunk_tokens;
+        let end = r.matched * ct;
+        let loaded = end.saturating_sub(num_external)..end;
+        let nvme = r.from_nvme.start * ct..r.from_nvme.end * ct;
+        loaded.end.min(nvme.end).saturating_sub(loaded.start.max(nvme.start))
     }
 
     /// Tags `req`'s saves with `conversation` (the router's key, from `kv_transfer_params`),

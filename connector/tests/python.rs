@@ -1,9 +1,11 @@
-//! The Python package as vLLM loads it: built with maturin into a wheel, installed in a venv,
-//! run through vLLM's call sequence against a real node-agent (`python/tests/test_connector.py`,
-//! with a stand-in of vLLM's base module), and checked against the connector API of the vLLM
-//! release the operator deploys (`python/tests/conformance.py`, reading the released wheel).
+//! The Python package as vLLM loads it: built with maturin into a wheel, run through vLLM's
+//! call sequence against a real node-agent and the real vLLM the end-to-end tests serve with
+//! (`python/tests/test_connector.py`; PyPI's CPU build, set up by `e2e/vllm/setup.sh`), and
+//! checked against the connector API of the newest GPU release and the oldest release still
+//! supported (`python/tests/conformance.py`, reading their wheels).
 //!
-//! Needs PyPI (maturin; the vLLM wheel, about 430 MB, cached in `~/.cache/kvtier/vllm`).
+//! Needs PyPI: vLLM's CPU build (about 6 GB, cached in `~/.cache/kvtier/vllm-<version>`) and
+//! the two release wheels (about 770 MB, cached in `~/.cache/kvtier/vllm`).
 
 mod common;
 
@@ -12,8 +14,9 @@ use std::process::Command;
 
 use common::start_agent;
 
-/// The vLLM release of the default engine image (`vllm/vllm-openai-rocm:v0.19.0`).
-const VLLM: &str = "0.19.0";
+/// Releases whose connector API the connector is checked against: the newest GPU release,
+/// and the oldest one still supported (docs/vllm-versions.md).
+const RELEASES: [&str; 2] = ["0.33.0", "0.19.0"];
 
 fn cache() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -31,40 +34,23 @@ fn run(what: &str, cmd: &mut Command) -> String {
     text
 }
 
-/// A venv with maturin and prometheus_client (vLLM's metrics module, which the connector's
-/// stats extend, needs it; vLLM 0.19.0 asks for >= 0.18), and the connector's wheel built and
-/// installed in it.
-fn venv_with_wheel() -> PathBuf {
-    let venv = cache().join("connector-venv");
-    let py = venv.join("bin/python");
-    if !py.exists() {
-        run("python3 -m venv", Command::new("python3").arg("-m").arg("venv").arg(&venv));
-    }
-    let has_prometheus = Command::new(&py)
-        .args(["-c", "import prometheus_client"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !venv.join("bin/maturin").exists() || !has_prometheus {
-        run(
-            "pip install maturin prometheus_client",
-            Command::new(&py).args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "maturin>=1.9,<2",
-                "prometheus_client>=0.18",
-            ]),
-        );
-    }
+/// The venv with the real vLLM (and maturin), from `e2e/vllm/setup.sh`.
+fn vllm_python() -> PathBuf {
+    let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/vllm/setup.sh");
+    let out = run("e2e/vllm/setup.sh", Command::new("bash").arg(setup));
+    PathBuf::from(out.lines().last().expect("setup.sh prints the venv's python").trim())
+}
+
+/// The connector's wheel, built and unpacked into a folder of its own (on `PYTHONPATH`):
+/// the cached vLLM venv is never changed.
+fn connector_package(py: &Path) -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dist = std::env::temp_dir().join(format!("kvtier-wheel-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dist);
     // Its own target folder: the outer `cargo test` may hold the workspace's.
     run(
         "maturin build",
-        Command::new(venv.join("bin/maturin"))
+        Command::new(py.with_file_name("maturin"))
             .args(["build", "--profile", "dev", "-q", "-o"])
             .arg(&dist)
             .current_dir(crate_dir)
@@ -77,21 +63,23 @@ fn venv_with_wheel() -> PathBuf {
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .expect("a wheel");
     assert!(wheel.to_string_lossy().contains("abi3"), "one wheel for every CPython >= 3.9");
+    let pkg = dist.join("pkg");
     run(
         "pip install the wheel",
-        Command::new(&py)
-            .args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"])
+        Command::new(py)
+            .args(["-m", "pip", "install", "-q", "--no-deps", "--target"])
+            .arg(&pkg)
             .arg(&wheel),
     );
-    let _ = std::fs::remove_dir_all(&dist);
-    venv
+    pkg
 }
 
-fn vllm_wheel(py: &Path) -> PathBuf {
+fn vllm_wheel(py: &Path, version: &str) -> PathBuf {
     let dir = cache().join("vllm");
     let find = || {
         std::fs::read_dir(&dir).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("vllm-{VLLM}-")))
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("vllm-{version}-")))
         })
     };
     if let Some(w) = find() {
@@ -102,15 +90,15 @@ fn vllm_wheel(py: &Path) -> PathBuf {
         Command::new(py)
             .args(["-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d"])
             .arg(&dir)
-            .arg(format!("vllm=={VLLM}")),
+            .arg(format!("vllm=={version}")),
     );
     find().expect("the vLLM wheel")
 }
 
 #[test]
-fn the_python_connector_through_vllms_call_sequence_and_against_the_release_api() {
-    let venv = venv_with_wheel();
-    let py = venv.join("bin/python");
+fn the_python_connector_in_the_real_vllm_and_against_the_release_apis() {
+    let py = vllm_python();
+    let pkg = connector_package(&py);
     let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tests");
     let (_dir, socket, _rt) = start_agent(64, "python");
     let out = run(
@@ -119,20 +107,18 @@ fn the_python_connector_through_vllms_call_sequence_and_against_the_release_api(
             .args(["-m", "unittest", "discover", "-v", "-s"])
             .arg(&tests)
             .args(["-p", "test_*.py"])
-            .env("PYTHONPATH", tests.join("standin"))
+            .env("PYTHONPATH", &pkg)
             .env("KVTIER_TEST_AGENT_SOCKET", &socket),
     );
     assert!(out.contains("OK"), "{out}");
     eprintln!("{out}");
 
-    let wheel = vllm_wheel(&py);
+    let wheels: Vec<PathBuf> = RELEASES.iter().map(|v| vllm_wheel(&py, v)).collect();
     let out = run(
         "conformance",
-        Command::new(&py)
-            .arg(tests.join("conformance.py"))
-            .arg(&wheel)
-            .env("PYTHONPATH", tests.join("standin")),
+        Command::new(&py).arg(tests.join("conformance.py")).args(&wheels).env("PYTHONPATH", &pkg),
     );
     eprintln!("{out}");
-    assert!(out.contains("conforms"), "{out}");
+    assert_eq!(out.matches("conforms to").count(), RELEASES.len(), "{out}");
+    let _ = std::fs::remove_dir_all(pkg.parent().expect("dist"));
 }

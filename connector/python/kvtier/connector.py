@@ -54,6 +54,11 @@ except ImportError:  # pragma: no cover - older vLLM
         """Stand-in for vLLM versions without the hybrid-allocator mixin."""
 
 
+try:  # vLLM >= 0.32 counts prefix-cache hits by the tier that supplied them.
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # pragma: no cover - older vLLM
+    CacheHitSource = None  # type: ignore[assignment,misc]
+
 from kvtier import _native
 
 try:  # vLLM's connector stats (its metrics module needs prometheus_client, as vLLM does).
@@ -61,7 +66,8 @@ try:  # vLLM's connector stats (its metrics module needs prometheus_client, as v
 except ImportError:  # pragma: no cover - vLLM without connector stats
     KvtierPromMetrics = KvtierStats = WorkerDelta = None  # type: ignore[assignment,misc]
 
-logger = logging.getLogger("kvtier.connector")
+# Under vLLM's logger, so its handlers and level apply (a logger of our own prints nothing).
+logger = logging.getLogger("vllm.kvtier.connector")
 
 DEFAULT_SOCKET = "/run/kvtier/agent.sock"
 DEFAULT_CHUNK_TOKENS = 256
@@ -112,18 +118,31 @@ def _kv_facts(kv_cache_config: Any) -> Optional[dict]:
         for k in ("block_size", "num_kv_heads", "head_size", "dtype", "page_size_bytes")
     ):
         return None
-    # Layers that hold KV: one tensor each. Layers that read another layer's KV (KV sharing)
-    # are in the worker's group but hold nothing; the scheduler's group lacks them.
-    layers = len(getattr(kv_cache_config, "kv_cache_tensors", None) or group.layer_names)
     return {
-        "layers": layers,
         "block_size": int(first.block_size),
         "kv_heads": int(first.num_kv_heads),
         "head_size": int(first.head_size),
         "dtype": str(first.dtype).replace("torch.", ""),
         "page_bytes": int(first.page_size_bytes),
         "num_blocks": int(kv_cache_config.num_blocks),
+        "layers": _kv_layers(kv_cache_config, group),
+        "order": _byte_order(kv_cache_config),
     }
+
+
+def _kv_layers(kv_cache_config: Any, group: Any) -> int:
+    """Layers that hold KV. Layers that read another layer's KV (KV sharing) hold nothing:
+    they are in the worker's group but in no tensor of the config.
+
+    vLLM >= 0.29 places all same-shaped layers in one allocation, one ``KVCacheTensor`` naming
+    them in ``layers``; earlier releases had one tensor per layer (``shared_by``).
+    """
+    tensors = list(getattr(kv_cache_config, "kv_cache_tensors", None) or [])
+    if not tensors:
+        return len(group.layer_names)
+    if all(hasattr(t, "layers") for t in tensors):
+        return len({name for t in tensors for name in t.layers})
+    return len(tensors)
 
 
 def _conversation(request: Any) -> int:
@@ -142,7 +161,19 @@ def _layerwise(extra: dict) -> bool:
     return bool(value)
 
 
-def _byte_order() -> str:
+def _byte_order(kv_cache_config: Any) -> str:
+    """The order of one block's bytes within a layer, for the layout fingerprint: engines
+    whose blocks hold the same bytes in the same order share chunks, others never do.
+
+    vLLM >= 0.29 names the physical layout of its ``[layers, blocks, heads, block tokens,
+    content]`` cache (``kv_cache_layout``, e.g. ``LBHNC``); the chunk holds each block's
+    layers in order whatever the outer two are, so only the inner order counts. Older
+    releases had a global layout (``NHD`` or ``HND``).
+    """
+    layout = getattr(kv_cache_config, "kv_cache_layout", None)
+    if layout:
+        name = str(getattr(layout, "name", layout))
+        return "kv/" + "".join(c for c in name if c not in "LB")
     try:
         from vllm.v1.attention.backends.utils import get_kv_cache_layout
 
@@ -176,6 +207,16 @@ def _layers_dim(shape: tuple, attn_backend: Any, layers: int) -> int:
 
 class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM's entry point (``kv_connector_module_path = "kvtier.connector"``)."""
+
+    # Where a hit comes from, for vLLM's per-tier hit counts (get_external_cache_hit_sources
+    # splits DRAM from NVMe per request).
+    if CacheHitSource is not None:
+        _cache_hit_source = CacheHitSource.HOST
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A best-effort cache: a save that a preemption drops is a later miss, not an error.
+        return False
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -212,7 +253,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._blocks_per_chunk = self._chunk_tokens // f["block_size"]
         self._chunk_bytes = f["page_bytes"] * f["layers"] * self._blocks_per_chunk
         model = str(getattr(vllm_config.model_config, "model", "model"))
-        order = _byte_order()
+        order = f["order"]
         self._layouts = [
             _native.layout_fingerprint(
                 model, f["dtype"], f["layers"], f["kv_heads"], f["head_size"],
@@ -258,6 +299,16 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         if n is None:
             return None, False
         return n, False
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict:
+        if num_external_tokens <= 0 or CacheHitSource is None:
+            return {}
+        disk = 0
+        if self._sched is not None:
+            disk = min(self._sched.nvme_tokens(request.request_id, num_external_tokens),
+                       num_external_tokens)
+        out = {CacheHitSource.HOST: num_external_tokens - disk, CacheHitSource.DISK: disk}
+        return {k: v for k, v in out.items() if v > 0}
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
         if self._sched is None:
@@ -331,7 +382,8 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
 
     @property
     def prefer_cross_layer_blocks(self) -> bool:
-        # One tensor with every layer of a block together: a block is one copy of megabytes.
+        # vLLM 0.19-0.31: one tensor with every layer of a block together, so a block is one
+        # copy of megabytes. (vLLM >= 0.32 removed the path; its own KV cache layout decides.)
         return True
 
     def register_kv_caches(self, kv_caches: dict[str, Any]):

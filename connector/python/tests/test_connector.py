@@ -1,7 +1,9 @@
 """The connector class through vLLM's call sequence, against a real node-agent.
 
-Run by ``connector/tests/python.rs`` with the built wheel installed, the vLLM stand-in on
-``PYTHONPATH`` and ``KVTIER_TEST_AGENT_SOCKET`` naming a running agent. KV tensors are host
+Run by ``connector/tests/python.rs`` in the real vLLM's venv (PyPI's CPU build), with the built
+wheel on ``PYTHONPATH`` and ``KVTIER_TEST_AGENT_SOCKET`` naming a running agent. The engine's
+own sequence with real KV tensors is ``e2e/vllm/test_real_engine.py``; this drives each call
+and its corner cases directly. KV tensors are host
 memory shaped as vLLM's FlashAttention lays them out: ``(2, blocks, block_size, heads, dim)``.
 """
 
@@ -305,7 +307,7 @@ class ConnectorTest(unittest.TestCase):
             [],
         ):
             kc.kv_cache_groups = groups
-            with self.assertLogs("kvtier.connector", "ERROR"):
+            with self.assertLogs("vllm.kvtier.connector", "ERROR"):
                 sched = KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
                 worker = KvtierConnector(vc, KVConnectorRole.WORKER, kc)
             self.assertEqual(sched.get_num_new_matched_tokens(request("h", list(range(99))), 0),
@@ -318,7 +320,7 @@ class ConnectorTest(unittest.TestCase):
         with self.assertNoLogs("kvtier.connector", "WARNING"):
             KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
         vc.kv_transfer_config.kv_load_failure_policy = "fail"
-        with self.assertLogs("kvtier.connector", "WARNING") as logs:
+        with self.assertLogs("vllm.kvtier.connector", "WARNING") as logs:
             KvtierConnector(vc, KVConnectorRole.SCHEDULER, kc)
         self.assertIn("recompute", logs.output[0])
 

@@ -49,6 +49,10 @@ struct Ready<'a> {
 
 impl WorkerCore {
     fn check_load<'a>(&self, job: &'a crate::plan::LoadJob) -> Result<Ready<'a>, WorkerError> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("kvtier-load", |_| Err(WorkerError::Mismatch(
+            "the kvtier-load failpoint refused the load".into()
+        )));
         let g = self.geometry()?;
         let slots = job.slots.get(self.rank).ok_or_else(|| {
             WorkerError::Mismatch(format!("the plan has no slots for rank {}", self.rank))

@@ -141,6 +141,12 @@ impl WorkerCore {
         rank: usize,
         make: impl FnOnce(*mut u8, usize) -> Result<Box<dyn Transfer>, TransferError>,
     ) -> Result<Self, WorkerError> {
+        #[cfg(feature = "failpoints")]
+        {
+            // Failpoints from `FAILPOINTS`, for the life of the process.
+            static SCENARIO: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+            SCENARIO.get_or_init(|| std::mem::forget(fail::FailScenario::setup()));
+        }
         let mut link = Link::connect(socket, &format!("kvtier-worker-{rank}"))?;
         link.set_checksums(false);
         let (pool, base, len) = PoolView::of(link.client_mut());

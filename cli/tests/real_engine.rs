@@ -1,0 +1,88 @@
+//! kvtier around a real vLLM, end to end (`e2e/vllm/test_real_engine.py`): two vLLM replicas
+//! (PyPI's CPU build) with the kvtier connector sharing this binary's node-agent, this
+//! binary's router in front, a plain vLLM as the reference. Sets up what it needs: the vLLM
+//! venv (`e2e/vllm/setup.sh`, cached), a small random-weight model made locally
+//! (`e2e/vllm/make_model.py`, cached), and the connector's wheel.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kvtier")
+}
+
+fn run(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    text
+}
+
+#[test]
+fn kvtier_around_a_real_vllm() {
+    let setup =
+        run("e2e/vllm/setup.sh", Command::new("bash").arg(root().join("e2e/vllm/setup.sh")));
+    let py = PathBuf::from(setup.lines().last().expect("the venv's python").trim());
+    let model = cache().join("models/tiny");
+    run(
+        "make_model.py",
+        Command::new(&py)
+            .arg(root().join("e2e/vllm/make_model.py"))
+            .arg(&model)
+            .args(["--size", "tiny"]),
+    );
+    let work = std::env::temp_dir().join(format!("kvtier-real-engine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let pkg = work.join("pkg");
+    let wheels = work.join("dist");
+    let connector = root().join("connector");
+    run(
+        "maturin build",
+        Command::new(py.with_file_name("maturin"))
+            // pyproject.toml's features, and the failpoints that let the test fail loads on
+            // purpose (`FAILPOINTS`); maturin's `--features` replaces the file's.
+            .args(["build", "--profile", "dev", "-q", "-o"])
+            .arg(&wheels)
+            .args(["--features", "python,cuda,pyo3/extension-module,failpoints"])
+            .current_dir(&connector)
+            .env("CARGO_TARGET_DIR", root().join("target/connector-wheel")),
+    );
+    let wheel = std::fs::read_dir(&wheels)
+        .expect("dist")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .expect("a wheel");
+    run(
+        "pip install the wheel",
+        Command::new(&py)
+            .args(["-m", "pip", "install", "-q", "--no-deps", "--target"])
+            .arg(&pkg)
+            .arg(&wheel),
+    );
+    let status = Command::new(&py)
+        .arg(root().join("e2e/vllm/test_real_engine.py"))
+        .env("KVTIER_BIN", env!("CARGO_BIN_EXE_kvtier"))
+        .env("KVTIER_MODEL", &model)
+        .env("KVTIER_CONNECTOR_PATH", &pkg)
+        .env("KVTIER_WORKDIR", work.join("run"))
+        .status()
+        .expect("python");
+    if status.success() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    assert!(
+        status.success(),
+        "the real-engine test failed; logs in {}",
+        work.join("run").display()
+    );
+}
