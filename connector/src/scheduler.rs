@@ -227,7 +227,9 @@ impl SchedulerCore {
             .count();
         let now = Instant::now();
         let r = self.reqs.get_mut(req).expect("present");
-        if on_nvme > 0 {
+        // Waiting for NVMe only pays when it brings back tokens the engine has not computed
+        // (its own prefix cache often holds the conversation's start).
+        if on_nvme > 0 && (in_dram + on_nvme) * self.cfg.chunk_tokens > num_computed {
             match r.prefetch_until {
                 None => {
                     let keys = flat[in_dram * per_chunk..(in_dram + on_nvme) * per_chunk].to_vec();

@@ -192,3 +192,33 @@ fn saves_carry_the_conversation_so_the_agent_reports_where_it_is() {
         "the agent knows the conversation: {now:?}"
     );
 }
+
+#[test]
+fn nvme_is_waited_for_only_when_it_brings_back_tokens_the_engine_lacks() {
+    // Two chunks' worth of DRAM (a chunk is 2 slots per rank, 2 ranks), an NVMe tier below.
+    let (_dir, socket, _rt) = common::start_agent_nvme(8, "nvme-wait");
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let mut s = scheduler(&socket);
+    // Three chunks saved: the first is evicted to NVMe.
+    let tokens = prompt(3 * CHUNK + 10, 5);
+    assert_eq!(s.lookup("a", &tokens, 0).expect("lookup"), Some(0));
+    let blocks: Vec<u32> = (0..25).collect();
+    for (rank, c) in caches.iter_mut().enumerate() {
+        c.compute(rank, &blocks);
+    }
+    let plan = s.build_plan(
+        &[Step { req: "a".into(), block_ids: blocks, computed_after: tokens.len() }],
+        Some(Vec::new()),
+    );
+    assert_eq!(plan.saves.len(), 3);
+    for w in &mut ws {
+        assert_eq!(w.save(&plan).saved, 3);
+    }
+    s.finished("a").expect("finished");
+
+    // The engine's own prefix cache holds all three chunks: nothing to wait for.
+    assert_eq!(s.lookup("b", &tokens, 3 * CHUNK).expect("lookup"), Some(0));
+    // It holds none: the first chunk is coming back from NVMe, ask again shortly.
+    assert_eq!(s.lookup("c", &tokens, 0).expect("lookup"), None);
+}

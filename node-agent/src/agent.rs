@@ -341,6 +341,10 @@ impl Agent {
             // Verified against its checksum by the read.
             Some((len, sum)) => match ix.commit(AGENT, key, slot, len, sum, conv, |_, _, _| true) {
                 Ok(new) => {
+                    // Brought back because a lookup or a returning conversation asked for
+                    // it: that is a use, so S3-FIFO keeps it out of the one-hit queue's
+                    // evictions instead of dropping it before the load.
+                    ix.touch(key);
                     if new {
                         self.residency().change(conv, DRAM, 1);
                         self.counters.promotions.fetch_add(1, Ordering::Relaxed);

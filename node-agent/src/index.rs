@@ -294,6 +294,13 @@ impl Index {
         Ok(true)
     }
 
+    /// Counts a use of `key` for eviction, when DRAM holds it.
+    pub fn touch(&mut self, key: ChunkKey) {
+        if self.entries.contains_key(&key) {
+            self.policy.touch(key);
+        }
+    }
+
     /// Pins held chunks for `client` until `now + lease_ms`; returns how many it pinned.
     pub fn pin(&mut self, client: ClientId, keys: &[ChunkKey], now: Millis, lease_ms: u32) -> u32 {
         let deadline = now + Millis::from(lease_ms);

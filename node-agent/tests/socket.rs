@@ -8,7 +8,9 @@ use std::sync::Arc;
 use kvtier_api::agent::{Request, Tier};
 use kvtier_api::chunk::ChunkKey;
 use kvtier_node_agent::client::ClientError;
+use kvtier_node_agent::index::EvictionPolicy;
 use kvtier_node_agent::nvme::NvmeTier;
+use kvtier_node_agent::s3fifo::S3Fifo;
 use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
 
 const SLOT: u32 = 512 * 1024;
@@ -32,6 +34,16 @@ fn start_mode(
     nvme: Option<&std::path::Path>,
     write_back: bool,
 ) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
+    start_policy(slots, nvme, write_back, Box::<Lru>::default())
+}
+
+/// As [`start_mode`], evicting in `policy`'s order.
+fn start_policy(
+    slots: u32,
+    nvme: Option<&std::path::Path>,
+    write_back: bool,
+    policy: Box<dyn EvictionPolicy>,
+) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -48,7 +60,7 @@ fn start_mode(
         huge_pages: false,
     })
     .expect("pool");
-    let mut agent = Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default()));
+    let mut agent = Agent::new(pool, Index::new(slots, SLOT, policy));
     if let Some(dir) = nvme {
         let (tier, _) = NvmeTier::open(dir, 64 << 20).expect("nvme tier");
         agent = agent.with_nvme(tier).nvme_write_back(write_back);
@@ -293,6 +305,30 @@ fn chunks_evicted_from_dram_come_back_from_nvme() {
     let found = c.lookup(&keys[..1]).expect("lookup");
     assert_eq!(found.tiers, vec![Tier::Dram]);
     assert_eq!(c.pool().slot(found.slots[0]), &chunk(0)[..], "the bytes survived the round trip");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn what_a_prefetch_brings_back_stays_under_s3_fifo() {
+    // S3-FIFO drops chunks used once from its small queue first. Chunks brought back from
+    // NVMe are about to be loaded: they must not push each other out while the chunks in
+    // its main queue stay.
+    let dir = nvme_dir("s3fifo");
+    let (path, _agent, _rt) = start_policy(32, Some(&dir), false, Box::new(S3Fifo::new(32)));
+    let mut c = Client::connect(&path, "c").expect("attach");
+    let keys: Vec<ChunkKey> = (1..=100u8).map(|k| ChunkKey(u128::from(k))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let slot = c.reserve(1).expect("reserve")[0];
+        assert!(c.put(*k, slot, &chunk(i as u8)).expect("commit"));
+    }
+    // The resident chunks are in use (another conversation's turns hit them).
+    assert_eq!(c.lookup(&keys[68..]).expect("lookup").prefix, 32);
+    let first = &keys[..24];
+    let tiers = c.lookup(first).expect("lookup").tiers;
+    assert!(tiers.iter().all(|t| *t == Tier::Nvme), "{tiers:?}");
+    assert_eq!(c.ack(&Request::Prefetch { keys: first.to_vec() }).expect("prefetch"), 24);
+    let found = c.lookup(first).expect("lookup");
+    assert_eq!(found.prefix, 24, "every prefetched chunk is in DRAM: {:?}", found.tiers);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

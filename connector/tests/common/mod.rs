@@ -5,6 +5,7 @@ pub mod cache;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kvtier_node_agent::nvme::NvmeTier;
 use kvtier_node_agent::{server, Agent, DramPool, Index, LockMode, Lru, PoolConfig};
 
 /// Bytes per pool slot.
@@ -40,15 +41,19 @@ pub fn start_agent_with(
     (AgentDir(dir), path, rt, agent)
 }
 
-/// An agent with `slots` slots of [`SLOT`] bytes serving on `path` (a socket left there by an
-/// earlier agent is replaced, as when the agent's pod restarts); dropping the runtime stops it
-/// and closes its connections.
-pub fn serve_agent(path: &std::path::Path, slots: u32) -> (tokio::runtime::Runtime, Arc<Agent>) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+/// As [`start_agent`], with an NVMe tier in the agent's folder that the DRAM tier spills to.
+#[allow(dead_code)] // not every test binary uses every form
+pub fn start_agent_nvme(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::runtime::Runtime) {
+    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("nvme")).expect("dir");
+    let path = dir.join("agent.sock");
+    let (tier, _) = NvmeTier::open(&dir.join("nvme"), 64 << 20).expect("nvme tier");
+    let (rt, _) = serve(&path, agent(slots).with_nvme(tier));
+    (AgentDir(dir), path, rt)
+}
+
+fn agent(slots: u32) -> Agent {
     let pool = DramPool::create(PoolConfig {
         bytes: u64::from(slots) * u64::from(SLOT),
         slot_bytes: SLOT,
@@ -56,11 +61,27 @@ pub fn serve_agent(path: &std::path::Path, slots: u32) -> (tokio::runtime::Runti
         huge_pages: false,
     })
     .expect("pool");
-    let agent = Arc::new(Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default())));
+    Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default()))
+}
+
+fn serve(path: &std::path::Path, agent: Agent) -> (tokio::runtime::Runtime, Arc<Agent>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let agent = Arc::new(agent);
     let listener = {
         let _g = rt.enter();
         server::bind(path).expect("bind")
     };
     rt.spawn(server::serve(listener, agent.clone()));
     (rt, agent)
+}
+
+/// An agent with `slots` slots of [`SLOT`] bytes serving on `path` (a socket left there by an
+/// earlier agent is replaced, as when the agent's pod restarts); dropping the runtime stops it
+/// and closes its connections.
+pub fn serve_agent(path: &std::path::Path, slots: u32) -> (tokio::runtime::Runtime, Arc<Agent>) {
+    serve(path, agent(slots))
 }
