@@ -136,7 +136,8 @@ def agent_state(agent: Agent) -> dict[str, float]:
     m = agent.metrics()
     return {"rss_kib": rss_kib(agent.proc.pid),
             "pinned_chunks": m.get("kvtier_agent_pinned_chunks", 0.0),
-            "used_bytes": sum(v for k, v in m.items() if k.startswith("kvtier_agent_used_bytes")),
+            "dram_used_bytes": m.get('kvtier_agent_used_bytes{tier="dram"}', 0.0),
+            "nvme_used_bytes": m.get('kvtier_agent_used_bytes{tier="nvme"}', 0.0),
             "reserved_bytes": m.get("kvtier_agent_reserved_bytes", 0.0)}
 
 
@@ -221,7 +222,7 @@ def main():
                   nvme=m["nvme"]).start()
     common = dict(python=p["python"], model=p["KVTIER_MODEL"],
                   pythonpath=p["KVTIER_CONNECTOR_PATH"], logdir=work, agent=agent,
-                  extra=["--max-num-batched-tokens", "8192",
+                  extra=["--max-num-batched-tokens", "8192", "--enable-prompt-tokens-details",
                          "--num-gpu-blocks-override", str(m["hbm_blocks"])])
     engines = [Engine("replica-a", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}, **common),
                Engine("replica-b", env={"VLLM_CPU_OMP_THREADS_BIND": "1"}, **common)]
@@ -272,7 +273,7 @@ def main():
             else:
                 cached = ((r["usage"].get("prompt_tokens_details") or {})
                           .get("cached_tokens", 0))
-                row |= {"replica": "?", "cached": cached}
+                row |= {"replica": "-", "cached": cached}
                 cols = f"{'cached ' + str(cached):>20}"
                 rec = len(turn.prompt) - cached
             with lock:
@@ -322,8 +323,9 @@ def main():
                 results["reports"].append(rep)
                 print(f"[{rep['t_s']:>5} s] {rep['turns']} turns, {rep['errors']} errors, "
                       f"{rep['in_flight']} in flight; agent RSS {s['rss_kib'] / 1024:.0f} MiB, "
-                      f"pinned {s['pinned_chunks']:.0f} chunks, DRAM used "
-                      f"{s['used_bytes'] / 2**20:.0f} MiB", flush=True)
+                      f"pinned {s['pinned_chunks']:.0f} chunks, used DRAM "
+                      f"{s['dram_used_bytes'] / 2**20:.0f} MiB, NVMe "
+                      f"{s['nvme_used_bytes'] / 2**20:.0f} MiB", flush=True)
         for t in threads:
             t.join(timeout=5)
         elapsed = time.monotonic() - start
