@@ -37,7 +37,7 @@ struct Body<'a> {
 fn measure(body: &[u8]) -> (tokens::Prompt, u64) {
     let b: Body<'_> = serde_json::from_slice(body).expect("valid JSON body");
     let mut r = Rendered::default();
-    let s = r.chat(b.tools, &b.messages);
+    let s = r.chat(b.tools, None, &b.messages);
     (tokens::measure("m", &s, 64), b.max_tokens)
 }
 

@@ -30,7 +30,8 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from stack import Agent, Counters, Engine, http_json, main_paths, start_router  # noqa: E402
+from stack import (Agent, Counters, Engine, get_text, http_json, main_paths,  # noqa: E402
+                   start_router)
 
 CHUNK = 256
 MAX_TOKENS = 8
@@ -62,8 +63,11 @@ class RealEngine(unittest.TestCase):
         cls.agent = Agent(p["KVTIER_BIN"], os.path.join(work, "agent")).start()
         common = dict(python=p["python"], model=p["KVTIER_MODEL"],
                       pythonpath=p["KVTIER_CONNECTOR_PATH"], logdir=work)
-        cls.a = Engine("replica-a", agent=cls.agent, **common)
-        cls.b = Engine("replica-b", agent=cls.agent, **common)
+        # Responses are stored (the Responses API's `store`, off by default in vLLM) so that a
+        # continuation by `previous_response_id` works on the replica that stored it.
+        store = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+        cls.a = Engine("replica-a", agent=cls.agent, env=store, **common)
+        cls.b = Engine("replica-b", agent=cls.agent, env=store, **common)
         # What the prompt gives computed from scratch: no connector, no prefix cache.
         cls.ref = Engine("reference", prefix_caching=False, **common)
         # A replica whose first load fails (the connector's `kvtier-load` failpoint; the
@@ -289,6 +293,72 @@ class RealEngine(unittest.TestCase):
         self.ref.complete(prompt, 2)
         self.assertEqual(ref.delta()["device"], 0, "no prefix cache: every turn recomputed")
 
+
+    def test_7_claude_code_and_codex_speak_their_own_apis(self):
+        """The real SDKs through the router: Anthropic Messages as Claude Code sends it
+        (system blocks, `cache_control` breakpoints that move every turn, the session in
+        `metadata.user_id`) and OpenAI Responses as Codex does, streamed and whole."""
+        import anthropic
+        import openai
+
+        rng = random.Random(71)
+        words = " ".join(f"w{rng.randrange(10**6)}" for _ in range(700))
+        ephemeral = {"type": "ephemeral"}
+        greedy = {"temperature": 0}  # the SDK no longer takes it as an argument; vLLM does
+        claude = anthropic.Anthropic(base_url=self.router_url, api_key="unused", max_retries=0)
+        system = [{"type": "text", "text": "You are Claude Code."},
+                  {"type": "text", "text": words, "cache_control": ephemeral}]
+        metadata = {"user_id": json.dumps({"device_id": "d", "account_uuid": "",
+                                           "session_id": "cc-71"})}
+        ask = [{"type": "text", "text": "first question"}]
+        c = [Counters(self.a), Counters(self.b)]
+        with claude.messages.stream(
+                model="model", max_tokens=MAX_TOKENS, extra_body=greedy, system=system,
+                messages=[{"role": "user", "content": [ask[0] | {"cache_control": ephemeral}]}],
+                metadata=metadata, extra_query={"beta": "true"}) as s:
+            first = s.get_final_message()
+        self.assertEqual(first.type, "message")
+        self.assertGreater(first.usage.output_tokens, 0)
+        served = self.served_by(c)
+        home = served.index(1)
+        # Turn 2: the breakpoint moved to the newest message, the earlier turn is unchanged.
+        turn2 = [{"role": "user", "content": ask},
+                 {"role": "assistant", "content": [{"type": "text", "text": "".join(
+                     b.text for b in first.content if b.type == "text") or "ok"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "and a follow-up",
+                                               "cache_control": ephemeral}]}]
+        c = [Counters(self.a), Counters(self.b)]
+        second = claude.messages.create(model="model", max_tokens=MAX_TOKENS, extra_body=greedy,
+                                        system=system, messages=turn2, metadata=metadata)
+        d = [x.delta() for x in c]
+        self.assertEqual(d[home]["requests"], 1, f"turn 2 went to the other replica: {d}")
+        self.assertGreaterEqual(d[home]["device"], 0.8 * first.usage.input_tokens,
+                                f"turn 2 found turn 1's KV in HBM: {d[home]}")
+        self.assertGreater(second.usage.output_tokens, 0)
+        counted = claude.messages.count_tokens(model="model", system=system, messages=turn2)
+        self.assertGreater(counted.input_tokens, first.usage.input_tokens)
+
+        codex = openai.OpenAI(base_url=self.router_url + "/v1", api_key="unused", max_retries=0)
+        r1 = codex.responses.create(model="model", instructions=words, input="first task",
+                                    max_output_tokens=MAX_TOKENS, temperature=0,
+                                    extra_headers={"session_id": "codex-71"})
+        self.assertTrue(r1.id)
+        # A continuation names the stored response: only the replica that stored it has it.
+        for session in ("codex-71", "codex-72", "codex-73"):
+            r2 = codex.responses.create(model="model", input="and test it",
+                                        previous_response_id=r1.id,
+                                        max_output_tokens=MAX_TOKENS, temperature=0,
+                                        extra_headers={"session_id": session})
+            self.assertEqual(r2.previous_response_id, r1.id)
+            self.assertTrue(r2.output, r2)
+        self.assertEqual(codex.responses.retrieve(r1.id).id, r1.id)
+        events = list(codex.responses.create(model="model", input="streamed", stream=True,
+                                             max_output_tokens=MAX_TOKENS, temperature=0))
+        self.assertEqual(events[0].type, "response.created")
+        self.assertEqual(events[-1].type, "response.completed")
+        text = get_text(self.router_url + "/metrics")
+        for route in ("messages", "messages_count_tokens", "responses", "responses_by_id"):
+            self.assertIn(f'route="{route}",outcome="ok"', text.replace(" ", ""))
 
     def test_9_the_node_agent_killed_mid_load(self):
         turn1 = tokens(31, 7 * CHUNK + 5)

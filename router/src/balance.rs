@@ -93,6 +93,8 @@ pub enum Reason {
     Load,
     /// No endpoint was healthy; the least costly one was tried anyway.
     Fallback,
+    /// The request continues a response only one endpoint stored.
+    ResponseOwner,
 }
 
 impl Reason {
@@ -104,6 +106,7 @@ impl Reason {
             Reason::Prefix => "prefix",
             Reason::Load => "load",
             Reason::Fallback => "fallback",
+            Reason::ResponseOwner => "response_owner",
         }
     }
 }

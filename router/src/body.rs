@@ -2,6 +2,7 @@
 //! frame (no buffering) while its load is accounted and its first byte timed.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -10,7 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::endpoint::LoadGuard;
+use crate::endpoint::{EndpointId, LoadGuard};
+use crate::responses::{find_id, ResponseOwners, SNIFF_BYTES};
 
 /// The body of every response the router sends.
 #[derive(Debug)]
@@ -29,6 +31,35 @@ pub struct Passthrough {
     guard: LoadGuard,
     /// Observed once, at the first data frame.
     first_byte: Option<(Instant, Histogram)>,
+    /// Looking for the stored response's id in the body's first bytes.
+    sniff: Option<Sniff>,
+}
+
+/// The search for a response's id (see [`crate::responses`]).
+#[derive(Debug)]
+struct Sniff {
+    owners: Arc<ResponseOwners>,
+    endpoint: EndpointId,
+    head: Vec<u8>,
+}
+
+impl Sniff {
+    /// Looks at one more data frame; `true` when the search is over.
+    fn feed(&mut self, data: &[u8]) -> bool {
+        if self.head.is_empty() {
+            if let Some(id) = find_id(&data[..data.len().min(SNIFF_BYTES)]) {
+                self.owners.learn(id, self.endpoint);
+                return true;
+            }
+        }
+        let room = SNIFF_BYTES.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&data[..data.len().min(room)]);
+        if let Some(id) = find_id(&self.head) {
+            self.owners.learn(id, self.endpoint);
+            return true;
+        }
+        self.head.len() >= SNIFF_BYTES
+    }
 }
 
 impl ResponseBody {
@@ -46,7 +77,19 @@ impl ResponseBody {
             inner,
             guard,
             first_byte: Some((start, ttfb)),
+            sniff: None,
         }))
+    }
+
+    /// Also learns, from the body's first bytes, the id under which the endpoint stored the
+    /// response, into `owners`.
+    #[must_use]
+    pub fn learning_response_id(mut self, owners: Arc<ResponseOwners>) -> Self {
+        if let ResponseBody::Upstream(p) = &mut self {
+            let endpoint = p.guard.endpoint().id;
+            p.sniff = Some(Sniff { owners, endpoint, head: Vec::new() });
+        }
+        self
     }
 }
 
@@ -63,10 +106,13 @@ impl Body for ResponseBody {
             ResponseBody::Upstream(p) => {
                 let polled = Pin::new(&mut p.inner).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    if frame.is_data() {
+                    if let Some(data) = frame.data_ref() {
                         if let Some((start, ttfb)) = p.first_byte.take() {
                             ttfb.observe(start.elapsed().as_secs_f64());
                             p.guard.first_byte();
+                        }
+                        if p.sniff.as_mut().is_some_and(|s| s.feed(data)) {
+                            p.sniff = None;
                         }
                     }
                 }

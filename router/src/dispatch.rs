@@ -15,6 +15,7 @@ use crate::balance::{
 use crate::config::{Policy, RouterConfig};
 use crate::endpoint::{Endpoint, EndpointChange, EndpointId, EndpointSpec, Endpoints, LoadGuard};
 use crate::request::PromptView;
+use crate::responses::ResponseOwners;
 use crate::session::{SessionKey, SessionTable};
 use crate::tiers::TierRouting;
 use kvtier_api::residency::ConversationKey;
@@ -35,6 +36,8 @@ pub struct Routing<'a> {
     conversation: Option<ConversationKey>,
     matched: Match,
     home: Option<Home>,
+    /// The endpoint that stored the response this request continues: nowhere else can serve it.
+    owner: Option<EndpointId>,
     /// Output tokens this request is expected to produce.
     expected_output_tokens: u64,
 }
@@ -52,7 +55,11 @@ pub struct Dispatcher {
     next_round_robin: AtomicUsize,
     tiers: Option<Arc<TierRouting>>,
     placement: crate::config::SessionPlacement,
+    owners: Arc<ResponseOwners>,
 }
+
+/// How many stored responses' endpoints are remembered (about 100 bytes each).
+const RESPONSE_OWNERS: usize = 1 << 16;
 
 impl Dispatcher {
     /// A dispatcher with no endpoints yet.
@@ -74,7 +81,13 @@ impl Dispatcher {
                 .as_ref()
                 .map(|t| Arc::new(TierRouting::new(t.costs, t.chunk_tokens))),
             placement: config.session.placement,
+            owners: Arc::new(ResponseOwners::new(RESPONSE_OWNERS)),
         }
+    }
+
+    /// Which endpoint stored which response.
+    pub fn response_owners(&self) -> &Arc<ResponseOwners> {
+        &self.owners
     }
 
     /// The home rendezvous hashing gives a session without a binding, among the healthy
@@ -155,7 +168,9 @@ impl Dispatcher {
         } else {
             (Match::default(), None)
         };
+        let owner = view.previous_response.as_deref().and_then(|id| self.owners.owner(id));
         Routing {
+            owner,
             prompt_tokens: self.tokens(view.segments.len()),
             prompt,
             session,
@@ -181,8 +196,22 @@ impl Dispatcher {
     ) -> Option<(LoadGuard, Decision)> {
         let endpoints = self.endpoints();
         let state = self.state();
-        let decision = match self.policy {
-            Policy::Affinity => {
+        let owner = routing.owner.filter(|o| endpoints.iter().any(|e| e.id == *o));
+        let decision = match (owner, self.policy) {
+            (Some(owner), _) => {
+                if exclude.contains(&owner) {
+                    return None;
+                }
+                let matched = self.tokens(routing.matched.chunks_on(owner) * self.chunk_bytes);
+                Decision {
+                    endpoint: owner,
+                    reason: Reason::ResponseOwner,
+                    matched_tokens: matched,
+                    uncached_tokens: routing.prompt_tokens.saturating_sub(matched),
+                    moved: None,
+                }
+            }
+            (None, Policy::Affinity) => {
                 let candidates: Vec<Candidate> = endpoints
                     .iter()
                     .map(|e| {
@@ -209,7 +238,7 @@ impl Dispatcher {
                     },
                 )?
             }
-            Policy::LeastLoad | Policy::RoundRobin => {
+            (None, Policy::LeastLoad | Policy::RoundRobin) => {
                 self.choose_plain(&endpoints, routing, exclude)?
             }
         };

@@ -1,12 +1,12 @@
-//! Every error a client can see, mapped to an HTTP status and OpenAI's error JSON in exactly
-//! one place ([`ApiError::into_response`]).
+//! Every error a client can see, mapped to an HTTP status and its API's error JSON (OpenAI's
+//! or Anthropic's) in exactly one place ([`ApiError::into_response_for`]).
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 
 use crate::body::ResponseBody;
 use crate::proxy::UpstreamError;
-use crate::request::InvalidBody;
+use crate::request::{Dialect, InvalidBody};
 
 /// An error answered by the router itself.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +29,9 @@ pub enum ApiError {
     /// No route at this path.
     #[error("no route for {0}")]
     NotFound(String),
-    /// The path exists with another method.
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    /// The path exists with other methods (those named, as in an `Allow` header).
+    #[error("method not allowed (allowed: {0})")]
+    MethodNotAllowed(&'static str),
     /// No endpoint is known.
     #[error("no endpoints are available")]
     NoEndpoints,
@@ -50,7 +50,7 @@ impl ApiError {
             ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::ReadBody(_) => "client_disconnected",
             ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NoEndpoints => "no_endpoints",
             ApiError::Upstream(e) => e.metric_label(),
         }
@@ -62,7 +62,7 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) | ApiError::ReadBody(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -75,38 +75,74 @@ impl ApiError {
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
             | ApiError::ReadBody(_)
-            | ApiError::MethodNotAllowed => "invalid_request_error",
+            | ApiError::MethodNotAllowed(_) => "invalid_request_error",
             ApiError::NotFound(_) => "not_found_error",
             ApiError::NoEndpoints | ApiError::Upstream(_) => "service_unavailable_error",
         }
     }
 
-    /// The response the client gets:
-    /// `{"error":{"message":…,"type":…,"param":…,"code":…}}`.
-    #[must_use]
-    pub fn into_response(self) -> Response<ResponseBody> {
-        let status = self.status();
-        let param = match &self {
-            ApiError::InvalidBody(e) => e.param(),
-            _ => None,
-        };
+    /// Anthropic's name for the error's kind.
+    fn anthropic_kind(&self) -> &'static str {
+        match self {
+            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::NotFound(_) => "not_found_error",
+            ApiError::NoEndpoints => "overloaded_error",
+            ApiError::Upstream(_) => "api_error",
+            _ => self.kind(),
+        }
+    }
+
+    /// The message, with every source the error does not already say.
+    fn message(&self) -> String {
         let mut message = self.to_string();
-        let mut source = std::error::Error::source(&self);
+        let mut source = std::error::Error::source(self);
         while let Some(s) = source {
             if !message.contains(&s.to_string()) {
                 message = format!("{message}: {s}");
             }
             source = s.source();
         }
-        let body = serde_json::json!({
-            "error": {
-                "message": message,
-                "type": self.kind(),
-                "param": param,
-                "code": status.as_u16(),
+        message
+    }
+
+    /// The response an OpenAI client gets:
+    /// `{"error":{"message":…,"type":…,"param":…,"code":…}}`.
+    #[must_use]
+    pub fn into_response(self) -> Response<ResponseBody> {
+        self.into_response_for(Dialect::OpenAi)
+    }
+
+    /// The response a client of `dialect` gets: OpenAI's shape, or Anthropic's
+    /// `{"type":"error","error":{"type":…,"message":…}}`.
+    #[must_use]
+    pub fn into_response_for(self, dialect: Dialect) -> Response<ResponseBody> {
+        let status = self.status();
+        let message = self.message();
+        let body = match dialect {
+            Dialect::OpenAi => {
+                let param = match &self {
+                    ApiError::InvalidBody(e) => e.param(),
+                    _ => None,
+                };
+                serde_json::json!({
+                    "error": {
+                        "message": message,
+                        "type": self.kind(),
+                        "param": param,
+                        "code": status.as_u16(),
+                    }
+                })
             }
-        });
-        json_response(status, Bytes::from(body.to_string()))
+            Dialect::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": { "type": self.anthropic_kind(), "message": message },
+            }),
+        };
+        let mut res = json_response(status, Bytes::from(body.to_string()));
+        if let ApiError::MethodNotAllowed(allow) = self {
+            res.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        }
+        res
     }
 }
 

@@ -1,4 +1,5 @@
-//! Request handling: the OpenAI routes (with retries), and the router's own routes.
+//! Request handling: the generation routes of the OpenAI and Anthropic APIs (with retries),
+//! stored responses by id, and the router's own routes.
 
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use crate::error::{json_response, ApiError};
 use crate::metrics::{EndpointLabels, OutcomeLabels, ReasonLabels, RouteLabels};
 use crate::models;
 use crate::proxy::{Upstream, UpstreamError};
-use crate::request::{self, Route};
+use crate::request::{self, Dialect, Route};
 use crate::server::App;
 use crate::session::session_key;
 
@@ -35,30 +36,49 @@ pub(crate) async fn handle(
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let path = req.uri().path();
-    let (route, result) = match (req.method(), path) {
-        (&Method::POST, "/v1/chat/completions") => {
-            ("chat_completions", proxy(app, upstream, Route::Chat, req, start).await)
+    let generation = match path {
+        "/v1/chat/completions" => Some(Route::Chat),
+        "/v1/completions" => Some(Route::Completions),
+        "/v1/messages" => Some(Route::Messages),
+        "/v1/messages/count_tokens" => Some(Route::CountTokens),
+        "/v1/responses" => Some(Route::Responses),
+        _ => None,
+    };
+    let dialect = generation.map_or(Dialect::OpenAi, Route::dialect);
+    let (route, result) = match (req.method(), generation, path) {
+        (&Method::POST, Some(route), _) => {
+            (route.label(), proxy(app, upstream, route, req, start).await)
         }
-        (&Method::POST, "/v1/completions") => {
-            ("completions", proxy(app, upstream, Route::Completions, req, start).await)
+        (_, Some(_), _) => ("other", Err(ApiError::MethodNotAllowed("POST"))),
+        (&Method::GET, None, "/v1/models") => ("models", models::list(app, upstream).await),
+        (&Method::GET, None, "/health") => ("health", Ok(health_response(app))),
+        (&Method::GET, None, "/metrics") => ("metrics", Ok(metrics_response(app))),
+        (_, None, "/v1/models" | "/health" | "/metrics") => {
+            ("other", Err(ApiError::MethodNotAllowed("GET")))
         }
-        (&Method::GET, "/v1/models") => ("models", models::list(app, upstream).await),
-        (&Method::GET, "/health") => ("health", Ok(health_response(app))),
-        (&Method::GET, "/metrics") => ("metrics", Ok(metrics_response(app))),
-        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
-            ("other", Err(ApiError::MethodNotAllowed))
-        }
-        (_, other) => ("other", Err(ApiError::NotFound(other.to_owned()))),
+        (_, None, other) => match stored_response_id(other) {
+            Some(id) => {
+                let id = id.to_owned();
+                ("responses_by_id", stored_response(app, upstream, req, &id, start).await)
+            }
+            None => ("other", Err(ApiError::NotFound(other.to_owned()))),
+        },
     };
     let (outcome, response) = match result {
         Ok(res) => (status_outcome(res.status()), res),
         Err(e) => {
             debug!(error = %e, route, "request refused");
-            (e.metric_label(), e.into_response())
+            (e.metric_label(), e.into_response_for(dialect))
         }
     };
     app.metrics.requests.get_or_create(&OutcomeLabels { route, outcome }).inc();
     response
+}
+
+/// The response id of `/v1/responses/{id}` and of the routes under it (`/cancel`).
+fn stored_response_id(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/v1/responses/")?.split('/').next()?;
+    (!id.is_empty()).then_some(id)
 }
 
 fn status_outcome(status: StatusCode) -> &'static str {
@@ -105,9 +125,12 @@ async fn proxy(
         crate::session::conversation_key(&parts.headers, &app.config.session.headers);
     let routing = app.dispatcher.prepare(&view, session.map(|(k, _)| k), conversation, start);
     // With tier-aware routing, the engine's connector learns the conversation (it tags the KV
-    // it saves, and the node-agents report residency by it).
+    // it saves, and the node-agents report residency by it). vLLM's chat, completions,
+    // messages and responses requests all take `kv_transfer_params`.
     let body = match (conversation, app.dispatcher.tiers()) {
-        (Some(c), Some(_)) => crate::tiers::tag_conversation(&body, c).unwrap_or(body.clone()),
+        (Some(c), Some(_)) if route.generates() => {
+            crate::tiers::tag_conversation(&body, c).unwrap_or(body.clone())
+        }
         _ => body.clone(),
     };
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
@@ -154,7 +177,7 @@ async fn proxy(
                 } else if endpoint.health.record_success() {
                     info!(endpoint = %endpoint.name, "endpoint healthy again");
                 }
-                if res.status().is_success() {
+                if res.status().is_success() && route.generates() {
                     app.dispatcher.record(&routing, &mut guard, Instant::now());
                     #[allow(clippy::cast_precision_loss)]
                     m.predicted_prefix_tokens.observe(decision.matched_tokens as f64);
@@ -163,13 +186,17 @@ async fn proxy(
                     .time_to_first_byte
                     .get_or_create(&RouteLabels { route: route.label() })
                     .clone();
+                let learn = route == Route::Responses && res.status().is_success();
                 let (mut head, incoming) = res.into_parts();
                 head.headers.remove(header::CONNECTION);
                 head.headers.remove("keep-alive");
-                return Ok(Response::from_parts(
-                    head,
-                    ResponseBody::upstream(incoming, guard, start, ttfb),
-                ));
+                let body = ResponseBody::upstream(incoming, guard, start, ttfb);
+                let body = if learn {
+                    body.learning_response_id(app.dispatcher.response_owners().clone())
+                } else {
+                    body
+                };
+                return Ok(Response::from_parts(head, body));
             }
             Err(error) => {
                 if error.endpoint_down() {
@@ -185,6 +212,57 @@ async fn proxy(
                 tried.push(endpoint.id);
                 last_error = Some(error);
             }
+        }
+    }
+    Err(last_error.map_or(ApiError::NoEndpoints, ApiError::Upstream))
+}
+
+/// A request about a stored response (`GET`/`DELETE /v1/responses/{id}`, `POST …/cancel`):
+/// sent to the endpoint that stored it; when the router does not know which (it restarted, or
+/// forgot), to each endpoint in turn until one answers other than 404.
+async fn stored_response(
+    app: &App,
+    upstream: &Upstream,
+    req: Request<Incoming>,
+    id: &str,
+    start: Instant,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_body(app, body, &parts.headers).await?;
+    let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
+    let owners = app.dispatcher.response_owners();
+    let endpoints = app.dispatcher.endpoints();
+    let owner = owners.owner(id).and_then(|o| endpoints.iter().find(|e| e.id == o));
+    let asked: Vec<_> = match owner {
+        Some(e) => vec![e.clone()],
+        None => endpoints.iter().filter(|e| e.health.is_healthy()).cloned().collect(),
+    };
+    let mut last_error = None;
+    for (i, endpoint) in asked.iter().enumerate() {
+        match upstream
+            .send(endpoint, parts.method.clone(), path, &parts.headers, body.clone())
+            .await
+        {
+            Ok(res) if res.status() == StatusCode::NOT_FOUND && i + 1 < asked.len() => {}
+            Ok(res) => {
+                if res.status().is_success() {
+                    owners.learn(id, endpoint.id);
+                }
+                let ttfb = app
+                    .metrics
+                    .time_to_first_byte
+                    .get_or_create(&RouteLabels { route: "responses_by_id" })
+                    .clone();
+                let guard = crate::endpoint::LoadGuard::new(endpoint.clone(), 0, 0);
+                let (mut head, incoming) = res.into_parts();
+                head.headers.remove(header::CONNECTION);
+                head.headers.remove("keep-alive");
+                return Ok(Response::from_parts(
+                    head,
+                    ResponseBody::upstream(incoming, guard, start, ttfb),
+                ));
+            }
+            Err(error) => last_error = Some(error),
         }
     }
     Err(last_error.map_or(ApiError::NoEndpoints, ApiError::Upstream))
@@ -216,6 +294,8 @@ fn metrics_response(app: &App) -> Response<ResponseBody> {
     let (chunks, sessions) = app.dispatcher.sizes();
     m.index_chunks.set(i64::try_from(chunks).unwrap_or(i64::MAX));
     m.sessions.set(i64::try_from(sessions).unwrap_or(i64::MAX));
+    let stored = app.dispatcher.response_owners().remembered();
+    m.stored_responses.set(i64::try_from(stored).unwrap_or(i64::MAX));
     let mut text = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &app.registry) {
         warn!(%error, "encoding metrics failed");

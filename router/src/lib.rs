@@ -22,6 +22,7 @@ mod metrics;
 mod models;
 mod proxy;
 mod request;
+mod responses;
 mod scan;
 mod server;
 mod session;

@@ -10,7 +10,8 @@ use prometheus_client::registry::Registry;
 /// Labels naming a route and how the request ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `chat_completions`, `completions`, `models`, `other`.
+    /// `chat_completions`, `completions`, `messages`, `messages_count_tokens`, `responses`,
+    /// `responses_by_id`, `models`, `other`.
     pub route: &'static str,
     /// A fixed outcome: `ok`, `upstream_status_4xx`, `bad_request`, …
     pub outcome: &'static str,
@@ -62,6 +63,8 @@ pub struct Metrics {
     pub index_chunks: Gauge,
     /// Session bindings held.
     pub sessions: Gauge,
+    /// Stored responses whose endpoint is remembered.
+    pub stored_responses: Gauge,
 }
 
 impl Metrics {
@@ -82,6 +85,7 @@ impl Metrics {
             endpoint_healthy: Family::default(),
             index_chunks: Gauge::default(),
             sessions: Gauge::default(),
+            stored_responses: Gauge::default(),
         };
         r.register("requests", "Requests by route and outcome", m.requests.clone());
         r.register(
@@ -118,6 +122,11 @@ impl Metrics {
         );
         r.register("prefix_index_chunks", "Entries in the prefix index", m.index_chunks.clone());
         r.register("sessions", "Session bindings held", m.sessions.clone());
+        r.register(
+            "stored_responses",
+            "Stored responses (Responses API) whose endpoint is remembered",
+            m.stored_responses.clone(),
+        );
         m
     }
 }

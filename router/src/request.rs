@@ -1,9 +1,13 @@
-//! What the router reads from an OpenAI request body, without ever re-serialising it.
+//! What the router reads from a request body (OpenAI chat/completions/responses, Anthropic
+//! messages), without ever re-serialising it.
 //!
 //! The body is scanned once ([`crate::scan`]): all of it is validated as JSON, and the fields
 //! that matter for routing are kept as slices of the received bytes, in the order the
-//! engine's chat template renders them (tools, then each message). The body forwarded to the
-//! endpoint is the received `Bytes`, untouched.
+//! engine's chat template renders them (tools, then the system prompt or instructions, then
+//! each message or input item). Anthropic `cache_control` markers are left out of those
+//! slices: an agent moves its breakpoint to the newest message every turn, and the engine
+//! never renders it, so a message hashes the same with and without one. The body forwarded
+//! to the endpoint is the received `Bytes`, untouched.
 
 use std::ops::Range;
 
@@ -11,13 +15,28 @@ use kvtier_api::prefix::Segments;
 
 use crate::scan::{scan, ScanError};
 
-/// The OpenAI routes the router proxies.
+/// The generation routes the router proxies.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Route {
     /// `POST /v1/chat/completions`
     Chat,
     /// `POST /v1/completions`
     Completions,
+    /// `POST /v1/messages` (Anthropic; Claude Code)
+    Messages,
+    /// `POST /v1/messages/count_tokens` (Anthropic)
+    CountTokens,
+    /// `POST /v1/responses` (OpenAI Responses; Codex)
+    Responses,
+}
+
+/// Which API's error shape a route answers in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Dialect {
+    /// `{"error":{"message","type","param","code"}}`
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`
+    Anthropic,
 }
 
 impl Route {
@@ -27,7 +46,25 @@ impl Route {
         match self {
             Route::Chat => "chat_completions",
             Route::Completions => "completions",
+            Route::Messages => "messages",
+            Route::CountTokens => "messages_count_tokens",
+            Route::Responses => "responses",
         }
+    }
+
+    /// The error shape its clients expect.
+    #[must_use]
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Route::Messages | Route::CountTokens => Dialect::Anthropic,
+            Route::Chat | Route::Completions | Route::Responses => Dialect::OpenAi,
+        }
+    }
+
+    /// Whether the engine computes (and caches) the prompt's KV: a token count does not.
+    #[must_use]
+    pub fn generates(self) -> bool {
+        self != Route::CountTokens
     }
 }
 
@@ -73,14 +110,20 @@ pub struct PromptView<'a> {
     pub model: &'a [u8],
     /// The bytes the engine will render into the prompt, in order.
     pub segments: Segments<'a>,
-    /// The body's `user` field.
+    /// The session id the body carries, for when no session header does: OpenAI's `user`;
+    /// the `session_id` in Anthropic's `metadata.user_id` (Claude Code sends a JSON string
+    /// there), else the whole `user_id`; the Responses API's `prompt_cache_key`, then its
+    /// `conversation`, then `user`.
     pub user: Option<String>,
-    /// `max_completion_tokens` or `max_tokens`, when given.
+    /// `max_completion_tokens`, `max_tokens` or `max_output_tokens`, when given.
     pub max_output_tokens: Option<u64>,
+    /// The Responses API's `previous_response_id`: the replica that stored that response
+    /// must serve this one.
+    pub previous_response: Option<String>,
 }
 
 /// The top-level fields the router reads.
-const FIELDS: [&str; 8] = [
+const FIELDS: [&str; 16] = [
     "model",
     "messages",
     "prompt",
@@ -89,12 +132,23 @@ const FIELDS: [&str; 8] = [
     "stream",
     "max_tokens",
     "max_completion_tokens",
+    "system",
+    "metadata",
+    "instructions",
+    "input",
+    "prompt_cache_key",
+    "conversation",
+    "previous_response_id",
+    "max_output_tokens",
 ];
+
+/// The fields whose array elements are routed one by one.
+const LISTS: [&str; 4] = ["messages", "tools", "system", "input"];
 
 #[derive(Default)]
 struct Fields<'a> {
     values: [Option<&'a [u8]>; FIELDS.len()],
-    messages: Option<Vec<Range<usize>>>,
+    elements: [Option<Vec<Range<usize>>>; FIELDS.len()],
 }
 
 impl<'a> Fields<'a> {
@@ -102,6 +156,12 @@ impl<'a> Fields<'a> {
     fn get(&self, name: &str) -> Option<&'a [u8]> {
         let i = FIELDS.iter().position(|f| *f == name)?;
         self.values[i].filter(|v| *v != b"null")
+    }
+
+    /// The elements of a routed array field (see [`LISTS`]).
+    fn elements(&self, name: &str) -> Option<&[Range<usize>]> {
+        let i = FIELDS.iter().position(|f| *f == name)?;
+        self.elements[i].as_deref()
     }
 }
 
@@ -118,7 +178,7 @@ fn field_index(body: &[u8], key: &Range<usize>) -> Option<usize> {
 }
 
 fn fields(body: &[u8]) -> Result<Fields<'_>, InvalidBody> {
-    let members = scan(body, |k| k == b"messages" || k.contains(&b'\\'))
+    let members = scan(body, |k| LISTS.iter().any(|l| l.as_bytes() == k) || k.contains(&b'\\'))
         .map_err(InvalidBody::Json)?
         .ok_or(InvalidBody::WrongType { field: "body", expected: "a JSON object" })?;
     let mut out = Fields::default();
@@ -128,9 +188,7 @@ fn fields(body: &[u8]) -> Result<Fields<'_>, InvalidBody> {
             return Err(InvalidBody::Duplicate(FIELDS[i]));
         }
         out.values[i] = Some(&body[m.value]);
-        if FIELDS[i] == "messages" {
-            out.messages = m.elements;
-        }
+        out.elements[i] = m.elements;
     }
     Ok(out)
 }
@@ -162,61 +220,213 @@ fn non_negative_integer(v: Option<&[u8]>, field: &'static str) -> Result<Option<
 /// Parses and validates `body` for `route`.
 ///
 /// # Errors
-/// When the body is not a JSON object, lacks `messages` (chat) or `prompt` (completions),
-/// or a routed field has the wrong type.
+/// When the body is not a JSON object, lacks what its route requires (`messages`, `prompt`,
+/// `input`), or a routed field has the wrong type.
 pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
     let f = fields(body)?;
     expect(f.get("model"), "model", "a string", |b| b == b'"')?;
-    expect(f.get("user"), "user", "a string", |b| b == b'"')?;
     expect(f.get("stream"), "stream", "a boolean", |b| b == b't' || b == b'f')?;
     expect(f.get("tools"), "tools", "an array", |b| b == b'[')?;
-    let max_output_tokens =
-        match non_negative_integer(f.get("max_completion_tokens"), "max_completion_tokens")? {
-            Some(n) => Some(n),
-            None => non_negative_integer(f.get("max_tokens"), "max_tokens")?,
-        };
+    let max_output_tokens = [
+        non_negative_integer(f.get("max_completion_tokens"), "max_completion_tokens")?,
+        non_negative_integer(f.get("max_tokens"), "max_tokens")?,
+        non_negative_integer(f.get("max_output_tokens"), "max_output_tokens")?,
+    ]
+    .into_iter()
+    .flatten()
+    .next();
 
     let mut segments = Segments::new();
     if let Some(tools) = f.get("tools") {
-        segments.push(tools);
+        push_value(&mut segments, body, range_of(body, tools), f.elements("tools"));
     }
-    match route {
-        Route::Chat => {
+    let mut previous_response = None;
+    let user = match route {
+        Route::Chat | Route::Messages | Route::CountTokens => {
+            if matches!(route, Route::Messages | Route::CountTokens) {
+                if let Some(system) = f.get("system") {
+                    match system.first() {
+                        Some(b'"') => segments.push(system),
+                        Some(b'[') => push_value(
+                            &mut segments,
+                            body,
+                            range_of(body, system),
+                            f.elements("system"),
+                        ),
+                        _ => {
+                            return Err(InvalidBody::WrongType {
+                                field: "system",
+                                expected: "a string or an array of content blocks",
+                            })
+                        }
+                    }
+                }
+            }
             f.get("messages").ok_or(InvalidBody::Missing("messages"))?;
             let list = f
-                .messages
-                .as_ref()
+                .elements("messages")
                 .filter(|l| !l.is_empty() && l.iter().all(|m| body[m.start] == b'{'))
                 .ok_or(InvalidBody::WrongType {
                     field: "messages",
                     expected: "a non-empty array of objects",
                 })?;
             for m in list {
-                segments.push(&body[m.clone()]);
+                push_object(&mut segments, body, m.clone(), 0);
+            }
+            if route == Route::Chat {
+                string(f.get("user"), "user")?
+            } else {
+                anthropic_session(f.get("metadata"))?
             }
         }
         Route::Completions => {
             let raw = f.get("prompt").ok_or(InvalidBody::Missing("prompt"))?;
-            match raw.first() {
-                // Leave the closing quote out, so a longer prompt of the next turn shares
-                // every full chunk of this one.
-                Some(b'"') => segments.push(&raw[..raw.len() - 1]),
-                Some(b'[') => segments.push(raw),
-                _ => {
-                    return Err(InvalidBody::WrongType {
-                        field: "prompt",
-                        expected: "a string or an array",
-                    })
+            push_open_ended(&mut segments, raw, "prompt")?;
+            string(f.get("user"), "user")?
+        }
+        Route::Responses => {
+            if let Some(instructions) = f.get("instructions") {
+                expect(Some(instructions), "instructions", "a string", |b| b == b'"')?;
+                segments.push(instructions);
+            }
+            let raw = f.get("input").ok_or(InvalidBody::Missing("input"))?;
+            match f.elements("input") {
+                Some(items) if raw.first() == Some(&b'[') => {
+                    for item in items {
+                        segments.push(&body[item.clone()]);
+                    }
                 }
+                _ => push_open_ended(&mut segments, raw, "input")?,
+            }
+            previous_response = string(f.get("previous_response_id"), "previous_response_id")?;
+            let conversation = match f.get("conversation") {
+                Some(c) if c.first() == Some(&b'{') => {
+                    serde_json::from_slice::<serde_json::Value>(c)
+                        .ok()
+                        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+                }
+                c => string(c, "conversation")?,
+            };
+            string(f.get("prompt_cache_key"), "prompt_cache_key")?
+                .or(conversation)
+                .or(string(f.get("user"), "user")?)
+        }
+    };
+    Ok(PromptView {
+        model: f.get("model").unwrap_or(&[]),
+        segments,
+        user,
+        max_output_tokens,
+        previous_response,
+    })
+}
+
+/// Where `value`, a slice of `body`, lies in it.
+fn range_of(body: &[u8], value: &[u8]) -> Range<usize> {
+    let start = value.as_ptr() as usize - body.as_ptr() as usize;
+    start..start + value.len()
+}
+
+/// A string field decoded, `None` when absent.
+fn string(v: Option<&[u8]>, field: &'static str) -> Result<Option<String>, InvalidBody> {
+    match v {
+        None => Ok(None),
+        // Validated JSON: decoding a string fails only on lone surrogates.
+        Some(v) if v.first() == Some(&b'"') => Ok(serde_json::from_slice::<String>(v).ok()),
+        Some(_) => Err(InvalidBody::WrongType { field, expected: "a string" }),
+    }
+}
+
+/// Anthropic's `metadata.user_id`: Claude Code sends a JSON string whose `session_id` names
+/// the session; any other value is the session id itself.
+fn anthropic_session(metadata: Option<&[u8]>) -> Result<Option<String>, InvalidBody> {
+    let Some(m) = metadata else { return Ok(None) };
+    if m.first() != Some(&b'{') {
+        return Err(InvalidBody::WrongType { field: "metadata", expected: "an object" });
+    }
+    let value: serde_json::Value = serde_json::from_slice(m).unwrap_or_default();
+    let Some(user_id) = value.get("user_id").and_then(|u| u.as_str()) else { return Ok(None) };
+    let session = serde_json::from_str::<serde_json::Value>(user_id)
+        .ok()
+        .and_then(|v| v.get("session_id").and_then(|s| s.as_str()).map(str::to_owned));
+    Ok(Some(session.unwrap_or_else(|| user_id.to_owned())))
+}
+
+/// A prompt that the next turn extends: a string without its closing quote (so a longer
+/// prompt shares every full chunk of this one), or an array as received.
+fn push_open_ended<'a>(
+    segments: &mut Segments<'a>,
+    raw: &'a [u8],
+    field: &'static str,
+) -> Result<(), InvalidBody> {
+    match raw.first() {
+        Some(b'"') => segments.push(&raw[..raw.len() - 1]),
+        Some(b'[') => segments.push(raw),
+        _ => return Err(InvalidBody::WrongType { field, expected: "a string or an array" }),
+    }
+    Ok(())
+}
+
+fn has_cache_control(raw: &[u8]) -> bool {
+    memchr::memmem::find(raw, b"\"cache_control\"").is_some()
+}
+
+/// Pushes an array `value` of `body` (its `elements` when scanned) with the `cache_control`
+/// members of its objects left out.
+fn push_value<'a>(
+    segments: &mut Segments<'a>,
+    body: &'a [u8],
+    value: Range<usize>,
+    elements: Option<&[Range<usize>]>,
+) {
+    match elements {
+        Some(list) if has_cache_control(&body[value.clone()]) => {
+            let mut cursor = value.start;
+            for e in list {
+                segments.push(&body[cursor..e.start]);
+                push_object(segments, body, e.clone(), 0);
+                cursor = e.end;
+            }
+            segments.push(&body[cursor..value.end]);
+        }
+        _ => segments.push(&body[value]),
+    }
+}
+
+/// Pushes the object at `obj` in `body` without its `cache_control` member, nor those of the
+/// blocks of its `content` array (one level down).
+fn push_object<'a>(segments: &mut Segments<'a>, body: &'a [u8], obj: Range<usize>, depth: u8) {
+    let raw = &body[obj.clone()];
+    if raw.first() != Some(&b'{') || !has_cache_control(raw) {
+        segments.push(raw);
+        return;
+    }
+    let Ok(Some(members)) = scan(raw, |k| depth == 0 && k == b"content") else {
+        segments.push(raw);
+        return;
+    };
+    let at = |r: &Range<usize>| obj.start + r.start..obj.start + r.end;
+    let mut cursor = obj.start;
+    for (i, m) in members.iter().enumerate() {
+        if &raw[m.key.clone()] == b"cache_control" {
+            // The member and the comma that joins it to its neighbour.
+            let cut = match (i.checked_sub(1).map(|p| &members[p]), members.get(i + 1)) {
+                (Some(prev), _) => at(&prev.value).end..at(&m.value).end,
+                (None, Some(next)) => at(&m.key).start - 1..at(&next.key).start - 1,
+                (None, None) => at(&m.key).start - 1..at(&m.value).end,
+            };
+            segments.push(&body[cursor..cut.start]);
+            cursor = cut.end;
+        } else if let Some(blocks) = &m.elements {
+            for b in blocks {
+                let b = at(b);
+                segments.push(&body[cursor..b.start]);
+                push_object(segments, body, b.clone(), depth + 1);
+                cursor = b.end;
             }
         }
     }
-    let user = match f.get("user") {
-        // Validated JSON string: decoding cannot fail but for lone surrogates.
-        Some(u) => serde_json::from_slice::<String>(u).ok(),
-        None => None,
-    };
-    Ok(PromptView { model: f.get("model").unwrap_or(&[]), segments, user, max_output_tokens })
+    segments.push(&body[cursor..obj.end]);
 }
 
 #[cfg(test)]
@@ -274,6 +484,108 @@ mod tests {
     fn escaped_keys_are_read_as_the_engine_reads_them() {
         let v = parse(Route::Chat, br#"{"mess\u0061ges":[{"role":"user"}]}"#).expect("valid");
         assert_eq!(v.segments.len(), 15);
+    }
+
+    fn hashes(v: &PromptView<'_>) -> Vec<u64> {
+        v.segments.chunk_hashes(1, 16)
+    }
+
+    #[test]
+    fn anthropic_segments_are_tools_system_then_messages_without_cache_control() {
+        let marked = br#"{"model":"m","max_tokens":32000,"stream":true,
+            "tools":[{"name":"Bash","input_schema":{}},{"name":"Read","input_schema":{},"cache_control":{"type":"ephemeral"}}],
+            "system":[{"type":"text","text":"You are Claude Code."},{"type":"text","text":"Be brief.","cache_control":{"type":"ephemeral","ttl":"1h"}}],
+            "messages":[{"role":"user","content":[{"type":"text","text":"fix the bug","cache_control":{"type":"ephemeral"}}]},
+                        {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"Bash","input":{"cmd":"ls"}}]},
+                        {"cache_control":{"type":"ephemeral"},"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"a.rs"}]}],
+            "metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"\",\"session_id\":\"9f1c\"}"}}"#;
+        let plain = br#"{"model":"m","max_tokens":32000,"stream":true,
+            "tools":[{"name":"Bash","input_schema":{}},{"name":"Read","input_schema":{}}],
+            "system":[{"type":"text","text":"You are Claude Code."},{"type":"text","text":"Be brief."}],
+            "messages":[{"role":"user","content":[{"type":"text","text":"fix the bug"}]},
+                        {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"Bash","input":{"cmd":"ls"}}]},
+                        {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"a.rs"}]}]}"#;
+        let a = parse(Route::Messages, marked).expect("valid");
+        let b = parse(Route::Messages, plain).expect("valid");
+        assert_eq!(hashes(&a), hashes(&b), "breakpoints moved, the prompt did not");
+        assert_eq!(a.segments.len(), b.segments.len());
+        assert_eq!(a.user.as_deref(), Some("9f1c"), "Claude Code's session_id");
+        assert_eq!(b.user, None);
+        assert_eq!(a.max_output_tokens, Some(32000));
+
+        // The order is tools, system, messages: a changed system prompt changes every chunk
+        // after the tools.
+        let changed = String::from_utf8_lossy(plain).replace("Be brief.", "Be long.");
+        let other = parse(Route::Messages, changed.as_bytes()).expect("valid");
+        assert_ne!(hashes(&other), hashes(&b));
+        let mut expected = Segments::new();
+        expected.push(br#"[{"name":"Bash","input_schema":{}},{"name":"Read","input_schema":{}}]"#);
+        assert_eq!(&hashes(&b)[..1], &expected.chunk_hashes(1, 16)[..1], "the tools come first");
+    }
+
+    #[test]
+    fn an_anthropic_system_string_and_a_plain_user_id() {
+        let v = parse(
+            Route::Messages,
+            br#"{"system":"S","messages":[{"role":"user","content":"hi"}],"metadata":{"user_id":"u-7"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(v.user.as_deref(), Some("u-7"));
+        let mut expected = Segments::new();
+        expected.push(br#""S""#);
+        expected.push(br#"{"role":"user","content":"hi"}"#);
+        assert_eq!(hashes(&v), expected.chunk_hashes(1, 16));
+        assert!(
+            parse(Route::CountTokens, br#"{"messages":[{"role":"user","content":"hi"}]}"#).is_ok()
+        );
+        assert!(!Route::CountTokens.generates());
+    }
+
+    #[test]
+    fn responses_fields() {
+        let v = parse(
+            Route::Responses,
+            br#"{"model":"m","instructions":"I","input":[{"role":"user","content":"a"},{"type":"function_call_output","call_id":"c","output":"o"}],
+                "previous_response_id":"resp_1","prompt_cache_key":"codex-thread","max_output_tokens":64,"user":"u"}"#,
+        )
+        .expect("valid");
+        assert_eq!(v.previous_response.as_deref(), Some("resp_1"));
+        assert_eq!(v.user.as_deref(), Some("codex-thread"));
+        assert_eq!(v.max_output_tokens, Some(64));
+        let c = parse(Route::Responses, br#"{"input":"hello","conversation":{"id":"conv_1"}}"#)
+            .expect("valid");
+        assert_eq!(c.user.as_deref(), Some("conv_1"));
+        // An open-ended string: a longer input shares this one's chunks.
+        let longer = parse(Route::Responses, br#"{"input":"hello world"}"#).expect("valid");
+        assert_eq!(c.segments.len(), 6);
+        assert_eq!(longer.segments.chunk_hashes(1, 3)[..2], c.segments.chunk_hashes(1, 3)[..2]);
+    }
+
+    #[test]
+    fn bad_agent_bodies_name_the_field() {
+        let cases: &[(Route, &[u8], Option<&str>)] = &[
+            (Route::Messages, b"{}", Some("messages")),
+            (Route::Messages, br#"{"messages":[{}],"system":3}"#, Some("system")),
+            (Route::Messages, br#"{"messages":[{}],"metadata":"x"}"#, Some("metadata")),
+            (Route::Messages, br#"{"messages":[{}],"system":"a","system":"b"}"#, Some("system")),
+            (Route::Responses, b"{}", Some("input")),
+            (Route::Responses, br#"{"input":3}"#, Some("input")),
+            (Route::Responses, br#"{"input":"a","instructions":[]}"#, Some("instructions")),
+            (
+                Route::Responses,
+                br#"{"input":"a","previous_response_id":1}"#,
+                Some("previous_response_id"),
+            ),
+            (
+                Route::Responses,
+                br#"{"input":"a","max_output_tokens":"many"}"#,
+                Some("max_output_tokens"),
+            ),
+        ];
+        for (route, body, param) in cases {
+            let err = parse(*route, body).expect_err("must be rejected");
+            assert_eq!(err.param(), *param, "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ use crate::engine::{Counters, Engine, EngineConfig, Gauges, HostTiers, Strategy,
 use crate::profile::Profile;
 use crate::tokens::{self, Message, Rendered};
 
+mod agent;
+
 /// Largest request body accepted (vLLM has no fixed limit; agent prompts reach a few MB).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 
@@ -69,8 +71,12 @@ pub(crate) struct Shared {
     tx: mpsc::UnboundedSender<Msg>,
     pub(crate) snapshot: Mutex<Snapshot>,
     next_id: AtomicU64,
+    /// Makes this engine's stored-response ids unlike any other engine's.
+    id_salt: u64,
     pub(crate) profile: String,
     pub(crate) tiers: HostTiers,
+    /// The Responses API's stored responses.
+    responses: Mutex<agent::Stored>,
 }
 
 /// A running simulated engine.
@@ -134,8 +140,13 @@ impl Sim {
             tx,
             snapshot: Mutex::new(Snapshot::default()),
             next_id: AtomicU64::new(1),
+            id_salt: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ (u64::from(addr.port()) << 48),
             profile: options.profile.name.clone(),
             tiers: tiers.clone(),
+            responses: Mutex::default(),
         });
         let driver = tokio::spawn(drive(Engine::with_tiers(config, tiers), shared.clone(), rx));
         let st = shared.clone();
@@ -229,9 +240,23 @@ async fn handle(st: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, p) if p.starts_with("/prefetch/") => crate::node::prefetch(st, p).await,
         (&Method::POST, "/v1/chat/completions") => generate(st, req, Api::Chat).await,
         (&Method::POST, "/v1/completions") => generate(st, req, Api::Completions).await,
-        (_, "/health" | "/v1/models" | "/metrics" | "/v1/chat/completions" | "/v1/completions") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+        (&Method::POST, "/v1/messages") => generate(st, req, Api::Messages).await,
+        (&Method::POST, "/v1/messages/count_tokens") => generate(st, req, Api::CountTokens).await,
+        (&Method::POST, "/v1/responses") => generate(st, req, Api::Responses).await,
+        (&Method::GET, p) if p.starts_with("/v1/responses/") => {
+            agent::get_stored(st, &p["/v1/responses/".len()..])
         }
+        (
+            _,
+            "/health"
+            | "/v1/models"
+            | "/metrics"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/messages"
+            | "/v1/messages/count_tokens"
+            | "/v1/responses",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
         _ => error(StatusCode::NOT_FOUND, "Not Found"),
     }
 }
@@ -255,6 +280,12 @@ fn models(st: &Shared) -> Response<Body> {
 enum Api {
     Chat,
     Completions,
+    /// Anthropic's.
+    Messages,
+    /// Anthropic's, counting only.
+    CountTokens,
+    /// OpenAI's Responses.
+    Responses,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,6 +307,21 @@ struct GenerateBody<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+    /// Anthropic's system prompt: a string or text blocks.
+    #[serde(default, borrow)]
+    system: Option<&'a RawValue>,
+    /// The Responses API's system prompt.
+    #[serde(default)]
+    instructions: Option<String>,
+    /// The Responses API's input: a string or items.
+    #[serde(default, borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(default)]
+    previous_response_id: Option<String>,
+    #[serde(default)]
+    store: Option<bool>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -326,7 +372,38 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
                 return error(StatusCode::BAD_REQUEST, "`messages` must not be empty");
             }
             let mut r = Rendered::default();
-            let s = r.chat(parsed.tools, messages);
+            let s = r.chat(parsed.tools, None, messages);
+            tokens::measure(&st.model, &s, bt)
+        }
+        Api::Messages | Api::CountTokens => {
+            let Some(messages) = parsed.messages.as_deref() else {
+                return error(StatusCode::BAD_REQUEST, "`messages` is required");
+            };
+            let mut r = Rendered::default();
+            let s = r.chat(parsed.tools, parsed.system, messages);
+            tokens::measure(&st.model, &s, bt)
+        }
+        Api::Responses => {
+            let Some(input) = parsed.input else {
+                return error(StatusCode::BAD_REQUEST, "`input` is required");
+            };
+            if let Some(prev) = &parsed.previous_response_id {
+                if !lock(&st.responses).contains(prev) {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        &format!("Response with id '{prev}' not found."),
+                    );
+                }
+            }
+            let text: Option<String> = serde_json::from_str(input.get()).ok();
+            let mut s = kvtier_api::prefix::Segments::new();
+            if let Some(t) = parsed.tools {
+                s.push(t.get().as_bytes());
+            }
+            if let Some(i) = &parsed.instructions {
+                s.push(i.as_bytes());
+            }
+            s.push(text.as_deref().unwrap_or(input.get()).as_bytes());
             tokens::measure(&st.model, &s, bt)
         }
         Api::Completions => {
@@ -358,8 +435,15 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
             p
         }
     };
-    let max_tokens =
-        parsed.max_completion_tokens.or(parsed.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS).max(1);
+    if api == Api::CountTokens {
+        return agent::count_tokens(prompt.tokens);
+    }
+    let max_tokens = parsed
+        .max_completion_tokens
+        .or(parsed.max_tokens)
+        .or(parsed.max_output_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS)
+        .max(1);
     let check = Engine::check_config(&st.config, prompt.tokens, max_tokens);
     if let Err(refusal) = check {
         return error(StatusCode::BAD_REQUEST, &refusal.to_string());
@@ -379,7 +463,12 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
     }
     let guard = AbortOnDrop { id, tx: st.tx.clone(), armed: true };
     let meta = Meta {
-        id: format!("{}-{id}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }),
+        id: match api {
+            Api::Chat => format!("chatcmpl-{id}"),
+            Api::Completions | Api::CountTokens => format!("cmpl-{id}"),
+            Api::Messages => format!("msg_{id:032x}"),
+            Api::Responses => format!("resp_{:016x}{id:016x}", st.id_salt),
+        },
         model: st.model.clone(),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -388,11 +477,20 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
         prompt_tokens: prompt.tokens,
         api,
     };
-    if parsed.stream {
-        let include_usage = parsed.stream_options.is_some_and(|o| o.include_usage);
-        stream_response(meta, rx, guard, include_usage)
-    } else {
-        whole_response(meta, rx, guard).await
+    let store = parsed.store != Some(false);
+    match (api, parsed.stream) {
+        (Api::Messages | Api::Responses, true) => agent::stream(st.clone(), meta, rx, guard, store),
+        (_, true) => {
+            let include_usage = parsed.stream_options.is_some_and(|o| o.include_usage);
+            stream_response(meta, rx, guard, include_usage)
+        }
+        (_, false) => match finish(rx, guard).await {
+            Err(refused) => refused,
+            Ok((generated, cached)) if matches!(api, Api::Messages | Api::Responses) => {
+                agent::whole(st, &meta, generated, cached, store)
+            }
+            Ok((generated, cached)) => whole_response(&meta, generated, cached),
+        },
     }
 }
 
@@ -435,11 +533,12 @@ fn usage(meta: &Meta, completion: u32, cached: u64) -> serde_json::Value {
     })
 }
 
-async fn whole_response(
-    meta: Meta,
+/// Waits for the request to finish: (tokens generated, prompt tokens cached), or the error the
+/// client gets.
+async fn finish(
     mut rx: mpsc::UnboundedReceiver<Update>,
     mut guard: AbortOnDrop,
-) -> Response<Body> {
+) -> Result<(u32, u64), Response<Body>> {
     let (mut generated, mut cached) = (0u32, 0u64);
     loop {
         match rx.recv().await {
@@ -447,20 +546,27 @@ async fn whole_response(
             Some(Update::Tokens(n)) => generated += n,
             Some(Update::Done) => break,
             None => {
-                return error(StatusCode::SERVICE_UNAVAILABLE, "the engine dropped the request")
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the engine dropped the request",
+                ))
             }
         }
     }
     guard.armed = false;
-    let choice = match meta.api {
-        Api::Chat => serde_json::json!({
+    Ok((generated, cached))
+}
+
+/// A finished chat or completions body.
+fn whole_response(meta: &Meta, generated: u32, cached: u64) -> Response<Body> {
+    let choice = if meta.api == Api::Chat {
+        serde_json::json!({
             "index": 0,
             "message": { "role": "assistant", "content": text_of(generated) },
             "finish_reason": "length",
-        }),
-        Api::Completions => serde_json::json!({
-            "index": 0, "text": text_of(generated), "finish_reason": "length",
-        }),
+        })
+    } else {
+        serde_json::json!({ "index": 0, "text": text_of(generated), "finish_reason": "length" })
     };
     let body = serde_json::json!({
         "id": meta.id,
@@ -468,7 +574,7 @@ async fn whole_response(
         "created": meta.created,
         "model": meta.model,
         "choices": [choice],
-        "usage": usage(&meta, generated, cached),
+        "usage": usage(meta, generated, cached),
     });
     json(StatusCode::OK, body.to_string())
 }
@@ -488,13 +594,10 @@ fn stream_response(
         Bytes::from(format!("data: {v}\n\n"))
     };
     let delta = |meta: &Meta, text: String, finish: Option<&str>| -> serde_json::Value {
-        match meta.api {
-            Api::Chat => serde_json::json!({
-                "index": 0, "delta": { "content": text }, "finish_reason": finish,
-            }),
-            Api::Completions => serde_json::json!({
-                "index": 0, "text": text, "finish_reason": finish,
-            }),
+        if meta.api == Api::Chat {
+            serde_json::json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish })
+        } else {
+            serde_json::json!({ "index": 0, "text": text, "finish_reason": finish })
         }
     };
     let mut state = (0u32, 0u64, Some(guard));

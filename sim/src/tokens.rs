@@ -7,6 +7,10 @@
 //!   when it is a string, or the `text` of each part when it is an array (other parts count
 //!   as their JSON text); `tool_calls` count as their JSON text.
 //!
+//! For `/v1/messages` the Anthropic `system` prompt (its JSON text) follows the tools; for
+//! `/v1/responses` the stream is the tools, the `instructions`, then the `input` (its text when
+//! a string, else its JSON text).
+//!
 //! For `/v1/completions` the stream is the `prompt` string (or the strings of an array, one
 //! after another; token-id arrays count one token per id, the ids as their decimal text).
 //!
@@ -88,10 +92,12 @@ pub struct Rendered {
 }
 
 impl Rendered {
-    /// Renders chat `messages` (and `tools`) into the byte stream the rule counts.
+    /// Renders chat `messages` (after `tools` and an Anthropic `system` prompt, as their JSON
+    /// text) into the byte stream the rule counts.
     pub fn chat<'a>(
         &'a mut self,
         tools: Option<&'a RawValue>,
+        system: Option<&'a RawValue>,
         messages: &'a [Message],
     ) -> Segments<'a> {
         // Parts that are not text are rendered to owned strings first.
@@ -108,6 +114,9 @@ impl Rendered {
         let mut owned = self.pieces.iter();
         let mut s = Segments::new();
         if let Some(t) = tools {
+            s.push(t.get().as_bytes());
+        }
+        if let Some(t) = system {
             s.push(t.get().as_bytes());
         }
         for m in messages {
@@ -151,7 +160,7 @@ mod tests {
         }
         let b: B<'_> = serde_json::from_str(body).expect("test body");
         let mut r = Rendered::default();
-        let s = r.chat(b.tools, &b.messages);
+        let s = r.chat(b.tools, None, &b.messages);
         measure("m", &s, block_tokens)
     }
 
