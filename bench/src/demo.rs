@@ -236,6 +236,7 @@ pub async fn run_one(
                 strategy,
                 time_scale: opts.time_scale,
                 served_model: None,
+                answer_tokens: None,
             },
             clock,
         ));

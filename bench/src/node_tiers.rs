@@ -120,6 +120,7 @@ pub async fn run_node_tiers(
             strategy: Strategy::Tiered,
             time_scale: opts.time_scale,
             served_model: None,
+            answer_tokens: None,
         };
         sims.push((node, Sim::serve_on_node(l, opts, clock, tiers)));
     }

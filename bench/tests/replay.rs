@@ -25,6 +25,7 @@ async fn a_replay_through_the_router_sees_the_traces_reuse() {
             strategy: Strategy::Hbm,
             time_scale: SCALE,
             served_model: None,
+            answer_tokens: None,
         };
         sims.push(Sim::serve_with_clock(l, options, clock));
     }

@@ -89,6 +89,11 @@ struct SimArgs {
     /// Model id to serve instead of the profile's.
     #[arg(long)]
     served_model_name: Option<String>,
+    /// How long the model's answers are: a request whose token limit is larger ends its turn
+    /// after this many tokens, as a model does (agents send a large `max_tokens` as a cap).
+    /// Without it every request generates its whole limit.
+    #[arg(long)]
+    answer_tokens: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -349,6 +354,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
             strategy: a.strategy,
             time_scale: a.time_scale,
             served_model: a.served_model_name,
+            answer_tokens: a.answer_tokens,
         },
     );
     shutdown_signal().await;

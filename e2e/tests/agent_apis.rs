@@ -14,8 +14,13 @@ use tokio::net::TcpListener;
 
 async fn sim(clock: SimClock) -> Sim {
     let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
-    let opts =
-        SimOptions { profile, strategy: Strategy::Hbm, time_scale: 1000.0, served_model: None };
+    let opts = SimOptions {
+        profile,
+        strategy: Strategy::Hbm,
+        time_scale: 1000.0,
+        served_model: None,
+        answer_tokens: None,
+    };
     Sim::serve_with_clock(TcpListener::bind("127.0.0.1:0").await.expect("bind"), opts, clock)
 }
 

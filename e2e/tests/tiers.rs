@@ -15,8 +15,13 @@ use tokio::net::TcpListener;
 
 async fn sim(tiers: HostTiers, clock: SimClock) -> Sim {
     let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
-    let opts =
-        SimOptions { profile, strategy: Strategy::Tiered, time_scale: 1000.0, served_model: None };
+    let opts = SimOptions {
+        profile,
+        strategy: Strategy::Tiered,
+        time_scale: 1000.0,
+        served_model: None,
+        answer_tokens: None,
+    };
     Sim::serve_on_node(TcpListener::bind("127.0.0.1:0").await.expect("bind"), opts, clock, tiers)
 }
 

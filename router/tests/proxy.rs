@@ -33,6 +33,29 @@ async fn request_body_reaches_the_endpoint_byte_identical() {
 }
 
 #[tokio::test]
+async fn claude_code_s_request_reaches_the_endpoint_as_sent() {
+    let s = stack(1, |_| {}).await;
+    // Claude Code's shape: system blocks, a cache_control breakpoint, metadata.user_id as a
+    // JSON string, fields the router does not read.
+    let body = r#"{"model":"claude-kv","max_tokens":32000,"stream":true,"system":[{"type":"text","text":"You are Claude Code."},{"type":"text","text":"env","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":[{"type":"text","text":"say hi","cache_control":{"type":"ephemeral"}}]}],"tools":[{"name":"Bash","input_schema":{"type":"object"}}],"metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"\",\"session_id\":\"5e\"}"},"thinking":{"type":"adaptive"},"context_management":{"edits":[]},"output_config":{}}"#;
+    let headers = [
+        ("x-claude-code-session-id", "5e"),
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "claude-code-20250219"),
+        ("x-api-key", "k"),
+        ("x-app", "cli"),
+    ];
+    let r = s.send(Method::POST, "/v1/messages?beta=true", body, &headers).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let got = &s.engines[0].received()[0];
+    assert_eq!(got.path, "/v1/messages?beta=true");
+    assert_eq!(&got.body[..], body.as_bytes());
+    for (k, v) in headers {
+        assert_eq!(got.headers.get(k).unwrap(), v, "{k}");
+    }
+}
+
+#[tokio::test]
 async fn streams_pass_through_chunk_by_chunk() {
     let s = stack(1, |_| {}).await;
     let gate = s.engines[0].gate_streams();

@@ -45,6 +45,10 @@ pub struct SimOptions {
     pub time_scale: f64,
     /// Model id served (defaults to the profile's).
     pub served_model: Option<String>,
+    /// The length of the model's answers: a request allowing more tokens stops after this many
+    /// (`finish_reason` `stop`, `end_turn`, a completed response); `None`: every request
+    /// generates its whole limit (`length`).
+    pub answer_tokens: Option<u32>,
 }
 
 /// What the engine task publishes for `/metrics` and for callers in the same process.
@@ -74,6 +78,7 @@ pub(crate) struct Shared {
     /// Makes this engine's stored-response ids unlike any other engine's.
     id_salt: u64,
     pub(crate) profile: String,
+    answer_tokens: Option<u32>,
     pub(crate) tiers: HostTiers,
     /// The Responses API's stored responses.
     responses: Mutex<agent::Stored>,
@@ -145,6 +150,7 @@ impl Sim {
                 .map_or(0, |d| d.as_nanos() as u64)
                 ^ (u64::from(addr.port()) << 48),
             profile: options.profile.name.clone(),
+            answer_tokens: options.answer_tokens,
             tiers: tiers.clone(),
             responses: Mutex::default(),
         });
@@ -438,13 +444,18 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
     if api == Api::CountTokens {
         return agent::count_tokens(prompt.tokens);
     }
-    let max_tokens = parsed
+    let limit = parsed
         .max_completion_tokens
         .or(parsed.max_tokens)
         .or(parsed.max_output_tokens)
         .unwrap_or(DEFAULT_MAX_TOKENS)
         .max(1);
-    let check = Engine::check_config(&st.config, prompt.tokens, max_tokens);
+    let (max_tokens, stopped) = match st.answer_tokens {
+        Some(n) if n < limit => (n.max(1), true),
+        _ => (limit, false),
+    };
+    // The engine checks the limit asked for, not what the answer turns out to be.
+    let check = Engine::check_config(&st.config, prompt.tokens, limit);
     if let Err(refusal) = check {
         return error(StatusCode::BAD_REQUEST, &refusal.to_string());
     }
@@ -476,6 +487,7 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
             .unwrap_or(0),
         prompt_tokens: prompt.tokens,
         api,
+        stopped,
     };
     let store = parsed.store != Some(false);
     match (api, parsed.stream) {
@@ -517,6 +529,19 @@ struct Meta {
     created: u64,
     prompt_tokens: u32,
     api: Api,
+    /// The answer ended before the request's token limit (the model's own stop).
+    stopped: bool,
+}
+
+impl Meta {
+    /// OpenAI's `finish_reason`.
+    fn finish_reason(&self) -> &'static str {
+        if self.stopped {
+            "stop"
+        } else {
+            "length"
+        }
+    }
 }
 
 /// Text for `n` generated tokens.
@@ -563,10 +588,12 @@ fn whole_response(meta: &Meta, generated: u32, cached: u64) -> Response<Body> {
         serde_json::json!({
             "index": 0,
             "message": { "role": "assistant", "content": text_of(generated) },
-            "finish_reason": "length",
+            "finish_reason": meta.finish_reason(),
         })
     } else {
-        serde_json::json!({ "index": 0, "text": text_of(generated), "finish_reason": "length" })
+        serde_json::json!({
+            "index": 0, "text": text_of(generated), "finish_reason": meta.finish_reason(),
+        })
     };
     let body = serde_json::json!({
         "id": meta.id,
@@ -628,7 +655,7 @@ fn stream_response(
                 }
                 let mut out = String::from_utf8_lossy(&chunk(
                     &meta,
-                    delta(&meta, String::new(), Some("length")),
+                    delta(&meta, String::new(), Some(meta.finish_reason())),
                 ))
                 .into_owned();
                 if include_usage {

@@ -10,7 +10,16 @@ async fn start(strategy: Strategy) -> Sim {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
     // 1000x: a 20k-token prefill (~1.7 s simulated) takes under 2 ms.
-    Sim::serve(listener, SimOptions { profile, strategy, time_scale: 1000.0, served_model: None })
+    Sim::serve(
+        listener,
+        SimOptions {
+            profile,
+            strategy,
+            time_scale: 1000.0,
+            served_model: None,
+            answer_tokens: None,
+        },
+    )
 }
 
 /// One HTTP/1.1 exchange with `Connection: close`; returns (status, body).
@@ -131,8 +140,13 @@ async fn replicas_of_a_node_share_its_tiers_and_stream_residency() {
     let config = profile.engine_config(Strategy::Tiered);
     let tiers = kvtier_sim::engine::HostTiers::new(config.dram_blocks.max(1024), 0);
     let clock = kvtier_sim::SimClock::new(1000.0);
-    let opts =
-        SimOptions { profile, strategy: Strategy::Tiered, time_scale: 1000.0, served_model: None };
+    let opts = SimOptions {
+        profile,
+        strategy: Strategy::Tiered,
+        time_scale: 1000.0,
+        served_model: None,
+        answer_tokens: None,
+    };
     let a = Sim::serve_on_node(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         opts.clone(),

@@ -1,7 +1,8 @@
 //! Loopback stand-ins for tests and benchmarks.
 //!
-//! [`StubEngine`] answers the OpenAI surface an engine serves (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/models`, `/health`) instantly, records what it received, and can
+//! [`StubEngine`] answers the routes an engine serves (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/messages`, `/v1/responses`, `/v1/models`, `/health`) instantly (one
+//! chat-shaped answer for all), records what it received, and can
 //! be told to fail, to hold a stream open between chunks, or to die. It stands in for an
 //! engine only where the engine's behaviour is not what is under test (the router's proxying,
 //! stickiness and failover); the engine simulator models the engine itself.
@@ -26,7 +27,7 @@ use tokio::task::JoinSet;
 /// One request as the stand-in received it.
 #[derive(Debug, Clone)]
 pub struct Received {
-    /// Request path.
+    /// Request path, with its query string.
     pub path: String,
     /// Request headers.
     pub headers: HeaderMap,
@@ -188,6 +189,7 @@ impl Drop for StubEngine {
 
 async fn handle(st: &State, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    let path_and_query = req.uri().path_and_query().map_or(path.clone(), |p| p.as_str().to_owned());
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/health") => {
             if st.healthy.load(Ordering::Relaxed) {
@@ -204,7 +206,14 @@ async fn handle(st: &State, req: Request<Incoming>) -> Response<Body> {
                 st.model, st.name
             ),
         ),
-        (Method::POST, "/v1/chat/completions" | "/v1/completions" | "/generate") => {
+        (
+            Method::POST,
+            "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/messages"
+            | "/v1/responses"
+            | "/generate",
+        ) => {
             let headers = req.headers().clone();
             let Ok(body) = req.into_body().collect().await.map(http_body_util::Collected::to_bytes)
             else {
@@ -212,7 +221,7 @@ async fn handle(st: &State, req: Request<Incoming>) -> Response<Body> {
             };
             if st.record.load(Ordering::Relaxed) {
                 st.received.lock().expect("lock").push(Received {
-                    path: path.clone(),
+                    path: path_and_query,
                     headers,
                     body: body.clone(),
                 });

@@ -231,6 +231,7 @@ async fn the_stack_on_a_real_api_server() {
             strategy: kvtier_sim::Strategy::Hbm,
             time_scale: 1000.0,
             served_model: Some("llama-3.1-8b".into()),
+            answer_tokens: None,
         },
     );
     let router_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

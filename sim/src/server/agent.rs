@@ -59,6 +59,15 @@ fn text_of(n: u32) -> String {
     super::text_of(n)
 }
 
+/// Anthropic's `stop_reason`.
+fn stop_reason(meta: &Meta) -> &'static str {
+    if meta.stopped {
+        "end_turn"
+    } else {
+        "max_tokens"
+    }
+}
+
 fn message(meta: &Meta, generated: u32, cached: u64, done: bool) -> Value {
     json!({
         "id": meta.id,
@@ -66,7 +75,7 @@ fn message(meta: &Meta, generated: u32, cached: u64, done: bool) -> Value {
         "role": "assistant",
         "model": meta.model,
         "content": if done { json!([{ "type": "text", "text": text_of(generated) }]) } else { json!([]) },
-        "stop_reason": if done { json!("max_tokens") } else { Value::Null },
+        "stop_reason": if done { json!(stop_reason(meta)) } else { Value::Null },
         "stop_sequence": null,
         "usage": {
             "input_tokens": u64::from(meta.prompt_tokens).saturating_sub(cached),
@@ -93,7 +102,16 @@ fn response(meta: &Meta, generated: u32, cached: u64, done: bool) -> Value {
         "id": meta.id,
         "object": "response",
         "created_at": meta.created,
-        "status": if done { "completed" } else { "in_progress" },
+        "status": match (done, meta.stopped) {
+            (false, _) => "in_progress",
+            (true, true) => "completed",
+            (true, false) => "incomplete",
+        },
+        "incomplete_details": if done && !meta.stopped {
+            json!({ "reason": "max_output_tokens" })
+        } else {
+            Value::Null
+        },
         "model": meta.model,
         "output": output,
         "parallel_tool_calls": true,
@@ -184,7 +202,7 @@ pub(super) fn stream(
                         "message_delta",
                         &json!({
                             "type": "message_delta",
-                            "delta": { "stop_reason": "max_tokens", "stop_sequence": null },
+                            "delta": { "stop_reason": stop_reason(&meta), "stop_sequence": null },
                             "usage": { "output_tokens": *generated },
                         }),
                     )
