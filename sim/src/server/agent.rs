@@ -86,18 +86,26 @@ fn message(meta: &Meta, generated: u32, cached: u64, done: bool) -> Value {
     })
 }
 
+fn item_id(meta: &Meta) -> String {
+    format!("msg_{}", meta.id)
+}
+
+/// The answer's output item: in progress and empty, or done with `generated` tokens of text.
+fn output_item(meta: &Meta, generated: Option<u32>) -> Value {
+    json!({
+        "type": "message",
+        "id": item_id(meta),
+        "status": if generated.is_some() { "completed" } else { "in_progress" },
+        "role": "assistant",
+        "content": match generated {
+            Some(n) => json!([{ "type": "output_text", "text": text_of(n), "annotations": [] }]),
+            None => json!([]),
+        },
+    })
+}
+
 fn response(meta: &Meta, generated: u32, cached: u64, done: bool) -> Value {
-    let output = if done {
-        json!([{
-            "type": "message",
-            "id": format!("msg_{}", meta.id),
-            "status": "completed",
-            "role": "assistant",
-            "content": [{ "type": "output_text", "text": text_of(generated), "annotations": [] }],
-        }])
-    } else {
-        json!([])
-    };
+    let output = if done { json!([output_item(meta, Some(generated))]) } else { json!([]) };
     json!({
         "id": meta.id,
         "object": "response",
@@ -150,6 +158,21 @@ pub(super) fn whole(
 
 fn event(name: &str, data: &Value) -> String {
     format!("event: {name}\ndata: {data}\n\n")
+}
+
+/// One Responses API event: its type and sequence number, the item and content indices of the
+/// answer's text where the event is about them, and `fields`.
+fn responses_event(meta: &Meta, name: &str, seq: u64, fields: Value) -> String {
+    let mut data = json!({ "type": name, "sequence_number": seq });
+    if name.starts_with("response.output_text") || name.starts_with("response.content_part") {
+        data["item_id"] = item_id(meta).into();
+        data["output_index"] = 0.into();
+        data["content_index"] = 0.into();
+    }
+    if let (Value::Object(d), Value::Object(f)) = (&mut data, fields) {
+        d.extend(f);
+    }
+    event(name, &data)
 }
 
 /// The server-sent events of a Messages or Responses request, as the engine produces them.
@@ -210,24 +233,25 @@ pub(super) fn stream(
             }
             (_, Update::First { cached: c }) => {
                 *cached = c;
-                event(
-                    "response.created",
-                    &json!({
-                        "type": "response.created", "sequence_number": next(),
-                        "response": response(&meta, 0, c, false),
-                    }),
-                )
+                let started = response(&meta, 0, c, false);
+                let part = json!({ "type": "output_text", "text": "", "annotations": [] });
+                [
+                    ("response.created", json!({ "response": started })),
+                    ("response.in_progress", json!({ "response": started })),
+                    (
+                        "response.output_item.added",
+                        json!({ "output_index": 0, "item": output_item(&meta, None) }),
+                    ),
+                    ("response.content_part.added", json!({ "part": part })),
+                ]
+                .into_iter()
+                .map(|(name, fields)| responses_event(&meta, name, next(), fields))
+                .collect()
             }
             (_, Update::Tokens(n)) => {
                 *generated += n;
-                event(
-                    "response.output_text.delta",
-                    &json!({
-                        "type": "response.output_text.delta", "sequence_number": next(),
-                        "item_id": format!("msg_{}", meta.id), "output_index": 0,
-                        "content_index": 0, "delta": text_of(n),
-                    }),
-                )
+                let delta = json!({ "delta": text_of(n) });
+                responses_event(&meta, "response.output_text.delta", next(), delta)
             }
             (_, Update::Done) => {
                 if let Some(mut g) = guard.take() {
@@ -237,12 +261,19 @@ pub(super) fn stream(
                 if store {
                     lock(&st.responses).put(meta.id.clone(), done.clone());
                 }
-                event(
-                    "response.completed",
-                    &json!({
-                        "type": "response.completed", "sequence_number": next(), "response": done,
-                    }),
-                )
+                let text = text_of(*generated);
+                let part = json!({ "type": "output_text", "text": text, "annotations": [] });
+                let item = output_item(&meta, Some(*generated));
+                let last = if meta.stopped { "response.completed" } else { "response.incomplete" };
+                [
+                    ("response.output_text.done", json!({ "text": text })),
+                    ("response.content_part.done", json!({ "part": part })),
+                    ("response.output_item.done", json!({ "output_index": 0, "item": item })),
+                    (last, json!({ "response": done })),
+                ]
+                .into_iter()
+                .map(|(name, fields)| responses_event(&meta, name, next(), fields))
+                .collect()
             }
         };
         Ok::<_, Infallible>(Frame::data(Bytes::from(out)))
