@@ -1,10 +1,11 @@
-//! Reading an OpenAI server-sent-event stream for what the replay records.
+//! Reading a server-sent-event stream (OpenAI chat completions, Anthropic Messages, OpenAI
+//! Responses) for what the replay records.
 
-/// Reads the usage out of an OpenAI SSE stream, line by line.
+/// Reads the usage out of a streamed response, line by line.
 #[derive(Debug, Default)]
 pub struct SseUsage {
     partial: Vec<u8>,
-    /// `data: [DONE]` seen.
+    /// The stream's end seen (`data: [DONE]`, `message_stop`, the response's last event).
     pub done: bool,
     /// Chunks with choices.
     pub content_chunks: u64,
@@ -29,6 +30,11 @@ impl SseUsage {
                 self.done = true;
                 continue;
             }
+            if !contains(payload, b"\"choices\":") && contains(payload, b"\"type\":") {
+                let payload = payload.to_vec();
+                self.typed_event(&payload);
+                continue;
+            }
             if payload.windows(8).any(|w| w == b"\"usage\":") {
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
                     let u = &v["usage"];
@@ -47,6 +53,37 @@ impl SseUsage {
         }
         self.partial.drain(..start);
     }
+
+    /// An Anthropic or Responses event (an object with a `type`).
+    fn typed_event(&mut self, payload: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return };
+        match v["type"].as_str() {
+            Some("content_block_delta" | "response.output_text.delta") => self.content_chunks += 1,
+            Some("message_stop") => self.done = true,
+            Some("message_start") => {
+                let u = &v["message"]["usage"];
+                let cached = u["cache_read_input_tokens"].as_u64();
+                self.cached_tokens = cached;
+                self.prompt_tokens = u["input_tokens"].as_u64().map(|n| n + cached.unwrap_or(0));
+            }
+            Some("message_delta") => {
+                self.completion_tokens = v["usage"]["output_tokens"].as_u64();
+            }
+            Some("response.completed" | "response.incomplete") => {
+                let u = &v["response"]["usage"];
+                self.prompt_tokens = u["input_tokens"].as_u64();
+                self.cached_tokens = u["input_tokens_details"]["cached_tokens"].as_u64();
+                self.completion_tokens = u["output_tokens"].as_u64();
+                self.done = true;
+            }
+            Some("response.failed" | "error") => self.done = false,
+            _ => {}
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -73,5 +110,39 @@ mod tests {
             assert_eq!(u.cached_tokens, Some(832));
             assert_eq!(u.content_chunks, 2);
         }
+    }
+
+    #[test]
+    fn anthropic_and_responses_streams_are_read() {
+        let anthropic = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":",
+            "{\"input_tokens\":68,\"cache_read_input_tokens\":832,\"output_tokens\":0}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,",
+            "\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut u = SseUsage::default();
+        u.feed(anthropic.as_bytes());
+        assert!(u.done);
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.completion_tokens),
+            (Some(900), Some(832), Some(1))
+        );
+        assert_eq!(u.content_chunks, 1);
+
+        let responses = concat!(
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":",
+            "{\"input_tokens\":900,\"input_tokens_details\":{\"cached_tokens\":832},\"output_tokens\":1}}}\n\n",
+        );
+        let mut u = SseUsage::default();
+        u.feed(responses.as_bytes());
+        assert!(u.done);
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.completion_tokens),
+            (Some(900), Some(832), Some(1))
+        );
+        assert_eq!(u.content_chunks, 1);
     }
 }

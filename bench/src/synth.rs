@@ -114,9 +114,37 @@ struct Message {
     end: usize,
 }
 
+/// The API a replay speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Api {
+    /// OpenAI chat completions.
+    #[default]
+    Chat,
+    /// Anthropic Messages as Claude Code sends it: the system prompt in `system`, text blocks,
+    /// `cache_control` breakpoints at the end of the system prompt and on the newest message.
+    Anthropic,
+    /// OpenAI Responses as Codex sends it: `instructions`, the history as `input` items, not
+    /// stored.
+    Responses,
+}
+
+impl Api {
+    /// The request path.
+    #[must_use]
+    pub fn path(self) -> &'static str {
+        match self {
+            Api::Chat => "/v1/chat/completions",
+            Api::Anthropic => "/v1/messages",
+            Api::Responses => "/v1/responses",
+        }
+    }
+}
+
 /// What a request asks of the engine besides its prompt.
 #[derive(Debug, Clone)]
 pub struct RequestOptions<'a> {
+    /// The API spoken.
+    pub api: Api,
     /// `model` field.
     pub model: &'a str,
     /// Stream the response (with usage in the last chunk).
@@ -218,36 +246,92 @@ impl Conversation {
             stream += Role::User.name().len() + 2;
         }
         let pad = target.saturating_sub(stream);
-
-        let mut out = Vec::with_capacity(target + 256 + self.messages.len() * 48);
-        let _ = write!(Sink(&mut out), "{{\"model\":{},\"messages\":[", json_string(opts.model));
+        // (role, blocks, padded): the messages in order, the new input last.
         let last = self.messages.len().saturating_sub(1);
-        for (i, m) in self.messages.iter().enumerate() {
+        let mut parts: Vec<(Role, &[u64], bool)> = self
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.role, &self.blocks[m.start..m.end], i == last && !needs_user))
+            .collect();
+        if needs_user {
+            parts.push((Role::User, &[], true));
+        }
+        let text = |out: &mut Vec<u8>, blocks: &[u64], padded: bool| {
+            for &id in blocks {
+                words(mix(&[self.seed, id]), bb, out);
+            }
+            if padded {
+                words(mix(&[self.seed, u64::MAX, self.turns]), pad, out);
+            }
+        };
+
+        let mut out = Vec::with_capacity(target + 256 + self.messages.len() * 64);
+        let _ = write!(Sink(&mut out), "{{\"model\":{},", json_string(opts.model));
+        // The system prompt is a field of its own in the agents' APIs.
+        let system = match (opts.api, parts.first()) {
+            (Api::Anthropic | Api::Responses, Some((Role::System, blocks, padded))) => {
+                let (blocks, padded) = (*blocks, *padded);
+                parts.remove(0);
+                Some((blocks, padded))
+            }
+            _ => None,
+        };
+        let breakpoint = r#","cache_control":{"type":"ephemeral"}"#;
+        match opts.api {
+            Api::Chat => out.extend_from_slice(b"\"messages\":["),
+            Api::Anthropic => {
+                if let Some((blocks, padded)) = system {
+                    out.extend_from_slice(br#""system":[{"type":"text","text":""#);
+                    text(&mut out, blocks, padded);
+                    let _ = write!(Sink(&mut out), "\"{breakpoint}}}],");
+                }
+                out.extend_from_slice(b"\"messages\":[");
+            }
+            Api::Responses => {
+                if let Some((blocks, padded)) = system {
+                    out.extend_from_slice(b"\"instructions\":\"");
+                    text(&mut out, blocks, padded);
+                    out.extend_from_slice(b"\",");
+                }
+                out.extend_from_slice(b"\"input\":[");
+            }
+        }
+        let newest = parts.len().saturating_sub(1);
+        for (i, (role, blocks, padded)) in parts.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            let _ = write!(Sink(&mut out), "{{\"role\":\"{}\",\"content\":\"", m.role.name());
-            for &id in &self.blocks[m.start..m.end] {
-                words(mix(&[self.seed, id]), bb, &mut out);
+            let _ = write!(Sink(&mut out), "{{\"role\":\"{}\",\"content\":", role.name());
+            match opts.api {
+                Api::Anthropic => out.extend_from_slice(br#"[{"type":"text","text":""#),
+                _ => out.push(b'"'),
             }
-            if i == last && !needs_user {
-                words(mix(&[self.seed, u64::MAX, self.turns]), pad, &mut out);
+            text(&mut out, blocks, *padded);
+            match opts.api {
+                Api::Anthropic if i == newest => {
+                    let _ = write!(Sink(&mut out), "\"{breakpoint}}}]}}");
+                }
+                Api::Anthropic => out.extend_from_slice(b"\"}]}"),
+                _ => out.extend_from_slice(b"\"}"),
             }
-            out.extend_from_slice(b"\"}");
         }
-        if needs_user {
-            out.extend_from_slice(b"{\"role\":\"user\",\"content\":\"");
-            words(mix(&[self.seed, u64::MAX, self.turns]), pad, &mut out);
-            out.extend_from_slice(b"\"}");
-        }
+        let limit = match opts.api {
+            Api::Responses => "max_output_tokens",
+            _ => "max_tokens",
+        };
         let _ = write!(
             Sink(&mut out),
-            "],\"max_tokens\":{},\"stream\":{}",
+            "],\"{limit}\":{},\"stream\":{}",
             turn.output.max(1),
             opts.stream
         );
-        if opts.stream {
-            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+        match opts.api {
+            Api::Chat if opts.stream => {
+                out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+            }
+            Api::Responses => out.extend_from_slice(b",\"store\":false"),
+            _ => {}
         }
         if opts.ignore_eos {
             out.extend_from_slice(b",\"ignore_eos\":true");

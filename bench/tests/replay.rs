@@ -7,14 +7,15 @@ use std::sync::Arc;
 use kvtier_bench::demo::{self, DemoOptions, Regime};
 use kvtier_bench::replay::{self, ReplayOptions};
 use kvtier_bench::report;
+use kvtier_bench::synth::Api;
 use kvtier_router::{EndpointSpec, Policy, RouterConfig, StaticDiscovery};
 use kvtier_sim::{Profile, Sim, SimClock, SimOptions, Strategy};
 use tokio::net::TcpListener;
 
 const SCALE: f64 = 400.0;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_through_the_router_sees_the_traces_reuse() {
+/// Replays three shipped traces speaking `api` through the router to two simulated replicas.
+async fn replay_through_the_router(api: Api) -> (replay::Replay, usize) {
     let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
     let clock = SimClock::new(SCALE);
     let mut sims = Vec::new();
@@ -59,11 +60,39 @@ async fn a_replay_through_the_router_sees_the_traces_reuse() {
         time_scale: SCALE,
         max_delay: 30.0,
         label: "test".into(),
+        api,
         ..ReplayOptions::default()
     };
     let r = replay::run(traces, opts).await.expect("replay");
     let _ = stop.send(());
     let _ = router.await;
+    (r, turns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_apis_replay_with_the_same_reuse() {
+    for api in [Api::Anthropic, Api::Responses] {
+        let (r, turns) = replay_through_the_router(api).await;
+        let failures: Vec<_> = r.records.iter().filter(|x| !x.success).collect();
+        assert!(failures.is_empty(), "{api:?}: {failures:?}");
+        assert_eq!(r.records.len(), turns);
+        for x in &r.records {
+            assert!(x.prompt_tokens.expect("usage") >= x.input_tokens, "{api:?}");
+            assert_eq!(x.output_tokens_actual, x.output_tokens_expected.max(1), "{api:?}");
+        }
+        let s = report::summarize(&r);
+        assert!(
+            s.cache_hit_rate > s.trace_hit_rate - 0.05,
+            "{api:?}: engines {} vs trace {}",
+            s.cache_hit_rate,
+            s.trace_hit_rate
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_through_the_router_sees_the_traces_reuse() {
+    let (r, turns) = replay_through_the_router(Api::Chat).await;
 
     assert_eq!(r.model, "meta-llama/Llama-3.1-8B-Instruct", "asked the endpoint");
     let failures: Vec<_> = r.records.iter().filter(|x| !x.success).collect();

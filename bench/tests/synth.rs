@@ -4,14 +4,14 @@
 use std::collections::HashSet;
 
 use kvtier_bench::demo;
-use kvtier_bench::synth::{Conversation, RequestOptions};
+use kvtier_bench::synth::{Api, Conversation, RequestOptions};
 use kvtier_bench::trace::{self, Trace};
 use kvtier_sim::tokens::{self, Message, Rendered};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 const OPTS: RequestOptions<'static> =
-    RequestOptions { model: "m", stream: true, ignore_eos: false };
+    RequestOptions { api: Api::Chat, model: "m", stream: true, ignore_eos: false };
 
 fn bodies(t: &Trace, seed: u64) -> Vec<Vec<u8>> {
     let mut c = Conversation::new(seed, t.block_size, t.root.preamble_tokens);

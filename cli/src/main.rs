@@ -135,6 +135,10 @@ struct BenchArgs {
     /// Do not send X-Session-ID.
     #[arg(long)]
     no_session_header: bool,
+    /// The API the requests speak: OpenAI chat completions, Anthropic Messages as Claude
+    /// Code sends it, or OpenAI Responses as Codex sends it.
+    #[arg(long, value_enum, default_value = "chat")]
+    api: kvtier_bench::synth::Api,
     /// Run this many times faster than real time (match the simulator's --time-scale).
     #[arg(long, default_value = "1", value_parser = positive)]
     time_scale: f64,
@@ -389,6 +393,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         recycle: a.recycle,
         time_scale: a.time_scale,
         session_header: !a.no_session_header,
+        api: a.api,
         max_delay: a.max_delay,
         period: a.period,
         ignore_eos: a.ignore_eos,

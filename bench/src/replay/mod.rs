@@ -58,6 +58,8 @@ pub struct ReplayOptions {
     pub time_scale: f64,
     /// Send `X-Session-ID` per conversation.
     pub session_header: bool,
+    /// The API the requests speak.
+    pub api: crate::synth::Api,
     /// Longest wait between turns, simulated seconds.
     pub max_delay: f64,
     /// Length of an assessment period, simulated seconds.
@@ -88,6 +90,7 @@ impl Default for ReplayOptions {
             recycle: false,
             time_scale: 1.0,
             session_header: true,
+            api: crate::synth::Api::Chat,
             max_delay: 60.0,
             period: 30.0,
             ignore_eos: false,
@@ -492,6 +495,7 @@ fn run_agent<'a>(
                     let hits = trace::known_prefix(&seen, turn) as u64;
                     seen.extend(turn.hash_ids.iter().copied());
                     let opts = RequestOptions {
+                        api: ctx.opts.api,
                         model: &ctx.model,
                         stream: true,
                         ignore_eos: ctx.opts.ignore_eos,

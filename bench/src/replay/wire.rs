@@ -69,7 +69,7 @@ async fn exchange(
     record: &mut Record,
     serial: u64,
 ) -> Result<(), String> {
-    let uri: http::Uri = format!("{}/v1/chat/completions", ctx.opts.endpoint)
+    let uri: http::Uri = format!("{}{}", ctx.opts.endpoint, ctx.opts.api.path())
         .parse()
         .map_err(|e| format!("bad endpoint: {e}"))?;
     let mut req = Request::post(uri).header(header::CONTENT_TYPE, "application/json");
@@ -97,7 +97,7 @@ async fn exchange(
         }
     }
     if !sse.done {
-        return Err("stream ended without [DONE]".into());
+        return Err("stream ended before its last event".into());
     }
     record.output_tokens_actual = sse.completion_tokens.unwrap_or(sse.content_chunks);
     record.prompt_tokens = sse.prompt_tokens;
