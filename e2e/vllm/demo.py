@@ -207,6 +207,9 @@ def main():
     ap.add_argument("--users", type=int, default=1, help="requests in flight at once")
     ap.add_argument("--duration", type=float, default=0,
                     help="seconds to keep replaying (traces repeat); 0: one pass")
+    ap.add_argument("--tensor-parallel", type=int, default=1,
+                    help="each replica's tensor parallelism (its workers share the replica's "
+                         "cores)")
     ap.add_argument("--report-every", type=float, default=60)
     ap.add_argument("--stuck-after", type=float, default=300,
                     help="a request in flight this long counts as stuck")
@@ -224,13 +227,18 @@ def main():
                   pythonpath=p["KVTIER_CONNECTOR_PATH"], logdir=work, agent=agent,
                   extra=["--max-num-batched-tokens", "8192", "--enable-prompt-tokens-details",
                          "--num-gpu-blocks-override", str(m["hbm_blocks"])])
-    engines = [Engine("replica-a", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}, **common),
-               Engine("replica-b", env={"VLLM_CPU_OMP_THREADS_BIND": "1"}, **common)]
+    if a.tensor_parallel > 1:
+        common["extra"] += ["--tensor-parallel-size", str(a.tensor_parallel),
+                            "--distributed-executor-backend", "mp"]
+    # Each replica on its own core (all its workers there): the two do not contend.
+    bind = lambda core: "|".join([str(core)] * a.tensor_parallel)  # noqa: E731
+    engines = [Engine("replica-a", env={"VLLM_CPU_OMP_THREADS_BIND": bind(0)}, **common),
+               Engine("replica-b", env={"VLLM_CPU_OMP_THREADS_BIND": bind(1)}, **common)]
     router = None
     results = {"turns": [], "reports": []}
     try:
         print(f"starting a node-agent (DRAM {m['dram']}, NVMe {m['nvme']}), two vLLM replicas "
-              f"({a.model} model, {m['hbm_blocks']} KV blocks of 128 tokens each) and the "
+              f"(TP={a.tensor_parallel}, {a.model} model, {m['hbm_blocks']} KV blocks of 128 tokens each) and the "
               f"router; logs in {work}", flush=True)
         for e in engines:
             e.start()

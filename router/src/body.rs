@@ -1,6 +1,7 @@
 //! Response bodies: either made by the router, or an endpoint's body passed through frame by
 //! frame (no buffering) while its load is accounted and its first byte timed.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -9,6 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::endpoint::{EndpointId, LoadGuard};
@@ -26,6 +28,8 @@ pub enum ResponseBody {
 /// An endpoint's body with its bookkeeping.
 #[derive(Debug)]
 pub struct Passthrough {
+    /// Frames already read from `inner` (while the head was held), sent first.
+    pending: VecDeque<Bytes>,
     inner: Incoming,
     /// Released when this body ends or is dropped (client gone).
     guard: LoadGuard,
@@ -33,6 +37,8 @@ pub struct Passthrough {
     first_byte: Option<(Instant, Histogram)>,
     /// Looking for the stored response's id in the body's first bytes.
     sniff: Option<Sniff>,
+    /// Counts a body that breaks after its head was sent.
+    broken: Option<Counter>,
 }
 
 /// The search for a response's id (see [`crate::responses`]).
@@ -74,11 +80,31 @@ impl ResponseBody {
     #[must_use]
     pub fn upstream(inner: Incoming, guard: LoadGuard, start: Instant, ttfb: Histogram) -> Self {
         ResponseBody::Upstream(Box::new(Passthrough {
+            pending: VecDeque::new(),
             inner,
             guard,
             first_byte: Some((start, ttfb)),
             sniff: None,
+            broken: None,
         }))
+    }
+
+    /// Sends `frames` (read while the head was held) before the rest of the body.
+    #[must_use]
+    pub fn after(mut self, frames: Vec<Bytes>) -> Self {
+        if let ResponseBody::Upstream(p) = &mut self {
+            p.pending = frames.into();
+        }
+        self
+    }
+
+    /// Counts into `broken` a body that fails after its head was sent.
+    #[must_use]
+    pub fn counting_breaks(mut self, broken: Counter) -> Self {
+        if let ResponseBody::Upstream(p) = &mut self {
+            p.broken = Some(broken);
+        }
+        self
     }
 
     /// Also learns, from the body's first bytes, the id under which the endpoint stored the
@@ -104,7 +130,13 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Upstream(p) => {
-                let polled = Pin::new(&mut p.inner).poll_frame(cx);
+                let polled = match p.pending.pop_front() {
+                    Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    None => Pin::new(&mut p.inner).poll_frame(cx),
+                };
+                if let (Poll::Ready(Some(Err(_))), Some(broken)) = (&polled, &p.broken) {
+                    broken.inc();
+                }
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     if let Some(data) = frame.data_ref() {
                         if let Some((start, ttfb)) = p.first_byte.take() {
@@ -124,7 +156,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Full(b) => b.is_none(),
-            ResponseBody::Upstream(p) => p.inner.is_end_stream(),
+            ResponseBody::Upstream(p) => p.pending.is_empty() && p.inner.is_end_stream(),
         }
     }
 
@@ -132,7 +164,16 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
-            ResponseBody::Upstream(p) => p.inner.size_hint(),
+            ResponseBody::Upstream(p) => {
+                let pending: u64 = p.pending.iter().map(|b| b.len() as u64).sum();
+                let inner = p.inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + pending);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + pending);
+                }
+                hint
+            }
         }
     }
 }

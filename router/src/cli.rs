@@ -91,6 +91,10 @@ pub struct RouterArgs {
     /// Wait before the first retry; doubles each time.
     #[arg(long, env = "KVTIER_ROUTER_RETRY_BACKOFF", value_parser = parse_duration, default_value = "25ms")]
     pub retry_backoff: Duration,
+    /// A streamed response's head is held until the first model output, at most this long,
+    /// so that a replica failing during prefill is retried instead of breaking the stream.
+    #[arg(long, env = "KVTIER_ROUTER_FIRST_OUTPUT_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub first_output_timeout: Duration,
     /// Between active probes of each endpoint's /health.
     #[arg(long, env = "KVTIER_ROUTER_HEALTH_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub health_interval: Duration,
@@ -201,6 +205,7 @@ impl RouterArgs {
         c.client.body_timeout = self.body_timeout;
         c.upstream.connect_timeout = self.connect_timeout;
         c.upstream.response_timeout = self.response_timeout;
+        c.upstream.first_output_timeout = self.first_output_timeout;
         c.upstream.max_attempts = self.max_attempts;
         c.upstream.retry_backoff = self.retry_backoff;
         c.health.interval = self.health_interval;

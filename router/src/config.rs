@@ -96,6 +96,10 @@ pub struct UpstreamConfig {
     pub max_attempts: NonZeroU32,
     /// Wait before the first retry; doubles with each further retry.
     pub retry_backoff: Duration,
+    /// A streamed response's head is held until its first model output (an engine sends the
+    /// head before prefill), at most this long: a replica that fails before any output is
+    /// retried on the next endpoint like a non-streamed request.
+    pub first_output_timeout: Duration,
 }
 
 /// Active and passive health checking.
@@ -197,6 +201,7 @@ impl RouterConfig {
                 response_timeout: Duration::from_secs(600),
                 max_attempts: nz(3),
                 retry_backoff: Duration::from_millis(25),
+                first_output_timeout: Duration::from_secs(300),
             },
             health: HealthConfig {
                 interval: Duration::from_secs(5),

@@ -60,7 +60,9 @@ impl ApiError {
         match self {
             ApiError::InvalidBody(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BodyTimeout(_) | ApiError::ReadBody(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            // Malformed framing (a bad chunk size), or a client that went away mid-body.
+            ApiError::ReadBody(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,

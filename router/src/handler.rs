@@ -14,7 +14,7 @@ use crate::endpoint::EndpointId;
 use crate::error::{json_response, ApiError};
 use crate::metrics::{EndpointLabels, OutcomeLabels, ReasonLabels, RouteLabels};
 use crate::models;
-use crate::proxy::{Upstream, UpstreamError};
+use crate::proxy::{self, Upstream, UpstreamError};
 use crate::request::{self, Dialect, Route};
 use crate::server::App;
 use crate::session::session_key;
@@ -51,10 +51,14 @@ pub(crate) async fn handle(
         }
         (_, Some(_), _) => ("other", Err(ApiError::MethodNotAllowed("POST"))),
         (&Method::GET, None, "/v1/models") => ("models", models::list(app, upstream).await),
-        (&Method::GET, None, "/health") => ("health", Ok(health_response(app))),
-        (&Method::GET, None, "/metrics") => ("metrics", Ok(metrics_response(app))),
-        (_, None, "/v1/models" | "/health" | "/metrics") => {
-            ("other", Err(ApiError::MethodNotAllowed("GET")))
+        (&Method::GET | &Method::HEAD, None, "/health") => {
+            ("health", Ok(health_response(app, false)))
+        }
+        (&Method::GET | &Method::HEAD, None, "/ready") => ("ready", Ok(health_response(app, true))),
+        (&Method::GET | &Method::HEAD, None, "/metrics") => ("metrics", Ok(metrics_response(app))),
+        (_, None, "/v1/models") => ("other", Err(ApiError::MethodNotAllowed("GET"))),
+        (_, None, "/health" | "/ready" | "/metrics") => {
+            ("other", Err(ApiError::MethodNotAllowed("GET, HEAD")))
         }
         (_, None, other) => match stored_response_id(other) {
             Some(id) => {
@@ -135,8 +139,10 @@ async fn proxy(
     };
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
     let attempts = app.config.upstream.max_attempts.get();
+    let stream = view.stream;
+    let m = &app.metrics;
     let mut tried: Vec<EndpointId> = Vec::new();
-    let mut last_error = None;
+    let mut last_error: Option<UpstreamError> = None;
     for attempt in 0..attempts {
         if attempt > 0 {
             let backoff = app.config.upstream.retry_backoff * 2u32.saturating_pow(attempt - 1);
@@ -145,8 +151,11 @@ async fn proxy(
         let Some((mut guard, decision)) = app.dispatcher.choose(&routing, &tried) else {
             break;
         };
+        // A retry is counted when it happens, with what ended the attempt before it.
+        if let Some(e) = &last_error {
+            m.retries.get_or_create(&ReasonLabels { reason: retry_reason(e) }).inc();
+        }
         let endpoint = guard.endpoint().clone();
-        let m = &app.metrics;
         m.decisions.get_or_create(&ReasonLabels { reason: decision.reason.label() }).inc();
         if let Some(moved) = decision.moved {
             m.moves.get_or_create(&ReasonLabels { reason: moved.label() }).inc();
@@ -162,16 +171,24 @@ async fn proxy(
             .send(&endpoint, parts.method.clone(), path, &parts.headers, body.clone())
             .await;
         let unhealthy_after = app.config.health.unhealthy_after.get();
+        // A streamed answer's head comes before prefill: hold it until the model's first
+        // output, so that a replica failing before then is retried like any other failure.
+        let sent = match sent {
+            Ok(res) if stream && res.status().is_success() => {
+                let limit = app.config.upstream.first_output_timeout;
+                proxy::hold_until_output(res, route.first_output_markers(), limit).await
+            }
+            other => other.map(|res| (res, Vec::new())),
+        };
         match sent {
-            Ok(res) if res.status().is_server_error() && attempt + 1 < attempts => {
+            Ok((res, _)) if res.status().is_server_error() && attempt + 1 < attempts => {
                 if endpoint.health.record_failure(unhealthy_after) {
                     warn!(endpoint = %endpoint.name, "endpoint unhealthy after repeated 5xx");
                 }
-                m.retries.get_or_create(&ReasonLabels { reason: "upstream_status_5xx" }).inc();
                 tried.push(endpoint.id);
                 last_error = Some(UpstreamError::Status(res.status()));
             }
-            Ok(res) => {
+            Ok((res, held)) => {
                 if res.status().is_server_error() {
                     endpoint.health.record_failure(unhealthy_after);
                 } else if endpoint.health.record_success() {
@@ -182,15 +199,16 @@ async fn proxy(
                     #[allow(clippy::cast_precision_loss)]
                     m.predicted_prefix_tokens.observe(decision.matched_tokens as f64);
                 }
-                let ttfb = m
-                    .time_to_first_byte
-                    .get_or_create(&RouteLabels { route: route.label() })
-                    .clone();
+                let labels = RouteLabels { route: route.label() };
+                let ttfb = m.time_to_first_byte.get_or_create(&labels).clone();
+                let broken = m.broken_responses.get_or_create(&labels).clone();
                 let learn = route == Route::Responses && res.status().is_success();
                 let (mut head, incoming) = res.into_parts();
                 head.headers.remove(header::CONNECTION);
                 head.headers.remove("keep-alive");
-                let body = ResponseBody::upstream(incoming, guard, start, ttfb);
+                let body = ResponseBody::upstream(incoming, guard, start, ttfb)
+                    .after(held)
+                    .counting_breaks(broken);
                 let body = if learn {
                     body.learning_response_id(app.dispatcher.response_owners().clone())
                 } else {
@@ -206,15 +224,21 @@ async fn proxy(
                 } else {
                     endpoint.health.record_failure(unhealthy_after);
                 }
-                if attempt + 1 < attempts {
-                    m.retries.get_or_create(&ReasonLabels { reason: error.metric_label() }).inc();
-                }
+                debug!(endpoint = %endpoint.name, %error, attempt, "attempt failed");
                 tried.push(endpoint.id);
                 last_error = Some(error);
             }
         }
     }
     Err(last_error.map_or(ApiError::NoEndpoints, ApiError::Upstream))
+}
+
+/// The retry metric's reason for what ended an attempt.
+fn retry_reason(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Status(s) if s.is_server_error() => "upstream_status_5xx",
+        e => e.metric_label(),
+    }
 }
 
 /// A request about a stored response (`GET`/`DELETE /v1/responses/{id}`, `POST …/cancel`):
@@ -268,15 +292,19 @@ async fn stored_response(
     Err(last_error.map_or(ApiError::NoEndpoints, ApiError::Upstream))
 }
 
-fn health_response(app: &App) -> Response<ResponseBody> {
+/// `/health` (liveness: the router serves) and `/ready` (readiness: it serves and has an
+/// endpoint believed healthy, else 503), both with the endpoint counts.
+fn health_response(app: &App, readiness: bool) -> Response<ResponseBody> {
     let endpoints = app.dispatcher.endpoints();
     let healthy = endpoints.iter().filter(|e| e.health.is_healthy()).count();
+    let ready = !readiness || healthy > 0;
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if ready { "ok" } else { "no healthy endpoint" },
         "endpoints": endpoints.len(),
         "healthy_endpoints": healthy,
     });
-    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, Bytes::from(body.to_string()))
 }
 
 fn metrics_response(app: &App) -> Response<ResponseBody> {

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Stored responses whose endpoint is remembered.
     pub stored_responses: Gauge,
+    /// Responses whose body broke after their head was sent.
+    pub broken_responses: Family<RouteLabels, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
             index_chunks: Gauge::default(),
             sessions: Gauge::default(),
             stored_responses: Gauge::default(),
+            broken_responses: Family::default(),
         };
         r.register("requests", "Requests by route and outcome", m.requests.clone());
         r.register(
@@ -122,6 +125,11 @@ impl Metrics {
         );
         r.register("prefix_index_chunks", "Entries in the prefix index", m.index_chunks.clone());
         r.register("sessions", "Session bindings held", m.sessions.clone());
+        r.register(
+            "broken_responses",
+            "Responses whose body broke after the head was sent (the client saw a cut stream)",
+            m.broken_responses.clone(),
+        );
         r.register(
             "stored_responses",
             "Stored responses (Responses API) whose endpoint is remembered",

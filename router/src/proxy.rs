@@ -33,6 +33,9 @@ pub enum UpstreamError {
     /// The endpoint URI could not be formed from the request path.
     #[error("the request path cannot be forwarded")]
     Uri(#[source] http::Error),
+    /// A streamed response broke before it carried any model output.
+    #[error("the endpoint's stream broke before its first output")]
+    BrokeBeforeOutput(#[source] hyper::Error),
 }
 
 impl UpstreamError {
@@ -45,6 +48,7 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "upstream_timeout",
             UpstreamError::Status(_) => "upstream_status",
             UpstreamError::Uri(_) => "bad_path",
+            UpstreamError::BrokeBeforeOutput(_) => "upstream_broke",
         }
     }
 
@@ -70,6 +74,51 @@ const NOT_FORWARDED: &[HeaderName] = &[
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
 ];
+
+/// Most bytes held back while waiting for a streamed response's first output; past this the
+/// response is passed on as it is.
+const HOLD_BYTES: usize = 1 << 20;
+
+/// Waits, up to `limit`, for the first of `markers` (the model's first output, see
+/// [`crate::request::Route::first_output_markers`]) in a streamed response's body, keeping
+/// what arrived before it. The response comes back with those frames when the output shows,
+/// when the body ended whole, or when `limit` or [`HOLD_BYTES`] ran out.
+///
+/// # Errors
+/// When the body breaks first: nothing has reached the client, so the request can go to
+/// another endpoint.
+pub async fn hold_until_output(
+    res: Response<Incoming>,
+    markers: [&[u8]; 2],
+    limit: Duration,
+) -> Result<(Response<Incoming>, Vec<Bytes>), UpstreamError> {
+    use http_body_util::BodyExt;
+    let (head, mut body) = res.into_parts();
+    let mut seen: Vec<Bytes> = Vec::new();
+    let mut held = 0;
+    // The end of the previous frame, for a marker split across frames.
+    let keep = markers.iter().map(|m| m.len()).max().unwrap_or(0);
+    let mut window: Vec<u8> = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) | Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(UpstreamError::BrokeBeforeOutput(e)),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                window.extend_from_slice(&data);
+                let found = markers.iter().any(|m| memchr::memmem::find(&window, m).is_some());
+                window.drain(..window.len().saturating_sub(keep));
+                held += data.len();
+                seen.push(data);
+                if found || held > HOLD_BYTES {
+                    break;
+                }
+            }
+        }
+    }
+    Ok((Response::from_parts(head, body), seen))
+}
 
 /// The HTTP client to endpoints.
 #[derive(Debug, Clone)]

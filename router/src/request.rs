@@ -40,6 +40,21 @@ pub enum Dialect {
 }
 
 impl Route {
+    /// What in a streamed response shows the model's first output (the engine sends its
+    /// head, and some events, before prefill): a non-empty `choices` for OpenAI's chat and
+    /// completions, a content block for Anthropic's, an output event for Responses.
+    /// Each is given compact and with the space some servers put after the colon.
+    #[must_use]
+    pub fn first_output_markers(self) -> [&'static [u8]; 2] {
+        match self {
+            Route::Chat | Route::Completions => [b"\"choices\":[{", b"\"choices\": [{"],
+            Route::Messages | Route::CountTokens => {
+                [b"\"type\":\"content_block_", b"\"type\": \"content_block_"]
+            }
+            Route::Responses => [b"\"type\":\"response.output_", b"\"type\": \"response.output_"],
+        }
+    }
+
     /// Fixed metric label.
     #[must_use]
     pub fn label(self) -> &'static str {
@@ -120,6 +135,8 @@ pub struct PromptView<'a> {
     /// The Responses API's `previous_response_id`: the replica that stored that response
     /// must serve this one.
     pub previous_response: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
 }
 
 /// The top-level fields the router reads.
@@ -318,6 +335,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
         user,
         max_output_tokens,
         previous_response,
+        stream: f.get("stream") == Some(b"true"),
     })
 }
 

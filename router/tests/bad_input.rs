@@ -64,7 +64,43 @@ async fn malformed_and_mistyped_bodies_get_400_and_reach_no_endpoint() {
 async fn unknown_routes_and_methods_are_refused() {
     let s = stack(1, |_| {}).await;
     assert_openai_error(&s.get("/v1/nope").await, StatusCode::NOT_FOUND, None);
-    assert_openai_error(&s.get("/v1/chat/completions").await, StatusCode::METHOD_NOT_ALLOWED, None);
+    let wrong = s.get("/v1/chat/completions").await;
+    assert_openai_error(&wrong, StatusCode::METHOD_NOT_ALLOWED, None);
+    assert_eq!(wrong.headers.get("allow").unwrap(), "POST");
+    let wrong = s.send(Method::POST, "/health", "", &[]).await;
+    assert_eq!(wrong.headers.get("allow").unwrap(), "GET, HEAD");
+    let head = s.send(Method::HEAD, "/health", "", &[]).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let s = stack(1, |_| {}).await;
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    let req = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+               zz\r\nnot a chunk size\r\n0\r\n\r\n";
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(s.engines[0].received().is_empty());
+}
+
+#[tokio::test]
+async fn readiness_fails_without_a_healthy_endpoint_and_liveness_does_not() {
+    let s = stack(1, |c| c.health.interval = Duration::from_millis(50)).await;
+    assert_eq!(s.get("/ready").await.status, StatusCode::OK);
+    s.engines[0].set_healthy(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.get("/ready").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.json()["healthy_endpoints"], 0);
+    // The router itself is alive: restarting it would not bring an engine back.
+    assert_eq!(s.get("/health").await.status, StatusCode::OK);
+    s.engines[0].set_healthy(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.get("/ready").await.status, StatusCode::OK);
 }
 
 #[tokio::test]

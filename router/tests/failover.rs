@@ -97,10 +97,11 @@ async fn nothing_is_retried_after_bytes_reached_the_client() {
     let gate = e.gate_streams();
     let streamed =
         format!(r#"{{"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#, text(1, 100));
+    // The first output releases the head (held until then).
+    gate.add_permits(1);
     let res =
         s.open(Method::POST, "/v1/chat/completions", streamed, &[("x-session-id", "s")]).await;
     let mut stream = res.into_body();
-    gate.add_permits(1);
     let first = stream.frame().await.unwrap().unwrap();
     assert!(first.is_data());
     e.kill();
@@ -108,6 +109,39 @@ async fn nothing_is_retried_after_bytes_reached_the_client() {
     assert!(rest.is_err(), "the client sees the cut, not a spliced answer from elsewhere");
     let other = &s.engines[1 - index_of(&home)];
     assert!(other.received().is_empty(), "the stream was not retried elsewhere");
+}
+
+#[tokio::test]
+async fn a_replica_dying_before_its_first_output_is_retried_under_streaming() {
+    let s = stack(2, |_| {}).await;
+    // e0 (the first choice of two idle endpoints) sends its head, then holds its stream as an
+    // engine in a long prefill does, and dies.
+    let _gate = s.engines[0].gate_streams();
+    let streamed =
+        format!(r#"{{"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#, text(7, 100));
+    let open = s.open(Method::POST, "/v1/chat/completions", streamed, &[]);
+    let kill = async {
+        for _ in 0..500 {
+            if !s.engines[0].received().is_empty() || !s.engines[1].received().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.engines[0].received().len(), 1, "the stream went to e0 first");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.engines[0].kill();
+    };
+    let (res, ()) = tokio::join!(open, kill);
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.into_body().collect().await.expect("a whole stream").to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains(r#""served_by":"e1""#) && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(s.metric("kvtier_router_retries_total{reason=\"upstream_broke\"}").await, 1.0);
+    assert_eq!(
+        s.metric("kvtier_router_requests_total{route=\"chat_completions\",outcome=\"ok\"}").await,
+        1.0
+    );
+    assert_eq!(s.metric("kvtier_router_broken_responses_total").await, 0.0);
 }
 
 #[tokio::test]
@@ -121,4 +155,5 @@ async fn fewer_endpoints_than_attempts_all_failing_is_a_502_naming_the_answer() 
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(message.contains("500"), "{message}");
     assert_eq!(s.engines.iter().map(|e| e.received().len()).sum::<usize>(), 2, "each tried once");
+    assert_eq!(s.metric("kvtier_router_retries_total").await, 1.0, "one retry happened");
 }

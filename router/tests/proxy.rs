@@ -60,6 +60,8 @@ async fn streams_pass_through_chunk_by_chunk() {
     let s = stack(1, |_| {}).await;
     let gate = s.engines[0].gate_streams();
     let streamed = r#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    // The head is held until the first output: the engine's first chunk releases it.
+    gate.add_permits(1);
     let res = s.open(Method::POST, "/v1/chat/completions", streamed, &[]).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers().get("content-type").unwrap(), "text/event-stream");
@@ -67,7 +69,9 @@ async fn streams_pass_through_chunk_by_chunk() {
     // The engine sends chunk i only after permit i; each must reach the client before the
     // next is allowed, which a buffering proxy cannot do.
     for i in 0..3 {
-        gate.add_permits(1);
+        if i > 0 {
+            gate.add_permits(1);
+        }
         let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
             .await
             .expect("chunk arrives before the engine sends the next")

@@ -328,6 +328,11 @@ struct GenerateBody<'a> {
     previous_response_id: Option<String>,
     #[serde(default)]
     store: Option<bool>,
+    /// Checked as vLLM checks it (a number), otherwise unused.
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    n: Option<u32>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -448,8 +453,16 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
         .max_completion_tokens
         .or(parsed.max_tokens)
         .or(parsed.max_output_tokens)
-        .unwrap_or(DEFAULT_MAX_TOKENS)
-        .max(1);
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    if limit == 0 {
+        return error(StatusCode::BAD_REQUEST, "max_tokens must be at least 1, got 0.");
+    }
+    if parsed.temperature.is_some_and(|t| t < 0.0) {
+        return error(StatusCode::BAD_REQUEST, "temperature must be non-negative.");
+    }
+    if parsed.n.is_some_and(|n| n != 1) {
+        return error(StatusCode::BAD_REQUEST, "n must be 1: the simulator generates one choice.");
+    }
     let (max_tokens, stopped) = match st.answer_tokens {
         Some(n) if n < limit => (n.max(1), true),
         _ => (limit, false),

@@ -129,6 +129,14 @@ async fn bad_requests_get_vllm_shaped_errors() {
     assert_eq!(status, 400);
     assert_eq!(exchange(&sim, "GET", "/v1/chat/completions", "").await.0, 405);
     assert_eq!(exchange(&sim, "GET", "/nope", "").await.0, 404);
+    // What vLLM refuses, the simulator refuses.
+    for extra in
+        [r#""max_tokens":0"#, r#""n":1000"#, r#""temperature":"hot""#, r#""temperature":-1"#]
+    {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{extra}}}"#);
+        let (status, text) = exchange(&sim, "POST", "/v1/chat/completions", &body).await;
+        assert_eq!(status, 400, "{extra}: {text}");
+    }
     // The engine still serves after all that.
     let (status, _) = exchange(&sim, "POST", "/v1/chat/completions", &chat("fine", false)).await;
     assert_eq!(status, 200);

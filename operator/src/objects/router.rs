@@ -121,7 +121,8 @@ pub fn router_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
                                  "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                                 {"name": "KVTIER_LOG_FORMAT", "value": "json"}],
                         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                        // Ready while an engine is healthy; alive while it serves.
+                        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"},
                                            "periodSeconds": 5},
                         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
                                           "periodSeconds": 20},
