@@ -14,6 +14,16 @@ pub(crate) struct NodeAgentArgs {
     /// Unix socket the connectors attach to.
     #[arg(long, env = "KVTIER_AGENT_SOCKET", default_value = "/run/kvtier/agent.sock")]
     socket: PathBuf,
+    /// The socket's permission bits, in octal (owner and group by default: give the engines'
+    /// Pods the group with --socket-gid).
+    #[arg(long, env = "KVTIER_AGENT_SOCKET_MODE", default_value = "660", value_parser = octal_mode)]
+    socket_mode: u32,
+    /// Group that owns the socket (numeric gid); default: the agent's own.
+    #[arg(long, env = "KVTIER_AGENT_SOCKET_GID")]
+    socket_gid: Option<u32>,
+    /// Connectors served at once; more are refused at connect.
+    #[arg(long, env = "KVTIER_AGENT_MAX_CLIENTS", default_value = "256")]
+    max_clients: usize,
     /// DRAM pool size (e.g. 64GiB).
     #[arg(long, env = "KVTIER_AGENT_DRAM", value_parser = bytes_arg)]
     dram: u64,
@@ -55,6 +65,13 @@ enum Eviction {
 enum NvmeMode {
     Through,
     Back,
+}
+
+fn octal_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not a permission mode in octal (e.g. 660)"))
 }
 
 pub(crate) fn bytes_arg(s: &str) -> Result<u64, String> {
@@ -102,8 +119,11 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
     if let Some(dir) = a.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let listener =
-        server::bind(&a.socket).with_context(|| format!("binding {}", a.socket.display()))?;
+    let options = server::SocketOptions { mode: a.socket_mode, gid: a.socket_gid };
+    let limits = server::Limits { max_clients: a.max_clients, ..server::Limits::default() };
+    let listener = server::bind_with(&a.socket, options)
+        .with_context(|| format!("binding {}", a.socket.display()))?
+        .limits(limits);
     if let Some(addr) = a.metrics_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         tokio::spawn(kvtier_node_agent::http::serve_metrics(l, agent.clone()));

@@ -220,7 +220,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>)
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }

@@ -614,3 +614,125 @@ fn a_conversation_on_nvme_is_prefetched_into_dram_over_http() {
     assert!(post("/prefetch/nothex").starts_with("HTTP/1.1 404"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A frame header as a client would send it, claiming `body_len` bytes.
+fn header(op: u16, body_len: u32) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&kvtier_api::agent::MAGIC.to_le_bytes());
+    h.extend_from_slice(&kvtier_api::agent::VERSION.to_le_bytes());
+    h.extend_from_slice(&op.to_le_bytes());
+    h.extend_from_slice(&7u32.to_le_bytes());
+    h.extend_from_slice(&body_len.to_le_bytes());
+    h
+}
+
+/// An agent serving `path` under `limits`, on its own runtime.
+fn serve_limited(path: &std::path::Path, limits: server::Limits) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pool = DramPool::create(PoolConfig {
+        bytes: 4 * u64::from(SLOT),
+        slot_bytes: SLOT,
+        lock: LockMode::BestEffort,
+        huge_pages: false,
+    })
+    .expect("pool");
+    let agent = Arc::new(Agent::new(pool, Index::new(4, SLOT, Box::<Lru>::default())));
+    let listener = {
+        let _g = rt.enter();
+        server::bind(path).expect("bind").limits(limits)
+    };
+    rt.spawn(server::serve(listener, agent));
+    rt
+}
+
+/// Reads until the agent closes the connection (or 5 s pass): what it sent.
+fn read_to_close(s: &mut UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn before_hello_a_client_holds_nothing_and_not_for_long() {
+    let dir = std::env::temp_dir().join(format!("kvtier-agent-hello-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("agent.sock");
+    let limits = server::Limits {
+        max_clients: 3,
+        hello_timeout: std::time::Duration::from_millis(300),
+        frame_timeout: std::time::Duration::from_millis(300),
+    };
+    let _rt = serve_limited(&path, limits);
+
+    // A first frame claiming 4 MiB: refused at its header, nothing allocated for it.
+    let mut big = UnixStream::connect(&path).expect("connect");
+    big.write_all(&header(1, 4 << 20)).expect("header");
+    let reply = read_to_close(&mut big);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("hello is at most"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+
+    // Silence, or half a hello: closed when the hello deadline passes.
+    let t0 = std::time::Instant::now();
+    let mut silent = UnixStream::connect(&path).expect("connect");
+    let mut half = UnixStream::connect(&path).expect("connect");
+    half.write_all(&header(1, 40)).expect("header");
+    half.write_all(b"partial").expect("some body");
+    assert!(read_to_close(&mut silent).is_empty());
+    assert!(read_to_close(&mut half).is_empty());
+    assert!(t0.elapsed() < std::time::Duration::from_secs(3), "closed at the deadline");
+
+    // At most three connections at once: a fourth is closed at once.
+    let held: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&path).expect("c")).collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut extra = UnixStream::connect(&path).expect("connect");
+    let t0 = std::time::Instant::now();
+    assert!(read_to_close(&mut extra).is_empty());
+    assert!(t0.elapsed() < std::time::Duration::from_millis(250), "refused, not timed out");
+    drop(held);
+    // And a real client still attaches and works.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let mut c = Client::connect(&path, "after").expect("attach");
+    assert_eq!(c.reserve(1).expect("reserve").len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_live_agent_s_socket_is_not_taken_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = nvme_dir("perm");
+    let (path, _agent, rt) = start_with(2, Some(&dir));
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&path.0), 0o660, "socket");
+    let mut c = Client::connect(&path, "c").expect("attach");
+    let slot = c.reserve(1).expect("reserve")[0];
+    assert!(c.put(ChunkKey(9), slot, &chunk(9)).expect("commit"));
+    assert_eq!(mode(&dir), 0o700, "NVMe directory");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_none_or(|x| x != "tmp"))
+        .collect();
+    assert!(!files.is_empty());
+    for f in files {
+        assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
+    }
+
+    // A second agent on the same path refuses; the first keeps serving.
+    let err = {
+        let _g = rt.enter();
+        server::bind(&path.0).expect_err("the socket is served")
+    };
+    assert!(err.to_string().contains("another node-agent"), "{err}");
+    assert_eq!(c.reserve(1).expect("still served").len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -167,8 +167,11 @@ impl Sim {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(handle(&st, req).await) }
                     });
-                    if let Err(e) =
-                        http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+                    if let Err(e) = http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(std::time::Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await
                     {
                         debug!("connection: {e}");
                     }

@@ -105,6 +105,8 @@ impl NvmeTier {
     /// When the directory cannot be created or read.
     pub fn open(dir: &Path, capacity: u64) -> std::io::Result<(Self, Recovery)> {
         std::fs::create_dir_all(dir)?;
+        // Spilled KV is every tenant's prompts: the agent's alone, whatever the umask.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let direct = probe_direct(dir);
         let mut tier = Self {
             dir: dir.to_owned(),
@@ -276,7 +278,7 @@ impl NvmeTier {
                     Entry { len: it.len, checksum: it.checksum, conversation: it.conversation };
                 let tmp = self.dir.join(format!("{:032x}.tmp", it.key.0));
                 let mut o = OpenOptions::new();
-                o.write(true).create(true).truncate(true);
+                o.write(true).create(true).truncate(true).mode(0o600);
                 if self.direct {
                     o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
                 }
