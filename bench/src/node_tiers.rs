@@ -160,6 +160,7 @@ pub async fn run_node_tiers(
                 }
             }),
             chunk_tokens: u64::from(config.block_tokens),
+            control_token: None,
         });
     }
     let router = LocalRouter::start(rc).await?;

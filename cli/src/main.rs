@@ -494,3 +494,14 @@ pub(crate) async fn shutdown_signal() {
         () = term => {},
     }
 }
+
+/// A secret token from a file (a mounted Secret): its content without surrounding whitespace.
+pub(crate) fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token in {}", path.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!token.is_empty(), "{} holds no token", path.display());
+    Ok(token)
+}

@@ -21,6 +21,10 @@ pub(crate) struct NodeAgentArgs {
     /// Group that owns the socket (numeric gid); default: the agent's own.
     #[arg(long, env = "KVTIER_AGENT_SOCKET_GID")]
     socket_gid: Option<u32>,
+    /// A file holding the token the control routes (`/residency`, `/prefetch`) require as
+    /// `Authorization: Bearer`; without it they are open to whoever reaches the port.
+    #[arg(long, env = "KVTIER_AGENT_CONTROL_TOKEN_FILE")]
+    control_token_file: Option<PathBuf>,
     /// Connectors served at once; more are refused at connect.
     #[arg(long, env = "KVTIER_AGENT_MAX_CLIENTS", default_value = "256")]
     max_clients: usize,
@@ -124,9 +128,21 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
     let listener = server::bind_with(&a.socket, options)
         .with_context(|| format!("binding {}", a.socket.display()))?
         .limits(limits);
+    let token = match &a.control_token_file {
+        Some(f) => Some(crate::read_token(f)?),
+        None => {
+            if a.metrics_listen.is_some() {
+                tracing::warn!(
+                    "no --control-token-file: /residency and /prefetch are open to anyone who \
+                     reaches the HTTP port"
+                );
+            }
+            None
+        }
+    };
     if let Some(addr) = a.metrics_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        tokio::spawn(kvtier_node_agent::http::serve_metrics(l, agent.clone()));
+        tokio::spawn(kvtier_node_agent::http::serve(l, agent.clone(), token));
     }
     tokio::select! {
         () = server::serve(listener, agent) => {}

@@ -66,6 +66,7 @@ async fn scenario(tier_aware: bool) -> (&'static str, u64) {
             agents: None,
             prefetch: None,
             chunk_tokens: 64,
+            control_token: None,
         });
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

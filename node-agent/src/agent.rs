@@ -298,7 +298,13 @@ impl Agent {
             Some(t) if conversation != 0 => t.keys_of(conversation),
             _ => return 0,
         };
-        keys.into_iter().filter(|k| self.load(*k)).count() as u32
+        // Never more than the pool holds: past that a prefetch evicts its own chunks.
+        let budget = self.pool.slots() as usize;
+        for k in keys.iter().take(budget) {
+            self.load(*k);
+        }
+        let ix = self.index();
+        keys.iter().filter(|k| ix.get(k).is_some()).count() as u32
     }
 
     /// Brings `key` from NVMe into a DRAM slot; true when it is in DRAM afterwards.

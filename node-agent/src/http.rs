@@ -201,18 +201,46 @@ fn family<T: std::fmt::Display>(
 
 type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
 
-/// Serves HTTP on `listener` until the task is dropped: `GET /metrics` (Prometheus text) and
-/// `GET /residency` (residency events, one JSON object per line: the current residency as
-/// `entered` events, then every change, for as long as the client stays).
+/// Serves HTTP on `listener` until the task is dropped, with the control routes open to
+/// whoever reaches the port (see [`serve`]).
 pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
+    serve(listener, agent, None).await;
+}
+
+/// Serves HTTP on `listener` until the task is dropped: `GET /metrics` (Prometheus text, open
+/// to anyone), and the control routes the router uses, which need `Authorization: Bearer
+/// <control_token>` when a token is given: `GET /residency` (residency events, one JSON object
+/// per line: the current residency as `entered` events, then every change, for as long as the
+/// client stays; it names every conversation on the node) and `POST /prefetch/…`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    control_token: Option<String>,
+) {
+    let token: Option<Arc<str>> = control_token.map(Into::into);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let agent = agent.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let agent = agent.clone();
+                    let token = token.clone();
                     async move {
+                        if req.uri().path() != "/metrics" && !authorized(&req, token.as_deref()) {
+                            let mut res = hyper::Response::new(http_body_util::BodyExt::boxed(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    b"the control routes need the agent's control token\n",
+                                )),
+                            ));
+                            *res.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+                            res.headers_mut().insert(
+                                hyper::header::WWW_AUTHENTICATE,
+                                hyper::header::HeaderValue::from_static("Bearer"),
+                            );
+                            return Ok::<_, std::convert::Infallible>(res);
+                        }
                         if req.method() == hyper::Method::POST {
                             return Ok::<_, std::convert::Infallible>(prefetch(agent, &req).await);
                         }
@@ -229,8 +257,22 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>)
     }
 }
 
+/// Whether `req` carries the control token (always, when there is none).
+fn authorized(req: &hyper::Request<hyper::body::Incoming>, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    // Compared in constant time: the comparison says nothing of how much matched.
+    given.len() == token.len()
+        && given.iter().zip(token.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 /// `POST /prefetch/CONVERSATION` (the key in hex): brings the conversation's NVMe chunks
-/// into DRAM; answers how many are there (`{"dram_chunks": N}`).
+/// into DRAM, at most as many as the pool holds; answers how many of its chunks are in DRAM
+/// afterwards (`{"dram_chunks": N}`).
 async fn prefetch(
     agent: Arc<Agent>,
     req: &hyper::Request<hyper::body::Incoming>,

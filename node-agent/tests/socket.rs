@@ -612,6 +612,20 @@ fn a_conversation_on_nvme_is_prefetched_into_dram_over_http() {
     back.copy_from_slice(c.pool().slot(after.slots[0]));
     assert!(back == chunk(1), "byte for byte");
     assert!(post("/prefetch/nothex").starts_with("HTTP/1.1 404"));
+
+    // A conversation larger than the pool: the reply says what is in DRAM afterwards, never
+    // more than the pool's two slots.
+    let big = ConversationKey::of_session("big");
+    for k in 10..16u8 {
+        let s = c.reserve(1).expect("reserve");
+        c.put_many(big, &[(ChunkKey(u128::from(k)), s[0], &chunk(k))]).expect("commit");
+    }
+    let reply = post(&format!("/prefetch/{}", big.to_hex()));
+    let keys: Vec<ChunkKey> = (10..16).map(ChunkKey).collect();
+    let in_dram =
+        c.lookup(&keys).expect("lookup").tiers.iter().filter(|t| **t == Tier::Dram).count();
+    assert!(in_dram <= 2, "{in_dram}");
+    assert!(reply.contains(&format!(r#""dram_chunks":{in_dram}"#)), "{reply} vs {in_dram} in DRAM");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -735,4 +749,39 @@ fn a_live_agent_s_socket_is_not_taken_and_files_are_private() {
     assert!(err.to_string().contains("another node-agent"), "{err}");
     assert_eq!(c.reserve(1).expect("still served").len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_control_routes_need_the_token_and_metrics_do_not() {
+    let (_path, agent, rt) = start(2);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.spawn(kvtier_node_agent::http::serve(listener, agent, Some("s3cret".into())));
+    let ask = |method: &str, path: &str, auth: &str| -> String {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nhost: a\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(ask("GET", "/metrics", "").starts_with("HTTP/1.1 200"));
+    let key = "0000000000000abc";
+    for (method, path) in [("GET", "/residency"), ("POST", &*format!("/prefetch/{key}"))] {
+        assert!(ask(method, path, "").starts_with("HTTP/1.1 401"), "{path} without a token");
+        let wrong = ask(method, path, "authorization: Bearer s3crex\r\n");
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{path} with a wrong token");
+    }
+    let ok = ask("POST", &format!("/prefetch/{key}"), "authorization: Bearer s3cret\r\n");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET /residency HTTP/1.1\r\nhost: a\r\nauthorization: Bearer s3cret\r\n\r\n")
+        .expect("write");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("head");
+    assert_eq!(&head, b"HTTP/1.1 200");
 }

@@ -52,6 +52,9 @@ pub enum Error {
     /// A cluster-scoped resource; the CRD is namespaced, so this is a bad object.
     #[error("the resource has no namespace")]
     NoNamespace,
+    /// The operator's own machine failed it (no randomness for a token).
+    #[error("{0}")]
+    Local(String),
 }
 
 impl Error {
@@ -214,7 +217,7 @@ async fn reconcile_inner(kvci: &KVCachedInference, ctx: &Context) -> Result<&'st
         return Ok("refused");
     }
 
-    match apply_all(kvci, ctx, &ns, &n).await {
+    match Box::pin(apply_all(kvci, ctx, &ns, &n)).await {
         Ok(seen) => {
             publish_status(kvci, ctx, &seen, None).await?;
             tracing::info!(%ns, %name, "applied");
@@ -280,7 +283,10 @@ async fn apply_all(
     apply(c, ns, &objects::engine_service(kvci)).await?;
     apply(c, ns, &objects::router_service(kvci)).await?;
     let agent = match objects::node_agent_daemonset(kvci, s) {
-        Some(ds) => Some(apply(c, ns, &ds).await?),
+        Some(ds) => {
+            ensure_control_secret(kvci, c, ns, &n.control).await?;
+            Some(apply(c, ns, &ds).await?)
+        }
         None => {
             // The strategy moved away from tiered: the agent goes.
             let api: Api<DaemonSet> = Api::namespaced(c.clone(), ns);
@@ -298,6 +304,39 @@ async fn apply_all(
         set_deletion_costs(kvci, c, ns).await?;
     }
     Ok(Observed { engine: Some(engine), router: Some(router), agent })
+}
+
+/// Creates the node-agents' control token once: a reconcile must not rotate it under running
+/// agents and routers.
+async fn ensure_control_secret(
+    kvci: &KVCachedInference,
+    c: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: Api<Secret> = Api::namespaced(c.clone(), ns);
+    match api.get_opt(name).await.map_err(kube_err(format!("reading Secret {ns}/{name}")))? {
+        Some(_) => Ok(()),
+        None => {
+            let token = random_token().map_err(|e| Error::Local(format!("a random token: {e}")))?;
+            let secret = objects::control_secret(kvci, &token);
+            match api.create(&kube::api::PostParams::default(), &secret).await {
+                Ok(_) => Ok(()),
+                // Another reconcile made it first: that one stands.
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(kube_err(format!("creating Secret {ns}/{name}"))(e)),
+            }
+        }
+    }
+}
+
+/// 32 random bytes from the kernel, in hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Marks each engine Pod with its deletion cost ([`objects::deletion_costs`]), so that a

@@ -124,6 +124,10 @@ pub struct RouterArgs {
     /// How far ahead a turn counts for prefetch: the promotion's duration and a margin.
     #[arg(long, env = "KVTIER_ROUTER_PREFETCH_HORIZON", value_parser = parse_duration, default_value = "5s")]
     pub prefetch_horizon: Duration,
+    /// A file holding the node-agents' control token (their `--control-token-file`), sent to
+    /// their residency streams and prefetch routes.
+    #[arg(long, env = "KVTIER_ROUTER_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<std::path::PathBuf>,
     /// Tokens per chunk in the node-agents' counts.
     #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_CHUNK_TOKENS", default_value_t = 256)]
     pub residency_chunk_tokens: u64,
@@ -141,6 +145,9 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("{0}")]
     Range(&'static str),
+    /// A token file cannot be read, or holds no token.
+    #[error("token file {0}")]
+    TokenFile(String),
 }
 
 /// Where `--discover-pods` looks.
@@ -242,6 +249,19 @@ impl RouterArgs {
                     threshold,
                     every: Duration::from_secs(1),
                 }),
+                control_token: match &self.agent_token_file {
+                    None => None,
+                    Some(f) => {
+                        let token = std::fs::read_to_string(f)
+                            .map_err(|e| ConfigError::TokenFile(format!("{}: {e}", f.display())))?
+                            .trim()
+                            .to_owned();
+                        if token.is_empty() {
+                            return Err(ConfigError::TokenFile(format!("{}: empty", f.display())));
+                        }
+                        Some(token)
+                    }
+                },
             });
         }
         Ok((c, self.listen, self.metrics_listen))

@@ -152,6 +152,8 @@ pub struct TierConfig {
     pub chunk_tokens: u64,
     /// Promote conversations from NVMe before their next turn (`None`: off).
     pub prefetch: Option<crate::tiers::PrefetchConfig>,
+    /// The token the agents' control routes require (`Authorization: Bearer`).
+    pub control_token: Option<String>,
 }
 
 const fn nz(n: u32) -> NonZeroU32 {

@@ -76,10 +76,12 @@ impl Dispatcher {
                 sessions: SessionTable::new(config.session.idle_ttl, config.session.capacity),
             }),
             next_round_robin: AtomicUsize::new(0),
-            tiers: config
-                .tiers
-                .as_ref()
-                .map(|t| Arc::new(TierRouting::new(t.costs, t.chunk_tokens))),
+            tiers: config.tiers.as_ref().map(|t| {
+                Arc::new(
+                    TierRouting::new(t.costs, t.chunk_tokens)
+                        .with_control_token(t.control_token.clone()),
+                )
+            }),
             placement: config.session.placement,
             owners: Arc::new(ResponseOwners::new(RESPONSE_OWNERS)),
         }

@@ -138,6 +138,14 @@ async fn the_stack_on_a_real_api_server() {
     }
     let router_args = args_of(&deployment(&deps, "minimax-router").await);
     assert!(router_args.iter().any(|x| x == "--residency-pods"), "tier-aware: {router_args:?}");
+    // The agents' control routes: a token the operator made once, presented by the router.
+    assert!(ac.args.iter().flatten().any(|a| a == "--control-token-file"), "{:?}", ac.args);
+    assert!(router_args.iter().any(|x| x == "--agent-token-file"), "{router_args:?}");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), NS);
+    let token =
+        |s: k8s_openapi::api::core::v1::Secret| s.data.and_then(|d| d.get("token").cloned());
+    let first = token(secrets.get("minimax-kvtier-control").await.expect("control Secret"));
+    assert!(first.as_ref().is_some_and(|t| t.0.len() == 64), "a 32-byte token in hex");
     assert!(
         router_args.windows(2).any(|w| w == ["--session-placement", "hash"]),
         "two router replicas agree: {router_args:?}"

@@ -106,6 +106,8 @@ pub struct Names {
     pub service: String,
     /// The node-agent DaemonSet.
     pub node_agent: String,
+    /// The Secret holding the node-agents' control token (the router presents it).
+    pub control: String,
 }
 
 impl Names {
@@ -117,6 +119,7 @@ impl Names {
             router: format!("{name}-router"),
             service: name.to_owned(),
             node_agent: format!("{name}-node-agent"),
+            control: format!("{name}-kvtier-control"),
         }
     }
 }
@@ -167,6 +170,36 @@ fn meta(kvci: &KVCachedInference, name: &str, c: Component) -> Value {
         "labels": labels(kvci, c),
         "ownerReferences": [owner(kvci)],
     })
+}
+
+/// Where the control token's Secret is mounted in the node-agent and router containers.
+pub const CONTROL_DIR: &str = "/etc/kvtier/control";
+
+/// The control token's file in [`CONTROL_DIR`].
+pub const CONTROL_KEY: &str = "token";
+
+/// The Secret holding the node-agents' control token, `token` being its value (made once by
+/// the controller, never rotated by a reconcile).
+#[must_use]
+pub fn control_secret(kvci: &KVCachedInference, token: &str) -> k8s_openapi::api::core::v1::Secret {
+    let n = Names::of(&kvci.name_any());
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta(kvci, &n.control, Component::NodeAgent),
+        "type": "Opaque",
+        "stringData": {CONTROL_KEY: token},
+    }))
+}
+
+/// The volume and mount of the control token's Secret.
+pub(crate) fn control_volume(kvci: &KVCachedInference) -> (Value, Value) {
+    let n = Names::of(&kvci.name_any());
+    (
+        // Readable by the container's user whoever it is; the Pod is the boundary.
+        json!({"name": "control", "secret": {"secretName": n.control, "defaultMode": 0o444}}),
+        json!({"name": "control", "mountPath": CONTROL_DIR, "readOnly": true}),
+    )
 }
 
 /// Node directory holding this resource's agent socket, one per resource so that several
@@ -397,6 +430,32 @@ mod tests {
         assert_eq!(init["image"], Settings::default().kvtier_image);
         assert!(init["command"].to_string().contains(CONNECTOR_SOURCE));
         assert!(engine::AGENT_SOCKET.starts_with(HOST_SOCKET_ROOT));
+    }
+
+    #[test]
+    fn the_agents_control_routes_are_closed_to_all_but_the_router() {
+        let k = kvci(TIERED);
+        let s = Settings::default();
+        let secret = v(&control_secret(&k, "t0ken"));
+        assert_eq!(secret["metadata"]["name"], "coder-kvtier-control");
+        assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "0000-1111");
+        assert_eq!(secret["stringData"][CONTROL_KEY], "t0ken");
+        let file = format!("{CONTROL_DIR}/{CONTROL_KEY}");
+        let agent = v(&node_agent_daemonset(&k, &s).expect("tiered"));
+        let router = v(&router_deployment(&k, &s));
+        for (pod, flag) in [(&agent, "--control-token-file"), (&router, "--agent-token-file")] {
+            let pod = &pod["spec"]["template"]["spec"];
+            let args: Vec<String> =
+                serde_json::from_value(pod["containers"][0]["args"].clone()).expect("args");
+            let at = args.iter().position(|a| a == flag).expect(flag);
+            assert_eq!(args[at + 1], file);
+            assert!(pod["containers"][0]["volumeMounts"].to_string().contains(CONTROL_DIR));
+            assert!(pod["volumes"].to_string().contains("coder-kvtier-control"), "{pod}");
+        }
+        // Without node tiers there is no agent, and the router mounts no token.
+        let hbm = kvci("model: {name: m}");
+        let router = v(&router_deployment(&hbm, &s));
+        assert!(!router.to_string().contains("kvtier-control"));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use kvtier_api::crd::{quantity_bytes, CacheStrategy, KVCachedInference};
 use serde_json::json;
 
 use super::{
-    host_socket_dir, labels, meta, selector, typed, Component, Names, Settings, AGENT_METRICS_PORT,
-    AGENT_OVERHEAD_BYTES, HOST_SOCKET_ROOT,
+    control_volume, host_socket_dir, labels, meta, selector, typed, Component, Names, Settings,
+    AGENT_METRICS_PORT, AGENT_OVERHEAD_BYTES, CONTROL_DIR, CONTROL_KEY, HOST_SOCKET_ROOT,
 };
 use crate::engine;
 
@@ -63,10 +63,18 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
         s.agent_mlock.clone(),
         "--metrics-listen".into(),
         format!("0.0.0.0:{AGENT_METRICS_PORT}"),
+        // The residency stream names every conversation on the node, and prefetch moves
+        // its chunks: only the router, which holds the token, may use them.
+        "--control-token-file".into(),
+        format!("{CONTROL_DIR}/{CONTROL_KEY}"),
     ];
-    let mut mounts = vec![json!({"name": "socket", "mountPath": HOST_SOCKET_ROOT})];
-    let mut volumes = vec![json!({"name": "socket",
-        "hostPath": {"path": host_socket_dir(kvci), "type": "DirectoryOrCreate"}})];
+    let (control_volume, control_mount) = control_volume(kvci);
+    let mut mounts = vec![json!({"name": "socket", "mountPath": HOST_SOCKET_ROOT}), control_mount];
+    let mut volumes = vec![
+        json!({"name": "socket",
+            "hostPath": {"path": host_socket_dir(kvci), "type": "DirectoryOrCreate"}}),
+        control_volume,
+    ];
     if let Some(nvme) = &spec.cache.nvme {
         let bytes = quantity_bytes(&nvme.size).ok()?;
         args.extend([

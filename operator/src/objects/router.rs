@@ -9,8 +9,8 @@ use kvtier_api::crd::{CacheStrategy, KVCachedInference, RoutingPolicy};
 use serde_json::json;
 
 use super::{
-    labels, meta, selector, selector_string, typed, Component, Names, Settings, AGENT_METRICS_PORT,
-    ROUTER_PORT,
+    control_volume, labels, meta, selector, selector_string, typed, Component, Names, Settings,
+    AGENT_METRICS_PORT, CONTROL_DIR, CONTROL_KEY, ROUTER_PORT,
 };
 use crate::engine;
 
@@ -90,6 +90,8 @@ pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
             selector_string(kvci, Component::NodeAgent),
             "--residency-port".into(),
             AGENT_METRICS_PORT.to_string(),
+            "--agent-token-file".into(),
+            format!("{CONTROL_DIR}/{CONTROL_KEY}"),
         ]);
     }
     a
@@ -99,6 +101,13 @@ pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
 #[must_use]
 pub fn router_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
     let n = Names::of(&kvci.name_any());
+    // With node tiers, the router presents the agents' control token.
+    let (volumes, mounts) = if kvci.spec.cache.strategy == CacheStrategy::Tiered {
+        let (v, m) = control_volume(kvci);
+        (json!([v]), json!([m]))
+    } else {
+        (json!([]), json!([]))
+    };
     typed(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -131,7 +140,9 @@ pub fn router_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
                         "securityContext": {"allowPrivilegeEscalation": false,
                                             "readOnlyRootFilesystem": true,
                                             "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": mounts,
                     }],
+                    "volumes": volumes,
                 },
             },
         },

@@ -110,7 +110,8 @@ pub async fn follow_all(
 
 async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), String> {
     use http_body_util::BodyExt;
-    let (res, authority) = request(http::Method::GET, url, "/residency").await?;
+    let (res, authority) =
+        request(http::Method::GET, url, "/residency", t.control_token.as_deref()).await?;
     t.forget_node(node);
     lock(&t.agents).insert(node.to_owned(), format!("http://{authority}"));
     tracing::info!(%node, %url, "following residency");
@@ -143,9 +144,10 @@ pub async fn prefetch_loop(t: Arc<TierRouting>, p: PrefetchConfig) {
     loop {
         tokio::time::sleep(p.every).await;
         for (c, node, url) in t.prefetch_due(Instant::now(), &p.gaps, p.horizon, p.threshold) {
+            let token = t.control_token.clone();
             tokio::spawn(async move {
                 let target = format!("{url}/prefetch/{}", c.to_hex());
-                if let Err(e) = request(http::Method::POST, &target, "/").await {
+                if let Err(e) = request(http::Method::POST, &target, "/", token.as_deref()).await {
                     tracing::debug!(%node, error = %e, "prefetch");
                 }
             });
@@ -160,6 +162,7 @@ async fn request(
     method: http::Method,
     url: &str,
     default_path: &str,
+    token: Option<&str>,
 ) -> Result<(http::Response<hyper::body::Incoming>, http::uri::Authority), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let authority = uri.authority().ok_or("no host")?.clone();
@@ -170,12 +173,14 @@ async fn request(
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(uri.path_and_query().map_or(default_path, |p| p.as_str()))
-        .header(http::header::HOST, authority.as_str())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .header(http::header::HOST, authority.as_str());
+    if let Some(token) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
     let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if !res.status().is_success() {
         return Err(format!("{url}: {}", res.status()));
@@ -240,5 +245,42 @@ mod tests {
         assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok(), "{e:?}");
         assert!(tag_conversation(br#"{"kv_transfer_params":{"a":1}}"#, c).is_none());
         assert!(tag_conversation(b"[1]", c).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_residency_stream_is_asked_for_with_the_control_token() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/residency", listener.local_addr().expect("addr"));
+        let agent = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).await.expect("head");
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let line = ResidencyEvent {
+                seq: 1,
+                conversation: ConversationKey::of_session("s"),
+                tier: Tier::Dram,
+                entered: true,
+                chunks: 4,
+            }
+            .to_json_line();
+            let reply = if head.contains("authorization: bearer s3cret\r\n") {
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{line}", line.len())
+            } else {
+                "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n".to_owned()
+            };
+            s.write_all(reply.as_bytes()).await.expect("reply");
+        });
+        let t = TierRouting::new(study(), 256).with_control_token(Some("s3cret".into()));
+        let c = ConversationKey::of_session("s");
+        t.saw(c, 1024);
+        stream_once("n1", &url, &t).await.expect("followed");
+        agent.await.expect("agent");
+        assert_eq!(t.holding_for(c, "n1", 2048).dram_tokens, 1024);
     }
 }

@@ -202,6 +202,8 @@ pub struct TierRouting {
     agents: Mutex<HashMap<String, String>>,
     /// Prefetches asked since each conversation's last turn.
     prefetched: Mutex<HashSet<(ConversationKey, String)>>,
+    /// What the agents' control routes (`/residency`, `/prefetch`) require.
+    control_token: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,7 +220,15 @@ impl TierRouting {
             last_prompt: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashSet::new()),
+            control_token: None,
         }
+    }
+
+    /// The same state, sending `token` to the agents' control routes.
+    #[must_use]
+    pub fn with_control_token(mut self, token: Option<String>) -> Self {
+        self.control_token = token;
+        self
     }
 
     /// The conversations worth prefetching now: each `(conversation, node, agent URL)` whose
