@@ -122,3 +122,38 @@ fn hostile_headers_and_counts_are_refused_before_allocating() {
     body.extend_from_slice(&0u32.to_le_bytes());
     assert!(matches!(Request::decode(6, &body), Err(ProtocolError::Invalid(_))));
 }
+
+/// Every frame a client sends the node-agent goes through `decode_header` and
+/// `Request::decode` before anything else: fuzzed for the CI budget (`KVTIER_FUZZ_SECONDS`).
+/// A frame that decodes encodes back to the same request; replies decode the same way.
+#[test]
+fn fuzz_frame_decoding() {
+    use kvtier_testkit::fuzz::{run, Verdict};
+    let k = |n: u128| ChunkKey(n);
+    let seeds: Vec<Vec<u8>> = vec![
+        Request::Hello { client: "vllm-worker-0".into(), pid: 4242 }.encode(1),
+        Request::Lookup { keys: vec![k(1), k(u128::MAX)] }.encode(2),
+        Request::Reserve { n: 4 }.encode(3),
+        Request::Commit {
+            chunks: vec![Commit { key: k(7), slot: 3, len: 4096, checksum: 9, conversation: 11 }],
+        }
+        .encode(4),
+        Request::Prefetch { keys: vec![k(5)] }.encode(5),
+    ];
+    run("agent-frame", &seeds, |b| {
+        let Some(header) = b.get(..HEADER).and_then(|h| <&[u8; HEADER]>::try_from(h).ok()) else {
+            return Verdict::Refused;
+        };
+        let Ok(h) = decode_header(header) else { return Verdict::Refused };
+        let body = &b[HEADER..b.len().min(HEADER + h.body_len as usize)];
+        let _ = Response::decode(h.op, body);
+        match Request::decode(h.op, body) {
+            Ok(req) => {
+                let again = req.encode(h.request_id);
+                assert_eq!(Request::decode(h.op, &again[HEADER..]).as_ref(), Ok(&req));
+                Verdict::Accepted
+            }
+            Err(_) => Verdict::Refused,
+        }
+    });
+}

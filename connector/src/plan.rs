@@ -253,6 +253,21 @@ mod tests {
         assert!(Plan::decode(&huge).is_err());
     }
 
+    /// The step plan crosses from the scheduler process to every worker: fuzzed for the CI
+    /// budget (`KVTIER_FUZZ_SECONDS`). What decodes encodes back to the same bytes' meaning.
+    #[test]
+    fn fuzz_plan_decoding() {
+        use kvtier_testkit::fuzz::{run, Verdict};
+        let seeds = vec![sample().encode(), Plan::default().encode()];
+        run("connector-plan", &seeds, |b| match Plan::decode(b) {
+            Ok(p) => {
+                assert_eq!(Plan::decode(&p.encode()), Ok(p), "re-encoding changed the plan");
+                Verdict::Accepted
+            }
+            Err(_) => Verdict::Refused,
+        });
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {

@@ -606,6 +606,43 @@ mod tests {
         }
     }
 
+    /// The first code every client byte meets: fuzzed for the CI budget
+    /// (`KVTIER_FUZZ_SECONDS`) from the agents' own request shapes. Never a panic; JSON that
+    /// serde accepts is never refused as malformed; what parses lies within the body.
+    #[test]
+    fn fuzz_parse() {
+        use kvtier_testkit::fuzz::{run, Verdict};
+        let seeds: Vec<Vec<u8>> = vec![
+            br#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"tools":[{"type":"function","function":{"name":"f"}}],"stream":true,"max_tokens":9,"user":"u"}"#.to_vec(),
+            br#"{"model":"m","max_tokens":32000,"stream":true,"system":[{"type":"text","text":"You are Claude Code.","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":[{"type":"text","text":"fix","cache_control":{"type":"ephemeral","ttl":"1h"}}]},{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"Bash","input":{"c":"ls"}}]}],"metadata":{"user_id":"{\"session_id\":\"5e\"}"}}"#.to_vec(),
+            br#"{"model":"m","instructions":"I","input":[{"role":"user","content":"a"},{"type":"function_call_output","call_id":"c","output":"o"}],"previous_response_id":"resp_1","prompt_cache_key":"k","conversation":{"id":"c"},"max_output_tokens":64}"#.to_vec(),
+            br#"{"prompt":"once upon a time \u00e9\n","model":"m","max_tokens":3}"#.to_vec(),
+        ];
+        run("router-request", &seeds, |b| {
+            let json = serde_json::from_slice::<serde_json::Value>(b).is_ok();
+            let mut verdict = Verdict::Refused;
+            for route in [
+                Route::Chat,
+                Route::Completions,
+                Route::Messages,
+                Route::CountTokens,
+                Route::Responses,
+            ] {
+                match parse(route, b) {
+                    Ok(v) => {
+                        assert!(v.segments.len() <= b.len() + 2, "{route:?}");
+                        verdict = Verdict::Accepted;
+                    }
+                    Err(InvalidBody::Json(e)) => {
+                        assert!(!json, "{route:?}: serde takes it, the router says {e}");
+                    }
+                    Err(_) => {}
+                }
+            }
+            verdict
+        });
+    }
+
     #[test]
     fn nulls_mean_absent() {
         let v = parse(Route::Chat, br#"{"messages":[{}],"tools":null,"user":null,"stream":null}"#)

@@ -7,6 +7,8 @@
 //! engine only where the engine's behaviour is not what is under test (the router's proxying,
 //! stickiness and failover); the engine simulator models the engine itself.
 
+pub mod fuzz;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
