@@ -23,7 +23,8 @@ pub(crate) struct PlanArgs {
     /// KV dtype: fp8, bf16, fp16 or fp32.
     #[arg(long)]
     kv_dtype: Option<String>,
-    /// Weights in GB over all GPUs of a replica.
+    /// Weights in GB over all GPUs of a replica [default: the profile's, else 0, which
+    /// makes HBM's KV capacity an upper bound].
     #[arg(long)]
     weights_gb: Option<f64>,
     /// GPUs per replica.
@@ -32,10 +33,10 @@ pub(crate) struct PlanArgs {
     /// HBM per GPU in GB.
     #[arg(long)]
     hbm_gb: Option<f64>,
-    /// vLLM's --gpu-memory-utilization.
+    /// vLLM's --gpu-memory-utilization [default: the profile's, else 0.9].
     #[arg(long)]
     gpu_memory_utilization: Option<f64>,
-    /// GB per replica for activations and graphs.
+    /// GB per replica for activations and graphs [default: the profile's, else 0].
     #[arg(long)]
     reserved_gb: Option<f64>,
     /// Conversations live at once.
@@ -44,7 +45,8 @@ pub(crate) struct PlanArgs {
     /// Context per conversation in tokens.
     #[arg(long)]
     context: u64,
-    /// DRAM a node can give to KV, in GB.
+    /// DRAM a node can give to KV, in GB [default: no limit: DRAM is sized to the working
+    /// set].
     #[arg(long)]
     host_dram_gb: Option<f64>,
 }

@@ -555,6 +555,7 @@ mod tests {
         assert_eq!(c["resources"]["limits"]["memory"], mem);
         assert_eq!(c["resources"]["requests"]["memory"], mem);
         let vols = pod["volumes"].to_string();
-        assert!(vols.contains("/mnt/nvme0/kvtier") && vols.contains("/run/kvtier/agents/coder"));
+        assert!(vols.contains("/mnt/nvme0/kvtier/agents/coder"), "one NVMe directory per resource");
+        assert!(vols.contains("/run/kvtier/agents/coder"));
     }
 }

@@ -84,8 +84,16 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
             bytes.to_string(),
         ]);
         mounts.push(json!({"name": "nvme", "mountPath": "/nvme"}));
+        // One directory per resource under the node's path: two resources given the same
+        // path never read or evict each other's chunks.
+        let dir = format!(
+            "{}/{}/{}",
+            nvme.path.trim_end_matches('/'),
+            kvci.namespace().unwrap_or_else(|| "default".to_owned()),
+            kvci.name_any()
+        );
         volumes.push(json!({"name": "nvme",
-            "hostPath": {"path": nvme.path, "type": "DirectoryOrCreate"}}));
+            "hostPath": {"path": dir, "type": "DirectoryOrCreate"}}));
     }
     Some(typed(json!({
         "apiVersion": "apps/v1",
