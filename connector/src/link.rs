@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kvtier_node_agent::client::{Client, ClientError};
+use kvtier_agent_client::client::{Client, ClientError};
 
 /// How often a lost agent is tried again.
 pub const RETRY: Duration = Duration::from_secs(1);

@@ -18,9 +18,9 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use kvtier_agent_client::client::ClientError;
 use kvtier_api::agent::{Request, Tier};
 use kvtier_api::chunk::{chunk_keys, ChunkKey, CHUNK_SEED};
-use kvtier_node_agent::client::ClientError;
 use twox_hash::XxHash3_128;
 
 use crate::link::Link;

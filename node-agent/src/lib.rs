@@ -10,10 +10,11 @@
 //! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
 //! - [`http`]: `/metrics` and the residency events (which conversations' chunks entered or
 //!   left each tier);
-//! - [`client`]: the blocking client the connector uses.
+//! - [`client`]: the blocking client (its own crate, `kvtier-agent-client`, so that engines
+//!   link none of the above), re-exported for the agent's tests and tools.
 
 pub mod agent;
-pub mod client;
+pub use kvtier_agent_client::client;
 pub mod http;
 pub mod index;
 pub mod nvme;

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use kvtier_node_agent::client::ClientError;
+use kvtier_agent_client::client::ClientError;
 
 use crate::layout::{block_layout, ChunkGeometry, LayoutError, TensorDesc};
 use crate::link::Link;
@@ -56,7 +56,7 @@ struct PoolView {
 
 impl PoolView {
     /// The view of `client`'s pool, with the mapping's address and length.
-    fn of(client: &mut kvtier_node_agent::Client) -> (Self, *mut u8, usize) {
+    fn of(client: &mut kvtier_agent_client::Client) -> (Self, *mut u8, usize) {
         let slot_bytes = client.slot_bytes() as usize;
         let len = client.slots() as usize * slot_bytes;
         let base = client.pool_mut().slot_mut(0).as_mut_ptr();
