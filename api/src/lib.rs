@@ -14,3 +14,4 @@ pub mod crd;
 pub mod prefix;
 pub mod residency;
 pub mod session;
+pub mod units;

@@ -79,7 +79,7 @@ fn octal_mode(s: &str) -> Result<u32, String> {
 }
 
 pub(crate) fn bytes_arg(s: &str) -> Result<u64, String> {
-    kvtier_router::parse_bytes(s)
+    kvtier_api::units::parse_bytes(s)
 }
 
 pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {

@@ -215,27 +215,7 @@ impl RouterConfig {
     }
 }
 
-/// Parses `32MiB`, `512KiB`, `1GiB`, `100KB`, `4096` into bytes.
-///
-/// # Errors
-/// When the number or the unit is not recognised.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a byte size like 32MiB"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" | "kB" => 1_000,
-        "KiB" | "K" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" | "M" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" | "G" => 1 << 30,
-        other => return Err(format!("unknown byte unit {other:?} (use B, KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
-}
+pub use kvtier_api::units::parse_bytes;
 
 /// Parses `30s`, `5m`, `250ms`, `1h 30m` (humantime).
 ///
@@ -243,20 +223,4 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 /// When the text is not a duration.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_sizes_parse_with_units() {
-        assert_eq!(parse_bytes("32MiB"), Ok(32 << 20));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
-        assert_eq!(parse_bytes("100KB"), Ok(100_000));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("1XB").is_err());
-        assert!(parse_bytes("99999999999999999999GiB").is_err());
-    }
 }

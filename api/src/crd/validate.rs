@@ -15,42 +15,7 @@ pub const MIN_DRAM_BYTES: u64 = 256 << 20;
 /// # Errors
 /// When the text is not a non-negative quantity or exceeds `u64`.
 pub fn quantity_bytes(q: &Quantity) -> Result<u64, String> {
-    let s = q.0.trim();
-    let bad = || format!("{s:?} is not a quantity like 64Gi");
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, suffix) = s.split_at(end);
-    if num.is_empty() || num.matches('.').count() > 1 {
-        return Err(bad());
-    }
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let mult: f64 = match suffix {
-        "" => 1.0,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        e if e.starts_with(['e', 'E']) => {
-            let exp: i32 = e[1..].parse().map_err(|_| bad())?;
-            10f64.powi(exp)
-        }
-        _ => return Err(bad()),
-    };
-    let bytes = (value * mult).ceil();
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(format!("{s:?} is too large"));
-    }
-    // In range and non-negative by construction (no sign is accepted).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    Ok(bytes as u64)
+    crate::units::parse_bytes(&q.0)
 }
 
 /// Whether `s` is a valid HTTP header name (RFC 9110 token).
