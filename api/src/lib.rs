@@ -15,3 +15,4 @@ pub mod prefix;
 pub mod residency;
 pub mod session;
 pub mod units;
+pub mod wire;

@@ -3,6 +3,7 @@
 //! travels through vLLM's metadata pickling as `bytes`), decoded with every count bounded.
 
 use kvtier_api::chunk::ChunkKey;
+use kvtier_api::wire::{Reader, WireError, Writer};
 
 const MAGIC: &[u8; 4] = b"KVTP";
 const VERSION: u8 = 3;
@@ -55,59 +56,25 @@ pub struct Plan {
 #[error("malformed plan: {0}")]
 pub struct PlanError(&'static str);
 
-struct W(Vec<u8>);
-
-impl W {
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn len(&mut self, n: usize) {
-        self.u32(u32::try_from(n).expect("plan lists are bounded"));
-    }
-    fn str(&mut self, s: &str) {
-        self.len(s.len());
-        self.0.extend_from_slice(s.as_bytes());
-    }
-    fn u32s(&mut self, v: &[u32]) {
-        self.len(v.len());
-        for &x in v {
-            self.u32(x);
-        }
+impl From<WireError> for PlanError {
+    fn from(e: WireError) -> Self {
+        PlanError(match e {
+            WireError::Truncated { .. } => "truncated",
+            WireError::TooMany { .. } | WireError::Overrun { .. } => "a count exceeds the plan",
+            WireError::Utf8 => "request id is not UTF-8",
+            WireError::Trailing(_) => "trailing bytes",
+        })
     }
 }
 
-struct R<'a>(&'a [u8]);
+fn str(w: &mut Writer, s: &str) {
+    w.count(s.len());
+    w.bytes(s.as_bytes());
+}
 
-impl R<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], PlanError> {
-        if self.0.len() < n {
-            return Err(PlanError("truncated"));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u32(&mut self) -> Result<u32, PlanError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| PlanError("truncated"))?))
-    }
-    fn u64(&mut self) -> Result<u64, PlanError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| PlanError("truncated"))?))
-    }
-    fn len(&mut self, item: usize) -> Result<usize, PlanError> {
-        let n = self.u32()? as usize;
-        if n > MAX_ITEMS || n.saturating_mul(item) > self.0.len() {
-            return Err(PlanError("a count exceeds the plan"));
-        }
-        Ok(n)
-    }
-    fn str(&mut self) -> Result<String, PlanError> {
-        let n = self.len(1)?;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| PlanError("request id is not UTF-8"))
-    }
-    fn u32s(&mut self) -> Result<Vec<u32>, PlanError> {
-        let n = self.len(4)?;
-        (0..n).map(|_| self.u32()).collect()
-    }
+fn read_str(r: &mut Reader<'_>) -> Result<String, PlanError> {
+    let n = r.count(1, MAX_ITEMS)?;
+    Ok(r.utf8(n)?)
 }
 
 impl Plan {
@@ -120,40 +87,40 @@ impl Plan {
     /// The wire form.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64));
-        w.0.extend_from_slice(MAGIC);
-        w.0.push(VERSION);
-        w.len(self.loads.len());
+        let mut w = Writer::with_capacity(64);
+        w.bytes(MAGIC);
+        w.u8(VERSION);
+        w.count(self.loads.len());
         for l in &self.loads {
-            w.str(&l.req);
+            str(&mut w, &l.req);
             w.u32s(&l.block_ids);
             w.u32(l.from);
-            w.0.extend_from_slice(&l.pool.to_le_bytes());
-            w.len(l.slots.len());
+            w.u64(l.pool);
+            w.count(l.slots.len());
             for s in &l.slots {
                 w.u32s(s);
             }
         }
-        w.len(self.saves.len());
+        w.count(self.saves.len());
         for s in &self.saves {
-            w.str(&s.req);
+            str(&mut w, &s.req);
             w.u32s(&s.block_ids);
-            w.len(s.keys.len());
+            w.count(s.keys.len());
             for k in &s.keys {
-                w.len(k.len());
+                w.count(k.len());
                 for key in k {
-                    w.0.extend_from_slice(&key.to_le_bytes());
+                    w.u128(key.0);
                 }
             }
-            w.0.extend_from_slice(&s.conversation.to_le_bytes());
+            w.u64(s.conversation);
         }
         match &self.preempted {
-            None => w.0.push(0),
+            None => w.u8(0),
             Some(p) => {
-                w.0.push(1);
-                w.len(p.len());
+                w.u8(1);
+                w.count(p.len());
                 for r in p {
-                    w.str(r);
+                    str(&mut w, r);
                 }
             }
         }
@@ -165,49 +132,43 @@ impl Plan {
     /// # Errors
     /// On anything else: wrong magic or version, truncation, counts beyond the input.
     pub fn decode(bytes: &[u8]) -> Result<Self, PlanError> {
-        let mut r = R(bytes);
+        let mut r = Reader::new(bytes);
         if r.take(4)? != MAGIC {
             return Err(PlanError("not a kvtier plan"));
         }
-        if r.take(1)?[0] != VERSION {
+        if r.u8()? != VERSION {
             return Err(PlanError("unknown plan version"));
         }
         let mut plan = Plan::default();
-        for _ in 0..r.len(20)? {
-            let req = r.str()?;
-            let block_ids = r.u32s()?;
+        for _ in 0..r.count(20, MAX_ITEMS)? {
+            let req = read_str(&mut r)?;
+            let block_ids = r.u32s(MAX_ITEMS)?;
             let from = r.u32()?;
             let pool = r.u64()?;
-            let ranks = r.len(4)?;
-            let slots = (0..ranks).map(|_| r.u32s()).collect::<Result<_, _>>()?;
+            let ranks = r.count(4, MAX_ITEMS)?;
+            let slots = (0..ranks).map(|_| r.u32s(MAX_ITEMS)).collect::<Result<_, _>>()?;
             plan.loads.push(LoadJob { req, block_ids, from, pool, slots });
         }
-        for _ in 0..r.len(20)? {
-            let req = r.str()?;
-            let block_ids = r.u32s()?;
-            let ranks = r.len(4)?;
+        for _ in 0..r.count(20, MAX_ITEMS)? {
+            let req = read_str(&mut r)?;
+            let block_ids = r.u32s(MAX_ITEMS)?;
+            let ranks = r.count(4, MAX_ITEMS)?;
             let mut keys = Vec::with_capacity(ranks);
             for _ in 0..ranks {
-                let n = r.len(16)?;
-                let mut k = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let lo = u128::from(r.u64()?);
-                    let hi = u128::from(r.u64()?);
-                    k.push(ChunkKey(lo | (hi << 64)));
-                }
-                keys.push(k);
+                let n = r.count(16, MAX_ITEMS)?;
+                keys.push((0..n).map(|_| r.u128().map(ChunkKey)).collect::<Result<_, _>>()?);
             }
             let conversation = r.u64()?;
             plan.saves.push(SaveJob { req, block_ids, keys, conversation });
         }
-        plan.preempted = match r.take(1)?[0] {
+        plan.preempted = match r.u8()? {
             0 => None,
-            1 => Some((0..r.len(4)?).map(|_| r.str()).collect::<Result<_, _>>()?),
+            1 => Some(
+                (0..r.count(4, MAX_ITEMS)?).map(|_| read_str(&mut r)).collect::<Result<_, _>>()?,
+            ),
             _ => return Err(PlanError("bad preemption flag")),
         };
-        if !r.0.is_empty() {
-            return Err(PlanError("trailing bytes"));
-        }
+        r.end()?;
         Ok(plan)
     }
 }

@@ -2,6 +2,7 @@
 //! and reply's encoding and decoding.
 
 use super::*;
+use crate::wire::{Reader, WireError, Writer};
 
 /// Parses a header.
 ///
@@ -36,24 +37,34 @@ fn frame(op: u16, request_id: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
+impl From<WireError> for ProtocolError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::TooMany { .. } | WireError::Utf8 => ProtocolError::Invalid(e.to_string()),
+            _ => ProtocolError::Length(e.to_string()),
+        }
+    }
+}
+
+/// The agent protocol's fields on top of [`Writer`]: keys, and names cut to [`MAX_NAME`].
 #[derive(Default)]
-struct W(Vec<u8>);
+struct W(Writer);
 
 impl W {
     fn u8(&mut self, v: u8) {
-        self.0.push(v);
+        self.0.u8(v);
     }
     fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.u16(v);
     }
     fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.u32(v);
     }
     fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.u64(v);
     }
     fn key(&mut self, k: ChunkKey) {
-        self.0.extend_from_slice(&k.to_le_bytes());
+        self.0.u128(k.0);
     }
     fn str(&mut self, s: &str) {
         // Names longer than the limit are cut at a character boundary.
@@ -63,93 +74,64 @@ impl W {
         }
         let s = &s.as_bytes()[..end];
         self.u16(s.len() as u16);
-        self.0.extend_from_slice(s);
+        self.0.bytes(s);
     }
     fn keys(&mut self, ks: &[ChunkKey]) {
-        self.u32(ks.len() as u32);
+        self.0.count(ks.len());
         for k in ks {
             self.key(*k);
         }
     }
     fn u32s(&mut self, vs: &[u32]) {
-        self.u32(vs.len() as u32);
-        for v in vs {
-            self.u32(*v);
-        }
+        self.0.u32s(vs);
+    }
+    fn bytes(self) -> Vec<u8> {
+        self.0 .0
     }
 }
 
-struct R<'a>(&'a [u8]);
+/// The agent protocol's fields on top of [`Reader`].
+struct R<'a>(Reader<'a>);
 
 impl R<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
-        if self.0.len() < n {
-            return Err(ProtocolError::Length(format!(
-                "needs {n} more bytes, has {}",
-                self.0.len()
-            )));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
     fn u8(&mut self) -> Result<u8, ProtocolError> {
-        Ok(self.take(1)?[0])
+        Ok(self.0.u8()?)
     }
     fn u16(&mut self) -> Result<u16, ProtocolError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        Ok(self.0.u16()?)
     }
     fn u32(&mut self) -> Result<u32, ProtocolError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(self.0.u32()?)
     }
     fn u64(&mut self) -> Result<u64, ProtocolError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
+        Ok(self.0.u64()?)
     }
     fn key(&mut self) -> Result<ChunkKey, ProtocolError> {
-        let mut a = [0u8; 16];
-        a.copy_from_slice(self.take(16)?);
-        Ok(ChunkKey(u128::from_le_bytes(a)))
+        Ok(ChunkKey(self.0.u128()?))
     }
     fn str(&mut self) -> Result<String, ProtocolError> {
         let n = self.u16()? as usize;
         if n > MAX_NAME {
             return Err(ProtocolError::Invalid(format!("name of {n} bytes")));
         }
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| ProtocolError::Invalid("name is not UTF-8".into()))
+        self.0.utf8(n).map_err(|e| match e {
+            WireError::Utf8 => ProtocolError::Invalid("name is not UTF-8".into()),
+            e => e.into(),
+        })
     }
     /// A count of items of `size` bytes each, checked against the limit and the bytes left.
     fn count(&mut self, size: usize) -> Result<usize, ProtocolError> {
-        let n = self.u32()? as usize;
-        if n > MAX_KEYS {
-            return Err(ProtocolError::Invalid(format!("{n} items, at most {MAX_KEYS}")));
-        }
-        if n * size > self.0.len() {
-            return Err(ProtocolError::Length(format!(
-                "{n} items of {size} bytes in {}",
-                self.0.len()
-            )));
-        }
-        Ok(n)
+        Ok(self.0.count(size, MAX_KEYS)?)
     }
     fn keys(&mut self) -> Result<Vec<ChunkKey>, ProtocolError> {
         let n = self.count(16)?;
         (0..n).map(|_| self.key()).collect()
     }
     fn u32s(&mut self) -> Result<Vec<u32>, ProtocolError> {
-        let n = self.count(4)?;
-        (0..n).map(|_| self.u32()).collect()
+        Ok(self.0.u32s(MAX_KEYS)?)
     }
     fn end(&self) -> Result<(), ProtocolError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ProtocolError::Length(format!("{} bytes left over", self.0.len())))
-        }
+        Ok(self.0.end()?)
     }
 }
 
@@ -202,7 +184,7 @@ impl Request {
             }
             Request::Stats => op::STATS,
         };
-        frame(op, request_id, &w.0)
+        frame(op, request_id, &w.bytes())
     }
 
     /// Parses a request body.
@@ -210,7 +192,7 @@ impl Request {
     /// # Errors
     /// Unknown operation, a body that is too short or too long, or a field out of range.
     pub fn decode(op: u16, body: &[u8]) -> Result<Self, ProtocolError> {
-        let mut r = R(body);
+        let mut r = R(Reader::new(body));
         let req = match op {
             op::HELLO => Request::Hello { client: r.str()?, pid: r.u32()? },
             op::LOOKUP => Request::Lookup { keys: r.keys()? },
@@ -316,7 +298,7 @@ impl Response {
                 op::ERROR | op::REPLY
             }
         };
-        frame(op, request_id, &w.0)
+        frame(op, request_id, &w.bytes())
     }
 
     /// Parses a reply body.
@@ -324,7 +306,7 @@ impl Response {
     /// # Errors
     /// As [`Request::decode`].
     pub fn decode(op: u16, body: &[u8]) -> Result<Self, ProtocolError> {
-        let mut r = R(body);
+        let mut r = R(Reader::new(body));
         if op & op::REPLY == 0 {
             return Err(ProtocolError::Op(op));
         }
