@@ -14,5 +14,6 @@ pub mod crd;
 pub mod prefix;
 pub mod residency;
 pub mod session;
+pub mod eviction;
 pub mod units;
 pub mod wire;

@@ -99,9 +99,9 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
         locked = pool.locked(),
         "node-agent serving"
     );
-    let policy: Box<dyn kvtier_node_agent::index::EvictionPolicy> = match a.eviction {
+    let policy: Box<dyn kvtier_api::eviction::EvictionPolicy> = match a.eviction {
         Eviction::Lru => Box::<Lru>::default(),
-        Eviction::S3Fifo => Box::new(kvtier_node_agent::s3fifo::S3Fifo::new(pool.slots() as usize)),
+        Eviction::S3Fifo => Box::new(kvtier_api::eviction::S3Fifo::new(pool.slots() as usize)),
     };
     let index = Index::new(pool.slots(), slot_bytes, policy);
     let mut agent = Agent::new(pool, index);

@@ -6,7 +6,7 @@
 //! expires, so a client that dies or forgets leaks nothing. Pinned chunks are never evicted.
 //! Reserving takes free slots first, then evicts unpinned chunks in the policy's order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use kvtier_api::agent::{Stats, Tier};
 use kvtier_api::chunk::ChunkKey;
@@ -17,52 +17,7 @@ pub type ClientId = u64;
 /// Milliseconds on the agent's monotonic clock.
 pub type Millis = u64;
 
-/// The order in which unpinned chunks leave DRAM.
-pub trait EvictionPolicy: Send + std::fmt::Debug {
-    /// A chunk was committed.
-    fn insert(&mut self, key: ChunkKey);
-    /// A chunk was used.
-    fn touch(&mut self, key: ChunkKey);
-    /// A chunk left.
-    fn remove(&mut self, key: ChunkKey);
-    /// The next chunk to evict among those `evictable` allows, removed from the policy.
-    fn victim(&mut self, evictable: &dyn Fn(&ChunkKey) -> bool) -> Option<ChunkKey>;
-}
-
-/// Least recently used.
-#[derive(Debug, Default)]
-pub struct Lru {
-    tick: u64,
-    by_key: HashMap<ChunkKey, u64>,
-    by_tick: BTreeMap<u64, ChunkKey>,
-}
-
-impl EvictionPolicy for Lru {
-    fn insert(&mut self, key: ChunkKey) {
-        self.touch(key);
-    }
-
-    fn touch(&mut self, key: ChunkKey) {
-        self.tick += 1;
-        if let Some(old) = self.by_key.insert(key, self.tick) {
-            self.by_tick.remove(&old);
-        }
-        self.by_tick.insert(self.tick, key);
-    }
-
-    fn remove(&mut self, key: ChunkKey) {
-        if let Some(t) = self.by_key.remove(&key) {
-            self.by_tick.remove(&t);
-        }
-    }
-
-    fn victim(&mut self, evictable: &dyn Fn(&ChunkKey) -> bool) -> Option<ChunkKey> {
-        let (&t, &k) = self.by_tick.iter().find(|(_, k)| evictable(k))?;
-        self.by_tick.remove(&t);
-        self.by_key.remove(&k);
-        Some(k)
-    }
-}
+pub use kvtier_api::eviction::{EvictionPolicy, Lru};
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -478,7 +433,7 @@ mod tests {
         fn accounting_holds(ops in prop::collection::vec(op(), 1..200), s3 in any::<bool>()) {
             // Either eviction policy.
             let mut ix = if s3 {
-                Index::new(6, 1024, Box::new(crate::s3fifo::S3Fifo::new(6)))
+                Index::new(6, 1024, Box::new(kvtier_api::eviction::S3Fifo::new(6)))
             } else {
                 index(6)
             };

@@ -2,8 +2,8 @@
 //! engine replica on the node.
 //!
 //! - [`pool`]: the DRAM pool, one locked memfd in fixed-size slots that clients map;
-//! - [`index`]: which chunk is in which slot, reservations, pins with leases, eviction
-//!   ([`s3fifo`] by default, LRU);
+//! - [`index`]: which chunk is in which slot, reservations, pins with leases, eviction in
+//!   [`kvtier_api::eviction`]'s order (S3-FIFO by default, LRU: the simulator runs the same);
 //! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart, its writes
 //!   batched through [`uring`] where the kernel offers io_uring;
 //! - [`agent`]: the shared state and the answer to each request;
@@ -19,7 +19,6 @@ pub mod http;
 pub mod index;
 pub mod nvme;
 pub mod pool;
-pub mod s3fifo;
 pub mod server;
 pub mod uring;
 

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use kvtier_api::chunk::ChunkKey;
 use kvtier_bench::trace::{self, Agent, Step};
-use kvtier_node_agent::index::{EvictionPolicy, Lru};
-use kvtier_node_agent::s3fifo::S3Fifo;
+use kvtier_api::eviction::{EvictionPolicy, Lru};
+use kvtier_api::eviction::S3Fifo;
 
 /// (time, conversation, block ids) of every request.
 fn requests(traces: &[trace::Trace]) -> Vec<(f64, u32, Vec<u64>)> {

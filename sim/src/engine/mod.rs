@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 
 mod hbm;
-mod lru;
+mod tier;
 mod tiers;
 mod types;
 

@@ -13,13 +13,14 @@ use kvtier_api::agent::Tier;
 use kvtier_api::residency::{ConversationKey, ResidencyEvent};
 use tokio::sync::broadcast;
 
-use super::lru::Lru;
+use kvtier_api::eviction::{Lru, S3Fifo};
+
+use super::tier::Bounded;
 
 #[derive(Debug)]
 struct Inner {
-    dram: Lru,
-    nvme: Lru,
-    tick: u64,
+    dram: Bounded,
+    nvme: Bounded,
     owner: HashMap<u64, u64>,
     /// Blocks per (conversation, tier: 0 DRAM, 1 NVMe).
     counts: HashMap<(u64, u8), u32>,
@@ -41,14 +42,15 @@ pub(super) struct Evictions {
 }
 
 impl HostTiers {
-    /// Tiers of `dram_blocks` and `nvme_blocks` blocks.
+    /// Tiers of `dram_blocks` and `nvme_blocks` blocks, evicting as the node-agent does:
+    /// S3-FIFO in DRAM, LRU on NVMe.
     #[must_use]
     pub fn new(dram_blocks: u64, nvme_blocks: u64) -> Self {
+        let slots = usize::try_from(dram_blocks).unwrap_or(usize::MAX);
         Self {
             inner: Arc::new(Mutex::new(Inner {
-                dram: Lru::new(dram_blocks),
-                nvme: Lru::new(nvme_blocks),
-                tick: 0,
+                dram: Bounded::new(dram_blocks, Box::new(S3Fifo::new(slots))),
+                nvme: Bounded::new(nvme_blocks, Box::<Lru>::default()),
                 owner: HashMap::new(),
                 counts: HashMap::new(),
                 seq: 0,
@@ -131,8 +133,6 @@ impl HostTiers {
         let mut g = self.lock();
         let mut out = Evictions::default();
         let mut events = Vec::new();
-        g.tick += 1;
-        let tick = g.tick;
         if conversation != 0 {
             let prev = g.owner.insert(h, conversation);
             if let Some(p) = prev.filter(|&p| p != conversation) {
@@ -145,7 +145,7 @@ impl HostTiers {
         }
         let was = g.dram.contains(h);
         let mut evicted = Vec::new();
-        g.dram.touch(h, tick, &mut evicted);
+        g.dram.touch(h, &mut evicted);
         if !was && g.dram.contains(h) {
             g.count(h, 0, 1, &mut events);
         }
@@ -153,7 +153,7 @@ impl HostTiers {
             out.dram += 1;
             g.count(v, 0, -1, &mut events);
             let mut gone = Vec::new();
-            g.nvme.touch(v, tick, &mut gone);
+            g.nvme.touch(v, &mut gone);
             if g.nvme.contains(v) {
                 g.count(v, 1, 1, &mut events);
             }

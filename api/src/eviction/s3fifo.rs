@@ -6,9 +6,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use kvtier_api::chunk::ChunkKey;
+use crate::chunk::ChunkKey;
 
-use crate::index::EvictionPolicy;
+use super::EvictionPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Queue {
