@@ -276,6 +276,7 @@ impl Engine {
         let mut tier_hit = hbm_hit;
         let mut from_nvme = 0u64;
         if self.config.strategy == Strategy::Tiered {
+            self.tiers.lookup(blocks);
             while tier_hit < blocks.len().min(max_hit_blocks) {
                 let h = blocks[tier_hit];
                 if self.tiers.in_dram(h) {

@@ -32,6 +32,13 @@ impl Bounded {
         self.blocks.len() as u64
     }
 
+    /// Marks `h` used if it is here (what the agent's lookup does to every chunk it finds).
+    pub(super) fn used(&mut self, h: u64) {
+        if self.blocks.contains(&h) {
+            self.order.touch(key(h));
+        }
+    }
+
     pub(super) fn remove(&mut self, h: u64) -> bool {
         let was = self.blocks.remove(&h);
         if was {

@@ -82,6 +82,17 @@ impl HostTiers {
         (now, rx)
     }
 
+    /// A connector's lookup of a prompt's blocks: the node-agent marks every block it finds
+    /// in DRAM used, those the engine's HBM already holds included (the connector asks for
+    /// the whole prompt). Under S3-FIFO this is what keeps a conversation's blocks in DRAM
+    /// while HBM serves their reuse.
+    pub(super) fn lookup(&self, blocks: &[u64]) {
+        let mut g = self.lock();
+        for &h in blocks {
+            g.dram.used(h);
+        }
+    }
+
     pub(super) fn in_dram(&self, h: u64) -> bool {
         self.lock().dram.contains(h)
     }
