@@ -13,6 +13,13 @@ mod s3fifo;
 
 pub use s3fifo::S3Fifo;
 
+/// The DRAM order the node-agent runs by default, and so the simulator's (ADR 0011: LRU; behind
+/// HBM, S3-FIFO drops chunks before an agent's next turn).
+#[must_use]
+pub fn shipped() -> Box<dyn EvictionPolicy> {
+    Box::<Lru>::default()
+}
+
 /// The order in which unpinned chunks leave DRAM.
 pub trait EvictionPolicy: Send + std::fmt::Debug {
     /// A chunk was committed.
@@ -59,4 +66,3 @@ impl EvictionPolicy for Lru {
         Some(k)
     }
 }
-

@@ -11,9 +11,9 @@
 pub mod agent;
 pub mod chunk;
 pub mod crd;
+pub mod eviction;
 pub mod prefix;
 pub mod residency;
 pub mod session;
-pub mod eviction;
 pub mod units;
 pub mod wire;

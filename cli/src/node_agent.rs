@@ -53,9 +53,10 @@ pub(crate) struct NodeAgentArgs {
     /// `back` (when DRAM evicts them; less NVMe traffic).
     #[arg(long, env = "KVTIER_AGENT_NVME_MODE", value_enum, default_value = "through")]
     nvme_mode: NvmeMode,
-    /// DRAM eviction order: `s3-fifo` (keeps chunks that are used again; 1.1-1.2x LRU's
-    /// prefix hits on the agent traces at 0.5-2M tokens) or `lru`.
-    #[arg(long, env = "KVTIER_AGENT_EVICTION", value_enum, default_value = "s3-fifo")]
+    /// DRAM eviction order: `lru` (behind the engines' HBM it keeps a conversation's chunks
+    /// across an agent's think time; ADR 0011) or `s3-fifo` (for caches that see most chunks
+    /// once; 1.15-1.25x LRU's hits on the traces replayed without HBM in front).
+    #[arg(long, env = "KVTIER_AGENT_EVICTION", value_enum, default_value = "lru")]
     eviction: Eviction,
 }
 

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use kvtier_api::agent::{Request, Tier};
 use kvtier_api::chunk::ChunkKey;
-use kvtier_node_agent::client::ClientError;
 use kvtier_api::eviction::EvictionPolicy;
-use kvtier_node_agent::nvme::NvmeTier;
 use kvtier_api::eviction::S3Fifo;
+use kvtier_node_agent::client::ClientError;
+use kvtier_node_agent::nvme::NvmeTier;
 use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
 
 const SLOT: u32 = 512 * 1024;

@@ -10,9 +10,9 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use kvtier_api::chunk::ChunkKey;
-use kvtier_bench::trace::{self, Agent, Step};
-use kvtier_api::eviction::{EvictionPolicy, Lru};
 use kvtier_api::eviction::S3Fifo;
+use kvtier_api::eviction::{EvictionPolicy, Lru};
+use kvtier_bench::trace::{self, Agent, Step};
 
 /// (time, conversation, block ids) of every request.
 fn requests(traces: &[trace::Trace]) -> Vec<(f64, u32, Vec<u64>)> {

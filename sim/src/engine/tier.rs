@@ -1,6 +1,5 @@
 //! One host tier of the simulator: a capacity in blocks, evicting in the order the node-agent
-//! ships ([`kvtier_api::eviction`]: S3-FIFO for DRAM, LRU for NVMe), so a simulated figure
-//! measures the policy that runs.
+//! ships ([`kvtier_api::eviction`]), so a simulated figure measures the policy that runs.
 
 use std::collections::HashSet;
 

@@ -13,7 +13,7 @@ use kvtier_api::agent::Tier;
 use kvtier_api::residency::{ConversationKey, ResidencyEvent};
 use tokio::sync::broadcast;
 
-use kvtier_api::eviction::{Lru, S3Fifo};
+use kvtier_api::eviction::{shipped, Lru};
 
 use super::tier::Bounded;
 
@@ -42,14 +42,13 @@ pub(super) struct Evictions {
 }
 
 impl HostTiers {
-    /// Tiers of `dram_blocks` and `nvme_blocks` blocks, evicting as the node-agent does:
-    /// S3-FIFO in DRAM, LRU on NVMe.
+    /// Tiers of `dram_blocks` and `nvme_blocks` blocks, evicting as the node-agent does by
+    /// default ([`shipped`] in DRAM, LRU on NVMe).
     #[must_use]
     pub fn new(dram_blocks: u64, nvme_blocks: u64) -> Self {
-        let slots = usize::try_from(dram_blocks).unwrap_or(usize::MAX);
         Self {
             inner: Arc::new(Mutex::new(Inner {
-                dram: Bounded::new(dram_blocks, Box::new(S3Fifo::new(slots))),
+                dram: Bounded::new(dram_blocks, shipped()),
                 nvme: Bounded::new(nvme_blocks, Box::<Lru>::default()),
                 owner: HashMap::new(),
                 counts: HashMap::new(),
