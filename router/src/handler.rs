@@ -126,7 +126,9 @@ async fn proxy(
     let view = request::parse(route, &body)?;
     let session = session_key(&parts.headers, &app.config.session.headers, view.user.as_deref());
     let conversation =
-        crate::session::conversation_key(&parts.headers, &app.config.session.headers);
+        crate::session::conversation_key(&parts.headers, &app.config.session.headers).or_else(
+            || view.conversation.as_deref().map(kvtier_api::residency::ConversationKey::of_session),
+        );
     let routing = app.dispatcher.prepare(&view, session.map(|(k, _)| k), conversation, start);
     // With tier-aware routing, the engine's connector learns the conversation (it tags the KV
     // it saves, and the node-agents report residency by it). vLLM's chat, completions,

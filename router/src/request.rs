@@ -137,6 +137,10 @@ pub struct PromptView<'a> {
     pub previous_response: Option<String>,
     /// `stream: true`.
     pub stream: bool,
+    /// The conversation the body names, when it names one rather than a user: Claude Code's
+    /// `session_id`, the Responses API's `prompt_cache_key` or `conversation`. The connector's
+    /// KV is tagged with it when no session header is sent.
+    pub conversation: Option<String>,
 }
 
 /// The top-level fields the router reads.
@@ -258,6 +262,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
         push_value(&mut segments, body, range_of(body, tools), f.elements("tools"));
     }
     let mut previous_response = None;
+    let mut conversation = None;
     let user = match route {
         Route::Chat | Route::Messages | Route::CountTokens => {
             if matches!(route, Route::Messages | Route::CountTokens) {
@@ -293,7 +298,11 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
             if route == Route::Chat {
                 string(f.get("user"), "user")?
             } else {
-                anthropic_session(f.get("metadata"))?
+                let (session, named) = anthropic_session(f.get("metadata"))?;
+                if named {
+                    conversation.clone_from(&session);
+                }
+                session
             }
         }
         Route::Completions => {
@@ -316,7 +325,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
                 _ => push_open_ended(&mut segments, raw, "input")?,
             }
             previous_response = string(f.get("previous_response_id"), "previous_response_id")?;
-            let conversation = match f.get("conversation") {
+            let named = match f.get("conversation") {
                 Some(c) if c.first() == Some(&b'{') => {
                     serde_json::from_slice::<serde_json::Value>(c)
                         .ok()
@@ -324,9 +333,8 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
                 }
                 c => string(c, "conversation")?,
             };
-            string(f.get("prompt_cache_key"), "prompt_cache_key")?
-                .or(conversation)
-                .or(string(f.get("user"), "user")?)
+            conversation = string(f.get("prompt_cache_key"), "prompt_cache_key")?.or(named);
+            conversation.clone().or(string(f.get("user"), "user")?)
         }
     };
     Ok(PromptView {
@@ -336,6 +344,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
         max_output_tokens,
         previous_response,
         stream: f.get("stream") == Some(b"true"),
+        conversation,
     })
 }
 
@@ -356,18 +365,23 @@ fn string(v: Option<&[u8]>, field: &'static str) -> Result<Option<String>, Inval
 }
 
 /// Anthropic's `metadata.user_id`: Claude Code sends a JSON string whose `session_id` names
-/// the session; any other value is the session id itself.
-fn anthropic_session(metadata: Option<&[u8]>) -> Result<Option<String>, InvalidBody> {
-    let Some(m) = metadata else { return Ok(None) };
+/// the session (and so the conversation: the flag); any other value is the session id itself.
+fn anthropic_session(metadata: Option<&[u8]>) -> Result<(Option<String>, bool), InvalidBody> {
+    let Some(m) = metadata else { return Ok((None, false)) };
     if m.first() != Some(&b'{') {
         return Err(InvalidBody::WrongType { field: "metadata", expected: "an object" });
     }
     let value: serde_json::Value = serde_json::from_slice(m).unwrap_or_default();
-    let Some(user_id) = value.get("user_id").and_then(|u| u.as_str()) else { return Ok(None) };
+    let Some(user_id) = value.get("user_id").and_then(|u| u.as_str()) else {
+        return Ok((None, false));
+    };
     let session = serde_json::from_str::<serde_json::Value>(user_id)
         .ok()
         .and_then(|v| v.get("session_id").and_then(|s| s.as_str()).map(str::to_owned));
-    Ok(Some(session.unwrap_or_else(|| user_id.to_owned())))
+    Ok(match session {
+        Some(s) => (Some(s), true),
+        None => (Some(user_id.to_owned()), false),
+    })
 }
 
 /// A prompt that the next turn extends: a string without its closing quote (so a longer
@@ -528,6 +542,7 @@ mod tests {
         assert_eq!(hashes(&a), hashes(&b), "breakpoints moved, the prompt did not");
         assert_eq!(a.segments.len(), b.segments.len());
         assert_eq!(a.user.as_deref(), Some("9f1c"), "Claude Code's session_id");
+        assert_eq!(a.conversation.as_deref(), Some("9f1c"), "names the conversation too");
         assert_eq!(b.user, None);
         assert_eq!(a.max_output_tokens, Some(32000));
 
@@ -549,6 +564,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(v.user.as_deref(), Some("u-7"));
+        assert_eq!(v.conversation, None, "a user id is not a conversation");
         let mut expected = Segments::new();
         expected.push(br#""S""#);
         expected.push(br#"{"role":"user","content":"hi"}"#);
@@ -569,6 +585,7 @@ mod tests {
         .expect("valid");
         assert_eq!(v.previous_response.as_deref(), Some("resp_1"));
         assert_eq!(v.user.as_deref(), Some("codex-thread"));
+        assert_eq!(v.conversation.as_deref(), Some("codex-thread"));
         assert_eq!(v.max_output_tokens, Some(64));
         let c = parse(Route::Responses, br#"{"input":"hello","conversation":{"id":"conv_1"}}"#)
             .expect("valid");

@@ -169,3 +169,29 @@ async fn metrics_listener_serves_only_metrics() {
     assert!(m.contains("kvtier_router_endpoint_healthy"));
     assert!(get("/v1/models").await.starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test]
+async fn a_conversation_named_only_in_the_body_still_tags_the_engine_s_kv() {
+    use kvtier_api::residency::ConversationKey;
+    let s = stack(1, |c| {
+        c.tiers = Some(kvtier_router::TierConfig {
+            costs: kvtier_router::tiers::TierCosts { dram: 0.02, nvme: 0.06 },
+            feeds: Vec::new(),
+            agents: None,
+            chunk_tokens: 256,
+            prefetch: None,
+            control_token: None,
+        });
+    })
+    .await;
+    let body = r#"{"messages":[{"role":"user","content":"hi"}],"metadata":{"user_id":"{\"session_id\":\"5e\"}"}}"#;
+    assert_eq!(s.send(Method::POST, "/v1/messages", body, &[]).await.status, StatusCode::OK);
+    let codex = r#"{"input":"hi","prompt_cache_key":"thread-9"}"#;
+    assert_eq!(s.send(Method::POST, "/v1/responses", codex, &[]).await.status, StatusCode::OK);
+    let got = s.engines[0].received();
+    for (r, id) in got.iter().zip(["5e", "thread-9"]) {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let want = ConversationKey::of_session(id).to_hex();
+        assert_eq!(v["kv_transfer_params"]["kvtier_conversation"], want.as_str(), "{id}");
+    }
+}
