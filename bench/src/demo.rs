@@ -124,6 +124,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Where the router places sessions it has no binding for.
     pub session_placement: kvtier_router::SessionPlacement,
+    /// The API the replayed agents speak.
+    pub api: crate::synth::Api,
 }
 
 /// One configuration's outcome.
@@ -211,6 +213,7 @@ pub(crate) fn replay_options(
         time_scale: opts.time_scale,
         progress: opts.progress,
         label,
+        api: opts.api,
         ..ReplayOptions::default()
     }
 }

@@ -231,6 +231,10 @@ struct DemoArgs {
     /// several router replicas use to agree).
     #[arg(long, value_enum, default_value = "load")]
     session_placement: kvtier_router::SessionPlacement,
+    /// The API the replayed agents speak: chat completions, Anthropic Messages as Claude Code
+    /// sends it, or OpenAI Responses as Codex does.
+    #[arg(long, value_enum, default_value = "chat")]
+    api: kvtier_bench::synth::Api,
     /// Replicas per node in the node-tier scenario.
     #[arg(long, default_value_t = 2)]
     replicas_per_node: usize,
@@ -446,6 +450,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         out: a.out.clone(),
         progress: !a.no_progress,
         session_placement: a.session_placement,
+        api: a.api,
     };
     let started = std::time::Instant::now();
     if a.node_tiers {
