@@ -355,7 +355,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         dram_kv_tokens = c.dram_blocks * u64::from(c.block_tokens),
         "simulated engine serving"
     );
-    let _sim = Sim::serve(
+    let sim = Sim::serve(
         listener,
         SimOptions {
             profile,
@@ -366,6 +366,8 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         },
     );
     shutdown_signal().await;
+    tracing::info!("stopping: finishing the requests in flight");
+    sim.shutdown().await;
     Ok(())
 }
 

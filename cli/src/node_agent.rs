@@ -141,14 +141,26 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some(addr) = a.metrics_listen {
-        let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        tokio::spawn(kvtier_node_agent::http::serve(l, agent.clone(), token));
-    }
+    let shutdown = kvtier_serve::CancellationToken::new();
+    let http = match a.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let serving = kvtier_node_agent::http::serve(l, agent.clone(), token, shutdown.clone());
+            Some(tokio::spawn(serving))
+        }
+        None => None,
+    };
     tokio::select! {
         () = server::serve(listener, agent) => {}
         () = shutdown_signal() => {}
     }
+    // Engines stop reaching the pool; HTTP requests in flight finish and residency streams
+    // end cleanly (the router resubscribes elsewhere or later).
     let _ = std::fs::remove_file(&a.socket);
+    shutdown.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    tracing::info!("node-agent stopped");
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use kvtier_api::agent::NO_CHECKSUM;
 use kvtier_api::agent::{self, ErrorCode, Request, Response};
-use kvtier_api::residency::{ConversationKey, ResidencyEvent};
+use kvtier_api::residency::{ConversationKey, PrefetchReply};
+use kvtier_serve::node_tier::{NodeTier, ResidencyFeed, Subscription};
 use tracing::{debug, warn};
 
 use crate::index::{ClientId, Index, Millis};
@@ -39,73 +40,8 @@ pub struct Agent {
     nvme: Option<Mutex<NvmeTier>>,
     /// Write chunks to NVMe when DRAM evicts them, instead of at commit.
     write_back: bool,
-    residency: Mutex<Residency>,
+    residency: Mutex<ResidencyFeed>,
     pool_id: u64,
-}
-
-pub(crate) const DRAM: usize = 0;
-pub(crate) const NVME: usize = 1;
-
-/// Chunks per conversation per tier, and the stream of changes.
-#[derive(Debug)]
-struct Residency {
-    counts: std::collections::HashMap<u64, [u32; 2]>,
-    seq: u64,
-    tx: tokio::sync::broadcast::Sender<ResidencyEvent>,
-}
-
-impl Residency {
-    fn new() -> Self {
-        Self {
-            counts: std::collections::HashMap::new(),
-            seq: 0,
-            tx: tokio::sync::broadcast::channel(4096).0,
-        }
-    }
-
-    /// One chunk of `conversation` entered (`delta` 1) or left (-1) `tier`; an event when the
-    /// conversation's count there moves from or to zero.
-    fn change(&mut self, conversation: u64, tier: usize, delta: i32) {
-        if conversation == 0 {
-            return;
-        }
-        let c = self.counts.entry(conversation).or_insert([0, 0]);
-        let before = c[tier];
-        let after = if delta >= 0 { before.saturating_add(1) } else { before.saturating_sub(1) };
-        c[tier] = after;
-        if *c == [0, 0] {
-            self.counts.remove(&conversation);
-        }
-        if (before == 0) != (after == 0) {
-            self.seq += 1;
-            let _ = self.tx.send(ResidencyEvent {
-                seq: self.seq,
-                conversation: ConversationKey(conversation),
-                tier: if tier == DRAM { agent::Tier::Dram } else { agent::Tier::Nvme },
-                entered: after > 0,
-                chunks: after,
-            });
-        }
-    }
-
-    /// Current residency as `entered` events, and a subscription to what follows.
-    fn subscribe(&self) -> (Vec<ResidencyEvent>, tokio::sync::broadcast::Receiver<ResidencyEvent>) {
-        let mut now = Vec::new();
-        for (conv, c) in &self.counts {
-            for (tier, n) in [(agent::Tier::Dram, c[DRAM]), (agent::Tier::Nvme, c[NVME])] {
-                if n > 0 {
-                    now.push(ResidencyEvent {
-                        seq: self.seq,
-                        conversation: ConversationKey(*conv),
-                        tier,
-                        entered: true,
-                        chunks: n,
-                    });
-                }
-            }
-        }
-        (now, self.tx.subscribe())
-    }
 }
 
 /// The client id the agent uses for its own reservations and pins (write-through, prefetch).
@@ -156,7 +92,7 @@ impl Agent {
             counters: Counters::default(),
             nvme: None,
             write_back: false,
-            residency: Mutex::new(Residency::new()),
+            residency: Mutex::new(ResidencyFeed::default()),
             pool_id: new_pool_id(),
         }
     }
@@ -167,7 +103,7 @@ impl Agent {
         self.pool_id
     }
 
-    fn residency(&self) -> std::sync::MutexGuard<'_, Residency> {
+    fn residency(&self) -> std::sync::MutexGuard<'_, ResidencyFeed> {
         self.residency.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -178,7 +114,7 @@ impl Agent {
         if !gone.is_empty() {
             let mut r = self.residency();
             for e in &gone {
-                r.change(e.conversation, DRAM, -1);
+                r.change(ConversationKey(e.conversation), agent::Tier::Dram, false);
             }
         }
         gone
@@ -200,7 +136,11 @@ impl Agent {
         for e in gone {
             let sum = self.sum_of(e.slot, e.len, e.checksum);
             match t.write(e.key, self.pool.slot(e.slot), e.len, sum, e.conversation) {
-                Ok(true) => self.residency().change(e.conversation, NVME, 1),
+                Ok(true) => self.residency().change(
+                    ConversationKey(e.conversation),
+                    agent::Tier::Nvme,
+                    true,
+                ),
                 Ok(false) => {}
                 Err(err) => warn!("NVMe write-back of an evicted chunk failed (it is lost): {err}"),
             }
@@ -223,15 +163,13 @@ impl Agent {
         if !gone.is_empty() {
             let mut r = self.residency();
             for (_, conv) in gone {
-                r.change(conv, NVME, -1);
+                r.change(ConversationKey(conv), agent::Tier::Nvme, false);
             }
         }
     }
 
     /// The current residency and a subscription to its changes (`GET /residency`).
-    pub fn subscribe_residency(
-        &self,
-    ) -> (Vec<ResidencyEvent>, tokio::sync::broadcast::Receiver<ResidencyEvent>) {
+    pub fn subscribe_residency(&self) -> Subscription {
         self.residency().subscribe()
     }
 
@@ -242,7 +180,7 @@ impl Agent {
         {
             let mut r = self.residency();
             for conv in tier.conversations() {
-                r.change(conv, NVME, 1);
+                r.change(ConversationKey(conv), agent::Tier::Nvme, true);
             }
         }
         self.nvme = Some(Mutex::new(tier));
@@ -277,7 +215,7 @@ impl Agent {
                     let mut r = self.residency();
                     for (p, was) in pending.iter().zip(before) {
                         if !was && t.contains(&p.key) {
-                            r.change(p.conversation, NVME, 1);
+                            r.change(ConversationKey(p.conversation), agent::Tier::Nvme, true);
                         }
                     }
                 }
@@ -352,7 +290,7 @@ impl Agent {
                     // evictions instead of dropping it before the load.
                     ix.touch(key);
                     if new {
-                        self.residency().change(conv, DRAM, 1);
+                        self.residency().change(ConversationKey(conv), agent::Tier::Dram, true);
                         self.counters.promotions.fetch_add(1, Ordering::Relaxed);
                     }
                     true
@@ -488,7 +426,11 @@ impl Agent {
                         Ok(new) => {
                             applied += 1;
                             if new {
-                                self.residency().change(conv, DRAM, 1);
+                                self.residency().change(
+                                    ConversationKey(conv),
+                                    agent::Tier::Dram,
+                                    true,
+                                );
                             }
                             if let Some((slot, len, sum)) = ix.get(&c.key) {
                                 let conv = ix.conversation_of(&c.key).unwrap_or(conv);
@@ -522,5 +464,21 @@ impl Agent {
             }
             Request::Stats => Response::Stats(self.stats()),
         }
+    }
+}
+
+/// The agent's node tier as `/residency` and `/prefetch` serve it.
+impl NodeTier for Agent {
+    fn subscribe(&self) -> Subscription {
+        self.subscribe_residency()
+    }
+
+    async fn prefetch(self: std::sync::Arc<Self>, conversation: ConversationKey) -> PrefetchReply {
+        // NVMe reads block: off the runtime's threads.
+        let dram_chunks =
+            tokio::task::spawn_blocking(move || self.prefetch_conversation(conversation.0))
+                .await
+                .unwrap_or(0);
+        PrefetchReply { dram_chunks }
     }
 }

@@ -1,356 +1,265 @@
-//! The agent's HTTP side: `GET /metrics` (Prometheus text) and `GET /residency` (residency
-//! events, one JSON object per line).
+//! The agent's HTTP side: `GET /metrics` (open to anyone) and the node tier's control routes
+//! (`GET /residency`, `POST /prefetch/…`, [`kvtier_serve::node_tier`]), which need the
+//! control token when one is set.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use http::{header, HeaderValue, Method, StatusCode};
+use kvtier_serve::node_tier::{self, NodeTierRoutes};
+use kvtier_serve::CancellationToken;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::agent::{Agent, OPS};
 
-impl Agent {
-    /// The agent's figures in Prometheus' text format.
-    #[must_use]
-    pub fn metrics_text(&self) -> String {
-        let s = self.stats();
-        let slot = u64::from(self.pool().slot_bytes());
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let nvme = self.nvme().map(|t| (t.capacity(), t.stats(), t.direct(), t.io_uring()));
-        let mut o = String::with_capacity(4096);
-        let (dram, nv) = ("{tier=\"dram\"}", "{tier=\"nvme\"}");
-        let tiers = |d: u64, n: Option<u64>| -> Vec<(&'static str, u64)> {
-            let mut v = vec![("{tier=\"dram\"}", d)];
-            if let Some(n) = n {
-                v.push(("{tier=\"nvme\"}", n));
-            }
-            v
-        };
-        family(
-            &mut o,
-            "gauge",
-            "kvtier_agent_capacity_bytes",
-            "Capacity per tier.",
-            &tiers(self.pool().bytes(), nvme.map(|n| n.0)),
-        );
-        family(
-            &mut o,
-            "gauge",
-            "kvtier_agent_used_bytes",
-            "Bytes holding chunks, per tier.",
-            &tiers(u64::from(s.used) * slot, nvme.map(|n| n.1.used_bytes)),
-        );
-        family(
-            &mut o,
-            "gauge",
-            "kvtier_agent_reserved_bytes",
-            "Bytes of slots reserved by clients.",
-            &[(dram, u64::from(s.reserved) * slot)],
-        );
-        family(
-            &mut o,
-            "gauge",
-            "kvtier_agent_pinned_chunks",
-            "Chunks pinned by a live lease.",
-            &[("", u64::from(s.pinned))],
-        );
-        family(
-            &mut o,
-            "gauge",
-            "kvtier_agent_locked",
-            "Whether the DRAM pool is locked in memory.",
-            &[("", u64::from(self.pool().locked()))],
-        );
-        family(
-            &mut o,
-            "gauge",
-            "kvtier_agent_clients",
-            "Attached clients.",
-            &[("", get(&c.clients))],
-        );
-        let mut hits = vec![(dram, s.hits)];
-        if nvme.is_some() {
-            hits.push((nv, get(&c.nvme_hits)));
-        }
-        family(&mut o, "counter", "kvtier_agent_lookup_hits", "Keys found, per tier.", &hits);
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_promotions",
-            "Chunks brought from NVMe into DRAM.",
-            &[("", get(&c.promotions))],
-        );
-        let labels: Vec<String> = OPS.iter().map(|o| format!("{{op=\"{o}\"}}")).collect();
-        let counts: Vec<(&str, u64)> =
-            labels.iter().zip(&c.op_count).map(|(l, v)| (l.as_str(), get(v))).collect();
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_requests",
-            "Requests answered, per operation.",
-            &counts,
-        );
-        let seconds: Vec<(&str, f64)> = labels
-            .iter()
-            .zip(&c.op_nanos)
-            .map(|(l, v)| (l.as_str(), get(v) as f64 / 1e9))
-            .collect();
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_request_seconds",
-            "Time spent answering requests, per operation.",
-            &seconds,
-        );
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_lookup_misses",
-            "Keys not in DRAM.",
-            &[("", s.misses)],
-        );
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_evictions",
-            "Chunks evicted, per tier.",
-            &tiers(s.evictions, nvme.map(|n| n.1.evictions)),
-        );
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_commits",
-            "Chunks committed.",
-            &[("", get(&c.commits))],
-        );
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_commits_refused",
-            "Commits refused (not reserved, too long, checksum).",
-            &[("", get(&c.commits_refused))],
-        );
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_committed_bytes",
-            "Bytes committed.",
-            &[("", get(&c.bytes_committed))],
-        );
-        family(
-            &mut o,
-            "counter",
-            "kvtier_agent_malformed_frames",
-            "Connections closed for a malformed frame.",
-            &[("", get(&c.malformed))],
-        );
-        if let Some((_, n, direct, uring)) = nvme {
-            family(
-                &mut o,
-                "counter",
-                "kvtier_agent_nvme_writes",
-                "Chunks written to NVMe.",
-                &[(nv, n.writes)],
-            );
-            family(
-                &mut o,
-                "counter",
-                "kvtier_agent_nvme_reads",
-                "Chunks read back from NVMe.",
-                &[(nv, n.reads)],
-            );
-            family(
-                &mut o,
-                "counter",
-                "kvtier_agent_nvme_corrupt",
-                "NVMe reads that failed their checksum (dropped).",
-                &[(nv, n.corrupt)],
-            );
-            family(
-                &mut o,
-                "gauge",
-                "kvtier_agent_nvme_direct",
-                "Whether NVMe I/O uses O_DIRECT.",
-                &[("", u64::from(direct))],
-            );
-            family(
-                &mut o,
-                "gauge",
-                "kvtier_agent_nvme_io_uring",
-                "Whether NVMe writes go through io_uring.",
-                &[("", u64::from(uring))],
-            );
-        }
-        o
-    }
-}
-
-/// One metric family in Prometheus' text format: help, type, then every sample.
-fn family<T: std::fmt::Display>(
-    o: &mut String,
-    kind: &str,
-    name: &str,
-    help: &str,
-    samples: &[(&str, T)],
-) {
-    use std::fmt::Write as _;
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    let suffix = if kind == "counter" { "_total" } else { "" };
-    for (labels, v) in samples {
-        let _ = writeln!(o, "{name}{suffix}{labels} {v}");
-    }
-}
-
-type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
-
-/// Serves HTTP on `listener` until the task is dropped, with the control routes open to
-/// whoever reaches the port (see [`serve`]).
-pub async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
-    serve(listener, agent, None).await;
-}
-
-/// Serves HTTP on `listener` until the task is dropped: `GET /metrics` (Prometheus text, open
-/// to anyone), and the control routes the router uses, which need `Authorization: Bearer
-/// <control_token>` when a token is given: `GET /residency` (residency events, one JSON object
-/// per line: the current residency as `entered` events, then every change, for as long as the
-/// client stays; it names every conversation on the node) and `POST /prefetch/…`.
+/// Serves the agent's HTTP side on `listener` until `shutdown` is cancelled, then ends open
+/// residency streams and lets in-flight requests finish. `control_token`: what `/residency`
+/// and `/prefetch` ask for (`Authorization: Bearer …`); `None` leaves them open to whoever
+/// reaches the port (the stream names every conversation on the node).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     agent: Arc<Agent>,
     control_token: Option<String>,
+    shutdown: CancellationToken,
 ) {
-    let token: Option<Arc<str>> = control_token.map(Into::into);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let agent = agent.clone();
-        let token = token.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let agent = agent.clone();
-                    let token = token.clone();
-                    async move {
-                        if req.uri().path() != "/metrics" && !authorized(&req, token.as_deref()) {
-                            let mut res = hyper::Response::new(http_body_util::BodyExt::boxed(
-                                http_body_util::Full::new(bytes::Bytes::from_static(
-                                    b"the control routes need the agent's control token\n",
-                                )),
-                            ));
-                            *res.status_mut() = hyper::StatusCode::UNAUTHORIZED;
-                            res.headers_mut().insert(
-                                hyper::header::WWW_AUTHENTICATE,
-                                hyper::header::HeaderValue::from_static("Bearer"),
-                            );
-                            return Ok::<_, std::convert::Infallible>(res);
-                        }
-                        if req.method() == hyper::Method::POST {
-                            return Ok::<_, std::convert::Infallible>(prefetch(agent, &req).await);
-                        }
-                        Ok(http_route(&agent, &req))
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, svc)
-                .await;
-        });
+    let metrics = Arc::new(Mutex::new(AgentMetrics::new(&agent)));
+    let routes = NodeTierRoutes::new(agent.clone(), control_token, shutdown.clone());
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (agent, metrics, routes) = (agent.clone(), metrics.clone(), routes.clone());
+        async move {
+            let path = req.uri().path();
+            let res = if NodeTierRoutes::<Agent>::owns(path) {
+                routes.handle(&req).await
+            } else if path == "/metrics" && req.method() == Method::GET {
+                let text = metrics.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut res = node_tier::text(StatusCode::OK, text.encode(&agent));
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                res
+            } else if path == "/metrics" {
+                let mut res = node_tier::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+                res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+                res
+            } else {
+                node_tier::text(StatusCode::NOT_FOUND, "GET /metrics or /residency\n")
+            };
+            Ok::<_, std::convert::Infallible>(res)
+        }
+    });
+    kvtier_serve::run(listener, service, shutdown, kvtier_serve::Options::default()).await;
+}
+
+/// A node tier, as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum TierLabel {
+    Dram,
+    Nvme,
+}
+
+impl EncodeLabelValue for TierLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Self::Dram => "dram",
+            Self::Nvme => "nvme",
+        })
     }
 }
 
-/// Whether `req` carries the control token (always, when there is none).
-fn authorized(req: &hyper::Request<hyper::body::Incoming>, token: Option<&str>) -> bool {
-    let Some(token) = token else { return true };
-    let given = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .unwrap_or_default();
-    // Compared in constant time: the comparison says nothing of how much matched.
-    given.len() == token.len()
-        && given.iter().zip(token.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: TierLabel,
 }
 
-/// `POST /prefetch/CONVERSATION` (the key in hex): brings the conversation's NVMe chunks
-/// into DRAM, at most as many as the pool holds; answers how many of its chunks are in DRAM
-/// afterwards (`{"dram_chunks": N}`).
-async fn prefetch(
-    agent: Arc<Agent>,
-    req: &hyper::Request<hyper::body::Incoming>,
-) -> hyper::Response<HttpBody> {
-    use http_body_util::{BodyExt, Full};
-    let reply = |status: hyper::StatusCode, body: String| {
-        let mut res = hyper::Response::new(Full::new(bytes::Bytes::from(body)).boxed());
-        *res.status_mut() = status;
-        res
-    };
-    let key = req
-        .uri()
-        .path()
-        .strip_prefix("/prefetch/")
-        .and_then(kvtier_api::residency::ConversationKey::from_hex);
-    let Some(key) = key else {
-        return reply(hyper::StatusCode::NOT_FOUND, "POST /prefetch/<conversation hex>\n".into());
-    };
-    let n =
-        tokio::task::spawn_blocking(move || agent.prefetch_conversation(key.0)).await.unwrap_or(0);
-    reply(hyper::StatusCode::OK, format!("{{\"dram_chunks\":{n}}}\n"))
+/// An agent protocol operation (one of [`OPS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
 }
 
-fn http_route(
-    agent: &Agent,
-    req: &hyper::Request<hyper::body::Incoming>,
-) -> hyper::Response<HttpBody> {
-    use http_body_util::{BodyExt, Full, StreamBody};
-    use hyper::body::Frame;
-    let text = |status: hyper::StatusCode, body: String, kind: &'static str| {
-        let mut res = hyper::Response::new(Full::new(bytes::Bytes::from(body)).boxed());
-        *res.status_mut() = status;
-        res.headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
-        res
-    };
-    if req.method() != hyper::Method::GET {
-        return text(hyper::StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), "text/plain");
+const DRAM: TierLabels = TierLabels { tier: TierLabel::Dram };
+const NVME: TierLabels = TierLabels { tier: TierLabel::Nvme };
+
+/// The agent's metrics, `kvtier_agent_*`. The figures live in the agent (its index, pool,
+/// NVMe tier and counters); a scrape copies them in and encodes.
+#[derive(Debug)]
+struct AgentMetrics {
+    registry: Registry,
+    capacity: Family<TierLabels, Gauge>,
+    used: Family<TierLabels, Gauge>,
+    reserved: Family<TierLabels, Gauge>,
+    pinned: Gauge,
+    locked: Gauge,
+    clients: Gauge,
+    hits: Family<TierLabels, Counter>,
+    misses: Counter,
+    promotions: Counter,
+    requests: Family<OpLabels, Counter>,
+    request_seconds: Family<OpLabels, Counter<f64, AtomicU64>>,
+    evictions: Family<TierLabels, Counter>,
+    commits: Counter,
+    commits_refused: Counter,
+    committed_bytes: Counter,
+    malformed: Counter,
+    /// Only with an NVMe tier.
+    nvme: Option<NvmeMetrics>,
+}
+
+#[derive(Debug, Default)]
+struct NvmeMetrics {
+    writes: Family<TierLabels, Counter>,
+    reads: Family<TierLabels, Counter>,
+    corrupt: Family<TierLabels, Counter>,
+    direct: Gauge,
+    io_uring: Gauge,
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Sets a counter that mirrors a running total kept elsewhere.
+fn mirror(c: &Counter, total: u64) {
+    c.inner().store(total, Ordering::Relaxed);
+}
+
+impl AgentMetrics {
+    fn new(agent: &Agent) -> Self {
+        let mut r = Registry::default();
+        let m = Self {
+            capacity: Family::default(),
+            used: Family::default(),
+            reserved: Family::default(),
+            pinned: Gauge::default(),
+            locked: Gauge::default(),
+            clients: Gauge::default(),
+            hits: Family::default(),
+            misses: Counter::default(),
+            promotions: Counter::default(),
+            requests: Family::default(),
+            request_seconds: Family::default(),
+            evictions: Family::default(),
+            commits: Counter::default(),
+            commits_refused: Counter::default(),
+            committed_bytes: Counter::default(),
+            malformed: Counter::default(),
+            nvme: agent.nvme().map(|_| NvmeMetrics::default()),
+            registry: Registry::default(),
+        };
+        r.register("kvtier_agent_capacity_bytes", "Capacity per tier", m.capacity.clone());
+        r.register("kvtier_agent_used_bytes", "Bytes holding chunks, per tier", m.used.clone());
+        r.register(
+            "kvtier_agent_reserved_bytes",
+            "Bytes of slots reserved by clients",
+            m.reserved.clone(),
+        );
+        r.register("kvtier_agent_pinned_chunks", "Chunks pinned by a live lease", m.pinned.clone());
+        r.register(
+            "kvtier_agent_locked",
+            "Whether the DRAM pool is locked in memory",
+            m.locked.clone(),
+        );
+        r.register("kvtier_agent_clients", "Attached clients", m.clients.clone());
+        r.register("kvtier_agent_lookup_hits", "Keys found, per tier", m.hits.clone());
+        r.register("kvtier_agent_lookup_misses", "Keys not in DRAM", m.misses.clone());
+        r.register(
+            "kvtier_agent_promotions",
+            "Chunks brought from NVMe into DRAM",
+            m.promotions.clone(),
+        );
+        r.register("kvtier_agent_requests", "Requests answered, per operation", m.requests.clone());
+        r.register(
+            "kvtier_agent_request_seconds",
+            "Time spent answering requests, per operation",
+            m.request_seconds.clone(),
+        );
+        r.register("kvtier_agent_evictions", "Chunks evicted, per tier", m.evictions.clone());
+        r.register("kvtier_agent_commits", "Chunks committed", m.commits.clone());
+        r.register(
+            "kvtier_agent_commits_refused",
+            "Commits refused (not reserved, too long, checksum)",
+            m.commits_refused.clone(),
+        );
+        r.register("kvtier_agent_committed_bytes", "Bytes committed", m.committed_bytes.clone());
+        r.register(
+            "kvtier_agent_malformed_frames",
+            "Connections closed for a malformed frame",
+            m.malformed.clone(),
+        );
+        if let Some(n) = &m.nvme {
+            r.register("kvtier_agent_nvme_writes", "Chunks written to NVMe", n.writes.clone());
+            r.register("kvtier_agent_nvme_reads", "Chunks read back from NVMe", n.reads.clone());
+            r.register(
+                "kvtier_agent_nvme_corrupt",
+                "NVMe reads that failed their checksum (dropped)",
+                n.corrupt.clone(),
+            );
+            r.register(
+                "kvtier_agent_nvme_direct",
+                "Whether NVMe I/O uses O_DIRECT",
+                n.direct.clone(),
+            );
+            r.register(
+                "kvtier_agent_nvme_io_uring",
+                "Whether NVMe writes go through io_uring",
+                n.io_uring.clone(),
+            );
+        }
+        Self { registry: r, ..m }
     }
-    match req.uri().path() {
-        "/metrics" => {
-            text(hyper::StatusCode::OK, agent.metrics_text(), "text/plain; version=0.0.4")
+
+    /// Copies `agent`'s figures in and encodes them in the OpenMetrics text format.
+    fn encode(&self, agent: &Agent) -> String {
+        let s = agent.stats();
+        let slot = u64::from(agent.pool().slot_bytes());
+        let c = &agent.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.capacity.get_or_create(&DRAM).set(gauge(agent.pool().bytes()));
+        self.used.get_or_create(&DRAM).set(gauge(u64::from(s.used) * slot));
+        self.reserved.get_or_create(&DRAM).set(gauge(u64::from(s.reserved) * slot));
+        self.pinned.set(i64::from(s.pinned));
+        self.locked.set(i64::from(agent.pool().locked()));
+        self.clients.set(gauge(get(&c.clients)));
+        mirror(&self.hits.get_or_create(&DRAM), s.hits);
+        mirror(&self.misses, s.misses);
+        mirror(&self.promotions, get(&c.promotions));
+        for (i, op) in OPS.iter().enumerate() {
+            let labels = OpLabels { op };
+            mirror(&self.requests.get_or_create(&labels), get(&c.op_count[i]));
+            let seconds = get(&c.op_nanos[i]) as f64 / 1e9;
+            self.request_seconds
+                .get_or_create(&labels)
+                .inner()
+                .store(seconds.to_bits(), Ordering::Relaxed);
         }
-        "/residency" => {
-            let (now, mut rx) = agent.subscribe_residency();
-            let (tx, out) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
-            tokio::spawn(async move {
-                for e in now {
-                    if tx.send(e.to_json_line().into()).await.is_err() {
-                        return;
-                    }
-                }
-                loop {
-                    match rx.recv().await {
-                        Ok(e) => {
-                            if tx.send(e.to_json_line().into()).await.is_err() {
-                                return;
-                            }
-                        }
-                        // A slow reader missed events: the gap in `seq` tells it to resubscribe.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    }
-                }
-            });
-            let frames = futures_util::StreamExt::map(
-                tokio_stream::wrappers::ReceiverStream::new(out),
-                |b| Ok::<_, std::convert::Infallible>(Frame::data(b)),
-            );
-            let mut res = hyper::Response::new(BodyExt::boxed(StreamBody::new(frames)));
-            res.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/x-ndjson"),
-            );
-            res
+        mirror(&self.evictions.get_or_create(&DRAM), s.evictions);
+        mirror(&self.commits, get(&c.commits));
+        mirror(&self.commits_refused, get(&c.commits_refused));
+        mirror(&self.committed_bytes, get(&c.bytes_committed));
+        mirror(&self.malformed, get(&c.malformed));
+        if let (Some(n), Some(tier)) = (&self.nvme, agent.nvme()) {
+            let st = tier.stats();
+            self.capacity.get_or_create(&NVME).set(gauge(tier.capacity()));
+            self.used.get_or_create(&NVME).set(gauge(st.used_bytes));
+            mirror(&self.hits.get_or_create(&NVME), get(&c.nvme_hits));
+            mirror(&self.evictions.get_or_create(&NVME), st.evictions);
+            mirror(&n.writes.get_or_create(&NVME), st.writes);
+            mirror(&n.reads.get_or_create(&NVME), st.reads);
+            mirror(&n.corrupt.get_or_create(&NVME), st.corrupt);
+            n.direct.set(i64::from(tier.direct()));
+            n.io_uring.set(i64::from(tier.io_uring()));
         }
-        _ => {
-            text(hyper::StatusCode::NOT_FOUND, "GET /metrics or /residency\n".into(), "text/plain")
-        }
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
     }
 }

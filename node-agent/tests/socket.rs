@@ -259,7 +259,12 @@ fn metrics_move() {
     let (path, agent, rt) = start(4);
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(kvtier_node_agent::http::serve_metrics(listener, agent.clone()));
+    rt.spawn(kvtier_node_agent::http::serve(
+        listener,
+        agent.clone(),
+        None,
+        kvtier_serve::CancellationToken::new(),
+    ));
     let mut c = Client::connect(&path, "m").expect("attach");
     let slot = c.reserve(1).expect("reserve")[0];
     assert!(c.put(ChunkKey(1), slot, &chunk(1)).expect("commit"));
@@ -472,7 +477,12 @@ fn residency_events_follow_a_conversation_through_the_tiers() {
     let (path, agent, rt) = start_with(2, Some(&dir));
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(kvtier_node_agent::http::serve_metrics(listener, agent.clone()));
+    rt.spawn(kvtier_node_agent::http::serve(
+        listener,
+        agent.clone(),
+        None,
+        kvtier_serve::CancellationToken::new(),
+    ));
     let mut c = Client::connect(&path, "c").expect("attach");
     let (a, b) = (ConversationKey::of_session("agent-a"), ConversationKey::of_session("agent-b"));
     // Conversation a: one chunk, before anyone listens (it shows in the snapshot).
@@ -580,7 +590,12 @@ fn a_conversation_on_nvme_is_prefetched_into_dram_over_http() {
     let (path, agent, rt) = start_with(2, Some(&dir));
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(kvtier_node_agent::http::serve_metrics(listener, agent.clone()));
+    rt.spawn(kvtier_node_agent::http::serve(
+        listener,
+        agent.clone(),
+        None,
+        kvtier_serve::CancellationToken::new(),
+    ));
     let mut c = Client::connect(&path, "c").expect("attach");
     let (a, b) = (ConversationKey::of_session("paused"), ConversationKey::of_session("busy"));
     let s = c.reserve(2).expect("reserve");
@@ -756,7 +771,12 @@ fn the_control_routes_need_the_token_and_metrics_do_not() {
     let (_path, agent, rt) = start(2);
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(kvtier_node_agent::http::serve(listener, agent, Some("s3cret".into())));
+    rt.spawn(kvtier_node_agent::http::serve(
+        listener,
+        agent,
+        Some("s3cret".into()),
+        kvtier_serve::CancellationToken::new(),
+    ));
     let ask = |method: &str, path: &str, auth: &str| -> String {
         let mut s = std::net::TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");

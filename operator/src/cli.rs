@@ -53,9 +53,14 @@ pub async fn run(
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
     let metrics = Arc::new(Metrics::new());
-    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let stop_http = kvtier_serve::CancellationToken::new();
+    let http = tokio::spawn(metrics::serve(listener, metrics.clone(), stop_http.clone()));
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes cluster: set KUBECONFIG or run inside a Pod")?;
-    crate::controller::run(client, settings, metrics, args.namespace, shutdown).await
+    let ran = crate::controller::run(client, settings, metrics, args.namespace, shutdown).await;
+    // The probes and metrics stay up while the controller finishes its reconciles.
+    stop_http.cancel();
+    let _ = http.await;
+    ran
 }

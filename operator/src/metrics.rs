@@ -72,37 +72,28 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let m = metrics.clone();
-                    async move {
-                        let (status, body) = match req.uri().path() {
-                            "/metrics" => (200, m.text()),
-                            "/healthz" => (200, "ok\n".to_owned()),
-                            "/readyz" if m.ready.load(Ordering::Relaxed) => {
-                                (200, "ok\n".to_owned())
-                            }
-                            "/readyz" => (503, "the controller is not running yet\n".to_owned()),
-                            _ => (404, "not found\n".to_owned()),
-                        };
-                        let mut res = hyper::Response::new(Full::new(Bytes::from(body)));
-                        *res.status_mut() =
-                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-                        Ok::<_, Infallible>(res)
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` is cancelled,
+/// then lets requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: kvtier_serve::CancellationToken,
+) {
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let m = metrics.clone();
+        async move {
+            let (status, body) = match req.uri().path() {
+                "/metrics" => (200, m.text()),
+                "/healthz" => (200, "ok\n".to_owned()),
+                "/readyz" if m.ready.load(Ordering::Relaxed) => (200, "ok\n".to_owned()),
+                "/readyz" => (503, "the controller is not running yet\n".to_owned()),
+                _ => (404, "not found\n".to_owned()),
+            };
+            let mut res = hyper::Response::new(Full::new(Bytes::from(body)));
+            *res.status_mut() =
+                hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+            Ok::<_, Infallible>(res)
+        }
+    });
+    kvtier_serve::run(listener, svc, shutdown, kvtier_serve::Options::default()).await;
 }

@@ -10,15 +10,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use kvtier_serve::{accept, Connections};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use crate::config::RouterConfig;
 use crate::discovery::Discovery;
@@ -112,11 +110,10 @@ pub async fn run(
         let app = app.clone();
         let control = control.clone();
         tasks.spawn(async move {
-            let graceful = GracefulShutdown::new();
+            let mut connections = Connections::new(serve_options(&app));
             tokio::pin!(let never = std::future::pending::<()>(););
-            loop {
-                let Some(stream) = accept(&l, &mut never).await else { return };
-                serve_connection(&app, &control, &graceful, stream, Surface::Metrics);
+            while let Some(stream) = accept(&l, never.as_mut()).await {
+                serve_connection(&app, &control, &mut connections, stream, Surface::Metrics);
             }
         });
     }
@@ -132,7 +129,7 @@ pub async fn run(
     );
     tokio::pin!(shutdown);
     let mut next = 0usize;
-    while let Some(stream) = accept(&listener, &mut shutdown).await {
+    while let Some(stream) = accept(&listener, shutdown.as_mut()).await {
         // Round-robin over workers; a connection stays on its worker for its life.
         match stream.into_std() {
             Ok(std) => {
@@ -144,6 +141,9 @@ pub async fn run(
             Err(error) => debug!(%error, "connection lost before hand-off"),
         }
     }
+    // Closed now, not when draining ends: new connections are refused (and go to another
+    // replica) instead of waiting in the backlog of a router that will never serve them.
+    drop(listener);
     tasks.abort_all();
     info!("draining in-flight responses");
     let drained = workers.into_iter().map(Worker::stop);
@@ -167,29 +167,12 @@ fn apply_endpoints(app: &App, specs: &[EndpointSpec]) {
     }
 }
 
-/// The next connection, with TCP_NODELAY set, or `None` once `shutdown` completes.
-async fn accept(
-    listener: &TcpListener,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Option<TcpStream> {
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.as_mut() => return None,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                if let Err(error) = stream.set_nodelay(true) {
-                    debug!(%error, "TCP_NODELAY not set");
-                }
-                return Some(stream);
-            }
-            Err(error) => {
-                // Per-connection failures (e.g. EMFILE) must not stop the router.
-                warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+/// How the router serves its connections.
+fn serve_options(app: &App) -> kvtier_serve::Options {
+    kvtier_serve::Options {
+        header_timeout: app.config.client.header_timeout,
+        max_buf_size: Some(READ_BUFFER_BYTES),
+        drain_timeout: DRAIN_TIMEOUT,
     }
 }
 
@@ -197,7 +180,7 @@ async fn accept(
 fn serve_connection(
     app: &Arc<App>,
     upstream: &Upstream,
-    graceful: &GracefulShutdown,
+    connections: &mut Connections,
     stream: TcpStream,
     surface: Surface,
 ) {
@@ -213,17 +196,7 @@ fn serve_connection(
             }
         })
     };
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.config.client.header_timeout)
-        .max_buf_size(READ_BUFFER_BYTES)
-        .serve_connection(TokioIo::new(stream), service);
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            debug!(%error, "connection ended with an error");
-        }
-    });
+    connections.serve(stream, service);
 }
 
 /// A worker thread with its own runtime and endpoint connection pool.
@@ -241,18 +214,22 @@ impl Worker {
         std::thread::Builder::new().name(format!("kvtier-router-{index}")).spawn(move || {
             runtime.block_on(async move {
                 let upstream = Upstream::new(&app.config.upstream);
-                let graceful = GracefulShutdown::new();
+                let mut connections = Connections::new(serve_options(&app));
                 while let Some(std) = incoming.recv().await {
                     match TcpStream::from_std(std) {
                         Ok(stream) => {
-                            serve_connection(&app, &upstream, &graceful, stream, Surface::Api);
+                            serve_connection(
+                                &app,
+                                &upstream,
+                                &mut connections,
+                                stream,
+                                Surface::Api,
+                            );
                         }
                         Err(error) => debug!(%error, "connection lost in hand-off"),
                     }
                 }
-                if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-                    warn!("responses still in flight after the drain timeout were cut");
-                }
+                connections.drain().await;
             });
             let _ = done_tx.send(());
         })?;

@@ -2,14 +2,15 @@
 //! happened to it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::engine::{Engine, Event, Submission};
-use crate::server::{lock, Shared, Snapshot};
+use crate::clock::SimClock;
+use crate::engine::{Counters, Engine, Event, Gauges, Submission};
+use crate::sync::lock;
 
 /// Output is sent to clients at most this often per request (real time), so a fast time
 /// scale does not turn into one network write per simulated token.
@@ -17,6 +18,22 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Steps closer than this (real time) to the clock are run without sleeping.
 const SLEEP_SLACK: Duration = Duration::from_micros(500);
+
+/// What the engine task publishes for `/metrics` and for callers in the same process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    /// Simulated time of the engine.
+    pub time: f64,
+    /// How far the engine ran behind the clock at worst, in simulated seconds (a machine
+    /// too slow for the time scale shows here).
+    pub max_lag: f64,
+    /// Running totals.
+    pub counters: Counters,
+    /// Point-in-time figures.
+    pub gauges: Gauges,
+    /// Share of HBM blocks in use.
+    pub kv_usage: f64,
+}
 
 /// What a request handler tells the engine task.
 #[derive(Debug)]
@@ -45,15 +62,15 @@ struct Slot {
 /// for, then its events are delivered; requests that arrive meanwhile join at the next step.
 pub(crate) async fn drive(
     mut engine: Engine,
-    shared: Arc<Shared>,
+    clock: SimClock,
+    snapshot: Arc<Mutex<Snapshot>>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
-    let clock = shared.clock;
     let mut slots: HashMap<u64, Slot> = HashMap::new();
     let mut max_lag = 0.0f64;
     let mut last_publish = Instant::now();
     let publish = |engine: &Engine, max_lag: f64| {
-        *lock(&shared.snapshot) = Snapshot {
+        *lock(&snapshot) = Snapshot {
             time: engine.time(),
             max_lag,
             counters: engine.counters(),

@@ -11,6 +11,8 @@ mod node;
 pub mod plan;
 pub mod profile;
 pub mod server;
+mod state;
+mod sync;
 pub mod tokens;
 
 pub use clock::SimClock;

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use crate::engine::Strategy;
-use crate::server::{lock, Shared};
+use crate::state::Shared;
+use crate::sync::lock;
 
 /// The engine's figures in Prometheus' text format, under vLLM's metric names (and
 /// `kvtier_sim_*` for what vLLM does not report).

@@ -1,69 +1,50 @@
-//! What a simulated replica serves as its node's agent would: the node tiers' residency
-//! stream and prefetch, and the conversation a request's KV is attributed to.
+//! A simulated replica's node tiers as the node-agent serves its own
+//! ([`kvtier_serve::node_tier`]): the residency stream and prefetch, and the conversation a
+//! request's KV is attributed to.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
-use http::{header, Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use http::Request;
+use kvtier_api::residency::{ConversationKey, PrefetchReply};
+use kvtier_serve::node_tier::{NodeTier, Subscription};
 
-use crate::server::{error, json, Body, Shared};
+use crate::clock::SimClock;
+use crate::engine::HostTiers;
 
-/// The host tiers' residency events, one JSON object per line, as the node-agent streams them.
-pub(crate) fn residency(st: &Arc<Shared>) -> Response<Body> {
-    let (now, rx) = st.tiers.subscribe();
-    let (tx, out) = mpsc::unbounded_channel::<Bytes>();
-    tokio::spawn(async move {
-        for e in now {
-            if tx.send(e.to_json_line().into()).is_err() {
-                return;
-            }
-        }
-        let mut rx = rx;
-        loop {
-            match rx.recv().await {
-                Ok(e) => {
-                    if tx.send(e.to_json_line().into()).is_err() {
-                        return;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    let frames = UnboundedReceiverStream::new(out).map(|b| Ok::<_, Infallible>(Frame::data(b)));
-    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
-    res
+/// The node tiers one replica writes through to (shared with its node's other replicas), and
+/// what a prefetch costs.
+#[derive(Debug)]
+pub(crate) struct SimNode {
+    pub(crate) tiers: HostTiers,
+    /// Bytes of one block, and NVMe's read bandwidth in bytes per simulated second.
+    pub(crate) block_bytes: f64,
+    pub(crate) nvme_bytes_per_s: f64,
+    pub(crate) clock: SimClock,
 }
 
-/// `POST /prefetch/CONVERSATION`: the node-agent's prefetch. The blocks move from NVMe to DRAM
-/// after the time reading them takes at the profile's NVMe bandwidth (simulated).
-pub(crate) async fn prefetch(st: &Arc<Shared>, path: &str) -> Response<Body> {
-    let Some(key) =
-        path.strip_prefix("/prefetch/").and_then(kvtier_api::residency::ConversationKey::from_hex)
-    else {
-        return error(StatusCode::NOT_FOUND, "POST /prefetch/<conversation hex>");
-    };
-    let blocks = st.tiers.nvme_blocks_of(key.0);
-    let c = &st.config.cost;
-    let seconds = blocks.len() as f64 * c.block_bytes / c.nvme_bytes_per_s;
-    tokio::time::sleep(std::time::Duration::from_secs_f64(seconds / st.clock.scale())).await;
-    let moved = st.tiers.promote(&blocks, key.0);
-    json(StatusCode::OK, format!("{{\"dram_chunks\":{moved}}}\n"))
+impl NodeTier for SimNode {
+    fn subscribe(&self) -> Subscription {
+        self.tiers.subscribe()
+    }
+
+    /// The blocks move from NVMe to DRAM after the time reading them takes at the profile's
+    /// NVMe bandwidth (simulated).
+    async fn prefetch(self: Arc<Self>, conversation: ConversationKey) -> PrefetchReply {
+        let blocks = self.tiers.nvme_blocks_of(conversation.0);
+        let seconds = blocks.len() as f64 * self.block_bytes / self.nvme_bytes_per_s;
+        let real = seconds / self.clock.scale();
+        if real.is_finite() && real > 0.0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(real)).await;
+        }
+        self.tiers.promote(&blocks, conversation.0);
+        PrefetchReply { dram_chunks: self.tiers.dram_blocks_of(conversation.0) }
+    }
 }
 
 /// The conversation a request belongs to, from its session header.
-pub(crate) fn conversation_of(req: &Request<Incoming>) -> u64 {
+pub(crate) fn conversation_of<B>(req: &Request<B>) -> u64 {
     ["x-session-id", "x-claude-code-session-id"]
         .iter()
         .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
-        .map_or(0, |s| kvtier_api::residency::ConversationKey::of_session(s).0)
+        .map_or(0, |s| ConversationKey::of_session(s).0)
 }

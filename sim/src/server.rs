@@ -12,21 +12,24 @@ use futures_util::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tracing::debug;
+
+use kvtier_serve::node_tier::NodeTierRoutes;
+use kvtier_serve::CancellationToken;
 
 use crate::clock::SimClock;
+pub use crate::driver::Snapshot;
 use crate::driver::{drive, Msg, Update};
-use crate::engine::{Counters, Engine, EngineConfig, Gauges, HostTiers, Strategy, Submission};
+use crate::engine::{Engine, EngineConfig, HostTiers, Strategy, Submission};
+use crate::node::SimNode;
 use crate::profile::Profile;
+use crate::state::Shared;
+use crate::sync::lock;
 use crate::tokens::{self, Message, Rendered};
 
 mod agent;
@@ -51,51 +54,22 @@ pub struct SimOptions {
     pub answer_tokens: Option<u32>,
 }
 
-/// What the engine task publishes for `/metrics` and for callers in the same process.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Snapshot {
-    /// Simulated time of the engine.
-    pub time: f64,
-    /// How far the engine ran behind the clock at worst, in simulated seconds (a machine
-    /// too slow for the time scale shows here).
-    pub max_lag: f64,
-    /// Running totals.
-    pub counters: Counters,
-    /// Point-in-time figures.
-    pub gauges: Gauges,
-    /// Share of HBM blocks in use.
-    pub kv_usage: f64,
-}
-
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) model: String,
-    pub(crate) config: EngineConfig,
-    pub(crate) clock: SimClock,
-    tx: mpsc::UnboundedSender<Msg>,
-    pub(crate) snapshot: Mutex<Snapshot>,
-    next_id: AtomicU64,
-    /// Makes this engine's stored-response ids unlike any other engine's.
-    id_salt: u64,
-    pub(crate) profile: String,
-    answer_tokens: Option<u32>,
-    pub(crate) tiers: HostTiers,
-    /// The Responses API's stored responses.
-    responses: Mutex<agent::Stored>,
-}
-
-/// A running simulated engine.
+/// A running simulated engine. Dropping it kills it at once, connections and all, as a
+/// crashed engine dies; [`Sim::shutdown`] stops it gracefully.
 #[derive(Debug)]
 pub struct Sim {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+    driver: tokio::task::JoinHandle<()>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Sim {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        self.driver.abort();
+        if let Some(s) = &self.server {
+            s.abort();
         }
     }
 }
@@ -138,12 +112,19 @@ impl Sim {
         let addr = listener.local_addr().expect("bound listener");
         let config = options.profile.engine_config(options.strategy);
         let (tx, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let node = SimNode {
+            tiers: tiers.clone(),
+            block_bytes: config.cost.block_bytes,
+            nvme_bytes_per_s: config.cost.nvme_bytes_per_s,
+            clock,
+        };
         let shared = Arc::new(Shared {
             model: options.served_model.unwrap_or_else(|| options.profile.served_model.clone()),
             config,
             clock,
             tx,
-            snapshot: Mutex::new(Snapshot::default()),
+            snapshot: Arc::default(),
             next_id: AtomicU64::new(1),
             id_salt: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -151,35 +132,36 @@ impl Sim {
                 ^ (u64::from(addr.port()) << 48),
             profile: options.profile.name.clone(),
             answer_tokens: options.answer_tokens,
-            tiers: tiers.clone(),
+            node: NodeTierRoutes::new(Arc::new(node), None, stop.clone()),
             responses: Mutex::default(),
         });
-        let driver = tokio::spawn(drive(Engine::with_tiers(config, tiers), shared.clone(), rx));
+        let driver = tokio::spawn(drive(
+            Engine::with_tiers(config, tiers),
+            clock,
+            shared.snapshot.clone(),
+            rx,
+        ));
         let st = shared.clone();
-        let server = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let _ = stream.set_nodelay(true);
-                let st = st.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(&st, req).await) }
-                    });
-                    if let Err(e) = http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(std::time::Duration::from_secs(10))
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
-                    {
-                        debug!("connection: {e}");
-                    }
-                });
-                while conns.try_join_next().is_some() {}
+        let service = service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(handle(&st, req).await) }
+        });
+        let server = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                kvtier_serve::run(listener, service, stop, kvtier_serve::Options::default()).await;
             }
         });
-        Self { addr, shared, tasks: vec![driver, server] }
+        Self { addr, shared, stop, driver, server: Some(server) }
+    }
+
+    /// Stops taking connections, lets the responses in flight finish (the engine keeps
+    /// running until they have), ends open residency streams, then stops the engine.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
     }
 
     /// `http://127.0.0.1:port`.
@@ -205,10 +187,6 @@ impl Sim {
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -245,8 +223,7 @@ async fn handle(st: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/health") => Response::new(Full::new(Bytes::new()).boxed()),
         (&Method::GET, "/v1/models") => models(st),
         (&Method::GET, "/metrics") => metrics(st),
-        (&Method::GET, "/residency") => crate::node::residency(st),
-        (&Method::POST, p) if p.starts_with("/prefetch/") => crate::node::prefetch(st, p).await,
+        (_, p) if NodeTierRoutes::<SimNode>::owns(p) => st.node.handle(&req).await,
         (&Method::POST, "/v1/chat/completions") => generate(st, req, Api::Chat).await,
         (&Method::POST, "/v1/completions") => generate(st, req, Api::Completions).await,
         (&Method::POST, "/v1/messages") => generate(st, req, Api::Messages).await,

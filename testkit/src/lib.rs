@@ -19,12 +19,9 @@ use futures_util::stream;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
 
 /// One request as the stand-in received it.
 #[derive(Debug, Clone)]
@@ -98,23 +95,15 @@ impl StubEngine {
             served: AtomicU64::new(0),
         });
         let st = state.clone();
+        let service = service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(handle(&st, req).await) }
+        });
+        // The connections belong to the server task, so aborting it kills them too: the
+        // stand-in dies the way a crashed engine does.
         let server = tokio::spawn(async move {
-            // Connections live in this set, so aborting the server task kills them too: the
-            // stand-in dies the way a crashed engine does.
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let _ = stream.set_nodelay(true);
-                let st = st.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(&st, req).await) }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
+            let stop = kvtier_serve::CancellationToken::new();
+            kvtier_serve::run(listener, service, stop, kvtier_serve::Options::default()).await;
         });
         Self { addr, state, server }
     }

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvtier_api::agent::Tier;
-use kvtier_api::residency::{ConversationKey, ResidencyEvent};
+use kvtier_api::residency::{prefetch_path, ConversationKey, ResidencyEvent};
 
 use super::{lock, Applied, GapModel, TierRouting};
 
@@ -36,21 +35,6 @@ pub fn tag_conversation(body: &[u8], conversation: ConversationKey) -> Option<by
     out.extend_from_slice(member.as_bytes());
     out.extend_from_slice(rest);
     Some(out.into())
-}
-
-fn parse_event(line: &str) -> Option<ResidencyEvent> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    Some(ResidencyEvent {
-        seq: v.get("seq")?.as_u64()?,
-        conversation: ConversationKey::from_hex(v.get("conversation")?.as_str()?)?,
-        tier: match v.get("tier")?.as_str()? {
-            "dram" => Tier::Dram,
-            "nvme" => Tier::Nvme,
-            _ => Tier::Absent,
-        },
-        entered: v.get("event")?.as_str()? == "entered",
-        chunks: u32::try_from(v.get("chunks")?.as_u64()?).ok()?,
-    })
 }
 
 /// Follows `node`'s residency stream at `url` (`GET`, one JSON event per line) into `t` for
@@ -123,7 +107,9 @@ async fn stream_once(node: &str, url: &str, t: &TierRouting) -> Result<(), Strin
         buf.extend_from_slice(&data);
         while let Some(i) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
-            let Some(e) = std::str::from_utf8(&line).ok().and_then(|l| parse_event(l.trim()))
+            let Some(e) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| ResidencyEvent::from_json_line(l.trim()))
             else {
                 continue;
             };
@@ -146,7 +132,7 @@ pub async fn prefetch_loop(t: Arc<TierRouting>, p: PrefetchConfig) {
         for (c, node, url) in t.prefetch_due(Instant::now(), &p.gaps, p.horizon, p.threshold) {
             let token = t.control_token.clone();
             tokio::spawn(async move {
-                let target = format!("{url}/prefetch/{}", c.to_hex());
+                let target = format!("{url}{}", prefetch_path(c));
                 if let Err(e) = request(http::Method::POST, &target, "/", token.as_deref()).await {
                     tracing::debug!(%node, error = %e, "prefetch");
                 }
@@ -205,6 +191,7 @@ pub struct PrefetchConfig {
 mod tests {
     use super::*;
     use crate::tiers::{Holding, TierCosts};
+    use kvtier_api::agent::Tier;
 
     fn study() -> TierCosts {
         TierCosts::from_rates(126_976.0, 2400.0, 20e9, 6e9)
@@ -220,9 +207,9 @@ mod tests {
             chunks: 9,
         }
         .to_json_line();
-        let e = parse_event(line.trim()).expect("parses");
+        let e = ResidencyEvent::from_json_line(line.trim()).expect("parses");
         assert_eq!((e.seq, e.tier, e.entered, e.chunks), (3, Tier::Nvme, true, 9));
-        assert!(parse_event("{\"seq\":1}").is_none());
+        assert!(ResidencyEvent::from_json_line("{\"seq\":1}").is_none());
         let t = TierRouting::new(study(), 256);
         let c = ConversationKey::of_session("s");
         assert_eq!(t.holding_for(c, "n1", 50_000), Holding::default());

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvtier_api::agent::Tier;
-use kvtier_api::residency::{ConversationKey, ResidencyEvent};
-use tokio::sync::broadcast;
+use kvtier_api::residency::ConversationKey;
+use kvtier_serve::node_tier::{ResidencyFeed, Subscription};
 
 use kvtier_api::eviction::{shipped, Lru};
 
@@ -22,16 +22,14 @@ struct Inner {
     dram: Bounded,
     nvme: Bounded,
     owner: HashMap<u64, u64>,
-    /// Blocks per (conversation, tier: 0 DRAM, 1 NVMe).
-    counts: HashMap<(u64, u8), u32>,
-    seq: u64,
+    /// Blocks per conversation and tier, and the events their changes make.
+    residency: ResidencyFeed,
 }
 
 /// DRAM and NVMe tiers; cloning shares them.
 #[derive(Clone, Debug)]
 pub struct HostTiers {
     inner: Arc<Mutex<Inner>>,
-    events: broadcast::Sender<ResidencyEvent>,
 }
 
 /// Evictions one store caused.
@@ -51,10 +49,8 @@ impl HostTiers {
                 dram: Bounded::new(dram_blocks, shipped()),
                 nvme: Bounded::new(nvme_blocks, Box::<Lru>::default()),
                 owner: HashMap::new(),
-                counts: HashMap::new(),
-                seq: 0,
+                residency: ResidencyFeed::default(),
             })),
-            events: broadcast::channel(4096).0,
         }
     }
 
@@ -62,23 +58,16 @@ impl HostTiers {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Residency events from now on, and the current residency as `entered` events.
+    /// The current residency as `entered` events, and its changes from now on.
     #[must_use]
-    pub fn subscribe(&self) -> (Vec<ResidencyEvent>, broadcast::Receiver<ResidencyEvent>) {
-        let g = self.lock();
-        let rx = self.events.subscribe();
-        let now = g
-            .counts
-            .iter()
-            .map(|(&(conv, tier), &chunks)| ResidencyEvent {
-                seq: g.seq,
-                conversation: ConversationKey(conv),
-                tier: if tier == 0 { Tier::Dram } else { Tier::Nvme },
-                entered: true,
-                chunks,
-            })
-            .collect();
-        (now, rx)
+    pub fn subscribe(&self) -> Subscription {
+        self.lock().residency.subscribe()
+    }
+
+    /// Blocks of `conversation` in DRAM.
+    #[must_use]
+    pub fn dram_blocks_of(&self, conversation: u64) -> u32 {
+        self.lock().residency.chunks(ConversationKey(conversation), Tier::Dram)
     }
 
     /// A connector's lookup of a prompt's blocks: the node-agent marks every block it finds
@@ -142,7 +131,6 @@ impl HostTiers {
     pub(super) fn store(&self, h: u64, conversation: u64) -> Evictions {
         let mut g = self.lock();
         let mut out = Evictions::default();
-        let mut events = Vec::new();
         if conversation != 0 {
             let prev = g.owner.insert(h, conversation);
             if let Some(p) = prev.filter(|&p| p != conversation) {
@@ -151,25 +139,25 @@ impl HostTiers {
             }
         }
         if g.nvme.remove(h) {
-            g.count(h, 1, -1, &mut events);
+            g.count(h, Tier::Nvme, false);
         }
         let was = g.dram.contains(h);
         let mut evicted = Vec::new();
         g.dram.touch(h, &mut evicted);
         if !was && g.dram.contains(h) {
-            g.count(h, 0, 1, &mut events);
+            g.count(h, Tier::Dram, true);
         }
         for v in evicted {
             out.dram += 1;
-            g.count(v, 0, -1, &mut events);
+            g.count(v, Tier::Dram, false);
             let mut gone = Vec::new();
             g.nvme.touch(v, &mut gone);
             if g.nvme.contains(v) {
-                g.count(v, 1, 1, &mut events);
+                g.count(v, Tier::Nvme, true);
             }
             for x in gone {
                 out.nvme += 1;
-                g.count(x, 1, -1, &mut events);
+                g.count(x, Tier::Nvme, false);
                 if !g.dram.contains(x) {
                     g.owner.remove(&x);
                 }
@@ -178,34 +166,15 @@ impl HostTiers {
                 g.owner.remove(&v);
             }
         }
-        drop(g);
-        for e in events {
-            let _ = self.events.send(e);
-        }
         out
     }
 }
 
 impl Inner {
-    fn count(&mut self, h: u64, tier: u8, delta: i32, events: &mut Vec<ResidencyEvent>) {
+    /// Block `h` entered or left `tier`: counted for the conversation that owns it.
+    fn count(&mut self, h: u64, tier: Tier, entered: bool) {
         let Some(&conv) = self.owner.get(&h) else { return };
-        let c = self.counts.entry((conv, tier)).or_insert(0);
-        let before = *c;
-        *c = c.saturating_add_signed(delta);
-        let after = *c;
-        if after == 0 {
-            self.counts.remove(&(conv, tier));
-        }
-        if (before == 0) != (after == 0) {
-            self.seq += 1;
-            events.push(ResidencyEvent {
-                seq: self.seq,
-                conversation: ConversationKey(conv),
-                tier: if tier == 0 { Tier::Dram } else { Tier::Nvme },
-                entered: after > 0,
-                chunks: after,
-            });
-        }
+        self.residency.change(ConversationKey(conv), tier, entered);
     }
 }
 

@@ -3,7 +3,6 @@
 //! stores (`store`, `previous_response_id`, `GET /v1/responses/{id}`): in this engine's memory
 //! only, as in vLLM.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -15,32 +14,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{error, json as json_response, lock, AbortOnDrop, Api, Body, Meta, Shared};
+use super::{error, json as json_response, AbortOnDrop, Api, Body, Meta};
 use crate::driver::Update;
-
-/// How many stored responses an engine keeps (oldest dropped first).
-const STORED_RESPONSES: usize = 1024;
-
-/// The responses this engine stored, newest last.
-#[derive(Debug, Default)]
-pub(crate) struct Stored(VecDeque<(String, Value)>);
-
-impl Stored {
-    fn put(&mut self, id: String, response: Value) {
-        if self.0.len() == STORED_RESPONSES {
-            self.0.pop_front();
-        }
-        self.0.push_back((id, response));
-    }
-
-    pub(crate) fn contains(&self, id: &str) -> bool {
-        self.0.iter().any(|(i, _)| i == id)
-    }
-
-    fn get(&self, id: &str) -> Option<&Value> {
-        self.0.iter().find(|(i, _)| i == id).map(|(_, v)| v)
-    }
-}
+use crate::state::Shared;
+use crate::sync::lock;
 
 /// `GET /v1/responses/{id}`.
 pub(super) fn get_stored(st: &Shared, id: &str) -> Response<Body> {
