@@ -142,7 +142,7 @@ pub async fn run_node_tiers(
         }
         let kv = p.kv_bytes_per_token() as f64;
         rc.tiers = Some(kvtier_router::TierConfig {
-            costs: kvtier_router::tiers::TierCosts::from_rates(
+            costs: kvtier_router::TierCosts::from_rates(
                 kv,
                 p.prefill.tokens_per_s,
                 p.tiers.dram_load_gb_s * 1e9,
@@ -152,8 +152,8 @@ pub async fn run_node_tiers(
             agents: None,
             prefetch: (routing == NodeRouting::TierAwarePrefetch).then(|| {
                 let s = opts.time_scale;
-                kvtier_router::tiers::PrefetchConfig {
-                    gaps: kvtier_router::tiers::GapModel::traces(s),
+                kvtier_router::PrefetchConfig {
+                    gaps: kvtier_router::GapModel::traces(s),
                     horizon: Duration::from_secs_f64(5.0 / s),
                     threshold: 0.2,
                     every: Duration::from_secs_f64(1.0 / s),

@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
+use crate::app::App;
 use crate::body::ResponseBody;
 use crate::endpoint::EndpointId;
 use crate::error::{json_response, ApiError};
@@ -16,7 +17,6 @@ use crate::metrics::{EndpointLabels, OutcomeLabels, ReasonLabels, RouteLabels};
 use crate::models;
 use crate::proxy::{self, Upstream, UpstreamError};
 use crate::request::{self, Dialect, Route};
-use crate::server::App;
 use crate::session::session_key;
 
 /// The metrics listener's only route.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use tracing::{info, warn};
 
+use crate::app::App;
 use crate::proxy::Upstream;
-use crate::server::App;
 
 /// Probes every endpoint once.
 pub(crate) async fn probe_all(app: &App, upstream: &Upstream) {

@@ -8,6 +8,7 @@
 //! first response byte are retried on the next best endpoint.
 
 mod affinity;
+mod app;
 mod balance;
 mod body;
 mod cli;
@@ -21,12 +22,12 @@ mod health;
 mod metrics;
 mod models;
 mod proxy;
-mod request;
+pub mod request;
 mod responses;
 mod scan;
 mod server;
 mod session;
-pub mod tiers;
+mod tiers;
 
 pub use balance::{Reason, EXPECTED_OUTPUT_TOKENS};
 pub use cli::{ConfigError, PodSelector, RouterArgs};
@@ -37,3 +38,4 @@ pub use config::{
 pub use discovery::{Discovery, PodDiscovery, StaticDiscovery};
 pub use endpoint::{EndpointSpec, EndpointSpecError};
 pub use server::run;
+pub use tiers::{GapModel, PrefetchConfig, TierCosts};

@@ -7,10 +7,10 @@ use futures_util::future::join_all;
 use http::{Response, StatusCode};
 use serde_json::Value;
 
+use crate::app::App;
 use crate::body::ResponseBody;
 use crate::error::{json_response, ApiError};
 use crate::proxy::Upstream;
-use crate::server::App;
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 

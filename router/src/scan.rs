@@ -389,6 +389,3 @@ pub fn scan(body: &[u8], wants: impl Fn(&[u8]) -> bool) -> Result<Option<Vec<Mem
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-pub(crate) mod cost;

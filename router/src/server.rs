@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info};
 
+use crate::app::App;
 use crate::config::RouterConfig;
 use crate::discovery::Discovery;
 use crate::dispatch::Dispatcher;
@@ -34,15 +35,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// the socket buffer arrives in one read, as one frame, which the router then uses in place
 /// instead of concatenating frames.
 const READ_BUFFER_BYTES: usize = 4 << 20;
-
-/// Everything a request handler needs, shared by all threads.
-#[derive(Debug)]
-pub(crate) struct App {
-    pub(crate) config: RouterConfig,
-    pub(crate) dispatcher: Dispatcher,
-    pub(crate) metrics: Metrics,
-    pub(crate) registry: Registry,
-}
 
 /// What a connection serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -175,7 +175,7 @@ async fn a_conversation_named_only_in_the_body_still_tags_the_engine_s_kv() {
     use kvtier_api::residency::ConversationKey;
     let s = stack(1, |c| {
         c.tiers = Some(kvtier_router::TierConfig {
-            costs: kvtier_router::tiers::TierCosts { dram: 0.02, nvme: 0.06 },
+            costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
             feeds: Vec::new(),
             agents: None,
             chunk_tokens: 256,

@@ -7,6 +7,7 @@
 //! engine only where the engine's behaviour is not what is under test (the router's proxying,
 //! stickiness and failover); the engine simulator models the engine itself.
 
+pub mod bodies;
 pub mod fuzz;
 
 use std::convert::Infallible;

@@ -13,7 +13,7 @@ fn valid(b: &[u8]) -> bool {
 #[test]
 fn the_sse2_path_agrees_with_serde_too() {
     FORCE_SSE2.store(true, std::sync::atomic::Ordering::Relaxed);
-    let body = cost::agent_body(20_000);
+    let body = kvtier_testkit::bodies::agent_body(20_000);
     assert!(valid(&body));
     for at in (0..body.len()).step_by(97) {
         let mut b = body.clone();

@@ -270,4 +270,64 @@ mod tests {
         agent.await.expect("agent");
         assert_eq!(t.holding_for(c, "n1", 2048).dram_tokens, 1024);
     }
+
+    /// A node tier served by the one surface the node-agent and the simulator serve.
+    #[derive(Debug, Default)]
+    struct Node(std::sync::Mutex<kvtier_serve::node_tier::ResidencyFeed>);
+
+    impl kvtier_serve::node_tier::NodeTier for Node {
+        fn subscribe(&self) -> kvtier_serve::node_tier::Subscription {
+            self.0.lock().expect("lock").subscribe()
+        }
+        async fn prefetch(
+            self: Arc<Self>,
+            _: ConversationKey,
+        ) -> kvtier_api::residency::PrefetchReply {
+            kvtier_api::residency::PrefetchReply { dram_chunks: 0 }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_router_follows_the_agents_discovery_reports_and_drops_the_ones_that_go() {
+        use kvtier_serve::node_tier::NodeTierRoutes;
+        let node = Arc::new(Node::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = kvtier_serve::CancellationToken::new();
+        let routes = NodeTierRoutes::new(node.clone(), None, stop.clone());
+        let service = hyper::service::service_fn(move |req| {
+            let routes = routes.clone();
+            async move { Ok::<_, std::convert::Infallible>(routes.handle(&req).await) }
+        });
+        let server = tokio::spawn(kvtier_serve::run(
+            listener,
+            service,
+            stop.clone(),
+            kvtier_serve::Options::default(),
+        ));
+        let t = Arc::new(TierRouting::new(study(), 64));
+        let spec = crate::EndpointSpec::parse(&format!("gpu-1=http://{addr}")).expect("spec");
+        let (tx, rx) = tokio::sync::watch::channel(vec![spec]);
+        let task = tokio::spawn(follow_all(rx, t.clone()));
+        let c = ConversationKey::of_session("s-1");
+        t.saw(c, 4_000);
+        // A chunk of the conversation lands in the node's DRAM.
+        node.0.lock().expect("lock").change(c, Tier::Dram, true);
+        let mut held = 0;
+        for _ in 0..100 {
+            held = t.holding_for(c, "gpu-1", 5_000).dram_tokens;
+            if held > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(held, 4_000, "the node's DRAM holds the conversation");
+        // The agent goes away from discovery: what it said is forgotten.
+        tx.send_replace(Vec::new());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(t.holding_for(c, "gpu-1", 5_000).dram_tokens, 0);
+        task.abort();
+        stop.cancel();
+        assert!(server.await.expect("server"), "the agent's stream ended at its shutdown");
+    }
 }

@@ -38,9 +38,7 @@ use kvtier_api::residency::{ConversationKey, ResidencyEvent};
 
 mod feed;
 
-pub use feed::{
-    follow, follow_all, prefetch_loop, tag_conversation, PrefetchConfig, CONVERSATION_PARAM,
-};
+pub use feed::{follow, follow_all, prefetch_loop, tag_conversation, PrefetchConfig};
 
 /// What loading one token's KV from each tier costs, as a fraction of computing it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,12 +90,6 @@ pub fn saved_tokens(prompt: u64, hbm_match: u64, node: Holding, costs: TierCosts
     hbm as f64
         + (dram_end - hbm) as f64 * (1.0 - costs.dram)
         + (nvme_end - dram_end) as f64 * (1.0 - costs.nvme)
-}
-
-/// `cost(E)` of the module docs: the prefill left and the work queued before it.
-#[must_use]
-pub fn cost(prompt: u64, hbm_match: u64, node: Holding, costs: TierCosts, in_flight: u64) -> f64 {
-    prompt as f64 - saved_tokens(prompt, hbm_match, node, costs) + in_flight as f64
 }
 
 /// A node, as discovery names it (the Pod's `spec.nodeName`).
@@ -170,18 +162,6 @@ impl Residency {
             .and_then(|m| m.get(node))
             .copied()
             .unwrap_or_default()
-    }
-
-    /// Conversations known.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.by_conversation.len()
-    }
-
-    /// Whether nothing is known.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.by_conversation.is_empty()
     }
 }
 
@@ -400,6 +380,12 @@ pub fn prefetch(ask: PrefetchAsk, gaps: &GapModel, threshold: f64) -> bool {
 mod tests {
     use super::*;
 
+    /// `cost(E)` of the module docs: the prefill left and the work queued before it (the
+    /// dispatcher adds the same terms to its own cost).
+    fn cost(prompt: u64, hbm_match: u64, node: Holding, costs: TierCosts, in_flight: u64) -> f64 {
+        prompt as f64 - saved_tokens(prompt, hbm_match, node, costs) + in_flight as f64
+    }
+
     fn study() -> TierCosts {
         // MiniMax-M2.5 FP8 on 2x MI300X: 124 KiB per token, 2,400 tokens/s at long context.
         TierCosts::from_rates(126_976.0, 2400.0, 20e9, 6e9)
@@ -449,9 +435,9 @@ mod tests {
         assert_eq!(r.holding(ConversationKey(7), "n1").dram_tokens, 0);
         assert_eq!(r.apply("n1", &ev(4, 7, Tier::Nvme, false, 0)), Applied::Ok);
         assert_eq!(r.holding(ConversationKey(7), "n1"), Holding::default());
-        assert_eq!(r.len(), 1, "n2 still holds it");
+        assert_eq!(r.by_conversation.len(), 1, "n2 still holds it");
         assert_eq!(r.apply("n2", &ev(42, 7, Tier::Dram, true, 4)), Applied::Gap);
-        assert!(r.is_empty(), "a gap forgets what the node said");
+        assert!(r.by_conversation.is_empty(), "a gap forgets what the node said");
         assert_eq!(r.apply("n2", &ev(1, 7, Tier::Dram, true, 4)), Applied::Ok, "resubscribed");
     }
 
