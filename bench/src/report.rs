@@ -189,25 +189,50 @@ pub fn periods(r: &Replay) -> Vec<Period> {
     out
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
+/// A number written with `D` decimals.
+#[derive(Clone, Copy, Debug)]
+struct Fixed<const D: usize>(f64);
+
+impl<const D: usize> serde::Serialize for Fixed<D> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:.*}", D, self.0))
     }
 }
 
-/// `detailed_results.csv`.
-#[must_use]
-pub fn detailed_csv(r: &Replay) -> String {
-    let mut o = String::from(
-        "user_id,request_idx,trace_id,timestamp,request_type,input_tokens,output_tokens_expected,\
-         output_tokens_actual,cache_hit_blocks,cache_miss_blocks,ttft,ttlt,itl,delay_expected,\
-         delay_actual,success,error_message,queue_time,effective_ttft,request_start_time,\
-         prefill_complete_time,request_complete_time,agent_id,conversation,prompt_tokens_reported,\
-         cached_tokens_reported\n",
-    );
-    for x in &r.records {
+/// One row of `detailed_results.csv`; the columns are the fields, in order.
+#[derive(Debug, serde::Serialize)]
+struct DetailedRow<'a> {
+    user_id: &'a str,
+    request_idx: usize,
+    trace_id: &'a str,
+    timestamp: Fixed<4>,
+    request_type: &'static str,
+    input_tokens: u64,
+    output_tokens_expected: u64,
+    output_tokens_actual: u64,
+    cache_hit_blocks: u64,
+    cache_miss_blocks: u64,
+    ttft: Option<Fixed<4>>,
+    ttlt: Fixed<4>,
+    itl: Fixed<5>,
+    delay_expected: Fixed<4>,
+    delay_actual: Fixed<4>,
+    success: bool,
+    error_message: &'a str,
+    /// The replay has no client-side queue.
+    queue_time: u8,
+    effective_ttft: Option<Fixed<4>>,
+    request_start_time: Fixed<4>,
+    prefill_complete_time: Option<Fixed<4>>,
+    request_complete_time: Fixed<4>,
+    agent_id: &'a str,
+    conversation: u64,
+    prompt_tokens_reported: Option<u64>,
+    cached_tokens_reported: Option<u64>,
+}
+
+impl<'a> DetailedRow<'a> {
+    fn of(x: &'a Record) -> Self {
         let ttft = x.ttft();
         let ttlt = x.end - x.start;
         let itl = match ttft {
@@ -216,81 +241,115 @@ pub fn detailed_csv(r: &Replay) -> String {
             }
             _ => 0.0,
         };
-        let opt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
-        let _ = writeln!(
-            o,
-            "{},{},{},{:.4},{},{},{},{},{},{},{},{:.4},{:.5},{:.4},{:.4},{},{},0,{},{:.4},{},{:.4},{},{},{},{}",
-            x.user,
-            x.request_idx,
-            x.trace_id,
-            x.start,
-            if x.trace_streamed { "streaming" } else { "non_streaming" },
-            x.input_tokens,
-            x.output_tokens_expected,
-            x.output_tokens_actual,
-            x.trace_hit_blocks,
-            x.trace_miss_blocks,
-            opt(ttft),
-            ttlt,
-            itl,
-            x.delay_expected,
-            x.delay_actual,
-            x.success,
-            csv_field(x.error.as_deref().unwrap_or("")),
-            opt(ttft),
-            x.start,
-            opt(x.first_token),
-            x.end,
-            csv_field(&x.agent),
-            x.conversation,
-            x.prompt_tokens.map(|v| v.to_string()).unwrap_or_default(),
-            x.cached_tokens.map(|v| v.to_string()).unwrap_or_default(),
-        );
+        Self {
+            user_id: &x.user,
+            request_idx: x.request_idx,
+            trace_id: &x.trace_id,
+            timestamp: Fixed(x.start),
+            request_type: if x.trace_streamed { "streaming" } else { "non_streaming" },
+            input_tokens: x.input_tokens,
+            output_tokens_expected: x.output_tokens_expected,
+            output_tokens_actual: x.output_tokens_actual,
+            cache_hit_blocks: x.trace_hit_blocks,
+            cache_miss_blocks: x.trace_miss_blocks,
+            ttft: ttft.map(Fixed),
+            ttlt: Fixed(ttlt),
+            itl: Fixed(itl),
+            delay_expected: Fixed(x.delay_expected),
+            delay_actual: Fixed(x.delay_actual),
+            success: x.success,
+            error_message: x.error.as_deref().unwrap_or(""),
+            queue_time: 0,
+            effective_ttft: ttft.map(Fixed),
+            request_start_time: Fixed(x.start),
+            prefill_complete_time: x.first_token.map(Fixed),
+            request_complete_time: Fixed(x.end),
+            agent_id: &x.agent,
+            conversation: x.conversation,
+            prompt_tokens_reported: x.prompt_tokens,
+            cached_tokens_reported: x.cached_tokens,
+        }
     }
-    o
+}
+
+/// One row of `summary_trace_replay.csv`.
+#[derive(Debug, serde::Serialize)]
+struct PeriodRow {
+    period_number: usize,
+    start_time: Fixed<1>,
+    end_time: Fixed<1>,
+    active_users: usize,
+    users_added: usize,
+    requests_completed: usize,
+    requests_failed: usize,
+    requests_launched: usize,
+    input_tokens_per_second: Fixed<1>,
+    output_tokens_per_second: Fixed<1>,
+    ttft_avg: Fixed<3>,
+    ttft_p50: Fixed<3>,
+    ttft_p95: Fixed<3>,
+    ttft_p99: Fixed<3>,
+    avg_cache_hit_rate: Fixed<4>,
+    working_set_tokens: u64,
+}
+
+/// One row of `user_lifecycle.csv`.
+#[derive(Debug, serde::Serialize)]
+struct UserRow<'a> {
+    timestamp: Fixed<3>,
+    user_id: &'a str,
+    event_type: &'a str,
+    trace_id: &'a str,
+}
+
+/// `rows` as CSV with a header line of their field names.
+fn csv_of<T: serde::Serialize>(rows: impl IntoIterator<Item = T>) -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        // Writing plain fields into memory cannot fail.
+        let _ = w.serialize(row);
+    }
+    String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
+}
+
+/// `detailed_results.csv`.
+#[must_use]
+pub fn detailed_csv(r: &Replay) -> String {
+    csv_of(r.records.iter().map(DetailedRow::of))
 }
 
 /// `summary_trace_replay.csv`: one row per assessment period.
 #[must_use]
 pub fn periods_csv(r: &Replay) -> String {
-    let mut o = String::from(
-        "period_number,start_time,end_time,active_users,users_added,requests_completed,\
-         requests_failed,requests_launched,input_tokens_per_second,output_tokens_per_second,\
-         ttft_avg,ttft_p50,ttft_p95,ttft_p99,avg_cache_hit_rate,working_set_tokens\n",
-    );
-    for p in periods(r) {
-        let _ = writeln!(
-            o,
-            "{},{:.1},{:.1},{},{},{},{},{},{:.1},{:.1},{:.3},{:.3},{:.3},{:.3},{:.4},{}",
-            p.number,
-            p.start,
-            p.end,
-            p.users,
-            p.users_added,
-            p.completed,
-            p.failed,
-            p.launched,
-            p.input_tokens_per_s,
-            p.output_tokens_per_s,
-            p.ttft_avg,
-            p.ttft_p50,
-            p.ttft_p95,
-            p.ttft_p99,
-            p.cache_hit_rate,
-            p.working_set_tokens
-        );
-    }
-    o
+    csv_of(periods(r).into_iter().map(|p| PeriodRow {
+        period_number: p.number,
+        start_time: Fixed(p.start),
+        end_time: Fixed(p.end),
+        active_users: p.users,
+        users_added: p.users_added,
+        requests_completed: p.completed,
+        requests_failed: p.failed,
+        requests_launched: p.launched,
+        input_tokens_per_second: Fixed(p.input_tokens_per_s),
+        output_tokens_per_second: Fixed(p.output_tokens_per_s),
+        ttft_avg: Fixed(p.ttft_avg),
+        ttft_p50: Fixed(p.ttft_p50),
+        ttft_p95: Fixed(p.ttft_p95),
+        ttft_p99: Fixed(p.ttft_p99),
+        avg_cache_hit_rate: Fixed(p.cache_hit_rate),
+        working_set_tokens: p.working_set_tokens,
+    }))
 }
 
 /// `user_lifecycle.csv`.
 #[must_use]
 pub fn users_csv(r: &Replay) -> String {
-    let mut o = String::from("timestamp,user_id,event_type,trace_id\n");
-    for u in &r.users {
-        let _ = writeln!(o, "{:.3},{},{},{}", u.time, u.user, u.event, u.trace_id);
-    }
-    o
+    csv_of(r.users.iter().map(|u| UserRow {
+        timestamp: Fixed(u.time),
+        user_id: &u.user,
+        event_type: u.event,
+        trace_id: &u.trace_id,
+    }))
 }
 
 /// The headline table's header, shaped like the study's stress table.
@@ -383,4 +442,49 @@ pub fn write_all(r: &Replay, dir: &Path) -> std::io::Result<()> {
         ),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detailed_row_is_written_as_the_columns_say() {
+        let x = Record {
+            user: "user-001".into(),
+            conversation: 7,
+            trace_id: "t".into(),
+            agent: "a".into(),
+            request_idx: 2,
+            trace_streamed: true,
+            input_tokens: 100,
+            output_tokens_expected: 10,
+            output_tokens_actual: 10,
+            trace_hit_blocks: 3,
+            trace_miss_blocks: 1,
+            prompt_tokens: None,
+            cached_tokens: Some(50),
+            start: 1.5,
+            first_token: None,
+            end: 3.5,
+            delay_expected: 0.5,
+            delay_actual: 0.25,
+            success: false,
+            error: Some("boom, \"bad\"".into()),
+        };
+        let text = csv_of([DetailedRow::of(&x)]);
+        let mut lines = text.lines();
+        let header = lines.next().expect("header");
+        assert!(header.starts_with("user_id,request_idx,trace_id,timestamp,request_type,"));
+        assert!(header
+            .ends_with(",agent_id,conversation,prompt_tokens_reported,cached_tokens_reported"));
+        assert_eq!(header.split(',').count(), 26);
+        assert_eq!(
+            lines.next(),
+            Some(
+                "user-001,2,t,1.5000,streaming,100,10,10,3,1,,2.0000,0.00000,0.5000,0.2500,false,\
+                 \"boom, \"\"bad\"\"\",0,,1.5000,,3.5000,a,7,,50"
+            )
+        );
+    }
 }
