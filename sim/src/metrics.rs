@@ -1,4 +1,11 @@
 //! `/metrics` of a simulated engine.
+//!
+//! Written by hand, not with `prometheus-client` as the other servers' metrics are: this text
+//! stands in for vLLM's own, so it must use vLLM's names exactly as vLLM exposes them
+//! (`vllm:` prefixes with a colon, `_total` where vLLM has it and not where it does not, its
+//! label names), which is what the router, the bench and dashboards built for vLLM read.
+//! prometheus-client derives suffixes and types its own way; matching vLLM through it would
+//! be fighting it.
 
 use std::fmt::Write as _;
 
