@@ -224,7 +224,7 @@ impl Client {
                 slot: *slot,
                 len: data.len() as u32,
                 checksum: sum,
-                conversation: conversation.0,
+                conversation,
             });
         }
         self.ack(&Request::Commit { chunks: commits })

@@ -3,6 +3,7 @@
 
 use kvtier_api::agent::*;
 use kvtier_api::chunk::ChunkKey;
+use kvtier_api::residency::ConversationKey;
 use proptest::prelude::*;
 
 fn key() -> impl Strategy<Value = ChunkKey> + Clone {
@@ -28,7 +29,7 @@ fn request() -> impl Strategy<Value = Request> {
                         slot,
                         len,
                         checksum,
-                        conversation,
+                        conversation: ConversationKey(conversation),
                     })
                     .collect(),
             }
@@ -135,7 +136,13 @@ fn fuzz_frame_decoding() {
         Request::Lookup { keys: vec![k(1), k(u128::MAX)] }.encode(2),
         Request::Reserve { n: 4 }.encode(3),
         Request::Commit {
-            chunks: vec![Commit { key: k(7), slot: 3, len: 4096, checksum: 9, conversation: 11 }],
+            chunks: vec![Commit {
+                key: k(7),
+                slot: 3,
+                len: 4096,
+                checksum: 9,
+                conversation: ConversationKey(11),
+            }],
         }
         .encode(4),
         Request::Prefetch { keys: vec![k(5)] }.encode(5),

@@ -114,7 +114,7 @@ impl Agent {
         if !gone.is_empty() {
             let mut r = self.residency();
             for e in &gone {
-                r.change(ConversationKey(e.conversation), agent::Tier::Dram, false);
+                r.change(e.conversation, agent::Tier::Dram, false);
             }
         }
         gone
@@ -136,11 +136,7 @@ impl Agent {
         for e in gone {
             let sum = self.sum_of(e.slot, e.len, e.checksum);
             match t.write(e.key, self.pool.slot(e.slot), e.len, sum, e.conversation) {
-                Ok(true) => self.residency().change(
-                    ConversationKey(e.conversation),
-                    agent::Tier::Nvme,
-                    true,
-                ),
+                Ok(true) => self.residency().change(e.conversation, agent::Tier::Nvme, true),
                 Ok(false) => {}
                 Err(err) => warn!("NVMe write-back of an evicted chunk failed (it is lost): {err}"),
             }
@@ -163,7 +159,7 @@ impl Agent {
         if !gone.is_empty() {
             let mut r = self.residency();
             for (_, conv) in gone {
-                r.change(ConversationKey(conv), agent::Tier::Nvme, false);
+                r.change(conv, agent::Tier::Nvme, false);
             }
         }
     }
@@ -180,7 +176,7 @@ impl Agent {
         {
             let mut r = self.residency();
             for conv in tier.conversations() {
-                r.change(ConversationKey(conv), agent::Tier::Nvme, true);
+                r.change(conv, agent::Tier::Nvme, true);
             }
         }
         self.nvme = Some(Mutex::new(tier));
@@ -192,7 +188,10 @@ impl Agent {
     }
 
     /// Writes committed chunks through to NVMe, each pinned while its slot is read.
-    fn write_through(&self, chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64, u64)]) {
+    fn write_through(
+        &self,
+        chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64, ConversationKey)],
+    ) {
         if self.nvme.is_none() || self.write_back || chunks.is_empty() {
             return;
         }
@@ -215,7 +214,7 @@ impl Agent {
                     let mut r = self.residency();
                     for (p, was) in pending.iter().zip(before) {
                         if !was && t.contains(&p.key) {
-                            r.change(ConversationKey(p.conversation), agent::Tier::Nvme, true);
+                            r.change(p.conversation, agent::Tier::Nvme, true);
                         }
                     }
                 }
@@ -231,9 +230,9 @@ impl Agent {
 
     /// Brings every chunk of `conversation` that only NVMe holds into DRAM (ahead of its
     /// next turn); returns how many are in DRAM afterwards. Blocking: NVMe reads.
-    pub fn prefetch_conversation(&self, conversation: u64) -> u32 {
+    pub fn prefetch_conversation(&self, conversation: ConversationKey) -> u32 {
         let keys = match self.nvme() {
-            Some(t) if conversation != 0 => t.keys_of(conversation),
+            Some(t) if conversation.0 != 0 => t.keys_of(conversation),
             _ => return 0,
         };
         // Never more than the pool holds: past that a prefetch evicts its own chunks.
@@ -254,7 +253,7 @@ impl Agent {
         if !tier.contains(&key) {
             return false;
         }
-        let conv = tier.conversation_of(&key).unwrap_or(0);
+        let conv = tier.conversation_of(&key).unwrap_or(ConversationKey(0));
         let (slot, gone) = {
             let mut ix = self.index();
             let slot = ix.reserve(AGENT, 1, self.now()).pop();
@@ -290,7 +289,7 @@ impl Agent {
                     // evictions instead of dropping it before the load.
                     ix.touch(key);
                     if new {
-                        self.residency().change(ConversationKey(conv), agent::Tier::Dram, true);
+                        self.residency().change(conv, agent::Tier::Dram, true);
                         self.counters.promotions.fetch_add(1, Ordering::Relaxed);
                     }
                     true
@@ -426,11 +425,7 @@ impl Agent {
                         Ok(new) => {
                             applied += 1;
                             if new {
-                                self.residency().change(
-                                    ConversationKey(conv),
-                                    agent::Tier::Dram,
-                                    true,
-                                );
+                                self.residency().change(conv, agent::Tier::Dram, true);
                             }
                             if let Some((slot, len, sum)) = ix.get(&c.key) {
                                 let conv = ix.conversation_of(&c.key).unwrap_or(conv);
@@ -476,7 +471,7 @@ impl NodeTier for Agent {
     async fn prefetch(self: std::sync::Arc<Self>, conversation: ConversationKey) -> PrefetchReply {
         // NVMe reads block: off the runtime's threads.
         let dram_chunks =
-            tokio::task::spawn_blocking(move || self.prefetch_conversation(conversation.0))
+            tokio::task::spawn_blocking(move || self.prefetch_conversation(conversation))
                 .await
                 .unwrap_or(0);
         PrefetchReply { dram_chunks }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use kvtier_api::agent::{Stats, Tier};
 use kvtier_api::chunk::ChunkKey;
+use kvtier_api::residency::ConversationKey;
 
 /// A connected client.
 pub type ClientId = u64;
@@ -24,7 +25,7 @@ struct Entry {
     slot: u32,
     len: u32,
     checksum: u64,
-    conversation: u64,
+    conversation: ConversationKey,
     /// Lease deadline per pinning client.
     pins: HashMap<ClientId, Millis>,
 }
@@ -81,7 +82,7 @@ pub struct Evicted {
     /// Checksum.
     pub checksum: u64,
     /// Conversation.
-    pub conversation: u64,
+    pub conversation: ConversationKey,
 }
 
 impl Index {
@@ -117,7 +118,7 @@ impl Index {
 
     /// The conversation a held chunk belongs to.
     #[must_use]
-    pub fn conversation_of(&self, key: &ChunkKey) -> Option<u64> {
+    pub fn conversation_of(&self, key: &ChunkKey) -> Option<ConversationKey> {
         self.entries.get(key).map(|e| e.conversation)
     }
 
@@ -225,7 +226,7 @@ impl Index {
         slot: u32,
         len: u32,
         checksum: u64,
-        conversation: u64,
+        conversation: ConversationKey,
         verify: impl FnOnce(u32, u32, u64) -> bool,
     ) -> Result<bool, CommitError> {
         if self.slots.get(slot as usize) != Some(&Slot::Reserved(client)) {
@@ -337,8 +338,8 @@ mod tests {
         let mut ix = index(4);
         let s = ix.reserve(1, 2, 0);
         assert_eq!(s, vec![0, 1]);
-        ix.commit(1, k(10), s[0], 100, 7, 0, ok).expect("commit");
-        ix.commit(1, k(11), s[1], 100, 7, 0, ok).expect("commit");
+        ix.commit(1, k(10), s[0], 100, 7, ConversationKey(0), ok).expect("commit");
+        ix.commit(1, k(11), s[1], 100, 7, ConversationKey(0), ok).expect("commit");
         let (prefix, tiers, slots) = ix.lookup(&[k(10), k(11), k(12), k(10)]);
         assert_eq!(prefix, 2);
         assert_eq!(tiers, vec![Tier::Dram, Tier::Dram, Tier::Absent, Tier::Dram]);
@@ -351,7 +352,7 @@ mod tests {
         let mut ix = index(3);
         for i in 0..3 {
             let s = ix.reserve(1, 1, 0)[0];
-            ix.commit(1, k(i), s, 10, 0, 0, ok).expect("commit");
+            ix.commit(1, k(i), s, 10, 0, ConversationKey(0), ok).expect("commit");
         }
         ix.lookup(&[k(0)]); // 0 is now the most recent; 1 is the oldest.
         ix.pin(2, &[k(1)], 0, 1000);
@@ -367,7 +368,7 @@ mod tests {
         let mut ix = index(2);
         for i in 0..2 {
             let s = ix.reserve(1, 1, 0)[0];
-            ix.commit(1, k(i), s, 10, 0, 0, ok).expect("commit");
+            ix.commit(1, k(i), s, 10, 0, ConversationKey(0), ok).expect("commit");
         }
         ix.pin(7, &[k(0), k(1)], 0, 100);
         assert!(ix.reserve(1, 1, 50).is_empty(), "everything is pinned");
@@ -375,7 +376,7 @@ mod tests {
         // A client dies holding a reservation and a pin.
         let mut ix = index(2);
         let s = ix.reserve(9, 1, 0)[0];
-        ix.commit(9, k(5), s, 10, 0, 0, ok).expect("commit");
+        ix.commit(9, k(5), s, 10, 0, ConversationKey(0), ok).expect("commit");
         ix.pin(9, &[k(5)], 0, 60_000);
         let _held = ix.reserve(9, 1, 0);
         ix.client_gone(9);
@@ -389,14 +390,24 @@ mod tests {
     fn commits_are_checked() {
         let mut ix = index(2);
         let s = ix.reserve(1, 1, 0)[0];
-        assert_eq!(ix.commit(2, k(1), s, 10, 0, 0, ok), Err(CommitError::NotReserved(s)));
-        assert!(matches!(ix.commit(1, k(1), s, 4096, 0, 0, ok), Err(CommitError::TooLong { .. })));
-        assert_eq!(ix.commit(1, k(1), s, 10, 0, 0, |_, _, _| false), Err(CommitError::Checksum(s)));
+        assert_eq!(
+            ix.commit(2, k(1), s, 10, 0, ConversationKey(0), ok),
+            Err(CommitError::NotReserved(s))
+        );
+        assert!(matches!(
+            ix.commit(1, k(1), s, 4096, 0, ConversationKey(0), ok),
+            Err(CommitError::TooLong { .. })
+        ));
+        assert_eq!(
+            ix.commit(1, k(1), s, 10, 0, ConversationKey(0), |_, _, _| false),
+            Err(CommitError::Checksum(s))
+        );
         assert!(ix.get(&k(1)).is_none(), "a bad chunk is never served");
-        ix.commit(1, k(1), s, 10, 0, 0, ok).expect("still reserved after a refused commit");
+        ix.commit(1, k(1), s, 10, 0, ConversationKey(0), ok)
+            .expect("still reserved after a refused commit");
         // The same key again keeps the first copy and frees the slot.
         let s2 = ix.reserve(1, 1, 0)[0];
-        ix.commit(1, k(1), s2, 10, 0, 0, ok).expect("dedupe");
+        ix.commit(1, k(1), s2, 10, 0, ConversationKey(0), ok).expect("dedupe");
         assert_eq!(ix.stats().used, 1);
         ix.check();
     }
@@ -452,7 +463,7 @@ mod tests {
                         if let Some(v) = mine.get_mut(&c) {
                             if i < v.len() {
                                 let s = v.remove(i);
-                                let _ = ix.commit(c, k(key), s, 10, 0, 0, ok);
+                                let _ = ix.commit(c, k(key), s, 10, 0, ConversationKey(0), ok);
                             }
                         }
                     }

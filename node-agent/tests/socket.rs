@@ -137,7 +137,7 @@ fn a_corrupt_chunk_is_never_served() {
         slot,
         len: 16,
         checksum: 12345,
-        conversation: 0,
+        conversation: kvtier_api::residency::ConversationKey(0),
     };
     assert_eq!(a.ack(&Request::Commit { chunks: vec![bad] }).expect("reply"), 0);
     assert_eq!(a.lookup(&[ChunkKey(1)]).expect("lookup").tiers, vec![Tier::Absent]);
@@ -209,7 +209,7 @@ fn refusals_come_back_as_errors() {
         slot: 1,
         len: 0,
         checksum: 0,
-        conversation: 0,
+        conversation: kvtier_api::residency::ConversationKey(0),
     };
     assert_eq!(c.ack(&Request::Commit { chunks: vec![c2] }).expect("reply"), 0);
 }

@@ -30,21 +30,21 @@ impl NodeTier for SimNode {
     /// The blocks move from NVMe to DRAM after the time reading them takes at the profile's
     /// NVMe bandwidth (simulated).
     async fn prefetch(self: Arc<Self>, conversation: ConversationKey) -> PrefetchReply {
-        let blocks = self.tiers.nvme_blocks_of(conversation.0);
+        let blocks = self.tiers.nvme_blocks_of(conversation);
         let seconds = blocks.len() as f64 * self.block_bytes / self.nvme_bytes_per_s;
         let real = seconds / self.clock.scale();
         if real.is_finite() && real > 0.0 {
             tokio::time::sleep(std::time::Duration::from_secs_f64(real)).await;
         }
-        self.tiers.promote(&blocks, conversation.0);
-        PrefetchReply { dram_chunks: self.tiers.dram_blocks_of(conversation.0) }
+        self.tiers.promote(&blocks, conversation);
+        PrefetchReply { dram_chunks: self.tiers.dram_blocks_of(conversation) }
     }
 }
 
 /// The conversation a request belongs to, from its session header.
-pub(crate) fn conversation_of<B>(req: &Request<B>) -> u64 {
+pub(crate) fn conversation_of<B>(req: &Request<B>) -> ConversationKey {
     ["x-session-id", "x-claude-code-session-id"]
         .iter()
         .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
-        .map_or(0, |s| ConversationKey::of_session(s).0)
+        .map_or(ConversationKey(0), ConversationKey::of_session)
 }

@@ -1,5 +1,6 @@
 //! The engine model in simulated time: caching, eviction, tiers, batching.
 
+use kvtier_api::residency::ConversationKey;
 use kvtier_sim::engine::{CostModel, Engine, EngineConfig, Event, Refusal, Strategy, Submission};
 
 const BT: u32 = 64;
@@ -41,7 +42,7 @@ fn sub(id: u64, conv: u64, tokens: u32, arrival: f64) -> Submission {
         blocks: prompt(conv, tokens),
         max_tokens: 4,
         arrival,
-        conversation: conv,
+        conversation: ConversationKey(conv),
     }
 }
 
@@ -145,7 +146,7 @@ fn chunked_prefill_shares_steps_with_decode() {
         blocks: prompt(1, 1000),
         max_tokens: 1000,
         arrival: 0.0,
-        conversation: 0,
+        conversation: ConversationKey(0),
     })
     .expect("fits");
     // Request 1 decodes; request 2's long prefill arrives and is chunked at 8192 per step.
@@ -190,7 +191,7 @@ fn memory_pressure_preempts_and_everyone_finishes() {
             blocks: prompt(id, 9_000),
             max_tokens: 2_000,
             arrival: 0.0,
-            conversation: 0,
+            conversation: ConversationKey(0),
         })
         .expect("fits");
     }
@@ -256,7 +257,7 @@ fn agent_workload_on(config: EngineConfig, convs: usize) -> (f64, f64) {
                         blocks,
                         max_tokens: 50,
                         arrival: t,
-                        conversation: 0,
+                        conversation: ConversationKey(0),
                     })
                     .expect("fits");
                     sent_at[c] = t;

@@ -161,7 +161,7 @@ impl Request {
                     w.u32(c.slot);
                     w.u32(c.len);
                     w.u64(c.checksum);
-                    w.u64(c.conversation);
+                    w.u64(c.conversation.0);
                 }
                 op::COMMIT
             }
@@ -212,7 +212,7 @@ impl Request {
                         slot: r.u32()?,
                         len: r.u32()?,
                         checksum: r.u64()?,
-                        conversation: r.u64()?,
+                        conversation: crate::residency::ConversationKey(r.u64()?),
                     });
                 }
                 Request::Commit { chunks }

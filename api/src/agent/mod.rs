@@ -84,9 +84,8 @@ pub struct Commit {
     /// at commit and computes the checksum itself before the chunk goes to NVMe (a connector
     /// whose bytes arrive by DMA saves the CPU a pass over every chunk).
     pub checksum: u64,
-    /// The conversation the chunk belongs to ([`crate::residency::ConversationKey`]; 0: unknown), for
-    /// residency events.
-    pub conversation: u64,
+    /// The conversation the chunk belongs to (0: unknown), for residency events.
+    pub conversation: crate::residency::ConversationKey,
 }
 
 /// Client to agent.

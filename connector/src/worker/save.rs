@@ -207,7 +207,7 @@ impl WorkerCore {
                 slot,
                 len: (chunk_bytes - j * slot_bytes).min(slot_bytes) as u32,
                 checksum: NO_CHECKSUM,
-                conversation: job.conversation,
+                conversation: kvtier_api::residency::ConversationKey(job.conversation),
             })
             .collect();
         let c = copies(&pieces, &parts, slot_bytes);

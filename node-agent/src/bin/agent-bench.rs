@@ -185,7 +185,7 @@ fn nvme(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
                 data: &buf,
                 len: SLOT,
                 checksum: sum,
-                conversation: 1,
+                conversation: kvtier_api::residency::ConversationKey(1),
             })
             .collect();
         tier.write_batch(&pending)?;

@@ -8,6 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use kvtier_api::chunk::ChunkKey;
+use kvtier_api::residency::ConversationKey;
 use memmap2::MmapMut;
 
 use crate::pool::checksum;
@@ -32,7 +33,7 @@ pub fn file_bytes(len: u32) -> u64 {
 pub(super) struct Entry {
     pub(super) len: u32,
     pub(super) checksum: u64,
-    pub(super) conversation: u64,
+    pub(super) conversation: ConversationKey,
 }
 
 pub(super) fn name(key: ChunkKey) -> String {
@@ -48,7 +49,7 @@ pub(super) fn trailer(key: ChunkKey, e: Entry) -> [u8; TRAILER] {
     t[8..24].copy_from_slice(&key.0.to_le_bytes());
     t[24..28].copy_from_slice(&e.len.to_le_bytes());
     t[32..40].copy_from_slice(&e.checksum.to_le_bytes());
-    t[40..48].copy_from_slice(&e.conversation.to_le_bytes());
+    t[40..48].copy_from_slice(&e.conversation.0.to_le_bytes());
     let own = checksum(&t[..48]);
     t[48..56].copy_from_slice(&own.to_le_bytes());
     t
@@ -72,7 +73,8 @@ pub(super) fn parse_trailer(t: &[u8]) -> Option<(ChunkKey, Entry)> {
     }
     let mut k = [0u8; 16];
     k.copy_from_slice(&t[8..24]);
-    let e = Entry { len: u32_at(24), checksum: u64_at(32), conversation: u64_at(40) };
+    let e =
+        Entry { len: u32_at(24), checksum: u64_at(32), conversation: ConversationKey(u64_at(40)) };
     Some((ChunkKey(u128::from_le_bytes(k)), e))
 }
 

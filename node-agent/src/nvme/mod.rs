@@ -16,6 +16,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use kvtier_api::chunk::ChunkKey;
+use kvtier_api::residency::ConversationKey;
 use memmap2::MmapMut;
 
 use crate::index::{EvictionPolicy, Lru};
@@ -39,7 +40,7 @@ pub struct Pending<'a> {
     /// Checksum of the `len` bytes.
     pub checksum: u64,
     /// Conversation.
-    pub conversation: u64,
+    pub conversation: ConversationKey,
 }
 
 /// What a start found on disk.
@@ -92,7 +93,7 @@ pub struct NvmeTier {
     /// Aligned read buffer, reused (a fresh mapping per read would fault every page in).
     scratch: Option<MmapMut>,
     /// Chunks that left since the last [`NvmeTier::take_evicted`], with their conversation.
-    evicted: Vec<(ChunkKey, u64)>,
+    evicted: Vec<(ChunkKey, ConversationKey)>,
     /// io_uring for batched writes, when the kernel allows it.
     ring: Option<Ring>,
 }
@@ -241,7 +242,7 @@ impl NvmeTier {
         data: &[u8],
         len: u32,
         sum: u64,
-        conversation: u64,
+        conversation: ConversationKey,
     ) -> std::io::Result<bool> {
         let one = Pending { key, data, len, checksum: sum, conversation };
         Ok(self.write_batch(&[one])? == 1)
@@ -434,19 +435,19 @@ impl NvmeTier {
     }
 
     /// Chunks that left (evicted or dropped as corrupt) since the last call.
-    pub fn take_evicted(&mut self) -> Vec<(ChunkKey, u64)> {
+    pub fn take_evicted(&mut self) -> Vec<(ChunkKey, ConversationKey)> {
         std::mem::take(&mut self.evicted)
     }
 
     /// The conversation of a chunk on the tier.
     #[must_use]
-    pub fn conversation_of(&self, key: &ChunkKey) -> Option<u64> {
+    pub fn conversation_of(&self, key: &ChunkKey) -> Option<ConversationKey> {
         self.entries.get(key).map(|e| e.conversation)
     }
 
     /// The chunks of `conversation` on the tier.
     #[must_use]
-    pub fn keys_of(&self, conversation: u64) -> Vec<ChunkKey> {
+    pub fn keys_of(&self, conversation: ConversationKey) -> Vec<ChunkKey> {
         self.entries
             .iter()
             .filter(|(_, e)| e.conversation == conversation)
@@ -455,7 +456,7 @@ impl NvmeTier {
     }
 
     /// The conversation of every chunk on the tier (to count residency at start).
-    pub fn conversations(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn conversations(&self) -> impl Iterator<Item = ConversationKey> + '_ {
         self.entries.values().map(|e| e.conversation)
     }
 }
@@ -493,7 +494,7 @@ mod tests {
         assert_eq!(rec, Recovery::default());
         let a = data(1, 10_000);
         let sum = checksum(&a[..10_000]);
-        t.write(ChunkKey(5), &a, 10_000, sum, 0).expect("write");
+        t.write(ChunkKey(5), &a, 10_000, sum, ConversationKey(0)).expect("write");
         let (buf, len, s) = t.read(ChunkKey(5)).expect("read");
         assert_eq!((len, s), (10_000, sum));
         assert_eq!(&buf[..10_000], &a[..10_000]);
@@ -512,7 +513,7 @@ mod tests {
         let d = dir("corrupt");
         let (mut t, _) = NvmeTier::open(&d, 1 << 20).expect("open");
         let a = data(2, 5000);
-        t.write(ChunkKey(1), &a, 5000, checksum(&a[..5000]), 0).expect("write");
+        t.write(ChunkKey(1), &a, 5000, checksum(&a[..5000]), ConversationKey(0)).expect("write");
         // Flip a byte of the data in place (the trailer stays valid).
         let path = d.join(name(ChunkKey(1)));
         let mut bytes = std::fs::read(&path).expect("file");
@@ -531,7 +532,8 @@ mod tests {
         let (mut t, _) = NvmeTier::open(&d, 3 * 12_288).expect("open");
         let a = data(3, 8192);
         for k in 0..4u128 {
-            t.write(ChunkKey(k), &a, 8192, checksum(&a[..8192]), 0).expect("write");
+            t.write(ChunkKey(k), &a, 8192, checksum(&a[..8192]), ConversationKey(0))
+                .expect("write");
         }
         assert!(!t.contains(&ChunkKey(0)));
         assert!((1..4).all(|k| t.contains(&ChunkKey(k))));

@@ -251,7 +251,7 @@ impl Engine {
     }
 
     /// Writes a computed block of `conversation` to DRAM, demoting DRAM's victims to NVMe.
-    fn store(&mut self, h: u64, conversation: u64) {
+    fn store(&mut self, h: u64, conversation: kvtier_api::residency::ConversationKey) {
         let e = self.tiers.store(h, conversation);
         self.counters.dram_evictions += e.dram;
         self.counters.nvme_evictions += e.nvme;

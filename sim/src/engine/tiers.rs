@@ -21,7 +21,7 @@ use super::tier::Bounded;
 struct Inner {
     dram: Bounded,
     nvme: Bounded,
-    owner: HashMap<u64, u64>,
+    owner: HashMap<u64, ConversationKey>,
     /// Blocks per conversation and tier, and the events their changes make.
     residency: ResidencyFeed,
 }
@@ -66,8 +66,8 @@ impl HostTiers {
 
     /// Blocks of `conversation` in DRAM.
     #[must_use]
-    pub fn dram_blocks_of(&self, conversation: u64) -> u32 {
-        self.lock().residency.chunks(ConversationKey(conversation), Tier::Dram)
+    pub fn dram_blocks_of(&self, conversation: ConversationKey) -> u32 {
+        self.lock().residency.chunks(conversation, Tier::Dram)
     }
 
     /// A connector's lookup of a prompt's blocks: the node-agent marks every block it finds
@@ -104,7 +104,7 @@ impl HostTiers {
 
     /// Blocks of `conversation` only NVMe holds.
     #[must_use]
-    pub fn nvme_blocks_of(&self, conversation: u64) -> Vec<u64> {
+    pub fn nvme_blocks_of(&self, conversation: ConversationKey) -> Vec<u64> {
         let g = self.lock();
         g.owner
             .iter()
@@ -115,7 +115,7 @@ impl HostTiers {
 
     /// Brings `blocks` (of `conversation`) from NVMe into DRAM, as the node-agent's prefetch
     /// does; returns how many moved.
-    pub fn promote(&self, blocks: &[u64], conversation: u64) -> usize {
+    pub fn promote(&self, blocks: &[u64], conversation: ConversationKey) -> usize {
         let mut moved = 0;
         for &h in blocks {
             if self.on_nvme(h) {
@@ -128,10 +128,10 @@ impl HostTiers {
 
     /// Writes block `h` of `conversation` (0: unknown) to DRAM, demoting DRAM's victims to
     /// NVMe.
-    pub(super) fn store(&self, h: u64, conversation: u64) -> Evictions {
+    pub(super) fn store(&self, h: u64, conversation: ConversationKey) -> Evictions {
         let mut g = self.lock();
         let mut out = Evictions::default();
-        if conversation != 0 {
+        if conversation.0 != 0 {
             let prev = g.owner.insert(h, conversation);
             if let Some(p) = prev.filter(|&p| p != conversation) {
                 // Another conversation stored the same block first: it keeps the count.
@@ -174,7 +174,7 @@ impl Inner {
     /// Block `h` entered or left `tier`: counted for the conversation that owns it.
     fn count(&mut self, h: u64, tier: Tier, entered: bool) {
         let Some(&conv) = self.owner.get(&h) else { return };
-        self.residency.change(ConversationKey(conv), tier, entered);
+        self.residency.change(conv, tier, entered);
     }
 }
 
@@ -188,8 +188,8 @@ mod tests {
         let other = t.clone();
         let (now, mut rx) = t.subscribe();
         assert!(now.is_empty());
-        t.store(1, 7);
-        other.store(2, 7);
+        t.store(1, ConversationKey(7));
+        other.store(2, ConversationKey(7));
         assert!(t.in_dram(2), "a replica sees what its neighbour stored");
         let e = rx.try_recv().expect("entered");
         assert_eq!(
@@ -198,16 +198,16 @@ mod tests {
         );
         assert!(rx.try_recv().is_err(), "the second block of a conversation is no event");
         // A third block evicts block 1 to NVMe: conversation 9 enters DRAM, 7 enters NVMe.
-        let ev = t.store(3, 9);
+        let ev = t.store(3, ConversationKey(9));
         assert_eq!(ev, Evictions { dram: 1, nvme: 0 });
         let got: Vec<(u64, Tier, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|e| (e.conversation.0, e.tier, e.entered))
             .collect();
         assert_eq!(got, vec![(9, Tier::Dram, true), (7, Tier::Nvme, true)]);
         // Filling NVMe pushes conversation 7 out of it entirely.
-        t.store(4, 9);
-        t.store(5, 9);
-        t.store(6, 9);
+        t.store(4, ConversationKey(9));
+        t.store(5, ConversationKey(9));
+        t.store(6, ConversationKey(9));
         let (now, _) = t.subscribe();
         assert!(now.iter().all(|e| e.conversation.0 == 9), "{now:?}");
         assert_eq!(t.lens(), (2, 2));

@@ -113,7 +113,7 @@ pub struct Submission {
     pub arrival: f64,
     /// The conversation it belongs to ([`kvtier_api::residency::ConversationKey`]; 0:
     /// unknown), for residency events.
-    pub conversation: u64,
+    pub conversation: kvtier_api::residency::ConversationKey,
 }
 
 /// Why the engine refuses a request outright.
