@@ -27,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Events a subscriber may fall behind by before it misses some (and sees a gap in `seq`).
 const BACKLOG: usize = 4096;
-/// Lines buffered per `/residency` client before the stream waits for it.
+/// Writes buffered per `/residency` client before the stream waits for it.
 const STREAM_BUFFER: usize = 256;
+/// Most bytes of events sent in one write.
+const BATCH_BYTES: usize = 64 << 10;
 
 /// The current residency (as `entered` events) and the changes from then on.
 pub type Subscription = (Vec<ResidencyEvent>, broadcast::Receiver<ResidencyEvent>);
@@ -167,19 +169,29 @@ impl<T: NodeTier> NodeTierRoutes<T> {
                 }
             }
             loop {
-                let e = tokio::select! {
+                let first = tokio::select! {
                     () = closing.cancelled() => return,
                     e = rx.recv() => e,
                 };
-                match e {
-                    Ok(e) => {
-                        if tx.send(e.to_json_line().into()).await.is_err() {
-                            return;
-                        }
-                    }
+                let mut lines = String::new();
+                match first {
+                    Ok(e) => lines.push_str(&e.to_json_line()),
                     // A slow reader missed events: the gap in `seq` tells it to resubscribe.
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
+                }
+                // What else is already waiting goes in the same write: under a burst of
+                // changes one frame per event would cost the reader a read per line and let
+                // the backlog overflow.
+                while lines.len() < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(e) => lines.push_str(&e.to_json_line()),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    }
+                }
+                if !lines.is_empty() && tx.send(lines.into()).await.is_err() {
+                    return;
                 }
             }
         });
@@ -278,5 +290,28 @@ mod tests {
         let wrong = routes.handle(&get("/prefetch/0000000000000005", Some("s3cret"))).await;
         assert_eq!(wrong.status(), 405);
         assert_eq!(wrong.headers()[header::ALLOW], "POST");
+    }
+
+    #[tokio::test]
+    async fn a_burst_larger_than_the_backlog_reaches_a_reader_that_was_not_reading_without_a_gap() {
+        let toy = Arc::new(Toy::default());
+        let closing = CancellationToken::new();
+        let routes = NodeTierRoutes::new(toy.clone(), None, closing.clone());
+        let res = routes.handle(&get("/residency", None)).await;
+        // 6,000 events at once, more than the broadcast backlog (4,096) and the stream's
+        // buffer (256 writes) together, while nobody reads the body.
+        for i in 1..=6_000u64 {
+            toy.0.lock().expect("lock").change(ConversationKey(i), Tier::Dram, true);
+            if i % 500 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        closing.cancel();
+        let text = body_text(res).await;
+        let seqs: Vec<u64> =
+            text.lines().filter_map(ResidencyEvent::from_json_line).map(|e| e.seq).collect();
+        assert_eq!(seqs.len(), 6_000);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "a gap in the stream");
     }
 }
