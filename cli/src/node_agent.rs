@@ -28,6 +28,14 @@ pub(crate) struct NodeAgentArgs {
     /// Connectors served at once; more are refused at connect.
     #[arg(long, env = "KVTIER_AGENT_MAX_CLIENTS", default_value = "256")]
     max_clients: usize,
+    /// The share of the DRAM pool one connector may hold reserved at once, and pinned: one
+    /// engine cannot take the pool from the others.
+    #[arg(long, env = "KVTIER_AGENT_CLIENT_SHARE", default_value = "0.5", value_parser = share)]
+    client_share: f64,
+    /// Only processes running as these uids may attach (comma-separated; checked with the
+    /// kernel's peer credentials). Default: whoever may open the socket.
+    #[arg(long, env = "KVTIER_AGENT_PEER_UIDS", value_delimiter = ',')]
+    peer_uids: Vec<u32>,
     /// DRAM pool size (e.g. 64GiB).
     #[arg(long, env = "KVTIER_AGENT_DRAM", value_parser = bytes_arg)]
     dram: u64,
@@ -72,6 +80,13 @@ enum NvmeMode {
     Back,
 }
 
+fn share(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0 && *v <= 1.0)
+        .ok_or_else(|| format!("`{s}` is not a share of the pool in (0, 1]"))
+}
+
 fn octal_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
@@ -104,7 +119,9 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
         Eviction::Lru => Box::<Lru>::default(),
         Eviction::S3Fifo => Box::new(kvtier_api::eviction::S3Fifo::new(pool.slots() as usize)),
     };
-    let index = Index::new(pool.slots(), slot_bytes, policy);
+    // At least one slot, whatever the share of a tiny pool.
+    let quota = ((f64::from(pool.slots()) * a.client_share) as u32).max(1);
+    let index = Index::new(pool.slots(), slot_bytes, policy).with_client_quota(quota);
     let mut agent = Agent::new(pool, index);
     if let Some(dir) = &a.nvme_dir {
         let bytes = a.nvme_bytes.context("--nvme-bytes is required with --nvme-dir")?;
@@ -126,9 +143,12 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
     }
     let options = server::SocketOptions { mode: a.socket_mode, gid: a.socket_gid };
     let limits = server::Limits { max_clients: a.max_clients, ..server::Limits::default() };
-    let listener = server::bind_with(&a.socket, options)
+    let mut listener = server::bind_with(&a.socket, options)
         .with_context(|| format!("binding {}", a.socket.display()))?
         .limits(limits);
+    if !a.peer_uids.is_empty() {
+        listener = listener.peer_uids(a.peer_uids.clone());
+    }
     let token = match &a.control_token_file {
         Some(f) => Some(crate::read_token(f)?),
         None => {

@@ -11,7 +11,7 @@ use kvtier_api::residency::{ConversationKey, PrefetchReply};
 use kvtier_serve::node_tier::{NodeTier, ResidencyFeed, Subscription};
 use tracing::{debug, warn};
 
-use crate::index::{ClientId, Index, Millis};
+use crate::index::{ClientId, Index, Millis, AGENT};
 use crate::nvme::NvmeTier;
 use crate::pool::{checksum, DramPool};
 
@@ -44,8 +44,6 @@ pub struct Agent {
     pool_id: u64,
 }
 
-/// The client id the agent uses for its own reservations and pins (write-through, prefetch).
-const AGENT: ClientId = ClientId::MAX;
 /// How long a chunk being written through is pinned at most.
 const WRITE_LEASE_MS: u32 = 60_000;
 

@@ -18,6 +18,10 @@ pub type ClientId = u64;
 /// Milliseconds on the agent's monotonic clock.
 pub type Millis = u64;
 
+/// The agent's own client id, for its own reservations and pins (write-through, prefetch);
+/// no quota applies to it.
+pub const AGENT: ClientId = ClientId::MAX;
+
 pub use kvtier_api::eviction::{EvictionPolicy, Lru};
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,12 @@ pub struct Index {
     stats: Stats,
     /// Chunks evicted since the last [`Index::take_evicted`].
     evicted: Vec<Evicted>,
+    /// Most slots one client may have reserved at once, and most chunks it may pin; `None`:
+    /// only the pool bounds it.
+    quota: Option<u32>,
+    /// Slots reserved and chunks pinned, per client.
+    reserved_by: HashMap<ClientId, u32>,
+    pinned_by: HashMap<ClientId, u32>,
 }
 
 /// A chunk that left DRAM: its slot now belongs to whoever reserved it, but until that client
@@ -98,7 +108,25 @@ impl Index {
             policy,
             stats: Stats { slots, ..Stats::default() },
             evicted: Vec::new(),
+            quota: None,
+            reserved_by: HashMap::new(),
+            pinned_by: HashMap::new(),
         }
+    }
+
+    /// Bounds what one client may hold: at most `slots` reserved at once and at most `slots`
+    /// chunks pinned (past that, reserve returns fewer slots and pin pins fewer chunks, as a
+    /// full pool does). One engine cannot take the whole pool from the others, by mistake or
+    /// on purpose.
+    #[must_use]
+    pub fn with_client_quota(mut self, slots: u32) -> Self {
+        self.quota = Some(slots);
+        self
+    }
+
+    /// Whether `client` may take one more of what `held` counts.
+    fn under_quota(&self, client: ClientId, held: &HashMap<ClientId, u32>) -> bool {
+        client == AGENT || self.quota.is_none_or(|q| held.get(&client).copied().unwrap_or(0) < q)
     }
 
     /// Counters and occupancy.
@@ -159,8 +187,15 @@ impl Index {
 
     /// Drops leases that ran out by `now`.
     pub fn expire(&mut self, now: Millis) {
+        let pinned_by = &mut self.pinned_by;
         for e in self.entries.values_mut() {
-            e.pins.retain(|_, deadline| *deadline > now);
+            e.pins.retain(|client, deadline| {
+                let live = *deadline > now;
+                if !live {
+                    count_down(pinned_by, *client);
+                }
+                live
+            });
         }
     }
 
@@ -184,7 +219,7 @@ impl Index {
     pub fn reserve(&mut self, client: ClientId, n: u32, now: Millis) -> Vec<u32> {
         self.expire(now);
         let mut out = Vec::with_capacity(n as usize);
-        while out.len() < n as usize {
+        while out.len() < n as usize && self.under_quota(client, &self.reserved_by) {
             let slot = match self.free.pop() {
                 Some(s) => s,
                 None => match self.evict_one() {
@@ -193,6 +228,7 @@ impl Index {
                 },
             };
             self.slots[slot as usize] = Slot::Reserved(client);
+            *self.reserved_by.entry(client).or_insert(0) += 1;
             out.push(slot);
         }
         out
@@ -205,6 +241,7 @@ impl Index {
             if self.slots.get(s as usize) == Some(&Slot::Reserved(client)) {
                 self.slots[s as usize] = Slot::Free;
                 self.free.push(s);
+                count_down(&mut self.reserved_by, client);
                 n += 1;
             }
         }
@@ -238,6 +275,7 @@ impl Index {
         if !verify(slot, len, checksum) {
             return Err(CommitError::Checksum(slot));
         }
+        count_down(&mut self.reserved_by, client);
         if self.entries.contains_key(&key) {
             self.slots[slot as usize] = Slot::Free;
             self.free.push(slot);
@@ -262,8 +300,16 @@ impl Index {
         let deadline = now + Millis::from(lease_ms);
         let mut n = 0;
         for k in keys {
-            if let Some(e) = self.entries.get_mut(k) {
-                e.pins.insert(client, deadline);
+            let renewal = self.entries.get(k).map(|e| e.pins.contains_key(&client));
+            let allowed = match renewal {
+                None => false,
+                Some(true) => true,
+                Some(false) => self.under_quota(client, &self.pinned_by),
+            };
+            if let (true, Some(e)) = (allowed, self.entries.get_mut(k)) {
+                if e.pins.insert(client, deadline).is_none() {
+                    *self.pinned_by.entry(client).or_insert(0) += 1;
+                }
                 n += 1;
             }
         }
@@ -276,6 +322,7 @@ impl Index {
         for k in keys {
             if let Some(e) = self.entries.get_mut(k) {
                 if e.pins.remove(&client).is_some() {
+                    count_down(&mut self.pinned_by, client);
                     n += 1;
                 }
             }
@@ -294,6 +341,8 @@ impl Index {
         for e in self.entries.values_mut() {
             e.pins.remove(&client);
         }
+        self.reserved_by.remove(&client);
+        self.pinned_by.remove(&client);
     }
 
     /// Checks the invariants: every slot in exactly one state, counts consistent.
@@ -312,6 +361,34 @@ impl Index {
                 "entry points at a slot it does not hold"
             );
             assert!(e.len <= self.slot_bytes);
+        }
+        let mut reserved: HashMap<ClientId, u32> = HashMap::new();
+        for s in &self.slots {
+            if let Slot::Reserved(c) = s {
+                *reserved.entry(*c).or_insert(0) += 1;
+            }
+        }
+        let mut pinned: HashMap<ClientId, u32> = HashMap::new();
+        for e in self.entries.values() {
+            for c in e.pins.keys() {
+                *pinned.entry(*c).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(reserved, self.reserved_by, "reservations per client miscounted");
+        assert_eq!(pinned, self.pinned_by, "pins per client miscounted");
+        if let Some(q) = self.quota {
+            let over = |m: &HashMap<ClientId, u32>| m.iter().any(|(c, n)| *c != AGENT && *n > q);
+            assert!(!over(&reserved) && !over(&pinned), "a client holds more than its quota");
+        }
+    }
+}
+
+/// One less of what `map` counts for `client` (the entry goes at zero).
+fn count_down(map: &mut HashMap<ClientId, u32>, client: ClientId) {
+    if let Some(n) = map.get_mut(&client) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&client);
         }
     }
 }
@@ -344,6 +421,43 @@ mod tests {
         assert_eq!(prefix, 2);
         assert_eq!(tiers, vec![Tier::Dram, Tier::Dram, Tier::Absent, Tier::Dram]);
         assert_eq!(slots, vec![0, 1, u32::MAX, 0]);
+        ix.check();
+    }
+
+    #[test]
+    fn one_client_cannot_take_more_than_its_quota_of_reservations_or_pins() {
+        let mut ix = index(8).with_client_quota(3);
+        assert_eq!(ix.reserve(1, 8, 0).len(), 3, "three slots at most reserved by one client");
+        assert_eq!(ix.reserve(2, 8, 0).len(), 3, "another client has its own three");
+        assert_eq!(
+            ix.reserve(AGENT, 8, 0).len(),
+            2,
+            "the agent itself is bounded by the pool only"
+        );
+        let mine: Vec<u32> = (0..3).collect();
+        for (i, s) in mine.iter().enumerate() {
+            ix.commit(1, k(i as u128), *s, 10, 0, ConversationKey(0), ok).expect("commit");
+        }
+        ix.check();
+        // Committing gives the reservations back: client 1 may reserve three again (the pool
+        // is full, so they come from evicting unpinned chunks). The quota bounds what a client
+        // holds in flight, not what it has stored.
+        assert_eq!(ix.reserve(1, 5, 0).len(), 3);
+        ix.check();
+        // Pins: two at most here, renewing one already held costs nothing.
+        let mut ix = index(8).with_client_quota(2);
+        for i in 0..4u128 {
+            let s = ix.reserve(AGENT, 1, 0)[0];
+            ix.commit(AGENT, k(i), s, 10, 0, ConversationKey(0), ok).expect("commit");
+        }
+        assert_eq!(ix.pin(7, &[k(0), k(1), k(2), k(3)], 0, 1000), 2);
+        assert_eq!(ix.pin(7, &[k(0), k(1)], 0, 2000), 2, "renewals");
+        assert_eq!(ix.pin(8, &[k(2), k(3)], 0, 1000), 2, "another client's own quota");
+        ix.unpin(7, &[k(0)]);
+        assert_eq!(ix.pin(7, &[k(2)], 0, 1000), 1, "an unpin gives one back");
+        ix.expire(5000);
+        assert_eq!(ix.pin(7, &[k(0), k(1), k(3)], 6000, 1000), 2, "expired leases give back");
+        ix.client_gone(7);
         ix.check();
     }
 
@@ -441,13 +555,20 @@ mod tests {
         /// Whatever clients do, slots are never lost or double-booked, counts never exceed
         /// capacity, and a pinned chunk survives until its lease ends.
         #[test]
-        fn accounting_holds(ops in prop::collection::vec(op(), 1..200), s3 in any::<bool>()) {
-            // Either eviction policy.
+        fn accounting_holds(
+            ops in prop::collection::vec(op(), 1..200),
+            s3 in any::<bool>(),
+            quota in prop::option::of(1u32..4),
+        ) {
+            // Either eviction policy, with or without a quota per client.
             let mut ix = if s3 {
                 Index::new(6, 1024, Box::new(kvtier_api::eviction::S3Fifo::new(6)))
             } else {
                 index(6)
             };
+            if let Some(q) = quota {
+                ix = ix.with_client_quota(q);
+            }
             let mut now = 0;
             let mut mine: HashMap<u64, Vec<u32>> = HashMap::new();
             // (client, key) -> lease deadline, for pins the index accepted.

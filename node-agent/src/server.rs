@@ -78,6 +78,8 @@ pub struct Listener {
     /// the process dies, however it dies.
     _lock: std::fs::File,
     limits: Limits,
+    /// When set, only processes running as one of these uids may attach.
+    peer_uids: Option<Arc<[u32]>>,
 }
 
 impl Listener {
@@ -85,6 +87,15 @@ impl Listener {
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Only processes running as one of `uids` may attach (checked with the peer's
+    /// credentials, which the kernel gives and the client cannot forge): a second line behind
+    /// the socket's mode and group, for engines whose uid is known.
+    #[must_use]
+    pub fn peer_uids(mut self, uids: Vec<u32>) -> Self {
+        self.peer_uids = Some(uids.into());
         self
     }
 
@@ -134,7 +145,13 @@ pub fn bind_with(path: &Path, options: SocketOptions) -> std::io::Result<Listene
         rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(options.mode))?;
-    Ok(Listener { inner, path: path.to_owned(), _lock: lock, limits: Limits::default() })
+    Ok(Listener {
+        inner,
+        path: path.to_owned(),
+        _lock: lock,
+        limits: Limits::default(),
+        peer_uids: None,
+    })
 }
 
 /// Serves clients until the task is dropped.
@@ -155,9 +172,27 @@ pub async fn serve(listener: Listener, agent: Arc<Agent>) {
             drop(stream);
             continue;
         }
+        let peer = stream.peer_cred().ok();
+        if let Some(allowed) = &listener.peer_uids {
+            if !peer.is_some_and(|p| allowed.contains(&p.uid())) {
+                warn!(
+                    uid = peer.map(|p| p.uid()),
+                    pid = peer.and_then(|p| p.pid()),
+                    "connection refused: the peer's uid is not allowed"
+                );
+                drop(stream);
+                continue;
+            }
+        }
         let agent = agent.clone();
         conns.spawn(async move {
             let client = agent.attach();
+            debug!(
+                client,
+                uid = peer.map(|p| p.uid()),
+                pid = peer.and_then(|p| p.pid()),
+                "client connected"
+            );
             let malformed = match connection(&agent, client, stream, limits).await {
                 Ok(()) => {
                     debug!(client, "client left");

@@ -805,3 +805,41 @@ fn the_control_routes_need_the_token_and_metrics_do_not() {
     s.read_exact(&mut head).expect("head");
     assert_eq!(&head, b"HTTP/1.1 200");
 }
+
+#[test]
+fn only_the_allowed_uids_attach_when_a_list_is_given() {
+    let dir = std::env::temp_dir().join(format!("kvtier-agent-peer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let me = rustix::process::getuid().as_raw();
+    let serve_for = |name: &str, uids: Vec<u32>| {
+        let path = dir.join(name);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let pool = DramPool::create(PoolConfig {
+            bytes: 4 * u64::from(SLOT),
+            slot_bytes: SLOT,
+            lock: LockMode::BestEffort,
+            huge_pages: false,
+        })
+        .expect("pool");
+        let agent = Arc::new(Agent::new(pool, Index::new(4, SLOT, Box::<Lru>::default())));
+        let listener = {
+            let _g = rt.enter();
+            server::bind(&path).expect("bind").peer_uids(uids)
+        };
+        rt.spawn(server::serve(listener, agent));
+        (path, rt)
+    };
+    // The engines run as some other uid: this process may not attach.
+    let (other, _rt1) = serve_for("other.sock", vec![me.wrapping_add(4242)]);
+    assert!(Client::connect(&other, "c").is_err(), "a uid not on the list is refused");
+    // Our uid is on the list: attach and work.
+    let (mine, _rt2) = serve_for("mine.sock", vec![me.wrapping_add(4242), me]);
+    let mut c = Client::connect(&mine, "c").expect("attach");
+    assert_eq!(c.reserve(1).expect("reserve").len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
