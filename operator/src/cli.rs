@@ -24,6 +24,10 @@ pub struct OperatorArgs {
     /// The node-agents' `--mlock`: `required`, `best-effort` or `off`.
     #[arg(long, env = "KVTIER_OPERATOR_AGENT_MLOCK", default_value = "best-effort")]
     pub agent_mlock: String,
+    /// A namespace whose Pods may scrape the node-agents' `/metrics` (Prometheus'); repeat
+    /// or comma-separate. The agents' NetworkPolicy admits these and the resource's router.
+    #[arg(long, env = "KVTIER_OPERATOR_AGENT_METRICS_NAMESPACES", value_delimiter = ',')]
+    pub agent_metrics_namespace: Vec<String>,
     /// Serve `/metrics`, `/healthz` and `/readyz` here.
     #[arg(long, env = "KVTIER_OPERATOR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     pub metrics_listen: SocketAddr,
@@ -44,6 +48,7 @@ pub async fn run(
     let mut settings = Settings {
         image_pull_policy: args.image_pull_policy,
         agent_mlock: args.agent_mlock,
+        agent_metrics_namespaces: args.agent_metrics_namespace,
         ..Settings::default()
     };
     if let Some(image) = args.kvtier_image {

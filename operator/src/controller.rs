@@ -285,15 +285,25 @@ async fn apply_all(
     let agent = match objects::node_agent_daemonset(kvci, s) {
         Some(ds) => {
             ensure_control_secret(kvci, c, ns, &n.control).await?;
+            if let Some(policy) = objects::node_agent_network_policy(kvci, s) {
+                apply(c, ns, &policy).await?;
+            }
             Some(apply(c, ns, &ds).await?)
         }
         None => {
-            // The strategy moved away from tiered: the agent goes.
+            // The strategy moved away from tiered: the agent goes, and its policy.
             let api: Api<DaemonSet> = Api::namespaced(c.clone(), ns);
             match api.delete(&n.node_agent, &DeleteParams::background()).await {
                 Ok(_) => tracing::info!(%ns, name = %n.node_agent, "node-agent removed"),
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(kube_err("removing the node-agent")(e)),
+            }
+            let api: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+                Api::namespaced(c.clone(), ns);
+            match api.delete(&n.node_agent, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(kube_err("removing the node-agent's NetworkPolicy")(e)),
             }
             None
         }

@@ -150,6 +150,19 @@ async fn the_stack_on_a_real_api_server() {
         router_args.windows(2).any(|w| w == ["--session-placement", "hash"]),
         "two router replicas agree: {router_args:?}"
     );
+    // Only the resource's router reaches the agents' HTTP port.
+    let policy =
+        Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(admin.clone(), NS)
+            .get("minimax-node-agent")
+            .await
+            .expect("the node-agents' NetworkPolicy");
+    let policy = serde_json::to_value(&policy).expect("json");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+            ["app.kubernetes.io/component"],
+        "router",
+        "{policy}"
+    );
     Api::<Role>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("router role");
     Api::<ServiceAccount>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("sa");
 

@@ -29,7 +29,7 @@ use crate::engine;
 mod node;
 mod router;
 
-pub use node::{deletion_costs, node_agent_daemonset, DELETION_COST};
+pub use node::{deletion_costs, node_agent_daemonset, node_agent_network_policy, DELETION_COST};
 pub use router::{
     router_args, router_deployment, router_endpoint, router_role, router_role_binding,
     router_service, router_service_account,
@@ -60,6 +60,9 @@ pub struct Settings {
     pub image_pull_policy: String,
     /// The node-agent's `--mlock`: `required`, `best-effort` or `off`.
     pub agent_mlock: String,
+    /// Namespaces whose Pods may scrape the node-agents' `/metrics` (e.g. Prometheus'); the
+    /// agents' NetworkPolicy lets in only these and the resource's own router.
+    pub agent_metrics_namespaces: Vec<String>,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             kvtier_image: format!("ghcr.io/kvtier/kvtier:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".to_owned(),
             agent_mlock: "best-effort".to_owned(),
+            agent_metrics_namespaces: Vec::new(),
         }
     }
 }
@@ -354,6 +358,35 @@ mod tests {
         engine: {replicas: 2, tensorParallelSize: 2, nodeSelector: {gpu: mi300x},\n\
                  resources: {requests: {memory: 200Gi}}}\n\
         cache: {strategy: tiered, dram: 64Gi, nvme: {size: 1Ti, path: /mnt/nvme0/kvtier}}";
+
+    #[test]
+    fn only_the_router_and_the_metrics_namespaces_reach_the_node_agents() {
+        let k = kvci(TIERED);
+        let mut s = Settings::default();
+        let p = v(&node_agent_network_policy(&k, &s).expect("tiered has a policy"));
+        assert_eq!(p["metadata"]["name"], "coder-node-agent");
+        assert_eq!(p["metadata"]["ownerReferences"][0]["kind"], "KVCachedInference");
+        assert_eq!(
+            p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+            "node-agent"
+        );
+        assert_eq!(p["spec"]["policyTypes"], json!(["Ingress"]));
+        let rules = p["spec"]["ingress"].as_array().expect("rules");
+        assert_eq!(rules.len(), 1, "the router only: {p}");
+        let from = &rules[0]["from"][0]["podSelector"]["matchLabels"];
+        assert_eq!(from["app.kubernetes.io/component"], "router");
+        assert_eq!(from["app.kubernetes.io/instance"], "coder");
+        assert_eq!(rules[0]["ports"][0]["port"], AGENT_METRICS_PORT);
+        s.agent_metrics_namespaces = vec!["monitoring".into()];
+        let p = v(&node_agent_network_policy(&k, &s).expect("policy"));
+        assert_eq!(
+            p["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]
+                ["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
+        assert!(node_agent_network_policy(&kvci("model: {name: m}\ncache: {strategy: hbm}"), &s)
+            .is_none());
+    }
 
     #[test]
     fn every_object_is_owned_and_labelled() {

@@ -2,6 +2,7 @@
 //! deletion cost that keeps KV reachable through a scale-down.
 
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kvtier_api::crd::{quantity_bytes, CacheStrategy, KVCachedInference};
 use serde_json::json;
@@ -38,6 +39,43 @@ pub fn deletion_costs(pods: &[(String, Option<String>)]) -> Vec<(String, i32)> {
             (name.clone(), cost)
         })
         .collect()
+}
+
+/// Who may reach a `tiered` resource's node-agents over the network: the resource's router
+/// (the residency stream and prefetch, which also need the control token) and Pods in the
+/// namespaces given for metrics scraping; nobody else, on any port. Engines reach the agent
+/// through its Unix socket, which no NetworkPolicy governs. `None` for other strategies.
+#[must_use]
+pub fn node_agent_network_policy(kvci: &KVCachedInference, s: &Settings) -> Option<NetworkPolicy> {
+    if kvci.spec.cache.strategy != CacheStrategy::Tiered {
+        return None;
+    }
+    let n = Names::of(&kvci.name_any());
+    let port = json!([{"protocol": "TCP", "port": AGENT_METRICS_PORT}]);
+    let mut ingress = vec![json!({
+        "from": [{"podSelector": {"matchLabels": selector(kvci, Component::Router)}}],
+        "ports": port,
+    })];
+    if !s.agent_metrics_namespaces.is_empty() {
+        let from: Vec<_> = s
+            .agent_metrics_namespaces
+            .iter()
+            .map(|ns| {
+                json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}})
+            })
+            .collect();
+        ingress.push(json!({"from": from, "ports": port}));
+    }
+    Some(typed(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta(kvci, &n.node_agent, Component::NodeAgent),
+        "spec": {
+            "podSelector": {"matchLabels": selector(kvci, Component::NodeAgent)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    })))
 }
 
 /// The node-agent DaemonSet of a `tiered` resource, on the engine's nodes; `None` for other
