@@ -170,6 +170,41 @@ impl ResidencyLedger {
     }
 }
 
+/// The member of a request's `kv_transfer_params` that carries its conversation (16 hex
+/// digits), set by the router for the connector.
+pub const CONVERSATION_PARAM: &str = "kvtier_conversation";
+
+/// The member of a request's `kv_transfer_params` that carries its [`Hold`].
+pub const HOLD_PARAM: &str = "kvtier_hold";
+
+/// What a client asked the server to keep warm (an Anthropic `cache_control` breakpoint):
+/// the prompt's chunks up to `upto` of its length, for `ttl_s` seconds. The router measures
+/// `upto` on the request's text (it cannot see tokens); the engine's side applies it to the
+/// prompt's tokens, rounding down to whole chunks. ADR 0013.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hold {
+    /// Seconds to keep the chunks resident.
+    pub ttl_s: u32,
+    /// The share of the prompt, from its start, to keep (0..=1).
+    pub upto: f64,
+}
+
+impl Hold {
+    /// The JSON value it travels as (`{"ttl_s":300,"upto":0.9731}`).
+    #[must_use]
+    pub fn to_json(self) -> String {
+        format!("{{\"ttl_s\":{},\"upto\":{:.4}}}", self.ttl_s, self.upto.clamp(0.0, 1.0))
+    }
+
+    /// Reads [`Hold::to_json`]'s value; `None` when it is not one.
+    #[must_use]
+    pub fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let ttl_s = u32::try_from(v.get("ttl_s")?.as_u64()?).ok()?;
+        let upto = v.get("upto")?.as_f64()?;
+        (upto.is_finite() && (0.0..=1.0).contains(&upto)).then_some(Self { ttl_s, upto })
+    }
+}
+
 /// The path of a prefetch: `POST /prefetch/<conversation hex>` brings the conversation's NVMe
 /// chunks into DRAM (at most as many as DRAM holds).
 #[must_use]

@@ -126,6 +126,9 @@ pub struct DemoOptions {
     pub session_placement: kvtier_router::SessionPlacement,
     /// The API the replayed agents speak.
     pub api: crate::synth::Api,
+    /// With tier-aware routing, pass the Anthropic `cache_control` breakpoints to the
+    /// replicas as holds (ADR 0013).
+    pub holds: bool,
 }
 
 /// One configuration's outcome.

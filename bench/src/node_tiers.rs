@@ -161,6 +161,7 @@ pub async fn run_node_tiers(
             }),
             chunk_tokens: u64::from(config.block_tokens),
             control_token: None,
+            holds: opts.holds,
         });
     }
     let router = LocalRouter::start(rc).await?;

@@ -159,6 +159,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
         progress: false,
         session_placement: kvtier_router::SessionPlacement::Load,
         api: Api::Chat,
+        holds: false,
     };
     let (results, text) = demo::run(&opts).await.expect("demo");
     assert_eq!(results.len(), 2);

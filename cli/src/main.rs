@@ -235,6 +235,10 @@ struct DemoArgs {
     /// sends it, or OpenAI Responses as Codex does.
     #[arg(long, value_enum, default_value = "chat")]
     api: kvtier_bench::synth::Api,
+    /// Node-tier scenario with `--api anthropic`: pass the `cache_control` breakpoints to
+    /// the replicas as holds (ADR 0013; off by default, as in the router).
+    #[arg(long)]
+    holds: bool,
     /// Replicas per node in the node-tier scenario.
     #[arg(long, default_value_t = 2)]
     replicas_per_node: usize,
@@ -453,6 +457,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         progress: !a.no_progress,
         session_placement: a.session_placement,
         api: a.api,
+        holds: a.holds,
     };
     let started = std::time::Instant::now();
     if a.node_tiers {

@@ -67,6 +67,7 @@ async fn scenario(tier_aware: bool) -> (&'static str, u64) {
             prefetch: None,
             chunk_tokens: 64,
             control_token: None,
+            holds: false,
         });
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -128,6 +128,12 @@ pub struct RouterArgs {
     /// their residency streams and prefetch routes.
     #[arg(long, env = "KVTIER_ROUTER_AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<std::path::PathBuf>,
+    /// With tier-aware routing, pass Anthropic `cache_control` breakpoints to the engines as
+    /// holds: the node tier keeps the marked prefix resident for the breakpoint's TTL, within
+    /// a quarter of its DRAM (ADR 0013). Off by default: measured in the simulator it has not
+    /// helped yet.
+    #[arg(long, env = "KVTIER_ROUTER_CACHE_CONTROL_HOLDS")]
+    pub cache_control_holds: bool,
     /// Tokens per chunk in the node-agents' counts.
     #[arg(long, env = "KVTIER_ROUTER_RESIDENCY_CHUNK_TOKENS", default_value_t = 256)]
     pub residency_chunk_tokens: u64,
@@ -262,6 +268,7 @@ impl RouterArgs {
                         Some(token)
                     }
                 },
+                holds: self.cache_control_holds,
             });
         }
         Ok((c, self.listen, self.metrics_listen))

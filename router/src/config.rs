@@ -154,6 +154,9 @@ pub struct TierConfig {
     pub prefetch: Option<crate::tiers::PrefetchConfig>,
     /// The token the agents' control routes require (`Authorization: Bearer`).
     pub control_token: Option<String>,
+    /// Pass Anthropic `cache_control` breakpoints to the engine as holds (ADR 0013; the
+    /// router's flag leaves it off).
+    pub holds: bool,
 }
 
 const fn nz(n: u32) -> NonZeroU32 {

@@ -135,7 +135,14 @@ async fn proxy(
     // messages and responses requests all take `kv_transfer_params`.
     let body = match (conversation, app.dispatcher.tiers()) {
         (Some(c), Some(_)) if route.generates() => {
-            crate::tiers::tag_conversation(&body, c).unwrap_or(body.clone())
+            let hold = view
+                .breakpoint
+                .filter(|_| app.config.tiers.as_ref().is_some_and(|t| t.holds))
+                .map(|b| kvtier_api::residency::Hold {
+                    ttl_s: b.ttl_s,
+                    upto: b.end as f64 / view.segments.len().max(1) as f64,
+                });
+            crate::tiers::tag_conversation(&body, c, hold).unwrap_or(body.clone())
         }
         _ => body.clone(),
     };

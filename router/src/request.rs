@@ -137,10 +137,35 @@ pub struct PromptView<'a> {
     pub previous_response: Option<String>,
     /// `stream: true`.
     pub stream: bool,
+    /// The last Anthropic `cache_control` breakpoint in render order: what the client asks the
+    /// server to keep warm.
+    pub breakpoint: Option<Breakpoint>,
     /// The conversation the body names, when it names one rather than a user: Claude Code's
     /// `session_id`, the Responses API's `prompt_cache_key` or `conversation`. The connector's
     /// KV is tagged with it when no session header is sent.
     pub conversation: Option<String>,
+}
+
+/// An Anthropic `cache_control` breakpoint (`{"type":"ephemeral"}`, optional `"ttl"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Breakpoint {
+    /// Bytes of the prompt's segments up to the end of the block that carries it.
+    pub end: usize,
+    /// How long the client asks for it to stay warm: 300 s (`5m`, the default) or 3600 s
+    /// (`1h`).
+    pub ttl_s: u32,
+}
+
+impl Breakpoint {
+    /// The TTL a `cache_control` value asks for.
+    fn ttl_of(value: &[u8]) -> u32 {
+        let compact: Vec<u8> = value.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+        if memchr::memmem::find(&compact, b"\"ttl\":\"1h\"").is_some() {
+            3600
+        } else {
+            300
+        }
+    }
 }
 
 /// The top-level fields the router reads.
@@ -258,8 +283,15 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
     .next();
 
     let mut segments = Segments::new();
+    let mut breakpoint = None;
     if let Some(tools) = f.get("tools") {
-        push_value(&mut segments, body, range_of(body, tools), f.elements("tools"));
+        push_value(
+            &mut segments,
+            &mut breakpoint,
+            body,
+            range_of(body, tools),
+            f.elements("tools"),
+        );
     }
     let mut previous_response = None;
     let mut conversation = None;
@@ -271,6 +303,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
                         Some(b'"') => segments.push(system),
                         Some(b'[') => push_value(
                             &mut segments,
+                            &mut breakpoint,
                             body,
                             range_of(body, system),
                             f.elements("system"),
@@ -293,7 +326,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
                     expected: "a non-empty array of objects",
                 })?;
             for m in list {
-                push_object(&mut segments, body, m.clone(), 0);
+                push_object(&mut segments, &mut breakpoint, body, m.clone(), 0);
             }
             if route == Route::Chat {
                 string(f.get("user"), "user")?
@@ -339,6 +372,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
     };
     Ok(PromptView {
         model: f.get("model").unwrap_or(&[]),
+        breakpoint,
         segments,
         user,
         max_output_tokens,
@@ -407,6 +441,7 @@ fn has_cache_control(raw: &[u8]) -> bool {
 /// members of its objects left out.
 fn push_value<'a>(
     segments: &mut Segments<'a>,
+    breakpoint: &mut Option<Breakpoint>,
     body: &'a [u8],
     value: Range<usize>,
     elements: Option<&[Range<usize>]>,
@@ -416,7 +451,7 @@ fn push_value<'a>(
             let mut cursor = value.start;
             for e in list {
                 segments.push(&body[cursor..e.start]);
-                push_object(segments, body, e.clone(), 0);
+                push_object(segments, breakpoint, body, e.clone(), 0);
                 cursor = e.end;
             }
             segments.push(&body[cursor..value.end]);
@@ -426,8 +461,15 @@ fn push_value<'a>(
 }
 
 /// Pushes the object at `obj` in `body` without its `cache_control` member, nor those of the
-/// blocks of its `content` array (one level down).
-fn push_object<'a>(segments: &mut Segments<'a>, body: &'a [u8], obj: Range<usize>, depth: u8) {
+/// blocks of its `content` array (one level down); a `cache_control` found moves
+/// `breakpoint` to the object's end.
+fn push_object<'a>(
+    segments: &mut Segments<'a>,
+    breakpoint: &mut Option<Breakpoint>,
+    body: &'a [u8],
+    obj: Range<usize>,
+    depth: u8,
+) {
     let raw = &body[obj.clone()];
     if raw.first() != Some(&b'{') || !has_cache_control(raw) {
         segments.push(raw);
@@ -439,8 +481,11 @@ fn push_object<'a>(segments: &mut Segments<'a>, body: &'a [u8], obj: Range<usize
     };
     let at = |r: &Range<usize>| obj.start + r.start..obj.start + r.end;
     let mut cursor = obj.start;
+    let mut ttl_s = None;
+    let start = segments.len();
     for (i, m) in members.iter().enumerate() {
         if &raw[m.key.clone()] == b"cache_control" {
+            ttl_s = Some(Breakpoint::ttl_of(&raw[m.value.clone()]));
             // The member and the comma that joins it to its neighbour.
             let cut = match (i.checked_sub(1).map(|p| &members[p]), members.get(i + 1)) {
                 (Some(prev), _) => at(&prev.value).end..at(&m.value).end,
@@ -453,12 +498,18 @@ fn push_object<'a>(segments: &mut Segments<'a>, body: &'a [u8], obj: Range<usize
             for b in blocks {
                 let b = at(b);
                 segments.push(&body[cursor..b.start]);
-                push_object(segments, body, b.clone(), depth + 1);
+                push_object(segments, breakpoint, body, b.clone(), depth + 1);
                 cursor = b.end;
             }
         }
     }
     segments.push(&body[cursor..obj.end]);
+    if let Some(ttl_s) = ttl_s {
+        *breakpoint = Some(Breakpoint { end: segments.len(), ttl_s });
+    } else if let Some(b) = breakpoint.as_mut().filter(|b| depth == 0 && b.end > start) {
+        // A breakpoint on one of a message's blocks holds the whole message.
+        b.end = segments.len();
+    }
 }
 
 #[cfg(test)]
@@ -545,6 +596,18 @@ mod tests {
         assert_eq!(a.conversation.as_deref(), Some("9f1c"), "names the conversation too");
         assert_eq!(b.user, None);
         assert_eq!(a.max_output_tokens, Some(32000));
+        // The last breakpoint (on the newest message, 5 minutes) covers the whole prompt.
+        assert_eq!(a.breakpoint, Some(Breakpoint { end: a.segments.len(), ttl_s: 300 }));
+        assert_eq!(b.breakpoint, None);
+        // Only the system prompt's, for an hour: it ends where the system prompt does.
+        let system_only = String::from_utf8_lossy(plain).replace(
+            r#""text":"Be brief."}"#,
+            r#""text":"Be brief.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}"#,
+        );
+        let c = parse(Route::Messages, system_only.as_bytes()).expect("valid");
+        let bp = c.breakpoint.expect("a breakpoint");
+        assert_eq!(bp.ttl_s, 3600);
+        assert!(bp.end < c.segments.len() / 2, "{bp:?} of {}", c.segments.len());
 
         // The order is tools, system, messages: a changed system prompt changes every chunk
         // after the tools.

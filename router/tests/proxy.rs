@@ -181,6 +181,7 @@ async fn a_conversation_named_only_in_the_body_still_tags_the_engine_s_kv() {
             chunk_tokens: 256,
             prefetch: None,
             control_token: None,
+            holds: false,
         });
     })
     .await;
@@ -193,5 +194,36 @@ async fn a_conversation_named_only_in_the_body_still_tags_the_engine_s_kv() {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let want = ConversationKey::of_session(id).to_hex();
         assert_eq!(v["kv_transfer_params"]["kvtier_conversation"], want.as_str(), "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_cache_control_breakpoint_reaches_the_engine_as_a_hold_when_holds_are_on() {
+    use kvtier_api::residency::{Hold, HOLD_PARAM};
+    let tiers = |holds| kvtier_router::TierConfig {
+        costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
+        feeds: Vec::new(),
+        agents: None,
+        chunk_tokens: 256,
+        prefetch: None,
+        control_token: None,
+        holds,
+    };
+    let body = r#"{"system":[{"type":"text","text":"You are Claude Code.","cache_control":{"type":"ephemeral","ttl":"1h"}}],
+        "messages":[{"role":"user","content":[{"type":"text","text":"fix it","cache_control":{"type":"ephemeral"}}]}],
+        "metadata":{"user_id":"{\"session_id\":\"5e\"}"}}"#;
+    for holds in [true, false] {
+        let s = stack(1, |c| c.tiers = Some(tiers(holds))).await;
+        assert_eq!(s.send(Method::POST, "/v1/messages", body, &[]).await.status, StatusCode::OK);
+        let got = s.engines[0].received();
+        let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+        let hold = Hold::from_json(&v["kv_transfer_params"][HOLD_PARAM]);
+        if holds {
+            // The newest message's breakpoint, at the end of the prompt, for 5 minutes.
+            assert_eq!(hold, Some(Hold { ttl_s: 300, upto: 1.0 }), "{v}");
+        } else {
+            assert_eq!(hold, None, "{v}");
+        }
+        assert_eq!(v["messages"][0]["content"][0]["cache_control"]["type"], "ephemeral");
     }
 }

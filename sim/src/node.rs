@@ -36,7 +36,7 @@ impl NodeTier for SimNode {
         if real.is_finite() && real > 0.0 {
             tokio::time::sleep(std::time::Duration::from_secs_f64(real)).await;
         }
-        self.tiers.promote(&blocks, conversation);
+        self.tiers.promote(&blocks, conversation, self.clock.now());
         PrefetchReply { dram_chunks: self.tiers.dram_blocks_of(conversation) }
     }
 }

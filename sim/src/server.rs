@@ -317,6 +317,10 @@ struct GenerateBody<'a> {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// What a router or client passes to the engine's KV connector; the simulator reads the
+    /// hold kvtier's router sets from `cache_control` breakpoints.
+    #[serde(default)]
+    kv_transfer_params: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -461,6 +465,11 @@ async fn generate(st: &Arc<Shared>, req: Request<Incoming>, api: Api) -> Respons
         max_tokens,
         arrival: st.clock.now(),
         conversation,
+        hold: parsed
+            .kv_transfer_params
+            .as_ref()
+            .and_then(|p| p.get(kvtier_api::residency::HOLD_PARAM))
+            .and_then(kvtier_api::residency::Hold::from_json),
     };
     if st.tx.send(Msg::Submit(sub, tx)).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped");

@@ -43,6 +43,7 @@ fn sub(id: u64, conv: u64, tokens: u32, arrival: f64) -> Submission {
         max_tokens: 4,
         arrival,
         conversation: ConversationKey(conv),
+        hold: None,
     }
 }
 
@@ -147,6 +148,7 @@ fn chunked_prefill_shares_steps_with_decode() {
         max_tokens: 1000,
         arrival: 0.0,
         conversation: ConversationKey(0),
+        hold: None,
     })
     .expect("fits");
     // Request 1 decodes; request 2's long prefill arrives and is chunked at 8192 per step.
@@ -192,6 +194,7 @@ fn memory_pressure_preempts_and_everyone_finishes() {
             max_tokens: 2_000,
             arrival: 0.0,
             conversation: ConversationKey(0),
+            hold: None,
         })
         .expect("fits");
     }
@@ -258,6 +261,7 @@ fn agent_workload_on(config: EngineConfig, convs: usize) -> (f64, f64) {
                         max_tokens: 50,
                         arrival: t,
                         conversation: ConversationKey(0),
+                        hold: None,
                     })
                     .expect("fits");
                     sent_at[c] = t;

@@ -10,14 +10,19 @@ use kvtier_api::residency::{prefetch_path, ConversationKey, ResidencyEvent};
 
 use super::{lock, Applied, GapModel, TierRouting};
 
-/// The key the connector reads from a request's `kv_transfer_params`.
-pub const CONVERSATION_PARAM: &str = "kvtier_conversation";
+pub use kvtier_api::residency::CONVERSATION_PARAM;
+use kvtier_api::residency::{Hold, HOLD_PARAM};
 
-/// `body` (a JSON object) with `"kv_transfer_params": {"kvtier_conversation": "<key>"}` added
-/// as its first member, every other byte as received; `None` when the body is not an object
-/// or already carries `kv_transfer_params` (the client's own are left alone).
+/// `body` (a JSON object) with `"kv_transfer_params": {"kvtier_conversation": "<key>"}` (and
+/// `"kvtier_hold": {…}` when the client asked to keep part of the prompt warm) added as its
+/// first member, every other byte as received; `None` when the body is not an object or
+/// already carries `kv_transfer_params` (the client's own are left alone).
 #[must_use]
-pub fn tag_conversation(body: &[u8], conversation: ConversationKey) -> Option<bytes::Bytes> {
+pub fn tag_conversation(
+    body: &[u8],
+    conversation: ConversationKey,
+    hold: Option<Hold>,
+) -> Option<bytes::Bytes> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
     let param: &[u8] = b"\"kv_transfer_params\"";
     if body[start] != b'{' || body.windows(param.len()).any(|w| w == param) {
@@ -25,8 +30,9 @@ pub fn tag_conversation(body: &[u8], conversation: ConversationKey) -> Option<by
     }
     let rest = &body[start + 1..];
     let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+    let hold = hold.map(|h| format!(",\"{HOLD_PARAM}\":{}", h.to_json())).unwrap_or_default();
     let member = format!(
-        "\"kv_transfer_params\":{{\"{CONVERSATION_PARAM}\":\"{}\"}}{}",
+        "\"kv_transfer_params\":{{\"{CONVERSATION_PARAM}\":\"{}\"{hold}}}{}",
         conversation.to_hex(),
         if empty { "" } else { "," }
     );
@@ -223,15 +229,21 @@ mod tests {
     fn the_conversation_rides_in_kv_transfer_params_and_the_rest_is_untouched() {
         let c = ConversationKey(0xabc);
         let body = br#"  {"model":"m","messages":[{"role":"user","content":"{x}"}]}"#;
-        let out = tag_conversation(body, c).expect("tagged");
+        let out = tag_conversation(body, c, None).expect("tagged");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
         assert_eq!(v["kv_transfer_params"][CONVERSATION_PARAM], "0000000000000abc");
         assert_eq!(v["messages"][0]["content"], "{x}");
         assert!(out.ends_with(&body[3..]), "the client's bytes follow unchanged");
-        let e = tag_conversation(b"{}", c).expect("tagged");
+        let e = tag_conversation(b"{}", c, None).expect("tagged");
         assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok(), "{e:?}");
-        assert!(tag_conversation(br#"{"kv_transfer_params":{"a":1}}"#, c).is_none());
-        assert!(tag_conversation(b"[1]", c).is_none());
+        assert!(tag_conversation(br#"{"kv_transfer_params":{"a":1}}"#, c, None).is_none());
+        assert!(tag_conversation(b"[1]", c, None).is_none());
+        // A hold rides beside the conversation.
+        let hold = Hold { ttl_s: 3600, upto: 0.25 };
+        let out = tag_conversation(body, c, Some(hold)).expect("tagged");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        assert_eq!(Hold::from_json(&v["kv_transfer_params"][HOLD_PARAM]), Some(hold));
+        assert_eq!(v["kv_transfer_params"][CONVERSATION_PARAM], "0000000000000abc");
     }
 
     #[tokio::test]

@@ -250,9 +250,19 @@ impl Engine {
         &self.tiers
     }
 
-    /// Writes a computed block of `conversation` to DRAM, demoting DRAM's victims to NVMe.
-    fn store(&mut self, h: u64, conversation: kvtier_api::residency::ConversationKey) {
-        let e = self.tiers.store(h, conversation);
+    /// Writes a computed block of `conversation` to DRAM, demoting DRAM's victims to NVMe;
+    /// `held`: the client asked to keep it warm (the engine's time plus the hold's TTL).
+    fn store(
+        &mut self,
+        h: u64,
+        conversation: kvtier_api::residency::ConversationKey,
+        held: Option<f64>,
+    ) {
+        let now = self.time();
+        let e = self.tiers.store(h, conversation, now);
+        if let Some(until) = held {
+            self.tiers.hold(h, until, now);
+        }
         self.counters.dram_evictions += e.dram;
         self.counters.nvme_evictions += e.nvme;
     }
@@ -306,11 +316,14 @@ impl Engine {
         // Loaded blocks join the cache at once; the rest are private until computed.
         let loaded = (tier_hit - hbm_hit) as u64;
         let loaded_hashes = r.sub.blocks[hbm_hit..tier_hit].to_vec();
-        for h in loaded_hashes {
+        let (conversation, hold) = (r.sub.conversation, r.sub.hold);
+        let held_blocks = held_blocks(hold, r.sub.blocks.len());
+        for (j, h) in loaded_hashes.into_iter().enumerate() {
             self.hbm.hold(h);
             r.pinned.push(h);
             // A load refreshes the block in DRAM (and promotes it from NVMe).
-            self.store(h, r.sub.conversation);
+            let held = (hbm_hit + j < held_blocks).then(|| self.time() + hold_ttl(hold));
+            self.store(h, conversation, held);
         }
         r.private = needed - loaded;
         self.hbm.take_private(r.private);
@@ -509,12 +522,25 @@ impl Engine {
             r.pinned.push(h);
             r.private -= 1;
             let conversation = r.sub.conversation;
+            let hold = r.sub.hold;
+            let held =
+                (b < held_blocks(hold, r.sub.blocks.len())).then(|| self.time() + hold_ttl(hold));
             self.hbm.give_private(1);
             if self.config.strategy == Strategy::Tiered {
-                self.store(h, conversation);
+                self.store(h, conversation, held);
                 stored += 1;
             }
         }
         stored
     }
+}
+
+/// The prompt blocks a hold covers (whole blocks, from the start).
+fn held_blocks(hold: Option<kvtier_api::residency::Hold>, blocks: usize) -> usize {
+    hold.map_or(0, |h| (h.upto * blocks as f64).floor() as usize)
+}
+
+/// A hold's TTL in simulated seconds.
+fn hold_ttl(hold: Option<kvtier_api::residency::Hold>) -> f64 {
+    hold.map_or(0.0, |h| f64::from(h.ttl_s))
 }

@@ -48,7 +48,13 @@ impl Bounded {
 
     /// Stores `h`, or marks it used when it is there; returns in `evicted` what left to make
     /// room (before it entered, as the agent reserves a slot before the chunk is committed).
-    pub(super) fn touch(&mut self, h: u64, evicted: &mut Vec<u64>) {
+    /// Only blocks `evictable` allows leave; when none may, `h` is not stored.
+    pub(super) fn touch(
+        &mut self,
+        h: u64,
+        evicted: &mut Vec<u64>,
+        evictable: &dyn Fn(u64) -> bool,
+    ) {
         if self.capacity == 0 {
             return;
         }
@@ -57,7 +63,10 @@ impl Bounded {
             return;
         }
         while self.blocks.len() as u64 >= self.capacity {
-            let Some(victim) = self.order.victim(&|_| true) else { break };
+            #[allow(clippy::cast_possible_truncation)]
+            let Some(victim) = self.order.victim(&|k| evictable(k.0 as u64)) else {
+                return;
+            };
             // Keys here are block hashes widened from u64.
             #[allow(clippy::cast_possible_truncation)]
             let v = victim.0 as u64;

@@ -24,7 +24,14 @@ struct Inner {
     owner: HashMap<u64, ConversationKey>,
     /// Blocks per conversation and tier, and the events their changes make.
     residency: ResidencyFeed,
+    /// DRAM blocks a client asked to keep warm, until when (simulated seconds); DRAM does
+    /// not evict them before then. At most `hold_budget` at once (ADR 0013).
+    held: HashMap<u64, f64>,
+    hold_budget: usize,
 }
+
+/// The share of DRAM that holds may keep from eviction.
+pub const HOLD_SHARE: f64 = 0.25;
 
 /// DRAM and NVMe tiers; cloning shares them.
 #[derive(Clone, Debug)]
@@ -50,6 +57,8 @@ impl HostTiers {
                 nvme: Bounded::new(nvme_blocks, Box::<Lru>::default()),
                 owner: HashMap::new(),
                 residency: ResidencyFeed::default(),
+                held: HashMap::new(),
+                hold_budget: (dram_blocks as f64 * HOLD_SHARE) as usize,
             })),
         }
     }
@@ -115,11 +124,11 @@ impl HostTiers {
 
     /// Brings `blocks` (of `conversation`) from NVMe into DRAM, as the node-agent's prefetch
     /// does; returns how many moved.
-    pub fn promote(&self, blocks: &[u64], conversation: ConversationKey) -> usize {
+    pub fn promote(&self, blocks: &[u64], conversation: ConversationKey, now: f64) -> usize {
         let mut moved = 0;
         for &h in blocks {
             if self.on_nvme(h) {
-                self.store(h, conversation);
+                self.store(h, conversation, now);
                 moved += 1;
             }
         }
@@ -128,7 +137,32 @@ impl HostTiers {
 
     /// Writes block `h` of `conversation` (0: unknown) to DRAM, demoting DRAM's victims to
     /// NVMe.
-    pub(super) fn store(&self, h: u64, conversation: ConversationKey) -> Evictions {
+    /// Keeps DRAM block `h` from eviction until `until` (simulated seconds), if the hold
+    /// budget has room (expired holds are dropped first; a block already held keeps the later
+    /// deadline). Returns whether it is held.
+    pub(super) fn hold(&self, h: u64, until: f64, now: f64) -> bool {
+        let mut g = self.lock();
+        if !g.dram.contains(h) {
+            return false;
+        }
+        if !g.held.contains_key(&h) && g.held.len() >= g.hold_budget {
+            g.held.retain(|_, d| *d > now);
+            if g.held.len() >= g.hold_budget {
+                return false;
+            }
+        }
+        let d = g.held.entry(h).or_insert(until);
+        *d = d.max(until);
+        true
+    }
+
+    /// Blocks held from eviction now.
+    #[must_use]
+    pub fn held(&self, now: f64) -> usize {
+        self.lock().held.values().filter(|d| **d > now).count()
+    }
+
+    pub(super) fn store(&self, h: u64, conversation: ConversationKey, now: f64) -> Evictions {
         let mut g = self.lock();
         let mut out = Evictions::default();
         if conversation.0 != 0 {
@@ -143,15 +177,19 @@ impl HostTiers {
         }
         let was = g.dram.contains(h);
         let mut evicted = Vec::new();
-        g.dram.touch(h, &mut evicted);
+        {
+            let Inner { dram, held, .. } = &mut *g;
+            dram.touch(h, &mut evicted, &|b| held.get(&b).is_none_or(|d| *d <= now));
+        }
         if !was && g.dram.contains(h) {
             g.count(h, Tier::Dram, true);
         }
         for v in evicted {
             out.dram += 1;
             g.count(v, Tier::Dram, false);
+            g.held.remove(&v);
             let mut gone = Vec::new();
-            g.nvme.touch(v, &mut gone);
+            g.nvme.touch(v, &mut gone, &|_| true);
             if g.nvme.contains(v) {
                 g.count(v, Tier::Nvme, true);
             }
@@ -188,8 +226,8 @@ mod tests {
         let other = t.clone();
         let (now, mut rx) = t.subscribe();
         assert!(now.is_empty());
-        t.store(1, ConversationKey(7));
-        other.store(2, ConversationKey(7));
+        t.store(1, ConversationKey(7), 0.0);
+        other.store(2, ConversationKey(7), 0.0);
         assert!(t.in_dram(2), "a replica sees what its neighbour stored");
         let e = rx.try_recv().expect("entered");
         assert_eq!(
@@ -198,18 +236,45 @@ mod tests {
         );
         assert!(rx.try_recv().is_err(), "the second block of a conversation is no event");
         // A third block evicts block 1 to NVMe: conversation 9 enters DRAM, 7 enters NVMe.
-        let ev = t.store(3, ConversationKey(9));
+        let ev = t.store(3, ConversationKey(9), 0.0);
         assert_eq!(ev, Evictions { dram: 1, nvme: 0 });
         let got: Vec<(u64, Tier, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|e| (e.conversation.0, e.tier, e.entered))
             .collect();
         assert_eq!(got, vec![(9, Tier::Dram, true), (7, Tier::Nvme, true)]);
         // Filling NVMe pushes conversation 7 out of it entirely.
-        t.store(4, ConversationKey(9));
-        t.store(5, ConversationKey(9));
-        t.store(6, ConversationKey(9));
+        t.store(4, ConversationKey(9), 0.0);
+        t.store(5, ConversationKey(9), 0.0);
+        t.store(6, ConversationKey(9), 0.0);
         let (now, _) = t.subscribe();
         assert!(now.iter().all(|e| e.conversation.0 == 9), "{now:?}");
         assert_eq!(t.lens(), (2, 2));
+    }
+
+    #[test]
+    fn a_held_block_outlives_eviction_until_its_deadline_within_the_budget() {
+        // Eight DRAM blocks: holds may keep two (a quarter).
+        let t = HostTiers::new(8, 0);
+        let c = ConversationKey(1);
+        for h in 1..=8 {
+            t.store(h, c, 0.0);
+        }
+        assert!(t.hold(1, 100.0, 0.0));
+        assert!(t.hold(2, 100.0, 0.0));
+        assert!(!t.hold(3, 100.0, 0.0), "the budget is two blocks");
+        assert_eq!(t.held(0.0), 2);
+        // Eight more blocks push everything else out; the held two stay.
+        for h in 11..=16 {
+            t.store(h, c, 10.0);
+        }
+        assert!(t.in_dram(1) && t.in_dram(2), "held until 100 s");
+        assert!(!t.in_dram(3), "block 3 was not held");
+        // Past the deadline they go like any other.
+        for h in 21..=28 {
+            t.store(h, c, 150.0);
+        }
+        assert!(!t.in_dram(1) && !t.in_dram(2));
+        assert_eq!(t.held(150.0), 0);
+        assert!(t.hold(21, 400.0, 150.0), "expired holds gave their room back");
     }
 }

@@ -114,6 +114,8 @@ pub struct Submission {
     /// The conversation it belongs to ([`kvtier_api::residency::ConversationKey`]; 0:
     /// unknown), for residency events.
     pub conversation: kvtier_api::residency::ConversationKey,
+    /// What of the prompt the client asked to keep warm, and for how long (ADR 0013).
+    pub hold: Option<kvtier_api::residency::Hold>,
 }
 
 /// Why the engine refuses a request outright.
