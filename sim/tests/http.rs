@@ -194,3 +194,34 @@ async fn replicas_of_a_node_share_its_tiers_and_stream_residency() {
     }
     assert!(text.contains(r#""tier":"dram","event":"entered""#), "{text}");
 }
+
+#[tokio::test]
+async fn a_hold_in_kv_transfer_params_keeps_the_prompt_s_blocks_in_dram() {
+    use kvtier_sim::engine::HostTiers;
+    let profile = Profile::load("llama-3.1-8b-h100").expect("profile");
+    let config = profile.engine_config(Strategy::Tiered);
+    let tiers = HostTiers::new(config.dram_blocks, config.nvme_blocks);
+    let clock = kvtier_sim::SimClock::new(1000.0);
+    let options = SimOptions {
+        profile,
+        strategy: Strategy::Tiered,
+        time_scale: 1000.0,
+        served_model: None,
+        answer_tokens: None,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sim = Sim::serve_on_node(listener, options, clock, tiers.clone());
+    let text = "all work and no play ".repeat(400);
+    let mut body: serde_json::Value = serde_json::from_str(&chat(&text, false)).expect("json");
+    let (status, _) = exchange(&sim, "POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(tiers.held(clock.now()), 0, "no hold asked for, none kept");
+    // The same prompt again, asking to keep the first half for five minutes.
+    body["messages"][0]["content"] = serde_json::json!(format!("{text} again"));
+    body["kv_transfer_params"] = serde_json::json!({"kvtier_hold": {"ttl_s": 300, "upto": 0.5}});
+    let (status, _) = exchange(&sim, "POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, 200);
+    let held = tiers.held(clock.now());
+    let (dram, _) = tiers.lens();
+    assert!(held > 0 && held as u64 <= dram / 2 + 1, "held {held} of {dram} DRAM blocks");
+}

@@ -287,6 +287,15 @@ impl Engine {
         let mut from_nvme = 0u64;
         if self.config.strategy == Strategy::Tiered {
             self.tiers.lookup(blocks);
+            // The client asked to keep the prompt's start warm: every block of it the node's
+            // DRAM already holds is held from now, those the HBM serves included (the
+            // connector asks for the whole prefix, not only what it saves).
+            if let Some(hold) = head.sub.hold {
+                let (now, ttl) = (self.time(), f64::from(hold.ttl_s));
+                for &h in &blocks[..held_blocks(Some(hold), blocks.len())] {
+                    self.tiers.hold(h, now + ttl, now);
+                }
+            }
             while tier_hit < blocks.len().min(max_hit_blocks) {
                 let h = blocks[tier_hit];
                 if self.tiers.in_dram(h) {

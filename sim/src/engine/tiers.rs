@@ -28,6 +28,9 @@ struct Inner {
     /// not evict them before then. At most `hold_budget` at once (ADR 0013).
     held: HashMap<u64, f64>,
     hold_budget: usize,
+    /// No hold in `held` ends before this (a lower bound): while the budget is full and
+    /// `now` is earlier, nothing can be purged and a new hold is refused without a scan.
+    earliest: f64,
 }
 
 /// The share of DRAM that holds may keep from eviction.
@@ -59,6 +62,7 @@ impl HostTiers {
                 residency: ResidencyFeed::default(),
                 held: HashMap::new(),
                 hold_budget: (dram_blocks as f64 * HOLD_SHARE) as usize,
+                earliest: f64::INFINITY,
             })),
         }
     }
@@ -146,13 +150,18 @@ impl HostTiers {
             return false;
         }
         if !g.held.contains_key(&h) && g.held.len() >= g.hold_budget {
+            if now < g.earliest {
+                return false;
+            }
             g.held.retain(|_, d| *d > now);
+            g.earliest = g.held.values().copied().fold(f64::INFINITY, f64::min);
             if g.held.len() >= g.hold_budget {
                 return false;
             }
         }
         let d = g.held.entry(h).or_insert(until);
         *d = d.max(until);
+        g.earliest = g.earliest.min(until);
         true
     }
 
