@@ -163,10 +163,18 @@ impl<T: NodeTier> NodeTierRoutes<T> {
         let (tx, out) = mpsc::channel::<Bytes>(STREAM_BUFFER);
         let closing = self.closing.clone();
         tokio::spawn(async move {
+            // The current residency, in writes of up to BATCH_BYTES.
+            let mut lines = String::new();
             for e in now {
-                if tx.send(e.to_json_line().into()).await.is_err() {
+                lines.push_str(&e.to_json_line());
+                if lines.len() >= BATCH_BYTES
+                    && tx.send(std::mem::take(&mut lines).into()).await.is_err()
+                {
                     return;
                 }
+            }
+            if !lines.is_empty() && tx.send(lines.into()).await.is_err() {
+                return;
             }
             loop {
                 let first = tokio::select! {
