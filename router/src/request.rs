@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use kvtier_api::prefix::Segments;
 
-use crate::scan::{scan, ScanError};
+use crate::scan::{scan, scan_noting, ScanError};
 
 /// The generation routes the router proxies.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -146,6 +146,14 @@ pub struct PromptView<'a> {
     pub conversation: Option<String>,
 }
 
+/// What the prompt's walk knows of `cache_control`: whether the body has any (the scanner
+/// noticed, so bodies without one are not searched again), and the last breakpoint so far.
+#[derive(Debug)]
+struct Marks {
+    seen: bool,
+    last: Option<Breakpoint>,
+}
+
 /// An Anthropic `cache_control` breakpoint (`{"type":"ephemeral"}`, optional `"ttl"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Breakpoint {
@@ -195,6 +203,8 @@ const LISTS: [&str; 4] = ["messages", "tools", "system", "input"];
 struct Fields<'a> {
     values: [Option<&'a [u8]>; FIELDS.len()],
     elements: [Option<Vec<Range<usize>>>; FIELDS.len()],
+    /// Whether any object in the body has a `cache_control` key.
+    marked: bool,
 }
 
 impl<'a> Fields<'a> {
@@ -224,10 +234,12 @@ fn field_index(body: &[u8], key: &Range<usize>) -> Option<usize> {
 }
 
 fn fields(body: &[u8]) -> Result<Fields<'_>, InvalidBody> {
-    let members = scan(body, |k| LISTS.iter().any(|l| l.as_bytes() == k) || k.contains(&b'\\'))
-        .map_err(InvalidBody::Json)?
-        .ok_or(InvalidBody::WrongType { field: "body", expected: "a JSON object" })?;
-    let mut out = Fields::default();
+    let wants = |k: &[u8]| LISTS.iter().any(|l| l.as_bytes() == k) || k.contains(&b'\\');
+    let (members, marked) =
+        scan_noting(body, wants, Some(b"cache_control")).map_err(InvalidBody::Json)?;
+    let members =
+        members.ok_or(InvalidBody::WrongType { field: "body", expected: "a JSON object" })?;
+    let mut out = Fields { marked, ..Fields::default() };
     for m in members {
         let Some(i) = field_index(body, &m.key) else { continue };
         if out.values[i].is_some() {
@@ -283,15 +295,9 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
     .next();
 
     let mut segments = Segments::new();
-    let mut breakpoint = None;
+    let mut marks = Marks { seen: f.marked, last: None };
     if let Some(tools) = f.get("tools") {
-        push_value(
-            &mut segments,
-            &mut breakpoint,
-            body,
-            range_of(body, tools),
-            f.elements("tools"),
-        );
+        push_value(&mut segments, &mut marks, body, range_of(body, tools), f.elements("tools"));
     }
     let mut previous_response = None;
     let mut conversation = None;
@@ -303,7 +309,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
                         Some(b'"') => segments.push(system),
                         Some(b'[') => push_value(
                             &mut segments,
-                            &mut breakpoint,
+                            &mut marks,
                             body,
                             range_of(body, system),
                             f.elements("system"),
@@ -326,7 +332,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
                     expected: "a non-empty array of objects",
                 })?;
             for m in list {
-                push_object(&mut segments, &mut breakpoint, body, m.clone(), 0);
+                push_object(&mut segments, &mut marks, body, m.clone(), 0);
             }
             if route == Route::Chat {
                 string(f.get("user"), "user")?
@@ -372,7 +378,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<PromptView<'_>, InvalidBody> {
     };
     Ok(PromptView {
         model: f.get("model").unwrap_or(&[]),
-        breakpoint,
+        breakpoint: marks.last,
         segments,
         user,
         max_output_tokens,
@@ -441,17 +447,17 @@ fn has_cache_control(raw: &[u8]) -> bool {
 /// members of its objects left out.
 fn push_value<'a>(
     segments: &mut Segments<'a>,
-    breakpoint: &mut Option<Breakpoint>,
+    marks: &mut Marks,
     body: &'a [u8],
     value: Range<usize>,
     elements: Option<&[Range<usize>]>,
 ) {
     match elements {
-        Some(list) if has_cache_control(&body[value.clone()]) => {
+        Some(list) if marks.seen && has_cache_control(&body[value.clone()]) => {
             let mut cursor = value.start;
             for e in list {
                 segments.push(&body[cursor..e.start]);
-                push_object(segments, breakpoint, body, e.clone(), 0);
+                push_object(segments, marks, body, e.clone(), 0);
                 cursor = e.end;
             }
             segments.push(&body[cursor..value.end]);
@@ -462,16 +468,16 @@ fn push_value<'a>(
 
 /// Pushes the object at `obj` in `body` without its `cache_control` member, nor those of the
 /// blocks of its `content` array (one level down); a `cache_control` found moves
-/// `breakpoint` to the object's end.
+/// the last breakpoint in `marks` to the object's end.
 fn push_object<'a>(
     segments: &mut Segments<'a>,
-    breakpoint: &mut Option<Breakpoint>,
+    marks: &mut Marks,
     body: &'a [u8],
     obj: Range<usize>,
     depth: u8,
 ) {
     let raw = &body[obj.clone()];
-    if raw.first() != Some(&b'{') || !has_cache_control(raw) {
+    if raw.first() != Some(&b'{') || !marks.seen || !has_cache_control(raw) {
         segments.push(raw);
         return;
     }
@@ -498,15 +504,15 @@ fn push_object<'a>(
             for b in blocks {
                 let b = at(b);
                 segments.push(&body[cursor..b.start]);
-                push_object(segments, breakpoint, body, b.clone(), depth + 1);
+                push_object(segments, marks, body, b.clone(), depth + 1);
                 cursor = b.end;
             }
         }
     }
     segments.push(&body[cursor..obj.end]);
     if let Some(ttl_s) = ttl_s {
-        *breakpoint = Some(Breakpoint { end: segments.len(), ttl_s });
-    } else if let Some(b) = breakpoint.as_mut().filter(|b| depth == 0 && b.end > start) {
+        marks.last = Some(Breakpoint { end: segments.len(), ttl_s });
+    } else if let Some(b) = marks.last.as_mut().filter(|b| depth == 0 && b.end > start) {
         // A breakpoint on one of a message's blocks holds the whole message.
         b.end = segments.len();
     }

@@ -42,6 +42,9 @@ struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
     depth: u32,
+    /// A key to look out for at any depth, and whether it was seen.
+    note: Option<&'a [u8]>,
+    noted: bool,
 }
 
 mod block;
@@ -344,6 +347,9 @@ impl Scanner<'_> {
             let key_start = self.i + 1;
             self.string()?;
             let key = key_start..self.i - 1;
+            if !self.noted && self.note.is_some_and(|n| n == &self.b[key.clone()]) {
+                self.noted = true;
+            }
             self.ws();
             self.expect(b':', "expected ':'")?;
             self.ws();
@@ -370,7 +376,20 @@ impl Scanner<'_> {
 /// # Errors
 /// When `body` is not valid UTF-8 JSON.
 pub fn scan(body: &[u8], wants: impl Fn(&[u8]) -> bool) -> Result<Option<Vec<Member>>, ScanError> {
-    let mut s = Scanner { b: body, i: 0, depth: 0 };
+    scan_noting(body, wants, None).map(|(members, _)| members)
+}
+
+/// As [`scan`], and says whether any object, at any depth, has the key `note` (raw bytes,
+/// escapes not decoded): what a caller would otherwise search the whole body for again.
+///
+/// # Errors
+/// When `body` is not valid UTF-8 JSON.
+pub fn scan_noting<'a>(
+    body: &'a [u8],
+    wants: impl Fn(&[u8]) -> bool,
+    note: Option<&'a [u8]>,
+) -> Result<(Option<Vec<Member>>, bool), ScanError> {
+    let mut s = Scanner { b: body, i: 0, depth: 0, note, noted: false };
     s.ws();
     let members = if s.peek() == Some(b'{') {
         let mut out = Vec::new();
@@ -384,7 +403,7 @@ pub fn scan(body: &[u8], wants: impl Fn(&[u8]) -> bool) -> Result<Option<Vec<Mem
     if s.i != body.len() {
         return s.err("trailing characters");
     }
-    Ok(members)
+    Ok((members, s.noted))
 }
 
 #[cfg(test)]
