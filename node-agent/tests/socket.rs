@@ -657,6 +657,14 @@ fn header(op: u16, body_len: u32) -> Vec<u8> {
 
 /// An agent serving `path` under `limits`, on its own runtime.
 fn serve_limited(path: &std::path::Path, limits: server::Limits) -> tokio::runtime::Runtime {
+    serve_listener(path, |l| l.limits(limits))
+}
+
+/// A 4-slot agent serving `path`, its listener set up by `configure`.
+fn serve_listener(
+    path: &std::path::Path,
+    configure: impl FnOnce(server::Listener) -> server::Listener,
+) -> tokio::runtime::Runtime {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -672,7 +680,7 @@ fn serve_limited(path: &std::path::Path, limits: server::Limits) -> tokio::runti
     let agent = Arc::new(Agent::new(pool, Index::new(4, SLOT, Box::<Lru>::default())));
     let listener = {
         let _g = rt.enter();
-        server::bind(path).expect("bind").limits(limits)
+        configure(server::bind(path).expect("bind"))
     };
     rt.spawn(server::serve(listener, agent));
     rt
@@ -814,24 +822,7 @@ fn only_the_allowed_uids_attach_when_a_list_is_given() {
     let me = rustix::process::getuid().as_raw();
     let serve_for = |name: &str, uids: Vec<u32>| {
         let path = dir.join(name);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let pool = DramPool::create(PoolConfig {
-            bytes: 4 * u64::from(SLOT),
-            slot_bytes: SLOT,
-            lock: LockMode::BestEffort,
-            huge_pages: false,
-        })
-        .expect("pool");
-        let agent = Arc::new(Agent::new(pool, Index::new(4, SLOT, Box::<Lru>::default())));
-        let listener = {
-            let _g = rt.enter();
-            server::bind(&path).expect("bind").peer_uids(uids)
-        };
-        rt.spawn(server::serve(listener, agent));
+        let rt = serve_listener(&path, |l| l.peer_uids(uids));
         (path, rt)
     };
     // The engines run as some other uid: this process may not attach.

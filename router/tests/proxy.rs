@@ -170,19 +170,24 @@ async fn metrics_listener_serves_only_metrics() {
     assert!(get("/v1/models").await.starts_with("HTTP/1.1 404"));
 }
 
+/// Tier-aware routing with no agents to follow: requests are tagged for the connector.
+fn tier_aware(holds: bool) -> kvtier_router::TierConfig {
+    kvtier_router::TierConfig {
+        costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
+        feeds: Vec::new(),
+        agents: None,
+        chunk_tokens: 256,
+        prefetch: None,
+        control_token: None,
+        holds,
+    }
+}
+
 #[tokio::test]
 async fn a_conversation_named_only_in_the_body_still_tags_the_engine_s_kv() {
     use kvtier_api::residency::ConversationKey;
     let s = stack(1, |c| {
-        c.tiers = Some(kvtier_router::TierConfig {
-            costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
-            feeds: Vec::new(),
-            agents: None,
-            chunk_tokens: 256,
-            prefetch: None,
-            control_token: None,
-            holds: false,
-        });
+        c.tiers = Some(tier_aware(false));
     })
     .await;
     let body = r#"{"messages":[{"role":"user","content":"hi"}],"metadata":{"user_id":"{\"session_id\":\"5e\"}"}}"#;
@@ -200,20 +205,11 @@ async fn a_conversation_named_only_in_the_body_still_tags_the_engine_s_kv() {
 #[tokio::test]
 async fn a_cache_control_breakpoint_reaches_the_engine_as_a_hold_when_holds_are_on() {
     use kvtier_api::residency::{Hold, HOLD_PARAM};
-    let tiers = |holds| kvtier_router::TierConfig {
-        costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
-        feeds: Vec::new(),
-        agents: None,
-        chunk_tokens: 256,
-        prefetch: None,
-        control_token: None,
-        holds,
-    };
     let body = r#"{"system":[{"type":"text","text":"You are Claude Code.","cache_control":{"type":"ephemeral","ttl":"1h"}}],
         "messages":[{"role":"user","content":[{"type":"text","text":"fix it","cache_control":{"type":"ephemeral"}}]}],
         "metadata":{"user_id":"{\"session_id\":\"5e\"}"}}"#;
     for holds in [true, false] {
-        let s = stack(1, |c| c.tiers = Some(tiers(holds))).await;
+        let s = stack(1, |c| c.tiers = Some(tier_aware(holds))).await;
         assert_eq!(s.send(Method::POST, "/v1/messages", body, &[]).await.status, StatusCode::OK);
         let got = s.engines[0].received();
         let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
