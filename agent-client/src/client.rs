@@ -1,5 +1,5 @@
 //! A blocking client of the agent: what the connector (and the tests) use. It attaches,
-//! receives and maps the pool, and sends one request at a time.
+//! receives and maps the pool (read-only) and the staging area, and sends one request at a time.
 
 use std::io::{IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -11,7 +11,7 @@ use kvtier_api::chunk::ChunkKey;
 use kvtier_api::residency::ConversationKey;
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
-use crate::pool::MappedPool;
+use crate::pool::{MappedPool, MappedStaging};
 
 /// Copies `src` into `dst` and returns the xxh3-64 of the bytes, hashing each piece while it
 /// is still in cache: one pass over memory instead of two.
@@ -24,6 +24,41 @@ pub fn copy_and_checksum(dst: &mut [u8], src: &[u8]) -> u64 {
         std::hash::Hasher::write(&mut h, d);
     }
     std::hash::Hasher::finish(&h)
+}
+
+/// Sends `Hello` as `name` on a fresh connection and reads the reply with the descriptors that
+/// came with it (the pool's memfd, then the staging area's). [`Client::connect`] maps them; the
+/// tests use it to see what a client receives.
+///
+/// # Errors
+/// Socket or protocol trouble.
+pub fn hello(
+    stream: &mut UnixStream,
+    name: &str,
+) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ClientError> {
+    let hello = Request::Hello { client: name.to_owned(), pid: std::process::id() };
+    stream.write_all(&hello.encode(0))?;
+    // The reply's first bytes carry the memfds.
+    let mut header = [0u8; HEADER];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let got =
+        recvmsg(&*stream, &mut [IoSliceMut::new(&mut header)], &mut anc, RecvFlags::CMSG_CLOEXEC)
+            .map_err(std::io::Error::from)?
+            .bytes;
+    let mut fds = Vec::new();
+    for msg in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(got) = msg {
+            fds.extend(got);
+        }
+    }
+    if got < HEADER {
+        stream.read_exact(&mut header[got..])?;
+    }
+    let h = decode_header(&header)?;
+    let mut body = vec![0u8; h.body_len as usize];
+    stream.read_exact(&mut body)?;
+    Ok((Response::decode(h.op, &body)?, fds))
 }
 
 /// Why a call failed.
@@ -54,7 +89,9 @@ pub struct Client {
     stream: UnixStream,
     next_id: u32,
     pool: MappedPool,
+    staging: MappedStaging,
     slots: u32,
+    staging_slots: u32,
     slot_bytes: u32,
     pool_id: u64,
     checksums: bool,
@@ -72,46 +109,38 @@ pub struct Lookup {
 }
 
 impl Client {
-    /// Attaches to the agent at `path` as `name`, and maps its pool.
+    /// Attaches to the agent at `path` as `name`, and maps its pool (read-only) and staging
+    /// area.
     ///
     /// # Errors
     /// When the socket cannot be reached, the agent refuses, or no pool comes with the reply.
     pub fn connect(path: &Path, name: &str) -> Result<Self, ClientError> {
         let mut stream = UnixStream::connect(path)?;
-        let hello = Request::Hello { client: name.to_owned(), pid: std::process::id() };
-        stream.write_all(&hello.encode(0))?;
-        // The reply's first bytes carry the memfd.
-        let mut header = [0u8; HEADER];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut anc = RecvAncillaryBuffer::new(&mut space);
-        let got = recvmsg(
-            &stream,
-            &mut [IoSliceMut::new(&mut header)],
-            &mut anc,
-            RecvFlags::CMSG_CLOEXEC,
-        )
-        .map_err(std::io::Error::from)?
-        .bytes;
-        let mut fd = None;
-        for msg in anc.drain() {
-            if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
-                fd = fds.next();
+        match hello(&mut stream, name)? {
+            (Response::Hello { pool_bytes, slot_bytes, slots, pool_id, staging_slots }, fds) => {
+                let mut fds = fds.into_iter();
+                let (Some(pool_fd), Some(staging_fd)) = (fds.next(), fds.next()) else {
+                    return Err(
+                        std::io::Error::other("the agent sent no pool and staging area").into()
+                    );
+                };
+                let pool = MappedPool::map(pool_fd, pool_bytes, slot_bytes)?;
+                let staging_bytes = u64::from(staging_slots) * u64::from(slot_bytes);
+                let staging = MappedStaging::map(staging_fd, staging_bytes, slot_bytes)?;
+                Ok(Self {
+                    stream,
+                    next_id: 1,
+                    pool,
+                    staging,
+                    slots,
+                    staging_slots,
+                    slot_bytes,
+                    pool_id,
+                    checksums: true,
+                })
             }
-        }
-        if got < HEADER {
-            stream.read_exact(&mut header[got..])?;
-        }
-        let h = decode_header(&header)?;
-        let mut body = vec![0u8; h.body_len as usize];
-        stream.read_exact(&mut body)?;
-        match Response::decode(h.op, &body)? {
-            Response::Hello { pool_bytes, slot_bytes, slots, pool_id } => {
-                let fd = fd.ok_or_else(|| std::io::Error::other("the agent sent no pool"))?;
-                let pool = MappedPool::map(fd, pool_bytes, slot_bytes)?;
-                Ok(Self { stream, next_id: 1, pool, slots, slot_bytes, pool_id, checksums: true })
-            }
-            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
-            other => Err(ClientError::Unexpected(Box::new(other))),
+            (Response::Error { code, message }, _) => Err(ClientError::Refused { code, message }),
+            (other, _) => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -139,15 +168,21 @@ impl Client {
         self.pool_id
     }
 
-    /// The mapped pool.
+    /// Slots in the staging area.
+    #[must_use]
+    pub fn staging_slots(&self) -> u32 {
+        self.staging_slots
+    }
+
+    /// The mapped pool (read-only: committed chunks, at the slots lookups name).
     #[must_use]
     pub fn pool(&self) -> &MappedPool {
         &self.pool
     }
 
-    /// The mapped pool, writable (only into reserved slots).
-    pub fn pool_mut(&mut self) -> &mut MappedPool {
-        &mut self.pool
+    /// The mapped staging area (write only into the slots [`Client::reserve`] returned).
+    pub fn staging_mut(&mut self) -> &mut MappedStaging {
+        &mut self.staging
     }
 
     /// Sends `req` and reads its reply.
@@ -180,7 +215,7 @@ impl Client {
         }
     }
 
-    /// Up to `n` slots to write.
+    /// Up to `n` staging slots to write.
     ///
     /// # Errors
     /// As [`Client::call`].
@@ -191,7 +226,7 @@ impl Client {
         }
     }
 
-    /// Copies `data` into reserved `slot` and commits it under `key` (no conversation);
+    /// Copies `data` into reserved staging `slot` and commits it under `key` (no conversation);
     /// true when accepted.
     ///
     /// # Errors
@@ -200,8 +235,8 @@ impl Client {
         Ok(self.put_many(ConversationKey(0), &[(key, slot, data)])? == 1)
     }
 
-    /// Copies each chunk of `conversation` into its reserved slot and commits them in one
-    /// frame; returns how many were accepted.
+    /// Copies each chunk of `conversation` into its reserved staging slot and commits them in
+    /// one frame; returns how many were accepted.
     ///
     /// # Errors
     /// As [`Client::call`].
@@ -212,7 +247,7 @@ impl Client {
     ) -> Result<u32, ClientError> {
         let mut commits = Vec::with_capacity(chunks.len());
         for (key, slot, data) in chunks {
-            let dst = &mut self.pool.slot_mut(*slot)[..data.len()];
+            let dst = &mut self.staging.slot_mut(*slot)[..data.len()];
             let sum = if self.checksums {
                 copy_and_checksum(dst, data)
             } else {

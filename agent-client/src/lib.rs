@@ -10,4 +10,4 @@ pub mod client;
 pub mod pool;
 
 pub use client::{copy_and_checksum, Client, ClientError};
-pub use pool::{checksum, MappedPool};
+pub use pool::{checksum, MappedPool, MappedStaging};

@@ -75,7 +75,13 @@ proptest! {
 #[test]
 fn responses_round_trip() {
     let all = [
-        Response::Hello { pool_bytes: 1 << 30, slot_bytes: 1 << 20, slots: 1024, pool_id: 42 },
+        Response::Hello {
+            pool_bytes: 1 << 30,
+            slot_bytes: 1 << 20,
+            slots: 1024,
+            pool_id: 42,
+            staging_slots: 128,
+        },
         Response::Lookup {
             prefix: 1,
             tiers: vec![Tier::Dram, Tier::Nvme],

@@ -39,6 +39,11 @@ pub(crate) struct NodeAgentArgs {
     /// DRAM pool size (e.g. 64GiB).
     #[arg(long, env = "KVTIER_AGENT_DRAM", value_parser = bytes_arg)]
     dram: u64,
+    /// Staging area, beside the pool, that engines write new chunks into before the agent
+    /// copies them into the pool at commit (engines map the pool itself read-only). Default:
+    /// an eighth of the pool, at least 32 slots, at most the pool.
+    #[arg(long, env = "KVTIER_AGENT_STAGING", value_parser = bytes_arg)]
+    staging: Option<u64>,
     /// Bytes per slot: one KV chunk (at least 512KiB).
     #[arg(long, env = "KVTIER_AGENT_SLOT", default_value = "2MiB", value_parser = bytes_arg)]
     slot: u64,
@@ -103,6 +108,7 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
     let slot_bytes = u32::try_from(a.slot).context("--slot is too large")?;
     let pool = DramPool::create(PoolConfig {
         bytes: a.dram,
+        staging_bytes: a.staging,
         slot_bytes,
         lock: a.mlock,
         huge_pages: a.huge_pages,
@@ -111,6 +117,7 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
         socket = %a.socket.display(),
         bytes = pool.bytes(),
         slots = pool.slots(),
+        staging_slots = pool.staging_slots(),
         slot_bytes,
         locked = pool.locked(),
         "node-agent serving"

@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let socket = dir.join("agent.sock");
     let pool = DramPool::create(PoolConfig {
         bytes: u64::from(SLOT) * u64::from(slots),
+        staging_bytes: None,
         slot_bytes: SLOT,
         lock: LockMode::BestEffort,
         huge_pages: false,

@@ -2,8 +2,9 @@
 //! dynamic loading), so one build serves CPU-only machines, where [`CudaCopy::new`] says no
 //! driver is present, and NVIDIA nodes.
 //!
-//! The pool mapping is registered once (`cuMemHostRegister`), so copies are DMA between HBM
-//! and the pool with no bounce buffer. Copies run on two streams of the copier's own, one per
+//! The pool mapping (read-only: the agent sealed it) and the staging mapping are registered
+//! once (`cuMemHostRegister`, the pool with `CU_MEMHOSTREGISTER_READ_ONLY`), so loads are DMA
+//! from the pool and saves DMA into the staging area, with no bounce buffer. Copies run on two streams of the copier's own, one per
 //! direction, so loads and saves share no queue with each other or with the engine's
 //! kernels. Each batch starts after the engine's work queued so far (an event recorded on the
 //! engine's stream) and ends with an event of its own, which the engine's stream waits on
@@ -15,7 +16,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use crate::transfer::{Copy, Done, Signal, Transfer, TransferError};
+use crate::transfer::{Copy, Done, Regions, Signal, Transfer, TransferError};
 
 fn check(what: &str, r: sys::CUresult) -> Result<(), TransferError> {
     if r == sys::CUresult::CUDA_SUCCESS {
@@ -25,20 +26,62 @@ fn check(what: &str, r: sys::CUresult) -> Result<(), TransferError> {
     }
 }
 
-/// Registers `[pool, pool + len)` for DMA (a mapping already registered is fine).
+/// Registers `[ptr, ptr + len)` for DMA (a mapping already registered is fine); a read-only
+/// mapping (the pool) with `CU_MEMHOSTREGISTER_READ_ONLY`, which the driver needs for memory
+/// the CPU maps read-only.
 ///
 /// # Safety
 /// The range must be a live mapping; a context must be current.
 #[allow(unsafe_code)]
-unsafe fn register(pool: *mut u8, len: usize) -> Result<(), TransferError> {
+unsafe fn register(ptr: *const u8, len: usize, read_only: bool) -> Result<(), TransferError> {
+    let mut flags = sys::CU_MEMHOSTREGISTER_PORTABLE;
+    if read_only {
+        flags |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
+    }
     // SAFETY: the caller's contract.
-    let r = unsafe {
-        sys::cuMemHostRegister_v2(pool.cast::<c_void>(), len, sys::CU_MEMHOSTREGISTER_PORTABLE)
-    };
+    let r = unsafe { sys::cuMemHostRegister_v2(ptr.cast_mut().cast::<c_void>(), len, flags) };
     if r == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
         return Ok(());
     }
+    if read_only && r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
+        return Err(TransferError::Runtime(
+            "cuMemHostRegister: this device cannot register read-only host memory \
+             (CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED is 0), which loading from \
+             the node-agent's sealed pool needs (ADR 0014)"
+                .into(),
+        ));
+    }
     check("cuMemHostRegister", r)
+}
+
+/// Registers both regions; on failure neither stays registered.
+///
+/// # Safety
+/// As [`register`].
+#[allow(unsafe_code)]
+unsafe fn register_regions(r: Regions) -> Result<(), TransferError> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        register(r.pool.0, r.pool.1, true)?;
+        if let Err(e) = register(r.staging.0, r.staging.1, false) {
+            let _ = sys::cuMemHostUnregister(r.pool.0.cast_mut().cast());
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Releases both regions' registrations.
+///
+/// # Safety
+/// Both must still be mapped, and no batch in flight on them.
+#[allow(unsafe_code)]
+unsafe fn unregister_regions(r: Regions) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let _ = sys::cuMemHostUnregister(r.pool.0.cast_mut().cast());
+        let _ = sys::cuMemHostUnregister(r.staging.0.cast());
+    }
 }
 
 /// The end of one batch: a CUDA event.
@@ -91,8 +134,8 @@ impl Drop for CudaSignal {
 #[derive(Debug)]
 pub struct CudaCopy {
     ctx: sys::CUcontext,
-    /// The registered pool mapping.
-    pool: *mut c_void,
+    /// The registered mappings.
+    regions: Regions,
     engine: u64,
     loads: sys::CUstream,
     saves: sys::CUstream,
@@ -107,14 +150,14 @@ unsafe impl Send for CudaCopy {}
 #[allow(unsafe_code)]
 impl CudaCopy {
     /// Attaches to device `ordinal` (the engine's context when it has one), registers the
-    /// pool mapping `[pool, pool + len)` for DMA and makes the copy streams.
+    /// agent's `regions` for DMA and makes the copy streams.
     ///
     /// # Errors
     /// When no CUDA driver is installed, or the driver refuses.
     ///
     /// # Safety
-    /// `[pool, pool + len)` must be a live mapping for as long as the copier runs.
-    pub unsafe fn new(ordinal: i32, pool: *mut u8, len: usize) -> Result<Self, TransferError> {
+    /// Both regions must be live mappings for as long as the copier runs.
+    pub unsafe fn new(ordinal: i32, regions: Regions) -> Result<Self, TransferError> {
         // SAFETY: probing only opens the library.
         if !unsafe { sys::is_culib_present() } {
             return Err(TransferError::Runtime("no CUDA driver (libcuda) on this node".into()));
@@ -131,14 +174,14 @@ impl CudaCopy {
                 check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
                 check("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx))?;
             }
-            register(pool, len)?;
+            register_regions(regions)?;
             let flags = sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32;
             let mut loads: sys::CUstream = std::ptr::null_mut();
             check("cuStreamCreate", sys::cuStreamCreate(&mut loads, flags))?;
             let mut saves: sys::CUstream = std::ptr::null_mut();
             check("cuStreamCreate", sys::cuStreamCreate(&mut saves, flags))?;
             let batch = sys::culib().get::<*const c_void>(b"cuMemcpyBatchAsync\0").is_ok();
-            Ok(Self { ctx, pool: pool.cast(), engine: 0, loads, saves, batch })
+            Ok(Self { ctx, regions, engine: 0, loads, saves, batch })
         }
     }
 
@@ -258,15 +301,15 @@ impl Transfer for CudaCopy {
         self.engine = stream;
     }
 
-    unsafe fn attach(&mut self, pool: *mut u8, len: usize) -> Result<(), TransferError> {
-        // SAFETY: the caller hands a live mapping and no batch is in flight on the old one;
+    unsafe fn attach(&mut self, regions: Regions) -> Result<(), TransferError> {
+        // SAFETY: the caller hands live mappings and no batch is in flight on the old ones;
         // the engine's context is made current first.
         unsafe {
             check("cuCtxSetCurrent", sys::cuCtxSetCurrent(self.ctx))?;
-            register(pool, len)?;
-            let _ = sys::cuMemHostUnregister(self.pool);
+            register_regions(regions)?;
+            unregister_regions(self.regions);
         }
-        self.pool = pool.cast();
+        self.regions = regions;
         Ok(())
     }
 
@@ -278,14 +321,14 @@ impl Transfer for CudaCopy {
 #[allow(unsafe_code)]
 impl Drop for CudaCopy {
     fn drop(&mut self) {
-        // SAFETY: our streams, released once their queued work is done; the pool mapping is
+        // SAFETY: our streams, released once their queued work is done; the mappings are
         // still mapped (the worker drops its copier before its connection).
         unsafe {
             let _ = sys::cuStreamSynchronize(self.loads);
             let _ = sys::cuStreamSynchronize(self.saves);
             let _ = sys::cuStreamDestroy_v2(self.loads);
             let _ = sys::cuStreamDestroy_v2(self.saves);
-            let _ = sys::cuMemHostUnregister(self.pool);
+            unregister_regions(self.regions);
         }
     }
 }
@@ -297,10 +340,15 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn without_a_driver_it_says_so() {
-        // SAFETY: the probe does not touch `pool` when no driver is present; on a machine with
-        // one, a 4 KiB heap buffer is registered and lives to the end of the test.
-        let mut buf = vec![0u8; 4096];
-        match unsafe { CudaCopy::new(0, buf.as_mut_ptr(), buf.len()) } {
+        // SAFETY: the probe does not touch the regions when no driver is present; on a machine
+        // with one, two 4 KiB heap buffers are registered and live to the end of the test.
+        let pool = vec![0u8; 4096];
+        let mut staging = vec![0u8; 4096];
+        let regions = Regions {
+            pool: (pool.as_ptr(), pool.len()),
+            staging: (staging.as_mut_ptr(), staging.len()),
+        };
+        match unsafe { CudaCopy::new(0, regions) } {
             Err(e) => assert!(e.to_string().contains("CUDA"), "{e}"),
             Ok(c) => assert_eq!(c.name(), "cuda"),
         }

@@ -2,7 +2,9 @@
 //! `hip-sys` bindings. Built and linked in CI against Debian's HIP 5.2 packages; it has not
 //! run on AMD silicon here (no AMD GPU is reachable from these machines).
 //!
-//! Same shape as the CUDA backend: the pool mapping is registered once (`hipHostRegister`);
+//! Same shape as the CUDA backend: the pool mapping (read-only) and the staging mapping are
+//! registered once (`hipHostRegister`, the pool with `hipHostRegisterReadOnly`, which the 5.x
+//! bindings lack and this module declares);
 //! copies run on two streams of the copier's own (loads, saves), each batch after an event
 //! recorded on the engine's stream and ending with an event the engine's stream or the commit
 //! thread waits on. ROCm 7.1 added `hipMemcpyBatchAsync`, which the 5.x bindings lack: it is
@@ -13,7 +15,7 @@ use std::ffi::c_void;
 
 use hip_sys::hiprt;
 
-use crate::transfer::{Copy, Done, Signal, Transfer, TransferError};
+use crate::transfer::{Copy, Done, Regions, Signal, Transfer, TransferError};
 
 /// `hipMemcpyBatchAsync` (ROCm >= 7.1), declared by hand; the error code is read as a plain
 /// integer so a code the 5.x bindings do not know cannot be misread.
@@ -37,20 +39,56 @@ fn check(what: &str, r: hiprt::hipError_t) -> Result<(), TransferError> {
     }
 }
 
-/// Registers `[pool, pool + len)` for DMA (a mapping already registered is fine).
+/// `hipHostRegisterReadOnly` (hip_runtime_api.h; the 5.x bindings do not have it).
+const HOST_REGISTER_READ_ONLY: u32 = 0x08;
+
+/// Registers `[ptr, ptr + len)` for DMA (a mapping already registered is fine); a read-only
+/// mapping (the pool) with `hipHostRegisterReadOnly`.
 ///
 /// # Safety
 /// The range must be a live mapping.
 #[allow(unsafe_code)]
-unsafe fn register(pool: *mut u8, len: usize) -> Result<(), TransferError> {
+unsafe fn register(ptr: *const u8, len: usize, read_only: bool) -> Result<(), TransferError> {
+    let mut flags = hiprt::hipHostRegisterPortable;
+    if read_only {
+        flags |= HOST_REGISTER_READ_ONLY;
+    }
     // SAFETY: the caller's contract.
-    let r = unsafe {
-        hiprt::hipHostRegister(pool.cast::<c_void>(), len, hiprt::hipHostRegisterPortable)
-    };
+    let r = unsafe { hiprt::hipHostRegister(ptr.cast_mut().cast::<c_void>(), len, flags) };
     if r == hiprt::hipError_t::hipErrorHostMemoryAlreadyRegistered {
         return Ok(());
     }
     check("hipHostRegister", r)
+}
+
+/// Registers both regions; on failure neither stays registered.
+///
+/// # Safety
+/// As [`register`].
+#[allow(unsafe_code)]
+unsafe fn register_regions(r: Regions) -> Result<(), TransferError> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        register(r.pool.0, r.pool.1, true)?;
+        if let Err(e) = register(r.staging.0, r.staging.1, false) {
+            let _ = hiprt::hipHostUnregister(r.pool.0.cast_mut().cast());
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Releases both regions' registrations.
+///
+/// # Safety
+/// Both must still be mapped, and no batch in flight on them.
+#[allow(unsafe_code)]
+unsafe fn unregister_regions(r: Regions) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let _ = hiprt::hipHostUnregister(r.pool.0.cast_mut().cast());
+        let _ = hiprt::hipHostUnregister(r.staging.0.cast());
+    }
 }
 
 /// The end of one batch: a HIP event.
@@ -100,8 +138,8 @@ impl Drop for HipSignal {
 /// Copies through the HIP runtime on the copier's streams, ordered against the engine's.
 pub struct HipCopy {
     device: i32,
-    /// The registered pool mapping.
-    pool: *mut c_void,
+    /// The registered mappings.
+    regions: Regions,
     engine: u64,
     loads: hiprt::hipStream_t,
     saves: hiprt::hipStream_t,
@@ -125,20 +163,20 @@ impl std::fmt::Debug for HipCopy {
 
 #[allow(unsafe_code)]
 impl HipCopy {
-    /// Uses device `ordinal`, registers the pool mapping `[pool, pool + len)` for DMA and
-    /// makes the copy streams.
+    /// Uses device `ordinal`, registers the agent's `regions` for DMA and makes the copy
+    /// streams.
     ///
     /// # Errors
     /// When the runtime finds no device or refuses the registration.
     ///
     /// # Safety
-    /// `[pool, pool + len)` must be a live mapping for as long as the copier runs.
-    pub unsafe fn new(ordinal: i32, pool: *mut u8, len: usize) -> Result<Self, TransferError> {
+    /// Both regions must be live mappings for as long as the copier runs.
+    pub unsafe fn new(ordinal: i32, regions: Regions) -> Result<Self, TransferError> {
         // SAFETY: plain runtime calls with valid arguments.
         unsafe {
             check("hipInit", hiprt::hipInit(0))?;
             check("hipSetDevice", hiprt::hipSetDevice(ordinal))?;
-            register(pool, len)?;
+            register_regions(regions)?;
             let mut loads: hiprt::hipStream_t = std::ptr::null_mut();
             check(
                 "hipStreamCreateWithFlags",
@@ -154,7 +192,7 @@ impl HipCopy {
                 let f = *lib.get::<BatchFn>(b"hipMemcpyBatchAsync\0").ok()?;
                 Some((lib, f))
             });
-            Ok(Self { device: ordinal, pool: pool.cast(), engine: 0, loads, saves, batch })
+            Ok(Self { device: ordinal, regions, engine: 0, loads, saves, batch })
         }
     }
 
@@ -282,14 +320,14 @@ impl Transfer for HipCopy {
         self.engine = stream;
     }
 
-    unsafe fn attach(&mut self, pool: *mut u8, len: usize) -> Result<(), TransferError> {
-        // SAFETY: the caller hands a live mapping and no batch is in flight on the old one.
+    unsafe fn attach(&mut self, regions: Regions) -> Result<(), TransferError> {
+        // SAFETY: the caller hands live mappings and no batch is in flight on the old ones.
         unsafe {
             check("hipSetDevice", hiprt::hipSetDevice(self.device))?;
-            register(pool, len)?;
-            let _ = hiprt::hipHostUnregister(self.pool);
+            register_regions(regions)?;
+            unregister_regions(self.regions);
         }
-        self.pool = pool.cast();
+        self.regions = regions;
         Ok(())
     }
 
@@ -308,7 +346,7 @@ impl Drop for HipCopy {
             let _ = hiprt::hipStreamSynchronize(self.saves);
             let _ = hiprt::hipStreamDestroy(self.loads);
             let _ = hiprt::hipStreamDestroy(self.saves);
-            let _ = hiprt::hipHostUnregister(self.pool);
+            unregister_regions(self.regions);
         }
     }
 }
@@ -322,9 +360,14 @@ mod tests {
     fn without_a_device_the_runtime_says_so() {
         // Linked against the real runtime; on a machine without an AMD GPU it reports no
         // device instead of crashing.
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: `buf` outlives the copier.
-        match unsafe { HipCopy::new(0, buf.as_mut_ptr(), buf.len()) } {
+        let pool = vec![0u8; 4096];
+        let mut staging = vec![0u8; 4096];
+        let regions = Regions {
+            pool: (pool.as_ptr(), pool.len()),
+            staging: (staging.as_mut_ptr(), staging.len()),
+        };
+        // SAFETY: both buffers outlive the copier.
+        match unsafe { HipCopy::new(0, regions) } {
             Err(e) => assert!(e.to_string().starts_with("hip"), "{e}"),
             Ok(c) => assert_eq!(c.name(), "hip"),
         }

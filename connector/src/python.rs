@@ -185,8 +185,8 @@ impl Worker {
     ) -> PyResult<Self> {
         let core = py
             .detach(|| {
-                WorkerCore::connect_with(&socket, rank, |pool, len| {
-                    make_transfer(backend, device, pool, len)
+                WorkerCore::connect_with(&socket, rank, |regions| {
+                    make_transfer(backend, device, regions)
                 })
             })
             .map_err(worker_err)?;
@@ -340,18 +340,17 @@ impl Worker {
 fn make_transfer(
     backend: &str,
     device: i32,
-    pool: *mut u8,
-    len: usize,
+    regions: crate::transfer::Regions,
 ) -> Result<Box<dyn crate::transfer::Transfer>, crate::transfer::TransferError> {
     use crate::transfer::TransferError;
     match backend {
         "host" => Ok(Box::new(HostCopy::new())),
         #[cfg(feature = "cuda")]
-        // SAFETY: the pool mapping lives as long as the worker that owns this copier.
-        "cuda" => Ok(Box::new(unsafe { crate::cuda::CudaCopy::new(device, pool, len) }?)),
+        // SAFETY: the mappings live as long as the worker that owns this copier.
+        "cuda" => Ok(Box::new(unsafe { crate::cuda::CudaCopy::new(device, regions) }?)),
         #[cfg(feature = "rocm")]
         // SAFETY: as above.
-        "hip" => Ok(Box::new(unsafe { crate::hip::HipCopy::new(device, pool, len) }?)),
+        "hip" => Ok(Box::new(unsafe { crate::hip::HipCopy::new(device, regions) }?)),
         other => Err(TransferError::Runtime(format!(
             "this build of the kvtier connector has no {other:?} transfer backend"
         ))),

@@ -13,7 +13,8 @@ use tracing::{debug, warn};
 
 use crate::index::{ClientId, Index, Millis, AGENT};
 use crate::nvme::NvmeTier;
-use crate::pool::{checksum, DramPool};
+use crate::pool::DramPool;
+use crate::staging::Staging;
 
 /// A pool identity no earlier agent on this node had: the process's random hash seed mixed
 /// with the clock (never 0).
@@ -33,6 +34,8 @@ fn new_pool_id() -> u64 {
 pub struct Agent {
     pool: DramPool,
     index: Mutex<Index>,
+    /// Locked after `index` when both are held.
+    staging: Mutex<Staging>,
     epoch: Instant,
     next_client: AtomicU64,
     verify_commits: bool,
@@ -78,10 +81,17 @@ impl Agent {
 }
 
 impl Agent {
-    /// An agent over `pool`, evicting in `index`'s order.
+    /// An agent over `pool`, evicting in `index`'s order. A client holds at most the same
+    /// share of the staging area as the index lets it hold of the pool.
     #[must_use]
     pub fn new(pool: DramPool, index: Index) -> Self {
+        let staged = pool.staging_slots();
+        let quota = index.client_quota().map_or(staged, |q| {
+            let share = f64::from(q) / f64::from(pool.slots().max(1));
+            (f64::from(staged) * share).ceil() as u32
+        });
         Self {
+            staging: Mutex::new(Staging::new(staged, quota)),
             pool,
             index: Mutex::new(index),
             epoch: Instant::now(),
@@ -132,8 +142,7 @@ impl Agent {
     /// [`Agent::write_back`] into a tier the caller has locked.
     fn write_back_into(&self, t: &mut NvmeTier, gone: &[crate::index::Evicted]) {
         for e in gone {
-            let sum = self.sum_of(e.slot, e.len, e.checksum);
-            match t.write(e.key, self.pool.slot(e.slot), e.len, sum, e.conversation) {
+            match t.write(e.key, self.pool.slot(e.slot), e.len, e.checksum, e.conversation) {
                 Ok(true) => self.residency().change(e.conversation, agent::Tier::Nvme, true),
                 Ok(false) => {}
                 Err(err) => warn!("NVMe write-back of an evicted chunk failed (it is lost): {err}"),
@@ -201,7 +210,7 @@ impl Agent {
                 key,
                 data: self.pool.slot(slot),
                 len,
-                checksum: self.sum_of(slot, len, sum),
+                checksum: sum,
                 conversation: conv,
             })
             .collect();
@@ -263,13 +272,11 @@ impl Agent {
         }
         let Some(slot) = slot else { return false };
         let loaded = match tier.read(key) {
-            Ok((bytes, len, sum)) => match self.pool.write_slot(slot, bytes) {
-                Ok(()) => Some((len, sum)),
-                Err(e) => {
-                    warn!("copying a chunk into the pool failed: {e}");
-                    None
-                }
-            },
+            Ok((bytes, len, sum)) => {
+                // The slot is reserved to the agent: no one else writes or reads it.
+                self.pool.write_slot(slot, bytes);
+                Some((len, sum))
+            }
             Err(e) => {
                 warn!("NVMe read: {e}");
                 None
@@ -301,10 +308,10 @@ impl Agent {
         }
     }
 
-    /// Whether a commit is checked against the slot's bytes before the chunk becomes
-    /// readable (on by default). Off, the client's checksum is recorded as given: a pass
-    /// over every stored byte is saved, and a client that writes the wrong bytes is no longer
-    /// caught at commit.
+    /// Whether a commit's checksum is checked against the bytes before the chunk becomes
+    /// readable (on by default); the agent hashes every chunk while it copies it out of the
+    /// staging area either way. Off, a chunk whose bytes disagree with the client's checksum
+    /// is published anyway, under the checksum of the bytes it holds.
     #[must_use]
     pub fn verify_commits(mut self, on: bool) -> Self {
         self.verify_commits = on;
@@ -317,6 +324,22 @@ impl Agent {
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn staging(&self) -> std::sync::MutexGuard<'_, Staging> {
+        self.staging.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Where DRAM holds `key`: its slot, length and checksum.
+    #[must_use]
+    pub fn held(&self, key: kvtier_api::chunk::ChunkKey) -> Option<(u32, u32, u64)> {
+        self.index().get(&key)
+    }
+
+    /// Staging slots clients hold now (for metrics).
+    #[must_use]
+    pub fn staging_in_use(&self) -> u32 {
+        self.staging().in_use()
     }
 
     /// A client attached: its id.
@@ -332,6 +355,7 @@ impl Agent {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
         }
         self.index().client_gone(client);
+        self.staging().client_gone(client);
         self.counters.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -347,26 +371,97 @@ impl Agent {
         &self.pool
     }
 
-    /// The chunk's checksum: the client's, or computed now when it sent none (a chunk never
-    /// goes to NVMe without one).
-    fn sum_of(&self, slot: u32, len: u32, given: u64) -> u64 {
-        if given == NO_CHECKSUM {
-            checksum(self.pool.bytes_of(slot, len))
-        } else {
-            given
+    /// Whether answering `req` may take long: it copies chunks (a commit) or may read or
+    /// write NVMe.
+    #[must_use]
+    pub fn may_block(&self, req: &Request) -> bool {
+        match req {
+            Request::Commit { .. } => true,
+            Request::Reserve { .. } => self.nvme.is_some() && self.write_back,
+            Request::Prefetch { .. } => self.nvme.is_some(),
+            _ => false,
         }
     }
 
-    /// Whether answering `req` may read or write NVMe.
-    #[must_use]
-    pub fn may_do_io(&self, req: &Request) -> bool {
-        self.nvme.is_some()
-            && match req {
-                Request::Commit { .. } => !self.write_back,
-                Request::Reserve { .. } => self.write_back,
-                Request::Prefetch { .. } => true,
-                _ => false,
+    /// Commits `chunks` that `client` wrote into its staging slots: each is copied into the
+    /// pool slot paired with its staging slot, outside every lock (both slots are the client's
+    /// alone until the commit), then published, and its staging slot freed. The copy hashes
+    /// the chunk on the way, at no cost over the copy, so every chunk in DRAM carries the
+    /// checksum of the bytes it holds from its commit on (NVMe and the remote tier reuse it).
+    /// A chunk that comes with a checksum is refused when they disagree (it keeps its slots,
+    /// for the client to release), unless commits are not verified. A chunk DRAM already holds
+    /// is not copied again.
+    fn commit(&self, client: ClientId, chunks: &[agent::Commit]) -> Response {
+        let slot_bytes = self.pool.slot_bytes();
+        let targets: Vec<Option<u32>> = {
+            let staging = self.staging();
+            chunks
+                .iter()
+                .map(|c| staging.pool_slot(client, c.slot).filter(|_| c.len <= slot_bytes))
+                .collect()
+        };
+        let held: Vec<bool> = {
+            let ix = self.index();
+            chunks.iter().map(|c| ix.get(&c.key).is_some()).collect()
+        };
+        // `to` is reserved to this client, whose requests are answered one at a time: nothing
+        // else writes it, and no one reads it before the commit below.
+        let copy = |c: &agent::Commit, to: u32| {
+            let sum = self.pool.commit_copy(c.slot, to, c.len);
+            let checked = !self.verify_commits || c.checksum == NO_CHECKSUM;
+            (sum, checked || sum == c.checksum)
+        };
+        // Per chunk: its pool slot and, unless DRAM held the key, the copy's checksum and
+        // whether it matched the client's.
+        type Copied = Option<(u32, Option<(u64, bool)>)>;
+        let copied: Vec<Copied> = chunks
+            .iter()
+            .zip(targets)
+            .zip(held)
+            .map(|((c, target), held)| {
+                let to = target?;
+                Some((to, (!held).then(|| copy(c, to))))
+            })
+            .collect();
+        let mut ix = self.index();
+        let mut applied = 0;
+        let mut written = Vec::new();
+        for (c, copied) in chunks.iter().zip(copied) {
+            let Some((to, done)) = copied else {
+                self.counters.commits_refused.fetch_add(1, Ordering::Relaxed);
+                debug!(client, slot = c.slot, "commit refused: not a staging slot of this client");
+                continue;
+            };
+            // A key evicted since it was found held is copied now, under the lock (rare).
+            let (sum, ok) = match done {
+                Some(done) => done,
+                None if ix.get(&c.key).is_some() => (c.checksum, true),
+                None => copy(c, to),
+            };
+            let conv = c.conversation;
+            match ix.commit(client, c.key, to, c.len, sum, conv, |_, _, _| ok) {
+                Ok(new) => {
+                    applied += 1;
+                    self.staging().free(client, c.slot);
+                    if new {
+                        self.residency().change(conv, agent::Tier::Dram, true);
+                    }
+                    if let Some((slot, len, sum)) = ix.get(&c.key) {
+                        let conv = ix.conversation_of(&c.key).unwrap_or(conv);
+                        written.push((c.key, slot, len, sum, conv));
+                    }
+                    self.counters.bytes_committed.fetch_add(u64::from(c.len), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.counters.commits_refused.fetch_add(1, Ordering::Relaxed);
+                    debug!(client, "commit refused: {e}");
+                }
             }
+        }
+        self.counters.commits.fetch_add(u64::from(applied), Ordering::Relaxed);
+        drop(ix);
+        self.write_through(&written);
+        Response::Ack { applied }
     }
 
     /// Answers one request of `client`.
@@ -392,60 +487,29 @@ impl Agent {
                 Response::Lookup { prefix, tiers, slots }
             }
             Request::Reserve { n } => {
+                // A pool slot for every staging slot granted, taken together: nothing is
+                // evicted for a slot the staging area has no room to pair.
                 let mut ix = self.index();
-                let slots = ix.reserve(client, n, now);
+                let slots = {
+                    let mut staging = self.staging();
+                    let pool_slots = ix.reserve(client, n.min(staging.room(client)), now);
+                    let (staged, surplus) = staging.take(client, pool_slots);
+                    ix.release(client, &surplus);
+                    staged
+                };
                 let gone = self.note_dram_evictions(&mut ix);
                 drop(ix);
                 self.write_back(&gone);
                 Response::Reserve { slots }
             }
-            Request::Commit { chunks } => {
-                // Checksums are computed outside the lock: a slot is only ever written by
-                // the client that reserved it, and a wrong slot fails the commit anyway.
-                let slots = self.pool.slots();
-                let slot_bytes = self.pool.slot_bytes();
-                let verified: Vec<bool> = chunks
-                    .iter()
-                    .map(|c| {
-                        c.slot < slots
-                            && c.len <= slot_bytes
-                            && (!self.verify_commits
-                                || c.checksum == NO_CHECKSUM
-                                || checksum(self.pool.bytes_of(c.slot, c.len)) == c.checksum)
-                    })
-                    .collect();
-                let mut ix = self.index();
-                let mut applied = 0;
-                let mut written = Vec::new();
-                for (c, ok) in chunks.iter().zip(verified) {
-                    let conv = c.conversation;
-                    match ix.commit(client, c.key, c.slot, c.len, c.checksum, conv, |_, _, _| ok) {
-                        Ok(new) => {
-                            applied += 1;
-                            if new {
-                                self.residency().change(conv, agent::Tier::Dram, true);
-                            }
-                            if let Some((slot, len, sum)) = ix.get(&c.key) {
-                                let conv = ix.conversation_of(&c.key).unwrap_or(conv);
-                                written.push((c.key, slot, len, sum, conv));
-                            }
-                            self.counters
-                                .bytes_committed
-                                .fetch_add(u64::from(c.len), Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            self.counters.commits_refused.fetch_add(1, Ordering::Relaxed);
-                            debug!(client, "commit refused: {e}");
-                        }
-                    }
-                }
-                self.counters.commits.fetch_add(u64::from(applied), Ordering::Relaxed);
-                drop(ix);
-                self.write_through(&written);
-                Response::Ack { applied }
-            }
+            Request::Commit { chunks } => self.commit(client, &chunks),
             Request::Release { slots } => {
-                Response::Ack { applied: self.index().release(client, &slots) }
+                let pool_slots: Vec<u32> = {
+                    let mut staging = self.staging();
+                    slots.iter().filter_map(|s| staging.free(client, *s)).collect()
+                };
+                self.index().release(client, &pool_slots);
+                Response::Ack { applied: pool_slots.len() as u32 }
             }
             Request::Pin { keys, lease_ms } => {
                 Response::Ack { applied: self.index().pin(client, &keys, now, lease_ms) }

@@ -97,6 +97,8 @@ struct AgentMetrics {
     used: Family<TierLabels, Gauge>,
     reserved: Family<TierLabels, Gauge>,
     pinned: Gauge,
+    staging_capacity: Gauge,
+    staging_used: Gauge,
     locked: Gauge,
     clients: Gauge,
     hits: Family<TierLabels, Counter>,
@@ -139,6 +141,8 @@ impl AgentMetrics {
             used: Family::default(),
             reserved: Family::default(),
             pinned: Gauge::default(),
+            staging_capacity: Gauge::default(),
+            staging_used: Gauge::default(),
             locked: Gauge::default(),
             clients: Gauge::default(),
             hits: Family::default(),
@@ -162,6 +166,16 @@ impl AgentMetrics {
             m.reserved.clone(),
         );
         r.register("kvtier_agent_pinned_chunks", "Chunks pinned by a live lease", m.pinned.clone());
+        r.register(
+            "kvtier_agent_staging_capacity_bytes",
+            "Bytes of the staging area clients save into",
+            m.staging_capacity.clone(),
+        );
+        r.register(
+            "kvtier_agent_staging_used_bytes",
+            "Bytes of staging slots reserved by clients, not yet committed",
+            m.staging_used.clone(),
+        );
         r.register(
             "kvtier_agent_locked",
             "Whether the DRAM pool is locked in memory",
@@ -226,6 +240,8 @@ impl AgentMetrics {
         self.used.get_or_create(&DRAM).set(gauge(u64::from(s.used) * slot));
         self.reserved.get_or_create(&DRAM).set(gauge(u64::from(s.reserved) * slot));
         self.pinned.set(i64::from(s.pinned));
+        self.staging_capacity.set(gauge(agent.pool().staging_bytes()));
+        self.staging_used.set(gauge(u64::from(agent.staging_in_use()) * slot));
         self.locked.set(i64::from(agent.pool().locked()));
         self.clients.set(gauge(get(&c.clients)));
         mirror(&self.hits.get_or_create(&DRAM), s.hits);

@@ -124,6 +124,12 @@ impl Index {
         self
     }
 
+    /// What one client may hold, when bounded.
+    #[must_use]
+    pub fn client_quota(&self) -> Option<u32> {
+        self.quota
+    }
+
     /// Whether `client` may take one more of what `held` counts.
     fn under_quota(&self, client: ClientId, held: &HashMap<ClientId, u32>) -> bool {
         client == AGENT || self.quota.is_none_or(|q| held.get(&client).copied().unwrap_or(0) < q)

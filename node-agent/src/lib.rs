@@ -1,7 +1,10 @@
 //! kvtier's node-agent: one per node, owning the node's KV tiers and sharing them with every
 //! engine replica on the node.
 //!
-//! - [`pool`]: the DRAM pool, one locked memfd in fixed-size slots that clients map;
+//! - [`pool`]: the DRAM pool, one locked memfd in fixed-size slots that clients map
+//!   read-only, and its staging area, which they write new chunks into;
+//! - [`staging`]: who holds which staging slot, paired with the pool slot its chunk will be
+//!   committed into;
 //! - [`index`]: which chunk is in which slot, reservations, pins with leases, eviction in
 //!   [`kvtier_api::eviction`]'s order (S3-FIFO by default, LRU: the simulator runs the same);
 //! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart, its writes
@@ -20,6 +23,7 @@ pub mod index;
 pub mod nvme;
 pub mod pool;
 pub mod server;
+pub mod staging;
 pub mod uring;
 
 pub use agent::Agent;

@@ -1,6 +1,7 @@
 //! The agent's Unix socket: one task per attached client, frames in, frames out.
 //!
-//! The first frame must be `Hello`; its reply carries the pool's memfd (SCM_RIGHTS). A frame
+//! The first frame must be `Hello`; its reply carries the pool's memfd, which the kernel lets
+//! clients map read-only, and the staging area's, which they write (SCM_RIGHTS). A frame
 //! that does not parse gets a `Malformed` error and closes that connection only; other
 //! clients never notice. When a client goes away, its reservations and pins go with it.
 //!
@@ -278,6 +279,7 @@ async fn connection(
                 slot_bytes: agent.pool().slot_bytes(),
                 slots: agent.pool().slots(),
                 pool_id: agent.pool_id(),
+                staging_slots: agent.pool().staging_slots(),
             };
             send_with_fd(&s, &reply.encode(h.request_id), agent)
                 .await
@@ -289,7 +291,7 @@ async fn connection(
         // never stalls the others; the rest are answered in place (microseconds).
         let op = req.op();
         let started = Instant::now();
-        let reply = if agent.may_do_io(&req) {
+        let reply = if agent.may_block(&req) {
             let agent = agent.clone();
             tokio::task::spawn_blocking(move || agent.handle(client, req))
                 .await
@@ -322,14 +324,14 @@ async fn refuse(s: &mut UnixStream, request_id: u32, e: &ProtocolError) -> Resul
     Err(format!("malformed frame: {e}"))
 }
 
-/// Writes `frame` with the pool's memfd attached to its first byte.
+/// Writes `frame` with the pool's memfd and the staging area's attached to its first byte.
 async fn send_with_fd(s: &UnixStream, frame: &[u8], agent: &Agent) -> std::io::Result<()> {
     let mut sent = 0;
     while sent == 0 {
         s.writable().await?;
         let r = s.try_io(Interest::WRITABLE, || {
-            let fds = [agent.pool().fd()];
-            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let fds = [agent.pool().fd(), agent.pool().staging_fd()];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
             let mut anc = SendAncillaryBuffer::new(&mut space);
             anc.push(SendAncillaryMessage::ScmRights(&fds));
             sendmsg(s, &[IoSlice::new(frame)], &mut anc, SendFlags::NOSIGNAL)

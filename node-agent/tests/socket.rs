@@ -7,107 +7,13 @@ use std::sync::Arc;
 
 use kvtier_api::agent::{Request, Tier};
 use kvtier_api::chunk::ChunkKey;
-use kvtier_api::eviction::EvictionPolicy;
 use kvtier_api::eviction::S3Fifo;
 use kvtier_node_agent::client::ClientError;
 use kvtier_node_agent::nvme::NvmeTier;
 use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
 
-const SLOT: u32 = 512 * 1024;
-
-/// Starts an agent with `slots` slots on a fresh socket path; returns the path.
-fn start(slots: u32) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
-    start_with(slots, None)
-}
-
-/// As [`start`], with an NVMe tier in `nvme` when given.
-fn start_with(
-    slots: u32,
-    nvme: Option<&std::path::Path>,
-) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
-    start_mode(slots, nvme, false)
-}
-
-/// As [`start_with`], writing to NVMe at eviction when `write_back`.
-fn start_mode(
-    slots: u32,
-    nvme: Option<&std::path::Path>,
-    write_back: bool,
-) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
-    start_policy(slots, nvme, write_back, Box::<Lru>::default())
-}
-
-/// As [`start_mode`], evicting in `policy`'s order.
-fn start_policy(
-    slots: u32,
-    nvme: Option<&std::path::Path>,
-    write_back: bool,
-    policy: Box<dyn EvictionPolicy>,
-) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir =
-        std::env::temp_dir().join(format!("kvtier-agent-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("agent.sock");
-    let pool = DramPool::create(PoolConfig {
-        bytes: u64::from(slots) * u64::from(SLOT),
-        slot_bytes: SLOT,
-        lock: LockMode::BestEffort,
-        huge_pages: false,
-    })
-    .expect("pool");
-    let mut agent = Agent::new(pool, Index::new(slots, SLOT, policy));
-    if let Some(dir) = nvme {
-        let (tier, _) = NvmeTier::open(dir, 64 << 20).expect("nvme tier");
-        agent = agent.with_nvme(tier).nvme_write_back(write_back);
-    }
-    let agent = Arc::new(agent);
-    let listener = {
-        let _g = rt.enter();
-        server::bind(&path).expect("bind")
-    };
-    rt.spawn(server::serve(listener, agent.clone()));
-    (Socket(path), agent, rt)
-}
-
-/// The agent's socket path; its folder is removed when the test drops it.
-#[derive(Debug)]
-struct Socket(PathBuf);
-
-impl std::ops::Deref for Socket {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for Socket {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn chunk(seed: u8) -> Vec<u8> {
-    (0..SLOT as usize).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-}
+mod common;
+use common::{chunk, start, start_mode, start_policy, start_with, SLOT};
 
 #[test]
 fn two_clients_share_one_pool() {
@@ -131,7 +37,7 @@ fn a_corrupt_chunk_is_never_served() {
     let (path, _agent, _rt) = start(4);
     let mut a = Client::connect(&path, "c").expect("attach");
     let slot = a.reserve(1).expect("reserve")[0];
-    a.pool_mut().slot_mut(slot)[..16].copy_from_slice(&[1; 16]);
+    a.staging_mut().slot_mut(slot)[..16].copy_from_slice(&[1; 16]);
     let bad = kvtier_api::agent::Commit {
         key: ChunkKey(1),
         slot,
@@ -269,6 +175,7 @@ fn metrics_move() {
     let slot = c.reserve(1).expect("reserve")[0];
     assert!(c.put(ChunkKey(1), slot, &chunk(1)).expect("commit"));
     c.lookup(&[ChunkKey(1), ChunkKey(2)]).expect("lookup");
+    c.reserve(1).expect("a save in flight");
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").expect("write");
     let mut text = String::new();
@@ -280,6 +187,8 @@ fn metrics_move() {
         "kvtier_agent_lookup_hits_total{tier=\"dram\"} 1",
         "kvtier_agent_lookup_misses_total 1",
         "kvtier_agent_clients 1",
+        "kvtier_agent_staging_capacity_bytes 2097152",
+        "kvtier_agent_staging_used_bytes 524288",
         "kvtier_agent_requests_total{op=\"commit\"} 1",
         "kvtier_agent_requests_total{op=\"lookup\"} 1",
         "kvtier_agent_request_seconds_total{op=\"lookup\"} ",
@@ -672,6 +581,7 @@ fn serve_listener(
         .expect("runtime");
     let pool = DramPool::create(PoolConfig {
         bytes: 4 * u64::from(SLOT),
+        staging_bytes: None,
         slot_bytes: SLOT,
         lock: LockMode::BestEffort,
         huge_pages: false,

@@ -259,11 +259,12 @@ impl Response {
     pub fn encode(&self, request_id: u32) -> Vec<u8> {
         let mut w = W::default();
         let op = match self {
-            Response::Hello { pool_bytes, slot_bytes, slots, pool_id } => {
+            Response::Hello { pool_bytes, slot_bytes, slots, pool_id, staging_slots } => {
                 w.u64(*pool_bytes);
                 w.u32(*slot_bytes);
                 w.u32(*slots);
                 w.u64(*pool_id);
+                w.u32(*staging_slots);
                 op::HELLO | op::REPLY
             }
             Response::Lookup { prefix, tiers, slots } => {
@@ -316,6 +317,7 @@ impl Response {
                 slot_bytes: r.u32()?,
                 slots: r.u32()?,
                 pool_id: r.u64()?,
+                staging_slots: r.u32()?,
             },
             op::LOOKUP => {
                 let prefix = r.u32()?;

@@ -8,8 +8,12 @@
 //! and that connection only. A reply carries the request's id and its operation with the
 //! high bit set; failures come back as [`Response::Error`].
 //!
-//! The pool itself (the memfd) travels once, with the reply to [`Request::Hello`], as
-//! `SCM_RIGHTS` ancillary data; everything after names pool slots by index.
+//! The memory travels once, with the reply to [`Request::Hello`], as `SCM_RIGHTS` ancillary
+//! data: two memfds of slots of one size, the **pool** of committed chunks, which the kernel
+//! lets clients map read-only, then the **staging area** clients write new chunks into.
+//! Everything after names slots by index: [`Response::Lookup`] names pool slots (to load
+//! from); [`Response::Reserve`], [`Commit::slot`] and [`Request::Release`] name staging slots
+//! (to save into). At commit the agent copies a chunk from its staging slot into the pool.
 
 use crate::chunk::ChunkKey;
 
@@ -19,8 +23,8 @@ pub use codec::{decode_header, split_frame};
 
 /// `KVTA`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVTA");
-/// Protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// Protocol version this build speaks (2: the staging area).
+pub const VERSION: u16 = 2;
 /// Header bytes.
 pub const HEADER: usize = 16;
 /// Largest body.
@@ -76,7 +80,7 @@ impl Tier {
 pub struct Commit {
     /// Its key.
     pub key: ChunkKey,
-    /// The reserved slot it was written to.
+    /// The reserved staging slot it was written to.
     pub slot: u32,
     /// Bytes written.
     pub len: u32,
@@ -103,7 +107,7 @@ pub enum Request {
         /// Keys, in prefix order.
         keys: Vec<ChunkKey>,
     },
-    /// Slots to write new chunks into.
+    /// Staging slots to write new chunks into.
     Reserve {
         /// How many.
         n: u32,
@@ -113,7 +117,7 @@ pub enum Request {
         /// The chunks.
         chunks: Vec<Commit>,
     },
-    /// Reserved slots not used.
+    /// Reserved staging slots not used.
     Release {
         /// The slots.
         slots: Vec<u32>,
@@ -161,7 +165,7 @@ pub struct Stats {
 /// Agent to client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
-    /// The pool: its size and slot size (the memfd comes as ancillary data).
+    /// The pool and the staging area: their sizes (the two memfds come as ancillary data).
     Hello {
         /// Pool bytes.
         pool_bytes: u64,
@@ -172,6 +176,8 @@ pub enum Response {
         /// This pool's identity, for the agent's life: a restarted agent has another, so slot
         /// numbers learnt from one pool are never applied to another.
         pool_id: u64,
+        /// Slots of the staging area (of `slot_bytes` each).
+        staging_slots: u32,
     },
     /// Per key: tier and, in DRAM, its slot; and the length of the leading run in DRAM.
     Lookup {
@@ -182,7 +188,8 @@ pub enum Response {
         /// Slot per key (`u32::MAX` when not in DRAM).
         slots: Vec<u32>,
     },
-    /// Slots granted (fewer than asked when the pool is full of pinned chunks).
+    /// Staging slots granted, each with a pool slot set aside for its commit (fewer than
+    /// asked when the pool is full of pinned chunks or the staging area is busy).
     Reserve {
         /// The slots.
         slots: Vec<u32>,

@@ -7,12 +7,23 @@ use std::sync::Arc;
 
 use crate::layout::Piece;
 
+/// The node-agent's memory as this process maps it: the pool of committed chunks, which loads
+/// read (mapped read-only: the agent sealed it), and the staging area, which saves write.
+#[derive(Clone, Copy, Debug)]
+pub struct Regions {
+    /// The pool mapping's first byte and length.
+    pub pool: (*const u8, usize),
+    /// The staging mapping's first byte and length.
+    pub staging: (*mut u8, usize),
+}
+
 /// One copy between KV-cache memory and pool memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Copy {
     /// Address in the KV cache.
     pub kv: u64,
-    /// Address in the pool mapping.
+    /// Address in the pool mapping (a load's source) or the staging mapping (a save's
+    /// destination).
     pub pool: u64,
     /// Bytes.
     pub len: usize,
@@ -119,18 +130,18 @@ pub trait Transfer: Send {
     /// The engine's stream later batches and waits are ordered against (GPU backends; 0: the
     /// default stream).
     fn set_stream(&mut self, _stream: u64) {}
-    /// Takes the pool mapping `[pool, pool + len)` in place of the current one (the agent
-    /// restarted with a new pool): GPU backends register the new mapping for DMA and release
-    /// the old, which the caller unmaps next. No batch is in flight.
+    /// Takes `regions` in place of the current ones (the agent restarted with a new pool):
+    /// GPU backends register the new mappings for DMA and release the old, which the caller
+    /// unmaps next. No batch is in flight.
     ///
     /// # Errors
-    /// When the runtime refuses the new mapping (the old one stays).
+    /// When the runtime refuses the new mappings (the old ones stay).
     ///
     /// # Safety
-    /// `[pool, pool + len)` must be a live mapping for as long as the copier uses it, and the
-    /// old one must stay mapped until this returns.
+    /// Both regions must be live mappings for as long as the copier uses them, and the old ones
+    /// must stay mapped until this returns.
     #[allow(unsafe_code)]
-    unsafe fn attach(&mut self, _pool: *mut u8, _len: usize) -> Result<(), TransferError> {
+    unsafe fn attach(&mut self, _regions: Regions) -> Result<(), TransferError> {
         Ok(())
     }
     /// The backend's name, for logs and metrics.

@@ -16,7 +16,7 @@ use kvtier_agent_client::client::ClientError;
 
 use crate::layout::{block_layout, ChunkGeometry, LayoutError, TensorDesc};
 use crate::link::Link;
-use crate::transfer::{Transfer, TransferError};
+use crate::transfer::{Regions, Transfer, TransferError};
 
 pub use load::LoadReport;
 pub use save::SaveReport;
@@ -45,36 +45,65 @@ pub enum WorkerError {
     PoolFull,
 }
 
-/// Where the pool's slots are in this process, and which pool it is.
+/// Where the agent's slots are in this process, and which pool they belong to: the pool's
+/// (loads read them) and the staging area's (saves write them).
 #[derive(Clone, Copy, Debug)]
 struct PoolView {
     id: u64,
     base: u64,
     slots: u32,
+    staging_base: u64,
+    staging_slots: u32,
     slot_bytes: usize,
 }
 
 impl PoolView {
-    /// The view of `client`'s pool, with the mapping's address and length.
-    fn of(client: &mut kvtier_agent_client::Client) -> (Self, *mut u8, usize) {
-        let slot_bytes = client.slot_bytes() as usize;
-        let len = client.slots() as usize * slot_bytes;
-        let base = client.pool_mut().slot_mut(0).as_mut_ptr();
-        let view =
-            Self { id: client.pool_id(), base: base as u64, slots: client.slots(), slot_bytes };
-        (view, base, len)
+    /// The view of `client`'s mappings, and the regions a copier registers.
+    fn of(client: &mut kvtier_agent_client::Client) -> (Self, Regions) {
+        let regions =
+            Regions { pool: client.pool().region(), staging: client.staging_mut().region() };
+        let view = Self {
+            id: client.pool_id(),
+            base: regions.pool.0 as u64,
+            slots: client.slots(),
+            staging_base: regions.staging.0 as u64,
+            staging_slots: client.staging_slots(),
+            slot_bytes: client.slot_bytes() as usize,
+        };
+        (view, regions)
     }
 
+    /// Addresses of pool slots (a load's sources).
     fn addrs(&self, slots: &[u32]) -> Result<Vec<u64>, WorkerError> {
+        Self::addrs_in(self.base, self.slots, self.slot_bytes, slots, "pool")
+    }
+
+    /// Addresses of staging slots (a save's destinations).
+    fn staging_addrs(&self, slots: &[u32]) -> Result<Vec<u64>, WorkerError> {
+        Self::addrs_in(
+            self.staging_base,
+            self.staging_slots,
+            self.slot_bytes,
+            slots,
+            "staging area",
+        )
+    }
+
+    fn addrs_in(
+        base: u64,
+        n: u32,
+        slot_bytes: usize,
+        slots: &[u32],
+        what: &str,
+    ) -> Result<Vec<u64>, WorkerError> {
         slots
             .iter()
             .map(|&s| {
-                if s < self.slots {
-                    Ok(self.base + u64::from(s) * self.slot_bytes as u64)
+                if s < n {
+                    Ok(base + u64::from(s) * slot_bytes as u64)
                 } else {
                     Err(WorkerError::Mismatch(format!(
-                        "slot {s} is outside the pool ({} slots)",
-                        self.slots
+                        "slot {s} is outside the {what} ({n} slots)"
                     )))
                 }
             })
@@ -128,18 +157,18 @@ impl WorkerCore {
         rank: usize,
         transfer: Box<dyn Transfer>,
     ) -> Result<Self, WorkerError> {
-        Self::connect_with(socket, rank, |_, _| Ok(transfer))
+        Self::connect_with(socket, rank, |_| Ok(transfer))
     }
 
-    /// As [`WorkerCore::connect`], with the copier made from the pool mapping (address and
-    /// length), which GPU backends register for DMA.
+    /// As [`WorkerCore::connect`], with the copier made from the agent's mappings, which GPU
+    /// backends register for DMA.
     ///
     /// # Errors
     /// When the agent cannot be reached or the copier cannot be made.
     pub fn connect_with(
         socket: &Path,
         rank: usize,
-        make: impl FnOnce(*mut u8, usize) -> Result<Box<dyn Transfer>, TransferError>,
+        make: impl FnOnce(Regions) -> Result<Box<dyn Transfer>, TransferError>,
     ) -> Result<Self, WorkerError> {
         #[cfg(feature = "failpoints")]
         {
@@ -149,8 +178,8 @@ impl WorkerCore {
         }
         let mut link = Link::connect(socket, &format!("kvtier-worker-{rank}"))?;
         link.set_checksums(false);
-        let (pool, base, len) = PoolView::of(link.client_mut());
-        let transfer = make(base, len)?;
+        let (pool, regions) = PoolView::of(link.client_mut());
+        let transfer = make(regions)?;
         let link = Arc::new(Mutex::new(link));
         let saving = save::Saving::start(Arc::clone(&link), rank);
         Ok(Self {
@@ -279,10 +308,10 @@ impl WorkerCore {
             // The same agent, and our connection works: nothing to change.
             return false;
         }
-        let (pool, base, len) = PoolView::of(&mut client);
-        // SAFETY: the new mapping lives in `client`, which becomes the link's connection and
-        // stays until the next rejoin; the old one is dropped only after this returns.
-        if let Err(e) = unsafe { self.transfer.attach(base, len) } {
+        let (pool, regions) = PoolView::of(&mut client);
+        // SAFETY: the new mappings live in `client`, which becomes the link's connection and
+        // stays until the next rejoin; the old ones are dropped only after this returns.
+        if let Err(e) = unsafe { self.transfer.attach(regions) } {
             tracing::warn!(error = %e, "the new pool cannot be registered; saves and loads stay off");
             return false;
         }

@@ -1,8 +1,8 @@
-//! Asynchronous saves. After the forward pass, `start_save` reserves pool slots for the step's
-//! chunks and queues their copies after the engine's work; a commit thread waits for each
-//! batch and commits its chunks to the agent (or releases the slots when a copy failed), so
-//! the chunks become visible to every engine on the node as soon as their bytes are in the
-//! pool, whether or not this engine steps again.
+//! Asynchronous saves. After the forward pass, `start_save` reserves staging slots for the
+//! step's chunks and queues their copies after the engine's work; a commit thread waits for
+//! each batch and commits its chunks to the agent (or releases the slots when a copy failed),
+//! which copies them into the pool, so the chunks become visible to every engine on the node
+//! as soon as their bytes are committed, whether or not this engine steps again.
 //!
 //! Until a save's copies are done, its blocks must keep their KV: the scheduler side delays
 //! freeing the blocks of a finished request that had saves (`request_finished` says so) until
@@ -190,7 +190,7 @@ impl WorkerCore {
             let _ = link.call(|c| c.ack(&Request::Release { slots }));
             return Err(WorkerError::PoolFull);
         }
-        let parts = match self.pool.addrs(&slots) {
+        let parts = match self.pool.staging_addrs(&slots) {
             Ok(p) => p,
             Err(e) => {
                 let _ = link.call(|c| c.ack(&Request::Release { slots }));

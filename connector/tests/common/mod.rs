@@ -56,6 +56,7 @@ pub fn start_agent_nvme(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::run
 fn agent(slots: u32) -> Agent {
     let pool = DramPool::create(PoolConfig {
         bytes: u64::from(slots) * u64::from(SLOT),
+        staging_bytes: None,
         slot_bytes: SLOT,
         lock: LockMode::Off,
         huge_pages: false,
