@@ -85,7 +85,7 @@ impl ResidencyEvent {
         let tier = match self.tier {
             Tier::Dram => "dram",
             Tier::Nvme => "nvme",
-            Tier::Absent | Tier::Busy => "none",
+            Tier::Absent | Tier::Busy | Tier::Remote => "none",
         };
         format!(
             "{{\"seq\":{},\"conversation\":\"{}\",\"tier\":\"{tier}\",\"event\":\"{}\",\"chunks\":{}}}\n",
@@ -112,7 +112,7 @@ fn slot(tier: Tier) -> Option<usize> {
     match tier {
         Tier::Dram => Some(0),
         Tier::Nvme => Some(1),
-        Tier::Absent | Tier::Busy => None,
+        Tier::Absent | Tier::Busy | Tier::Remote => None,
     }
 }
 

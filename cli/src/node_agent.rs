@@ -71,6 +71,39 @@ pub(crate) struct NodeAgentArgs {
     /// once; 1.15-1.25x LRU's hits on the traces replayed without HBM in front).
     #[arg(long, env = "KVTIER_AGENT_EVICTION", value_enum, default_value = "lru")]
     eviction: Eviction,
+    /// The remote tier: an existing Redis or Valkey shared by every node of the resource
+    /// (`redis://host:6379`, `rediss://` for TLS; with --remote-cluster, seed nodes of a
+    /// Redis Cluster, comma-separated). New chunks are written to it at commit, in the
+    /// background; a local miss is looked up there. None: the node's tiers only.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE", value_delimiter = ',')]
+    remote: Vec<String>,
+    /// The --remote URLs are seed nodes of a Redis Cluster.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_CLUSTER", requires = "remote")]
+    remote_cluster: bool,
+    /// ACL user for the remote tier (when not in the URL).
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_USER", requires = "remote")]
+    remote_user: Option<String>,
+    /// File holding the remote tier's password (e.g. a mounted Secret). The environment's
+    /// KVTIER_AGENT_REMOTE_PASSWORD is read when no file is given.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_PASSWORD_FILE", requires = "remote")]
+    remote_password_file: Option<PathBuf>,
+    /// This resource's namespace in the remote store (keys `kvtier:<namespace>:<chunk>`);
+    /// resources sharing a store must differ.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_NAMESPACE", default_value = "default")]
+    remote_namespace: String,
+    /// How long a chunk stays in the remote tier after it was written.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_TTL", default_value = "1h", value_parser = duration_arg)]
+    remote_ttl: std::time::Duration,
+    /// Timeout of each call to the remote tier (connect, read, write).
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_TIMEOUT", default_value = "100ms", value_parser = duration_arg)]
+    remote_timeout: std::time::Duration,
+    /// Writes waiting for the remote tier at most; past it new chunks are not written there.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_QUEUE", default_value = "256MiB", value_parser = bytes_arg)]
+    remote_queue: u64,
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -143,6 +176,33 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
             "NVMe tier ready"
         );
         agent = agent.with_nvme(tier).nvme_write_back(matches!(a.nvme_mode, NvmeMode::Back));
+    }
+    if !a.remote.is_empty() {
+        let password = match &a.remote_password_file {
+            Some(f) => Some(crate::read_token(f)?),
+            None => std::env::var("KVTIER_AGENT_REMOTE_PASSWORD").ok().filter(|p| !p.is_empty()),
+        };
+        let cfg = kvtier_node_agent::remote::RemoteConfig {
+            urls: a.remote.clone(),
+            cluster: a.remote_cluster,
+            username: a.remote_user.clone(),
+            password,
+            namespace: a.remote_namespace.clone(),
+            ttl: a.remote_ttl,
+            timeout: a.remote_timeout,
+            queue_bytes: a.remote_queue,
+        };
+        let tier = kvtier_node_agent::remote::RemoteTier::new(cfg).context("--remote")?;
+        // Unreachable now is not fatal: the node's tiers serve, and the tier retries.
+        let reachable = tier.ping();
+        tracing::info!(
+            urls = a.remote.len(),
+            cluster = a.remote_cluster,
+            namespace = %a.remote_namespace,
+            reachable,
+            "remote tier configured"
+        );
+        agent = agent.with_remote(tier);
     }
     let agent = Arc::new(agent);
     if let Some(dir) = a.socket.parent() {

@@ -223,7 +223,7 @@ impl SchedulerCore {
         // Chunks after the DRAM prefix that NVMe still holds whole.
         let on_nvme = found.tiers[in_dram * per_chunk..]
             .chunks(per_chunk)
-            .take_while(|c| c.iter().all(|t| matches!(t, Tier::Dram | Tier::Nvme)))
+            .take_while(|c| c.iter().all(|t| matches!(t, Tier::Dram | Tier::Nvme | Tier::Remote)))
             .count();
         let now = Instant::now();
         let r = self.reqs.get_mut(req).expect("present");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::cache::{chunk_bytes, prompt, scheduler, workers, Cache, BLOCK, BLOCKS, CHUNK, LAYERS};
-use common::start_agent;
+use common::{start_agent, start_agent_remote};
 use kvtier_connector::{HostCopy, Step, WorkerCore};
 
 #[test]
@@ -221,4 +221,65 @@ fn nvme_is_waited_for_only_when_it_brings_back_tokens_the_engine_lacks() {
     assert_eq!(s.lookup("b", &tokens, 3 * CHUNK).expect("lookup"), Some(0));
     // It holds none: the first chunk is coming back from NVMe, ask again shortly.
     assert_eq!(s.lookup("c", &tokens, 0).expect("lookup"), None);
+}
+
+#[test]
+fn a_prompt_saved_on_one_node_loads_on_another_from_the_remote_tier() {
+    let redis = kvtier_testkit::redis::RedisServer::start(&[]);
+    let (_da, a_socket, _ra, a_agent) = start_agent_remote(16, "remote-a", &redis.url());
+    let (_db, b_socket, _rb, _) = start_agent_remote(16, "remote-b", &redis.url());
+    // Node A: the engine computes and saves two chunks.
+    let mut a_caches = [Cache::new(), Cache::new()];
+    let mut a_ws = workers(&a_socket, &mut a_caches);
+    let mut a = scheduler(&a_socket);
+    let tokens = prompt(300, 21);
+    assert_eq!(a.lookup("a", &tokens, 0).expect("lookup"), Some(0));
+    let blocks: Vec<u32> = (0..19).collect();
+    for (rank, c) in a_caches.iter_mut().enumerate() {
+        c.compute(rank, &blocks);
+    }
+    let plan = a.build_plan(
+        &[Step { req: "a".into(), block_ids: blocks.clone(), computed_after: 300 }],
+        Some(Vec::new()),
+    );
+    for w in &mut a_ws {
+        assert_eq!(w.save(&plan).saved, 2);
+    }
+    let tier = a_agent.remote().expect("remote");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tier.pending() > 0 {
+        assert!(std::time::Instant::now() < deadline, "remote writes pending");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    // Node B (its own pool, never saw the prompt): the first lookup starts the fetch from the
+    // remote tier and asks to be called again; then both chunks load, bit for bit.
+    let mut b_caches = [Cache::new(), Cache::new()];
+    let mut b_ws = workers(&b_socket, &mut b_caches);
+    let mut b = scheduler(&b_socket);
+    assert_eq!(b.lookup("b", &tokens, 0).expect("lookup"), None);
+    assert_eq!(b.lookup("b", &tokens, 0).expect("lookup"), Some(256));
+    let b_blocks: Vec<u32> = (20..39).collect();
+    b.after_alloc("b", &b_blocks, 256).expect("alloc");
+    let plan = b.build_plan(
+        &[Step { req: "b".into(), block_ids: b_blocks.clone(), computed_after: 300 }],
+        Some(Vec::new()),
+    );
+    assert_eq!(plan.loads.len(), 2);
+    for w in &mut b_ws {
+        assert!(w.load(&plan).is_empty(), "no load errors");
+    }
+    for (ca, cb) in a_caches.iter().zip(&b_caches) {
+        for t in 0..16 {
+            for layer in 0..LAYERS {
+                for kv in 0..2 {
+                    assert!(
+                        ca.page(layer, kv, blocks[t] as usize)
+                            == cb.page(layer, kv, b_blocks[t] as usize),
+                        "block {t} layer {layer} kv {kv} differs between the nodes"
+                    );
+                }
+            }
+        }
+    }
 }

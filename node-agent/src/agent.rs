@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use kvtier_api::agent::NO_CHECKSUM;
 use kvtier_api::agent::{self, ErrorCode, Request, Response};
+use kvtier_api::chunk::ChunkKey;
 use kvtier_api::residency::{ConversationKey, PrefetchReply};
 use kvtier_serve::node_tier::{NodeTier, ResidencyFeed, Subscription};
 use tracing::{debug, warn};
@@ -14,6 +15,7 @@ use tracing::{debug, warn};
 use crate::index::{ClientId, Index, Millis, AGENT};
 use crate::nvme::NvmeTier;
 use crate::pool::DramPool;
+use crate::remote::{Fetched, RemoteTier};
 use crate::staging::Staging;
 
 /// A pool identity no earlier agent on this node had: the process's random hash seed mixed
@@ -43,8 +45,21 @@ pub struct Agent {
     nvme: Option<Mutex<NvmeTier>>,
     /// Write chunks to NVMe when DRAM evicts them, instead of at commit.
     write_back: bool,
+    remote: Option<RemoteTier>,
     residency: Mutex<ResidencyFeed>,
     pool_id: u64,
+}
+
+/// A chunk just committed, pinned by the agent until [`Agent::publish`] has written it to the
+/// tiers below DRAM.
+struct Published {
+    key: ChunkKey,
+    slot: u32,
+    len: u32,
+    sum: u64,
+    conversation: ConversationKey,
+    /// DRAM did not hold it before this commit.
+    new: bool,
 }
 
 /// How long a chunk being written through is pinned at most.
@@ -60,6 +75,8 @@ pub(crate) struct Counters {
     pub(crate) malformed: AtomicU64,
     pub(crate) nvme_hits: AtomicU64,
     pub(crate) promotions: AtomicU64,
+    /// Chunks brought into DRAM from the remote tier.
+    pub(crate) remote_promotions: AtomicU64,
     /// Requests answered and nanoseconds spent, per operation ([`OPS`] order).
     pub(crate) op_count: [AtomicU64; OPS.len()],
     pub(crate) op_nanos: [AtomicU64; OPS.len()],
@@ -100,6 +117,7 @@ impl Agent {
             counters: Counters::default(),
             nvme: None,
             write_back: false,
+            remote: None,
             residency: Mutex::new(ResidencyFeed::default()),
             pool_id: new_pool_id(),
         }
@@ -190,28 +208,50 @@ impl Agent {
         self
     }
 
+    /// Adds the remote tier: chunks new to DRAM are queued for it at commit, lookups report
+    /// what only it holds, and prefetch brings such chunks into DRAM, checked.
+    #[must_use]
+    pub fn with_remote(mut self, tier: RemoteTier) -> Self {
+        self.remote = Some(tier);
+        self
+    }
+
+    /// The remote tier, when there is one.
+    #[must_use]
+    pub fn remote(&self) -> Option<&RemoteTier> {
+        self.remote.as_ref()
+    }
+
     pub(crate) fn nvme(&self) -> Option<std::sync::MutexGuard<'_, NvmeTier>> {
         self.nvme.as_ref().map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// Writes committed chunks through to NVMe, each pinned while its slot is read.
-    fn write_through(
-        &self,
-        chunks: &[(kvtier_api::chunk::ChunkKey, u32, u32, u64, ConversationKey)],
-    ) {
-        if self.nvme.is_none() || self.write_back || chunks.is_empty() {
+    /// Writes chunks just committed to the tiers below DRAM: new ones to the remote tier's
+    /// queue, all of them through to NVMe (unless NVMe is written back). Each was pinned by
+    /// the agent at its commit, under the same lock, so its slot holds its bytes until here.
+    fn publish(&self, chunks: &[Published]) {
+        if chunks.is_empty() {
             return;
         }
-        let keys: Vec<_> = chunks.iter().map(|c| c.0).collect();
-        self.index().pin(AGENT, &keys, self.now(), WRITE_LEASE_MS);
+        if let Some(remote) = &self.remote {
+            for c in chunks.iter().filter(|c| c.new) {
+                let bytes = &self.pool.slot(c.slot)[..c.len as usize];
+                remote.put(c.key, bytes, c.sum, c.conversation);
+            }
+        }
+        let keys: Vec<_> = chunks.iter().map(|c| c.key).collect();
+        if self.write_back {
+            self.index().unpin(AGENT, &keys);
+            return;
+        }
         let pending: Vec<crate::nvme::Pending<'_>> = chunks
             .iter()
-            .map(|&(key, slot, len, sum, conv)| crate::nvme::Pending {
-                key,
-                data: self.pool.slot(slot),
-                len,
-                checksum: sum,
-                conversation: conv,
+            .map(|c| crate::nvme::Pending {
+                key: c.key,
+                data: self.pool.slot(c.slot),
+                len: c.len,
+                checksum: c.sum,
+                conversation: c.conversation,
             })
             .collect();
         if let Some(mut t) = self.nvme() {
@@ -249,6 +289,55 @@ impl Agent {
         }
         let ix = self.index();
         keys.iter().filter(|k| ix.get(k).is_some()).count() as u32
+    }
+
+    /// Brings what the remote tier holds of `keys` into DRAM slots (fetched in pipelines,
+    /// each checked); returns how many are in DRAM afterwards.
+    fn load_remote(&self, keys: &[ChunkKey]) -> usize {
+        let Some(remote) = &self.remote else { return 0 };
+        if keys.is_empty() {
+            return 0;
+        }
+        // Never more than the pool holds: past that a prefetch evicts its own chunks.
+        let keys = &keys[..keys.len().min(self.pool.slots() as usize)];
+        remote
+            .fetch(keys)
+            .into_iter()
+            .zip(keys)
+            .filter(|(f, key)| f.as_ref().is_some_and(|f| self.install(**key, f)))
+            .count()
+    }
+
+    /// Puts a chunk fetched from the remote tier into a DRAM slot; true when DRAM holds it.
+    fn install(&self, key: ChunkKey, f: &Fetched) -> bool {
+        let (slot, gone) = {
+            let mut ix = self.index();
+            if ix.get(&key).is_some() {
+                return true;
+            }
+            let slot = ix.reserve(AGENT, 1, self.now()).pop();
+            (slot, self.note_dram_evictions(&mut ix))
+        };
+        self.write_back(&gone);
+        let Some(slot) = slot else { return false };
+        // The slot is reserved to the agent: no one else writes or reads it.
+        self.pool.write_slot(slot, f.bytes());
+        let mut ix = self.index();
+        match ix.commit(AGENT, key, slot, f.len, f.checksum, f.conversation, |_, _, _| true) {
+            Ok(new) => {
+                // Asked for by a lookup: a use (as for a chunk back from NVMe).
+                ix.touch(key);
+                if new {
+                    self.residency().change(f.conversation, agent::Tier::Dram, true);
+                    self.counters.remote_promotions.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(e) => {
+                warn!("a chunk from the remote tier could not be committed: {e}");
+                false
+            }
+        }
     }
 
     /// Brings `key` from NVMe into a DRAM slot; true when it is in DRAM afterwards.
@@ -377,8 +466,9 @@ impl Agent {
     pub fn may_block(&self, req: &Request) -> bool {
         match req {
             Request::Commit { .. } => true,
+            Request::Lookup { .. } => self.remote.is_some(),
             Request::Reserve { .. } => self.nvme.is_some() && self.write_back,
-            Request::Prefetch { .. } => self.nvme.is_some(),
+            Request::Prefetch { .. } => self.nvme.is_some() || self.remote.is_some(),
             _ => false,
         }
     }
@@ -392,6 +482,7 @@ impl Agent {
     /// for the client to release), unless commits are not verified. A chunk DRAM already holds
     /// is not copied again.
     fn commit(&self, client: ClientId, chunks: &[agent::Commit]) -> Response {
+        let now = self.now();
         let slot_bytes = self.pool.slot_bytes();
         let targets: Vec<Option<u32>> = {
             let staging = self.staging();
@@ -446,9 +537,12 @@ impl Agent {
                     if new {
                         self.residency().change(conv, agent::Tier::Dram, true);
                     }
-                    if let Some((slot, len, sum)) = ix.get(&c.key) {
-                        let conv = ix.conversation_of(&c.key).unwrap_or(conv);
-                        written.push((c.key, slot, len, sum, conv));
+                    let through = self.nvme.is_some() && !self.write_back;
+                    let remote = new && self.remote.is_some();
+                    if let Some((slot, len, sum)) = ix.get(&c.key).filter(|_| through || remote) {
+                        let conversation = ix.conversation_of(&c.key).unwrap_or(conv);
+                        ix.pin(AGENT, &[c.key], now, WRITE_LEASE_MS);
+                        written.push(Published { key: c.key, slot, len, sum, conversation, new });
                     }
                     self.counters.bytes_committed.fetch_add(u64::from(c.len), Ordering::Relaxed);
                 }
@@ -460,7 +554,7 @@ impl Agent {
         }
         self.counters.commits.fetch_add(u64::from(applied), Ordering::Relaxed);
         drop(ix);
-        self.write_through(&written);
+        self.publish(&written);
         Response::Ack { applied }
     }
 
@@ -483,6 +577,16 @@ impl Agent {
                         }
                     }
                     self.counters.nvme_hits.fetch_add(found, Ordering::Relaxed);
+                }
+                if let Some(remote) = &self.remote {
+                    let absent: Vec<usize> =
+                        (0..keys.len()).filter(|i| tiers[*i] == agent::Tier::Absent).collect();
+                    let asked: Vec<ChunkKey> = absent.iter().map(|i| keys[*i]).collect();
+                    for (i, held) in absent.into_iter().zip(remote.contains(&asked)) {
+                        if held {
+                            tiers[i] = agent::Tier::Remote;
+                        }
+                    }
                 }
                 Response::Lookup { prefix, tiers, slots }
             }
@@ -516,8 +620,10 @@ impl Agent {
             }
             Request::Unpin { keys } => Response::Ack { applied: self.index().unpin(client, &keys) },
             Request::Prefetch { keys } => {
-                let applied = keys.iter().filter(|k| self.load(**k)).count() as u32;
-                Response::Ack { applied }
+                let missing: Vec<ChunkKey> =
+                    keys.iter().filter(|k| !self.load(**k)).copied().collect();
+                let applied = keys.len() - missing.len() + self.load_remote(&missing);
+                Response::Ack { applied: applied as u32 }
             }
             Request::Stats => Response::Stats(self.stats()),
         }

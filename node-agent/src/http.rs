@@ -62,6 +62,7 @@ pub async fn serve(
 enum TierLabel {
     Dram,
     Nvme,
+    Remote,
 }
 
 impl EncodeLabelValue for TierLabel {
@@ -70,6 +71,7 @@ impl EncodeLabelValue for TierLabel {
         encoder.write_str(match self {
             Self::Dram => "dram",
             Self::Nvme => "nvme",
+            Self::Remote => "remote",
         })
     }
 }
@@ -87,6 +89,7 @@ struct OpLabels {
 
 const DRAM: TierLabels = TierLabels { tier: TierLabel::Dram };
 const NVME: TierLabels = TierLabels { tier: TierLabel::Nvme };
+const REMOTE: TierLabels = TierLabels { tier: TierLabel::Remote };
 
 /// The agent's metrics, `kvtier_agent_*`. The figures live in the agent (its index, pool,
 /// NVMe tier and counters); a scrape copies them in and encodes.
@@ -113,6 +116,22 @@ struct AgentMetrics {
     malformed: Counter,
     /// Only with an NVMe tier.
     nvme: Option<NvmeMetrics>,
+    /// Only with a remote tier.
+    remote: Option<RemoteMetrics>,
+}
+
+#[derive(Debug, Default)]
+struct RemoteMetrics {
+    writes: Counter,
+    written_bytes: Counter,
+    dropped: Counter,
+    fetches: Counter,
+    fetched_bytes: Counter,
+    promotions: Counter,
+    corrupt: Counter,
+    errors: Counter,
+    up: Gauge,
+    pending: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +175,7 @@ impl AgentMetrics {
             committed_bytes: Counter::default(),
             malformed: Counter::default(),
             nvme: agent.nvme().map(|_| NvmeMetrics::default()),
+            remote: agent.remote().map(|_| RemoteMetrics::default()),
             registry: Registry::default(),
         };
         r.register("kvtier_agent_capacity_bytes", "Capacity per tier", m.capacity.clone());
@@ -227,6 +247,54 @@ impl AgentMetrics {
                 n.io_uring.clone(),
             );
         }
+        if let Some(n) = &m.remote {
+            r.register(
+                "kvtier_agent_remote_writes",
+                "Chunks written to the remote tier",
+                n.writes.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_written_bytes",
+                "Bytes written to the remote tier",
+                n.written_bytes.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_dropped_writes",
+                "Writes to the remote tier dropped (queue full or tier down)",
+                n.dropped.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_fetches",
+                "Chunks fetched from the remote tier and verified",
+                n.fetches.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_fetched_bytes",
+                "Bytes fetched from the remote tier",
+                n.fetched_bytes.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_promotions",
+                "Chunks brought into DRAM from the remote tier",
+                n.promotions.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_corrupt",
+                "Remote values that failed their checks (deleted)",
+                n.corrupt.clone(),
+            );
+            r.register(
+                "kvtier_agent_remote_errors",
+                "Calls to the remote tier that failed or timed out",
+                n.errors.clone(),
+            );
+            r.register("kvtier_agent_remote_up", "Whether the remote tier answers", n.up.clone());
+            r.register(
+                "kvtier_agent_remote_pending_writes",
+                "Writes queued for the remote tier",
+                n.pending.clone(),
+            );
+        }
         Self { registry: r, ..m }
     }
 
@@ -272,6 +340,20 @@ impl AgentMetrics {
             mirror(&n.corrupt.get_or_create(&NVME), st.corrupt);
             n.direct.set(i64::from(tier.direct()));
             n.io_uring.set(i64::from(tier.io_uring()));
+        }
+        if let (Some(n), Some(tier)) = (&self.remote, agent.remote()) {
+            let st = tier.stats();
+            mirror(&self.hits.get_or_create(&REMOTE), get(&st.hits));
+            mirror(&n.writes, get(&st.writes));
+            mirror(&n.written_bytes, get(&st.written_bytes));
+            mirror(&n.dropped, get(&st.dropped));
+            mirror(&n.fetches, get(&st.fetches));
+            mirror(&n.fetched_bytes, get(&st.fetched_bytes));
+            mirror(&n.promotions, get(&c.remote_promotions));
+            mirror(&n.corrupt, get(&st.corrupt));
+            mirror(&n.errors, get(&st.errors));
+            n.up.set(i64::from(tier.up()));
+            n.pending.set(gauge(tier.pending() as u64));
         }
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.

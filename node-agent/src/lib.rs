@@ -9,6 +9,7 @@
 //!   [`kvtier_api::eviction`]'s order (S3-FIFO by default, LRU: the simulator runs the same);
 //! - [`nvme`]: the NVMe tier, one checked file per chunk, rebuilt after a restart, its writes
 //!   batched through [`uring`] where the kernel offers io_uring;
+//! - [`remote`]: the cluster-wide tier on an existing Redis or Valkey, shared by every node;
 //! - [`agent`]: the shared state and the answer to each request;
 //! - [`server`]: the Unix socket speaking [`kvtier_api::agent`];
 //! - [`http`]: `/metrics` and the residency events (which conversations' chunks entered or
@@ -22,6 +23,7 @@ pub mod http;
 pub mod index;
 pub mod nvme;
 pub mod pool;
+pub mod remote;
 pub mod server;
 pub mod staging;
 pub mod uring;

@@ -92,16 +92,7 @@ pub enum PoolError {
     },
 }
 
-/// The fewest staging slots a default staging area has (a step's saves of a few workers).
-pub const MIN_DEFAULT_STAGING_SLOTS: u32 = 32;
-
-/// Staging slots for a pool of `slots`: an eighth of it, at least
-/// [`MIN_DEFAULT_STAGING_SLOTS`], never more than the pool. Saves that find it full wait for
-/// the ones in flight to commit, as they do for a full pool.
-#[must_use]
-pub fn default_staging_slots(slots: u32) -> u32 {
-    (slots / 8).max(MIN_DEFAULT_STAGING_SLOTS).min(slots)
-}
+pub use kvtier_api::agent::{default_staging_slots, MIN_DEFAULT_STAGING_SLOTS};
 
 /// One memfd, mapped by the agent and split into slots.
 #[derive(Debug)]

@@ -313,7 +313,7 @@ async fn apply_all(
     if kvci.spec.cache.strategy == CacheStrategy::Tiered {
         set_deletion_costs(kvci, c, ns).await?;
     }
-    Ok(Observed { engine: Some(engine), router: Some(router), agent })
+    Ok(Observed { engine: Some(engine), router: Some(router), agent, remote: None })
 }
 
 /// Creates the node-agents' control token once: a reconcile must not rotate it under running
@@ -385,6 +385,29 @@ async fn set_deletion_costs(kvci: &KVCachedInference, c: &Client, ns: &str) -> R
     Ok(())
 }
 
+/// Whether any of the remote tier's `urls` accepts a TCP connection within 2 s: the address
+/// that did, or why none did. (A connection, not a login: the credentials are the agents'.)
+async fn probe(urls: &[String]) -> Result<String, String> {
+    let mut why = Vec::new();
+    for url in urls {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let addr = if host_port.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:6379")
+        };
+        let connect = tokio::net::TcpStream::connect(addr.clone());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
+            Ok(Ok(_)) => return Ok(addr),
+            Ok(Err(e)) => why.push(format!("{addr}: {e}")),
+            Err(_) => why.push(format!("{addr}: no answer within 2 s")),
+        }
+    }
+    Err(why.join("; "))
+}
+
 /// What exists now, without changing anything (for a refused spec or a failed apply).
 async fn observe(c: &Client, ns: &str, n: &Names) -> Observed {
     let deployments: Api<Deployment> = Api::namespaced(c.clone(), ns);
@@ -393,6 +416,7 @@ async fn observe(c: &Client, ns: &str, n: &Names) -> Observed {
         engine: deployments.get_opt(&n.engine).await.ok().flatten(),
         router: deployments.get_opt(&n.router).await.ok().flatten(),
         agent: daemonsets.get_opt(&n.node_agent).await.ok().flatten(),
+        remote: None,
     }
 }
 
@@ -403,7 +427,12 @@ async fn publish_status(
     seen: &Observed,
     problem: Option<&Problem>,
 ) -> Result<(), Error> {
-    let new = status::compute(kvci, seen, problem, Timestamp::now());
+    let mut seen = seen.clone();
+    seen.remote = match &kvci.spec.cache.remote {
+        Some(r) if kvci.spec.cache.strategy == CacheStrategy::Tiered => Some(probe(&r.urls).await),
+        _ => None,
+    };
+    let new = status::compute(kvci, &seen, problem, Timestamp::now());
     let old = kvci.status.clone().unwrap_or_default();
     if new == old {
         return Ok(());

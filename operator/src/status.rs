@@ -17,6 +17,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// The spec passed the operator's checks.
 pub const CONFIG_VALID: &str = "ConfigValid";
+/// The remote tier's store accepts connections (only with a remote tier).
+pub const REMOTE_REACHABLE: &str = "RemoteTierReachable";
 
 /// What the server reports about the owned objects (`None`: not there).
 #[derive(Clone, Debug, Default)]
@@ -27,6 +29,9 @@ pub struct Observed {
     pub router: Option<Deployment>,
     /// The node-agent DaemonSet (tiered only).
     pub agent: Option<DaemonSet>,
+    /// The remote tier's store, probed from the operator: the address that answered, or why
+    /// none did (`None`: no remote tier).
+    pub remote: Option<Result<String, String>>,
 }
 
 /// Why reconcile did not reach the steady state this time.
@@ -186,6 +191,21 @@ pub fn compute(
     };
     conditions.push(cond(DEGRADED, degraded, reason, message));
 
+    // The remote tier is an optimisation: unreachable, the node tiers keep serving and the
+    // agents retry, so this does not make the resource unready.
+    match &seen.remote {
+        Some(Ok(addr)) => conditions.push(cond(
+            REMOTE_REACHABLE,
+            true,
+            "Connected",
+            format!("{addr} accepts connections from the operator"),
+        )),
+        Some(Err(why)) => {
+            conditions.push(cond(REMOTE_REACHABLE, false, "Unreachable", why.clone()))
+        }
+        None => {}
+    }
+
     let applied = !matches!(problem, Some(Problem::Invalid(_)));
     KVCachedInferenceStatus {
         observed_generation: gen,
@@ -245,8 +265,12 @@ mod tests {
         assert_eq!(none.engine_command[..2], ["vllm", "serve"]);
         assert_eq!(none.observed_generation, Some(3));
 
-        let mut seen =
-            Observed { engine: Some(deploy(2, 0, 2)), router: Some(deploy(1, 1, 1)), agent: None };
+        let mut seen = Observed {
+            engine: Some(deploy(2, 0, 2)),
+            router: Some(deploy(1, 1, 1)),
+            agent: None,
+            remote: None,
+        };
         let st = compute(&k, &seen, None, now);
         assert_eq!(get(&st, READY), ("False", "EnginesNotReady"));
         assert_eq!(get(&st, PROGRESSING), ("True", "RollingOut"));
@@ -268,10 +292,33 @@ mod tests {
     }
 
     #[test]
+    fn the_remote_tier_s_reachability_is_a_condition_of_its_own() {
+        let k = kvci(1);
+        let mut seen = Observed {
+            engine: Some(deploy(1, 1, 1)),
+            router: Some(deploy(1, 1, 1)),
+            ..Observed::default()
+        };
+        let st = compute(&k, &seen, None, Timestamp::UNIX_EPOCH);
+        assert!(condition(&st, REMOTE_REACHABLE).is_none(), "no remote tier, no condition");
+        seen.remote = Some(Err("valkey:6379: connection refused".into()));
+        let st = compute(&k, &seen, None, Timestamp::UNIX_EPOCH);
+        assert_eq!(get(&st, REMOTE_REACHABLE), ("False", "Unreachable"));
+        assert_eq!(get(&st, READY).0, "True", "the node tiers still serve");
+        seen.remote = Some(Ok("valkey:6379".into()));
+        let st = compute(&k, &seen, None, Timestamp::UNIX_EPOCH);
+        assert_eq!(get(&st, REMOTE_REACHABLE), ("True", "Connected"));
+    }
+
+    #[test]
     fn transition_times_stay_while_the_status_stays() {
         let mut k = kvci(1);
-        let seen =
-            Observed { engine: Some(deploy(1, 1, 1)), router: Some(deploy(1, 1, 1)), agent: None };
+        let seen = Observed {
+            engine: Some(deploy(1, 1, 1)),
+            router: Some(deploy(1, 1, 1)),
+            agent: None,
+            remote: None,
+        };
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().expect("time");
         let t1: Timestamp = "2026-01-01T01:00:00Z".parse().expect("time");
         k.status = Some(compute(&k, &seen, None, t0));

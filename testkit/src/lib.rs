@@ -6,9 +6,13 @@
 //! be told to fail, to hold a stream open between chunks, or to die. It stands in for an
 //! engine only where the engine's behaviour is not what is under test (the router's proxying,
 //! stickiness and failover); the engine simulator models the engine itself.
+//!
+//! [`redis`] starts real `redis-server` processes (one server or a cluster) for the remote
+//! tier.
 
 pub mod bodies;
 pub mod fuzz;
+pub mod redis;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -23,10 +23,25 @@ pub use codec::{decode_header, split_frame};
 
 /// `KVTA`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVTA");
-/// Protocol version this build speaks (2: the staging area).
+/// Protocol version this build speaks (2: the staging area, and the remote tier in lookups).
 pub const VERSION: u16 = 2;
 /// Header bytes.
 pub const HEADER: usize = 16;
+
+/// A pool slot's size unless the agent is told otherwise (one chunk per DMA).
+pub const DEFAULT_SLOT_BYTES: u32 = 2 << 20;
+
+/// The fewest staging slots a default staging area has (a step's saves of a few workers).
+pub const MIN_DEFAULT_STAGING_SLOTS: u32 = 32;
+
+/// Staging slots the agent gives a pool of `slots` unless told otherwise: an eighth of it,
+/// at least [`MIN_DEFAULT_STAGING_SLOTS`], never more than the pool. Saves that find it full
+/// wait for the ones in flight to commit, as they do for a full pool. (The operator sizes the
+/// agent's memory with it.)
+#[must_use]
+pub fn default_staging_slots(slots: u32) -> u32 {
+    (slots / 8).max(MIN_DEFAULT_STAGING_SLOTS).min(slots)
+}
 /// Largest body.
 pub const MAX_BODY: usize = 4 << 20;
 /// Most keys (or slots) in one frame: a scheduler step's worth of long contexts.
@@ -61,6 +76,8 @@ pub enum Tier {
     Nvme = 2,
     /// Being written or loaded; not yet readable.
     Busy = 3,
+    /// In the cluster-wide remote tier only (a prefetch brings it to DRAM).
+    Remote = 4,
 }
 
 impl Tier {
@@ -70,6 +87,7 @@ impl Tier {
             1 => Tier::Dram,
             2 => Tier::Nvme,
             3 => Tier::Busy,
+            4 => Tier::Remote,
             _ => return Err(ProtocolError::Invalid(format!("tier {v}"))),
         })
     }

@@ -203,6 +203,11 @@ pub struct CacheSpec {
     /// An NVMe tier below DRAM, for working sets beyond DRAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<NvmeSpec>,
+    /// A cluster-wide tier on an existing Redis or Valkey, shared by every node: a
+    /// conversation whose node drains, fails or is full loads its KV on the next node
+    /// instead of recomputing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteSpec>,
     /// With `tiered`: load a returning conversation's KV layer by layer while the forward
     /// pass runs (default), which makes vLLM use piecewise CUDA graphs. `false` loads it all
     /// before the first layer and keeps full CUDA graphs, for decode-heavy engines.
@@ -217,6 +222,7 @@ impl Default for CacheSpec {
             chunk_tokens: default_chunk_tokens(),
             dram: None,
             nvme: None,
+            remote: None,
             pipeline_loads: true,
         }
     }
@@ -231,6 +237,30 @@ pub struct NvmeSpec {
     /// Directory on the node (a filesystem of its own: the tier syncs it whole).
     #[serde(default = "default_nvme_path")]
     pub path: String,
+}
+
+/// The remote tier: an existing Redis or Valkey (one server or a Redis Cluster). Pair it with
+/// the store your cluster already runs (a Valkey or Redis operator or chart); kvtier only
+/// connects to it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteSpec {
+    /// `redis://host:6379` or `rediss://host:6379` (TLS, checked against the image's CA
+    /// roots); with `cluster`, seed nodes of the cluster. No credentials here: see
+    /// `credentialsSecret`.
+    #[schemars(length(min = 1))]
+    pub urls: Vec<String>,
+    /// The URLs are seed nodes of a Redis Cluster (or Valkey cluster).
+    #[serde(default)]
+    pub cluster: bool,
+    /// A Secret in the resource's namespace with key `password` (and optionally
+    /// `username`, for an ACL user), mounted only into the node-agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// How long a chunk stays after it was written (e.g. `1h`); the store's own `maxmemory`
+    /// policy bounds its size.
+    #[serde(default = "default_remote_ttl")]
+    pub ttl: String,
 }
 
 /// Routing policy.
@@ -323,6 +353,9 @@ fn default_chunk_tokens() -> u32 {
 }
 fn default_nvme_path() -> String {
     "/var/lib/kvtier/nvme".to_owned()
+}
+fn default_remote_ttl() -> String {
+    "1h".to_owned()
 }
 fn default_session_ttl() -> String {
     "30m".to_owned()

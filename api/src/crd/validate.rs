@@ -100,6 +100,40 @@ pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
             why.push(format!("spec.cache.nvme.path is {:?}: use an absolute path", n.path));
         }
     }
+    if let Some(r) = &spec.cache.remote {
+        if r.urls.is_empty() {
+            why.push("spec.cache.remote.urls is empty: name the Redis or Valkey to use".to_owned());
+        }
+        for u in &r.urls {
+            let rest = u.strip_prefix("redis://").or_else(|| u.strip_prefix("rediss://"));
+            match rest {
+                None => why.push(format!(
+                    "spec.cache.remote.urls has {u:?}: use redis://host:port or rediss://host:port"
+                )),
+                Some(rest) if rest.split('/').next().is_some_and(|a| a.contains('@')) => why.push(
+                    "spec.cache.remote.urls carries credentials: put them in a Secret and name \
+                     it in spec.cache.remote.credentialsSecret"
+                        .to_owned(),
+                ),
+                Some("") => {
+                    why.push(format!("spec.cache.remote.urls has {u:?}, which names no host"));
+                }
+                Some(_) => {}
+            }
+        }
+        if r.cluster
+            && r.urls.iter().any(|u| u.split("://").nth(1).is_some_and(|rest| rest.contains('/')))
+        {
+            why.push(
+                "spec.cache.remote.urls name a database, which a Redis Cluster does not have"
+                    .to_owned(),
+            );
+        }
+        match humantime::parse_duration(&r.ttl) {
+            Ok(d) if !d.is_zero() => {}
+            _ => why.push(format!("spec.cache.remote.ttl is {:?}: use a duration like 1h", r.ttl)),
+        }
+    }
     if spec.router.replicas < 1 {
         why.push(format!("spec.router.replicas is {}: at least 1", spec.router.replicas));
     }
@@ -120,9 +154,10 @@ pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
             }
         }
         CacheStrategy::None | CacheStrategy::Hbm => {
-            if spec.cache.dram.is_some() || spec.cache.nvme.is_some() {
+            if spec.cache.dram.is_some() || spec.cache.nvme.is_some() || spec.cache.remote.is_some()
+            {
                 why.push(format!(
-                    "spec.cache.dram/nvme are set but spec.cache.strategy is {}: host tiers are \
+                    "spec.cache.dram/nvme/remote are set but spec.cache.strategy is {}: host tiers are \
                      used only with tiered",
                     serde_json::to_string(&spec.cache.strategy)
                         .unwrap_or_default()
@@ -164,6 +199,33 @@ mod tests {
         assert!(validate(&s).expect_err("refused").join("").contains("only with tiered"));
         let s = spec("model: {name: m}\ncache: {strategy: tiered, dram: 64Gi, nvme: {size: 1Ti}}");
         assert!(validate(&s).is_ok());
+    }
+
+    #[test]
+    fn a_remote_tier_names_a_store_and_keeps_credentials_out_of_the_spec() {
+        let ok = spec(
+            "model: {name: m}\n\
+             cache: {strategy: tiered, dram: 64Gi, remote: {urls: ['redis://valkey:6379'], credentialsSecret: kv}}",
+        );
+        assert!(validate(&ok).is_ok());
+        assert_eq!(ok.cache.remote.as_ref().map(|r| r.ttl.as_str()), Some("1h"));
+        let bad = spec(
+            "model: {name: m}\n\
+             cache: {strategy: tiered, dram: 64Gi, remote: {urls: ['redis://:hunter2@valkey:6379', 'http://x', 'rediss://'], ttl: forever}}",
+        );
+        let all = validate(&bad).expect_err("refused").join("\n");
+        for needle in ["carries credentials", "\"http://x\"", "names no host", "ttl is \"forever\""]
+        {
+            assert!(all.contains(needle), "{needle} not in {all}");
+        }
+        let cluster = spec(
+            "model: {name: m}\n\
+             cache: {strategy: tiered, dram: 64Gi, remote: {urls: ['redis://a:6379/2'], cluster: true}}",
+        );
+        assert!(validate(&cluster).expect_err("refused").join("").contains("database"));
+        let hbm =
+            spec("model: {name: m}\ncache: {strategy: hbm, remote: {urls: ['redis://a:6379']}}");
+        assert!(validate(&hbm).expect_err("refused").join("").contains("only with tiered"));
     }
 
     #[test]

@@ -53,6 +53,24 @@ pub fn start_agent_nvme(slots: u32, tag: &str) -> (AgentDir, PathBuf, tokio::run
     (AgentDir(dir), path, rt)
 }
 
+/// As [`start_agent_with`], the agent also using the remote tier at `url` (a node of a
+/// cluster-wide store: agents started so share what they save).
+#[allow(dead_code)] // not every test binary uses every form
+pub fn start_agent_remote(
+    slots: u32,
+    tag: &str,
+    url: &str,
+) -> (AgentDir, PathBuf, tokio::runtime::Runtime, Arc<Agent>) {
+    let dir = std::env::temp_dir().join(format!("kvtier-conn-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("agent.sock");
+    let cfg = kvtier_node_agent::remote::RemoteConfig::new(vec![url.to_owned()]);
+    let tier = kvtier_node_agent::remote::RemoteTier::new(cfg).expect("remote tier");
+    let (rt, agent) = serve(&path, agent(slots).with_remote(tier));
+    (AgentDir(dir), path, rt, agent)
+}
+
 fn agent(slots: u32) -> Agent {
     let pool = DramPool::create(PoolConfig {
         bytes: u64::from(slots) * u64::from(SLOT),

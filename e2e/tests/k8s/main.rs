@@ -166,6 +166,53 @@ async fn the_stack_on_a_real_api_server() {
     Api::<Role>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("router role");
     Api::<ServiceAccount>::namespaced(admin.clone(), NS).get("minimax-router").await.expect("sa");
 
+    step("a remote tier: a real Redis, its password from a Secret, its reachability in status");
+    let mut redis = kvtier_testkit::redis::RedisServer::start(&[]);
+    cluster.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "minimax-valkey",
+        "-n",
+        NS,
+        "--from-literal=password=e2e-remote-password",
+    ]);
+    let remote = format!(
+        r#"{{"spec":{{"cache":{{"remote":{{"urls":["{}"],"credentialsSecret":"minimax-valkey"}}}}}}}}"#,
+        redis.url()
+    );
+    cluster.kubectl(&merge_patch("minimax", &remote));
+    let url = redis.url();
+    let agent = eventually("the node-agents use the remote tier", WAIT, || async {
+        let ds = dss.get("minimax-node-agent").await.map_err(|e| e.to_string())?;
+        let args = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers[0].args.clone())
+            .unwrap_or_default();
+        if args.windows(2).any(|w| w[0] == "--remote" && w[1] == url) {
+            Ok(ds)
+        } else {
+            Err(format!("{args:?}"))
+        }
+    })
+    .await;
+    let text = serde_json::to_string(&agent).expect("json");
+    assert!(text.contains("--remote-password-file"), "{text}");
+    assert!(text.contains("\"secretName\":\"minimax-valkey\""), "{text}");
+    assert!(!text.contains("e2e-remote-password"), "the password stays in its Secret");
+    kvci_where(&kvcis, "minimax", "the remote tier is reachable", |k| {
+        conditions(k).get("RemoteTierReachable").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    redis.kill();
+    cluster.kubectl(&["annotate", "kvci", "minimax", "-n", NS, "e2e/poke-remote=1"]);
+    kvci_where(&kvcis, "minimax", "a lost remote tier is reported", |k| {
+        conditions(k).get("RemoteTierReachable").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+
     step("scale-down order: replicas sharing a node go first, a node's lone replica last");
     let mm = pods_of(&pods, "minimax", "engine", 4).await;
     for (pod, node) in [(&mm[0], "mi300x-a"), (&mm[1], "mi300x-a"), (&mm[2], "mi300x-b")] {

@@ -39,6 +39,29 @@ pub fn start_policy(
     write_back: bool,
     policy: Box<dyn EvictionPolicy>,
 ) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
+    let mut agent = new_agent(slots, policy);
+    if let Some(dir) = nvme {
+        let (tier, _) = NvmeTier::open(dir, 64 << 20).expect("nvme tier");
+        agent = agent.with_nvme(tier).nvme_write_back(write_back);
+    }
+    serve(agent)
+}
+
+/// An agent with `slots` slots of [`SLOT`] bytes, evicting in `policy`'s order.
+pub fn new_agent(slots: u32, policy: Box<dyn EvictionPolicy>) -> Agent {
+    let pool = DramPool::create(PoolConfig {
+        bytes: u64::from(slots) * u64::from(SLOT),
+        staging_bytes: None,
+        slot_bytes: SLOT,
+        lock: LockMode::BestEffort,
+        huge_pages: false,
+    })
+    .expect("pool");
+    Agent::new(pool, Index::new(slots, SLOT, policy))
+}
+
+/// Serves `agent` on a fresh socket path, on a runtime of its own.
+pub fn serve(agent: Agent) -> (Socket, Arc<Agent>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -48,19 +71,6 @@ pub fn start_policy(
         std::env::temp_dir().join(format!("kvtier-agent-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("agent.sock");
-    let pool = DramPool::create(PoolConfig {
-        bytes: u64::from(slots) * u64::from(SLOT),
-        staging_bytes: None,
-        slot_bytes: SLOT,
-        lock: LockMode::BestEffort,
-        huge_pages: false,
-    })
-    .expect("pool");
-    let mut agent = Agent::new(pool, Index::new(slots, SLOT, policy));
-    if let Some(dir) = nvme {
-        let (tier, _) = NvmeTier::open(dir, 64 << 20).expect("nvme tier");
-        agent = agent.with_nvme(tier).nvme_write_back(write_back);
-    }
     let agent = Arc::new(agent);
     let listener = {
         let _g = rt.enter();

@@ -584,11 +584,49 @@ mod tests {
         assert!(pair("--dram", &(64u64 << 30).to_string()), "{args:?}");
         assert!(pair("--nvme-bytes", &(1u64 << 40).to_string()), "{args:?}");
         assert!(pair("--socket", engine::AGENT_SOCKET));
-        let mem = ((64u64 << 30) + AGENT_OVERHEAD_BYTES).to_string();
+        // The pool, its staging area (an eighth) and the agent's own memory.
+        assert!(pair("--staging", &(8u64 << 30).to_string()), "{args:?}");
+        let mem = ((64u64 << 30) + (8u64 << 30) + AGENT_OVERHEAD_BYTES).to_string();
         assert_eq!(c["resources"]["limits"]["memory"], mem);
         assert_eq!(c["resources"]["requests"]["memory"], mem);
+        assert!(!args.iter().any(|a| a.starts_with("--remote")), "no remote tier unless named");
         let vols = pod["volumes"].to_string();
         assert!(vols.contains("/mnt/nvme0/kvtier/agents/coder"), "one NVMe directory per resource");
         assert!(vols.contains("/run/kvtier/agents/coder"));
+    }
+
+    #[test]
+    fn the_remote_tier_reaches_the_node_agent_with_its_credentials_from_the_secret() {
+        let k = kvci(
+            "model: {name: MiniMaxAI/MiniMax-M2.5}\n\
+             cache: {strategy: tiered, dram: 64Gi, remote: {urls: ['redis://valkey-0:6379', \
+             'redis://valkey-1:6379'], cluster: true, credentialsSecret: valkey-kvtier, ttl: 2h}}",
+        );
+        assert!(kvtier_api::crd::validate(&k.spec).is_ok());
+        let ds = v(&node_agent_daemonset(&k, &Settings::default()).expect("agent"));
+        let pod = &ds["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        let args: Vec<String> = serde_json::from_value(c["args"].clone()).expect("args");
+        let pair = |f: &str, val: &str| args.windows(2).any(|w| w[0] == f && w[1] == val);
+        assert!(pair("--remote", "redis://valkey-0:6379,redis://valkey-1:6379"), "{args:?}");
+        assert!(args.contains(&"--remote-cluster".to_owned()));
+        assert!(pair("--remote-namespace", "agents/coder"), "{args:?}");
+        assert!(pair("--remote-ttl", "2h"));
+        assert!(pair("--remote-password-file", "/etc/kvtier/remote/password"));
+        // The password is a file from the Secret, in no arg and no env value.
+        assert!(!ds.to_string().contains("hunter"), "no credentials inline");
+        let vols = pod["volumes"].as_array().expect("volumes");
+        let secret =
+            vols.iter().find(|v| v["name"] == "remote-credentials").expect("secret volume");
+        assert_eq!(secret["secret"]["secretName"], "valkey-kvtier");
+        let env = c["env"].to_string();
+        assert!(
+            env.contains("KVTIER_AGENT_REMOTE_USER") && env.contains("\"optional\":true"),
+            "{env}"
+        );
+        // The write queue is charged to the container with the pool and the staging area.
+        let mem = ((64u64 << 30) + (8u64 << 30) + node::REMOTE_QUEUE_BYTES + AGENT_OVERHEAD_BYTES)
+            .to_string();
+        assert_eq!(c["resources"]["limits"]["memory"], mem);
     }
 }

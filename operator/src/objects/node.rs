@@ -13,6 +13,12 @@ use super::{
 };
 use crate::engine;
 
+/// Bytes of writes the node-agent queues for the remote tier at most (its memory limit counts
+/// them).
+pub const REMOTE_QUEUE_BYTES: u64 = 256 << 20;
+/// Where the remote tier's credentials are mounted in the node-agent.
+const REMOTE_SECRET_DIR: &str = "/etc/kvtier/remote";
+
 /// The annotation the ReplicaSet controller reads to choose which Pods to remove first (the
 /// lowest cost goes first).
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -90,13 +96,21 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
     }
     let dram = quantity_bytes(spec.cache.dram.as_ref()?).ok()?;
     let n = Names::of(&kvci.name_any());
-    let memory = (dram + AGENT_OVERHEAD_BYTES).to_string();
+    let slot = u64::from(kvtier_api::agent::DEFAULT_SLOT_BYTES);
+    let slots = u32::try_from(dram / slot).unwrap_or(u32::MAX);
+    let staging = u64::from(kvtier_api::agent::default_staging_slots(slots)) * slot;
+    // Everything the agent holds is charged to this container: the pool, its staging area,
+    // the remote tier's write queue, and the agent's own memory.
+    let queue = if spec.cache.remote.is_some() { REMOTE_QUEUE_BYTES } else { 0 };
+    let memory = (dram + staging + queue + AGENT_OVERHEAD_BYTES).to_string();
     let mut args: Vec<String> = vec![
         "node-agent".into(),
         "--socket".into(),
         engine::AGENT_SOCKET.into(),
         "--dram".into(),
         dram.to_string(),
+        "--staging".into(),
+        staging.to_string(),
         "--mlock".into(),
         s.agent_mlock.clone(),
         "--metrics-listen".into(),
@@ -133,6 +147,41 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
         volumes.push(json!({"name": "nvme",
             "hostPath": {"path": dir, "type": "DirectoryOrCreate"}}));
     }
+    let mut env = vec![json!({"name": "KVTIER_LOG_FORMAT", "value": "json"})];
+    if let Some(remote) = &spec.cache.remote {
+        args.extend([
+            "--remote".into(),
+            remote.urls.join(","),
+            // One namespace per resource: resources sharing a store never see each other's
+            // chunks, and an ACL can confine each to `kvtier:<namespace>/<name>:*`.
+            "--remote-namespace".into(),
+            format!(
+                "{}/{}",
+                kvci.namespace().unwrap_or_else(|| "default".to_owned()),
+                kvci.name_any()
+            ),
+            "--remote-ttl".into(),
+            remote.ttl.clone(),
+            "--remote-queue".into(),
+            REMOTE_QUEUE_BYTES.to_string(),
+        ]);
+        if remote.cluster {
+            args.push("--remote-cluster".into());
+        }
+        if let Some(secret) = &remote.credentials_secret {
+            // The password as a file from the Secret (never in the spec, the args or the
+            // environment), mounted into this container alone (readable by the image's
+            // non-root user); the ACL user, when the Secret has one, from the environment.
+            args.extend(["--remote-password-file".into(), format!("{REMOTE_SECRET_DIR}/password")]);
+            mounts.push(json!({"name": "remote-credentials", "mountPath": REMOTE_SECRET_DIR,
+                "readOnly": true}));
+            volumes.push(json!({"name": "remote-credentials", "secret": {
+                "secretName": secret, "defaultMode": 0o444,
+                "items": [{"key": "password", "path": "password"}]}}));
+            env.push(json!({"name": "KVTIER_AGENT_REMOTE_USER", "valueFrom": {"secretKeyRef": {
+                "name": secret, "key": "username", "optional": true}}}));
+        }
+    }
     Some(typed(json!({
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -153,7 +202,7 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
                         "imagePullPolicy": s.image_pull_policy,
                         "command": ["kvtier"],
                         "args": args,
-                        "env": [{"name": "KVTIER_LOG_FORMAT", "value": "json"}],
+                        "env": env,
                         "ports": [{"name": "metrics", "containerPort": AGENT_METRICS_PORT, "protocol": "TCP"}],
                         // The pool is charged to this container: its limit is the pool plus
                         // the agent's own memory, requested whole so the node reserves it.

@@ -134,7 +134,7 @@ impl Residency {
         match e.tier {
             Tier::Dram => h.dram_tokens = if e.entered { tokens } else { 0 },
             Tier::Nvme => h.nvme_tokens = if e.entered { tokens } else { 0 },
-            Tier::Absent | Tier::Busy => {}
+            Tier::Absent | Tier::Busy | Tier::Remote => {}
         }
         if *h == Holding::default() {
             per_node.remove(node);

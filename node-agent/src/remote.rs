@@ -1,0 +1,608 @@
+//! The remote tier: chunks kept in an existing Redis or Valkey (one server or a cluster),
+//! shared by every node of a resource, so a conversation whose node drains, fails or is full
+//! finds its KV on the next node instead of recomputing it (ADR 0015).
+//!
+//! - Keys are `kvtier:<namespace>:<chunk key in hex>`: the chunk key (design.md's chained
+//!   hash of token ids, never text) in the resource's namespace, so two resources on one store
+//!   never see each other's chunks (and an ACL can confine each to its prefix).
+//! - A value is a 48-byte header (magic, version, the chunk key, length, xxh3-64 checksum,
+//!   conversation) and the chunk's bytes. Every fetch checks all of it; a value that fails is
+//!   deleted and reads as a miss, so a truncated or corrupted value costs a recompute, never
+//!   wrong KV.
+//! - Writes never block a save: a bounded queue (bytes) feeds one writer thread that sends
+//!   pipelined `SET … PX ttl`; when the queue is full a write is dropped and counted.
+//! - Every call has a timeout. After a failure the tier counts as down for a second: lookups
+//!   are misses and writes are dropped without waiting on the network, then it reconnects.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvtier_api::chunk::ChunkKey;
+use kvtier_api::residency::ConversationKey;
+use redis::{ConnectionLike, IntoConnectionInfo, RedisResult};
+use tracing::{info, warn};
+
+use crate::pool::checksum;
+
+/// How long the tier counts as down after a failed call.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Most chunks in one pipelined write or fetch.
+const BATCH: usize = 32;
+/// Bytes of a value's header.
+pub const HEADER_BYTES: usize = 48;
+const MAGIC: &[u8; 4] = b"KVTR";
+const VERSION: u8 = 1;
+
+/// Where the remote tier is and how it is used.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// `redis://` or `rediss://` URLs: one server, or seed nodes of a cluster.
+    pub urls: Vec<String>,
+    /// The URLs are seeds of a Redis Cluster.
+    pub cluster: bool,
+    /// ACL user, when not in the URL.
+    pub username: Option<String>,
+    /// Password, when not in the URL (from a file or the environment, never a flag's value).
+    pub password: Option<String>,
+    /// The resource's namespace in the store (e.g. `<namespace>/<name>`).
+    pub namespace: String,
+    /// How long a chunk stays after its last write.
+    pub ttl: Duration,
+    /// Timeout of each connect, read and write.
+    pub timeout: Duration,
+    /// Bytes of writes waiting at most; past it writes are dropped.
+    pub queue_bytes: u64,
+}
+
+impl RemoteConfig {
+    /// A config for `urls` with the defaults: no cluster, namespace `default`, TTL one hour,
+    /// 100 ms timeouts, 256 MiB of queued writes.
+    #[must_use]
+    pub fn new(urls: Vec<String>) -> Self {
+        Self {
+            urls,
+            cluster: false,
+            username: None,
+            password: None,
+            namespace: "default".into(),
+            ttl: Duration::from_secs(3600),
+            timeout: Duration::from_millis(100),
+            queue_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Counters of the remote tier.
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    /// Chunks written.
+    pub writes: AtomicU64,
+    /// Bytes written (values, headers included).
+    pub written_bytes: AtomicU64,
+    /// Writes dropped: the queue was full or the tier down.
+    pub dropped: AtomicU64,
+    /// Keys a lookup found remotely.
+    pub hits: AtomicU64,
+    /// Chunks fetched and verified.
+    pub fetches: AtomicU64,
+    /// Bytes of chunks fetched.
+    pub fetched_bytes: AtomicU64,
+    /// Values that failed their checks (deleted).
+    pub corrupt: AtomicU64,
+    /// Calls that failed (timeouts, connection errors, server errors).
+    pub errors: AtomicU64,
+}
+
+/// A chunk fetched and verified.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The value (header, then the chunk); [`Fetched::bytes`] is the chunk.
+    value: Vec<u8>,
+    /// The chunk's length.
+    pub len: u32,
+    /// Its xxh3-64.
+    pub checksum: u64,
+    /// The conversation it was saved under.
+    pub conversation: ConversationKey,
+}
+
+impl Fetched {
+    /// The chunk's bytes.
+    #[must_use]
+    pub fn bytes(&self) -> &[u8] {
+        &self.value[HEADER_BYTES..]
+    }
+}
+
+/// A value for `key`: the header, then `data`.
+#[must_use]
+pub fn encode(key: ChunkKey, data: &[u8], sum: u64, conversation: ConversationKey) -> Vec<u8> {
+    let len = u32::try_from(data.len()).expect("a chunk is smaller than 4 GiB");
+    let mut v = Vec::with_capacity(HEADER_BYTES + data.len());
+    v.extend_from_slice(MAGIC);
+    v.extend_from_slice(&[VERSION, 0, 0, 0]);
+    v.extend_from_slice(&key.0.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&[0; 4]);
+    v.extend_from_slice(&sum.to_le_bytes());
+    v.extend_from_slice(&conversation.0.to_le_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Checks a value fetched for `key`: header, length and checksum of the bytes.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn decode(key: ChunkKey, value: Vec<u8>) -> Result<Fetched, String> {
+    if value.len() < HEADER_BYTES {
+        return Err(format!("{} bytes, shorter than a header", value.len()));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(value[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_le_bytes(value[i..i + 8].try_into().expect("8 bytes"));
+    if &value[..4] != MAGIC || value[4] != VERSION {
+        return Err("not a kvtier chunk of this version".into());
+    }
+    let stored = u128::from_le_bytes(value[8..24].try_into().expect("16 bytes"));
+    if stored != key.0 {
+        return Err(format!("holds chunk {stored:032x}"));
+    }
+    let len = u32_at(24);
+    if value.len() - HEADER_BYTES != len as usize {
+        return Err(format!("{} bytes of {len}", value.len() - HEADER_BYTES));
+    }
+    let sum = u64_at(32);
+    if checksum(&value[HEADER_BYTES..]) != sum {
+        return Err("checksum mismatch".into());
+    }
+    Ok(Fetched { len, checksum: sum, conversation: ConversationKey(u64_at(40)), value })
+}
+
+/// `words key args…` as one command, each argument copied once.
+fn command(words: &[&str], key: &str, args: &[&[u8]]) -> redis::Cmd {
+    let mut c = redis::cmd(words[0]);
+    for w in &words[1..] {
+        c.arg(*w);
+    }
+    c.arg(key);
+    for a in args {
+        c.arg(*a);
+    }
+    c
+}
+
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+enum Conn {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl Conn {
+    fn query<T: redis::FromRedisValue>(&mut self, p: &Pipe) -> RedisResult<T> {
+        match (self, p) {
+            (Conn::Single(c), Pipe::Single(p)) => p.query(c),
+            (Conn::Cluster(c), Pipe::Cluster(p)) => p.query(c.as_mut()),
+            _ => unreachable!("a pipeline is made for its connection's kind"),
+        }
+    }
+
+    fn like(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c.as_mut(),
+        }
+    }
+}
+
+enum Pipe {
+    Single(redis::Pipeline),
+    Cluster(redis::cluster::ClusterPipeline),
+}
+
+impl Pipe {
+    fn add(&mut self, cmd: redis::Cmd) {
+        match self {
+            Pipe::Single(p) => {
+                p.add_command(cmd);
+            }
+            Pipe::Cluster(p) => {
+                p.add_command(cmd);
+            }
+        }
+    }
+}
+
+struct Write {
+    key: ChunkKey,
+    value: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Write>,
+    bytes: u64,
+    /// Writes taken by the writer and not yet answered.
+    in_flight: usize,
+    stop: bool,
+}
+
+struct Inner {
+    cfg: RemoteConfig,
+    target: Target,
+    idle: Mutex<Vec<Conn>>,
+    down_until: Mutex<Option<Instant>>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    stats: RemoteStats,
+    logged_down: AtomicBool,
+}
+
+/// The remote tier (see the module's docs).
+pub struct RemoteTier {
+    inner: Arc<Inner>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RemoteTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTier")
+            .field("urls", &self.inner.cfg.urls)
+            .field("cluster", &self.inner.cfg.cluster)
+            .field("namespace", &self.inner.cfg.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl RemoteTier {
+    /// A tier over `cfg`'s store. Nothing is connected yet: a store that is down at start
+    /// makes misses until it is up.
+    ///
+    /// # Errors
+    /// When a URL does not parse.
+    pub fn new(cfg: RemoteConfig) -> RedisResult<Self> {
+        if cfg.urls.iter().any(|u| u.starts_with("rediss:")) {
+            // rustls needs a process-wide provider; another part may have installed one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let target = if cfg.cluster {
+            let mut b = redis::cluster::ClusterClientBuilder::new(cfg.urls.clone())
+                .connection_timeout(cfg.timeout)
+                .response_timeout(cfg.timeout)
+                .retries(0);
+            if let Some(u) = &cfg.username {
+                b = b.username(u);
+            }
+            if let Some(p) = &cfg.password {
+                b = b.password(p);
+            }
+            Target::Cluster(b.build()?)
+        } else {
+            let url = cfg.urls.first().ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no URL"))
+            })?;
+            let mut info = url.as_str().into_connection_info()?;
+            let mut settings = info.redis_settings().clone();
+            if let Some(u) = &cfg.username {
+                settings = settings.set_username(u);
+            }
+            if let Some(p) = &cfg.password {
+                settings = settings.set_password(p);
+            }
+            info = info.set_redis_settings(settings);
+            Target::Single(redis::Client::open(info)?)
+        };
+        let inner = Arc::new(Inner {
+            cfg,
+            target,
+            idle: Mutex::new(Vec::new()),
+            down_until: Mutex::new(None),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            stats: RemoteStats::default(),
+            logged_down: AtomicBool::new(false),
+        });
+        let writer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("kvtier-remote-writer".into())
+                .spawn(move || inner.write_loop())
+                .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?
+        };
+        Ok(Self { inner, writer: Some(writer) })
+    }
+
+    /// Asks the store for a `PONG` (a failure marks the tier down, as any call's does).
+    pub fn ping(&self) -> bool {
+        let ping = redis::cmd("PING");
+        self.inner.call(|c| ping.query::<String>(c.like())).is_some()
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn stats(&self) -> &RemoteStats {
+        &self.inner.stats
+    }
+
+    /// Whether the last call reached the store (false for a second after a failure).
+    #[must_use]
+    pub fn up(&self) -> bool {
+        self.inner.up()
+    }
+
+    /// Writes queued or being sent.
+    #[must_use]
+    pub fn pending(&self) -> usize {
+        let q = lock(&self.inner.queue);
+        q.items.len() + q.in_flight
+    }
+
+    /// The store's key for `key`.
+    #[must_use]
+    pub fn key_of(&self, key: ChunkKey) -> String {
+        self.inner.key_of(key)
+    }
+
+    /// Queues a write of `data` under `key`; false when it was dropped (queue full, tier
+    /// down). Never waits on the network.
+    pub fn put(&self, key: ChunkKey, data: &[u8], sum: u64, conversation: ConversationKey) -> bool {
+        let inner = &self.inner;
+        let size = (HEADER_BYTES + data.len()) as u64;
+        let mut q = lock(&inner.queue);
+        if !inner.up() || q.bytes + size > inner.cfg.queue_bytes {
+            inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        q.items.push_back(Write { key, value: encode(key, data, sum, conversation) });
+        q.bytes += size;
+        drop(q);
+        inner.wake.notify_one();
+        true
+    }
+
+    /// Which of `keys` the store holds (one pipelined round trip); all false when it is down.
+    pub fn contains(&self, keys: &[ChunkKey]) -> Vec<bool> {
+        let inner = &self.inner;
+        if keys.is_empty() || !inner.up() {
+            return vec![false; keys.len()];
+        }
+        let exists = |i: usize| command(&["EXISTS"], &inner.key_of(keys[i]), &[]);
+        let found: Vec<bool> =
+            inner.run::<bool>(keys.len(), exists).into_iter().map(|f| f == Some(true)).collect();
+        let n = found.iter().filter(|f| **f).count();
+        inner.stats.hits.fetch_add(n as u64, Ordering::Relaxed);
+        found
+    }
+
+    /// Fetches `keys` (pipelined, [`BATCH`] at a time) and checks each; `None` for a key the
+    /// store lacks, that failed its checks (then deleted) or that a failure left unread.
+    pub fn fetch(&self, keys: &[ChunkKey]) -> Vec<Option<Fetched>> {
+        let inner = &self.inner;
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(BATCH) {
+            if !inner.up() {
+                out.extend(batch.iter().map(|_| None));
+                continue;
+            }
+            let get = |i: usize| command(&["GET"], &inner.key_of(batch[i]), &[]);
+            let values = inner.run::<Option<Vec<u8>>>(batch.len(), get);
+            for (k, v) in batch.iter().zip(values) {
+                out.push(v.flatten().and_then(|v| inner.check(*k, v)));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RemoteTier {
+    fn drop(&mut self) {
+        lock(&self.inner.queue).stop = true;
+        self.inner.wake.notify_all();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Inner {
+    fn key_of(&self, key: ChunkKey) -> String {
+        format!("kvtier:{}:{:032x}", self.cfg.namespace, key.0)
+    }
+
+    fn up(&self) -> bool {
+        lock(&self.down_until).is_none_or(|t| Instant::now() >= t)
+    }
+
+    fn pipe(&self) -> Pipe {
+        match self.target {
+            Target::Single(_) => Pipe::Single(redis::pipe()),
+            Target::Cluster(_) => Pipe::Cluster(redis::cluster::cluster_pipe()),
+        }
+    }
+
+    fn connect(&self) -> RedisResult<Conn> {
+        match &self.target {
+            Target::Single(c) => {
+                let conn = c.get_connection_with_timeout(self.cfg.timeout)?;
+                conn.set_read_timeout(Some(self.cfg.timeout))?;
+                conn.set_write_timeout(Some(self.cfg.timeout))?;
+                Ok(Conn::Single(conn))
+            }
+            Target::Cluster(c) => Ok(Conn::Cluster(Box::new(c.get_connection()?))),
+        }
+    }
+
+    /// Runs `f` on an idle connection (or a new one); on failure the connection is dropped
+    /// and the failure counted.
+    fn try_call<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
+        let conn = lock(&self.idle).pop();
+        let result = conn.map_or_else(|| self.connect(), Ok).and_then(|mut c| {
+            let r = f(&mut c);
+            if r.is_ok() && c.like().is_open() {
+                lock(&self.idle).push(c);
+            }
+            r
+        });
+        match &result {
+            Ok(_) => {
+                if self.logged_down.swap(false, Ordering::Relaxed) {
+                    info!("remote tier reachable again");
+                }
+            }
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Marks the tier down for [`RETRY_AFTER`].
+    fn down(&self, e: &redis::RedisError) {
+        *lock(&self.down_until) = Some(Instant::now() + RETRY_AFTER);
+        if !self.logged_down.swap(true, Ordering::Relaxed) {
+            warn!("remote tier unreachable (misses until it answers): {e}");
+        }
+    }
+
+    /// As [`Inner::try_call`]; a failure marks the tier down.
+    fn call<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
+        self.try_call(f).map_err(|e| self.down(&e)).ok()
+    }
+
+    /// Sends the `n` commands `make` makes as one pipeline; each answer, `None` where it
+    /// failed. On a cluster, a
+    /// pipeline fails whole when one shard does not answer: the commands are then sent one
+    /// by one, within one timeout in all, so a lost shard costs only the keys it held. The
+    /// tier is marked down when nothing answered.
+    fn run<T: redis::FromRedisValue>(
+        &self,
+        n: usize,
+        make: impl Fn(usize) -> redis::Cmd,
+    ) -> Vec<Option<T>> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut p = self.pipe();
+        for i in 0..n {
+            p.add(make(i));
+        }
+        let err = match self.try_call(|c| c.query::<Vec<T>>(&p)) {
+            Ok(v) if v.len() == n => return v.into_iter().map(Some).collect(),
+            Ok(v) => redis::RedisError::from(std::io::Error::other(format!(
+                "{} answers to {n} commands",
+                v.len()
+            ))),
+            Err(e) => e,
+        };
+        drop(p);
+        if !matches!(self.target, Target::Cluster(_)) {
+            self.down(&err);
+            return (0..n).map(|_| None).collect();
+        }
+        let deadline = Instant::now() + self.cfg.timeout;
+        let out: Vec<Option<T>> = (0..n)
+            .map(|i| {
+                (Instant::now() < deadline)
+                    .then(|| self.try_call(|c| make(i).query::<T>(c.like())).ok())
+                    .flatten()
+            })
+            .collect();
+        if out.iter().all(Option::is_none) {
+            self.down(&err);
+        }
+        out
+    }
+
+    /// A fetched value's chunk, or `None` after deleting a value that fails its checks.
+    fn check(&self, key: ChunkKey, value: Vec<u8>) -> Option<Fetched> {
+        match decode(key, value) {
+            Ok(f) => {
+                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                self.stats.fetched_bytes.fetch_add(u64::from(f.len), Ordering::Relaxed);
+                Some(f)
+            }
+            Err(why) => {
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                warn!("remote chunk {:032x} dropped: {why}", key.0);
+                let del = command(&["DEL"], &self.key_of(key), &[]);
+                self.call(|c| del.query::<()>(c.like()));
+                None
+            }
+        }
+    }
+
+    /// The writer thread: sends queued writes in pipelines of up to [`BATCH`].
+    fn write_loop(&self) {
+        let ttl_ms = u64::try_from(self.cfg.ttl.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let batch: Vec<Write> = {
+                let mut q = lock(&self.queue);
+                while q.items.is_empty() && !q.stop {
+                    q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+                }
+                if q.items.is_empty() {
+                    return;
+                }
+                let n = q.items.len().min(BATCH);
+                let batch: Vec<Write> = q.items.drain(..n).collect();
+                q.bytes -= batch.iter().map(|w| w.value.len() as u64).sum::<u64>();
+                q.in_flight = batch.len();
+                batch
+            };
+            let answers: Vec<Option<redis::Value>> = if self.up() {
+                let ttl = ttl_ms.to_string();
+                let set = |i: usize| {
+                    let w: &Write = &batch[i];
+                    command(&["SET"], &self.key_of(w.key), &[&w.value, b"PX", ttl.as_bytes()])
+                };
+                self.run(batch.len(), set)
+            } else {
+                Vec::new()
+            };
+            let s = &self.stats;
+            for (i, w) in batch.iter().enumerate() {
+                if answers.get(i).is_some_and(Option::is_some) {
+                    s.writes.fetch_add(1, Ordering::Relaxed);
+                    s.written_bytes.fetch_add(w.value.len() as u64, Ordering::Relaxed);
+                } else {
+                    s.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lock(&self.queue).in_flight = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_round_trips_and_every_damage_is_caught() {
+        let key = ChunkKey(0x1234_5678_9abc_def0_1122_3344_5566_7788);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let v = encode(key, &data, checksum(&data), ConversationKey(9));
+        let f = decode(key, v.clone()).expect("intact");
+        assert_eq!((f.bytes(), f.len, f.conversation), (&data[..], 10_000, ConversationKey(9)));
+        // Truncated, a flipped bit, another key, another version: each refused.
+        assert!(decode(key, v[..v.len() - 1].to_vec()).is_err());
+        assert!(decode(key, v[..20].to_vec()).is_err());
+        let mut flipped = v.clone();
+        flipped[HEADER_BYTES + 5_000] ^= 1;
+        assert!(decode(key, flipped).is_err());
+        assert!(decode(ChunkKey(key.0 + 1), v.clone()).is_err());
+        let mut other = v;
+        other[4] = VERSION + 1;
+        assert!(decode(key, other).is_err());
+    }
+}
