@@ -1,7 +1,8 @@
 //! The node-tier scenario (`kvtier demo --node-tiers`): tiered replicas grouped by node, each
 //! node's replicas sharing one host tier as they share the node-agent's pool, the first
-//! replica scaled down halfway, under stress; routed round-robin, by kvtier's prefix routing,
-//! tier-aware, and tier-aware with prefetch.
+//! replica scaled down halfway (or, with `--node-loss`, the whole first node lost), under
+//! stress; routed round-robin, by kvtier's prefix routing, tier-aware, and tier-aware with
+//! prefetch; with or without a remote tier shared by every node.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -54,6 +55,17 @@ pub struct NodeShape {
     pub dram: f64,
     /// A node's NVMe tier over its DRAM tier.
     pub nvme: f64,
+    /// What happens halfway.
+    pub event: NodeEvent,
+}
+
+/// What happens halfway through the node-tier scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The first replica is scaled down: its node's tiers stay, for the node's other replicas.
+    ScaleDown,
+    /// The whole first node is lost (drained, failed): its replicas and its tiers are gone.
+    NodeLoss,
 }
 
 /// One run of the node-tier scenario.
@@ -61,6 +73,10 @@ pub struct NodeShape {
 pub struct NodeRun {
     /// Routing.
     pub routing: NodeRouting,
+    /// The remote tier's size over the sum of the nodes' DRAM, when there was one.
+    pub remote: Option<f64>,
+    /// Prompt tokens served from the remote tier, over every replica.
+    pub remote_hit_tokens: u64,
     /// Headline figures.
     pub summary: Summary,
     /// Prompt tokens served from a node's DRAM tier, over every replica.
@@ -100,6 +116,7 @@ pub async fn run_node_tiers(
     regime: Regime,
     node: NodeShape,
     routing: NodeRouting,
+    remote: Option<f64>,
 ) -> anyhow::Result<NodeRun> {
     let per_node = node.per_node.max(1);
     let clock = SimClock::new(opts.time_scale);
@@ -107,10 +124,20 @@ pub async fn run_node_tiers(
     let p = &opts.profile;
     let mut sims = Vec::with_capacity(opts.replicas);
     let mut nodes: Vec<(String, kvtier_sim::engine::HostTiers)> = Vec::new();
+    let node_dram = (config.dram_blocks as f64 * per_node as f64 * node.dram) as u64;
+    let store = remote.map(|x| {
+        kvtier_sim::engine::RemoteStore::new(
+            (node_dram as f64 * opts.replicas as f64 / per_node as f64 * x) as u64,
+        )
+    });
     for i in 0..opts.replicas {
         if i % per_node == 0 {
-            let dram = (config.dram_blocks as f64 * per_node as f64 * node.dram) as u64;
-            let tiers = kvtier_sim::engine::HostTiers::new(dram, (dram as f64 * node.nvme) as u64);
+            let dram = node_dram;
+            let mut tiers =
+                kvtier_sim::engine::HostTiers::new(dram, (dram as f64 * node.nvme) as u64);
+            if let Some(store) = &store {
+                tiers = tiers.with_remote(store.clone());
+            }
             nodes.push((format!("node-{}", i / per_node), tiers));
         }
         let (node, tiers) = nodes.last().expect("a node").clone();
@@ -165,10 +192,14 @@ pub async fn run_node_tiers(
         });
     }
     let router = LocalRouter::start(rc).await?;
-    // Halfway: scale the first replica down.
+    // Halfway: scale the first replica down, or lose the first node.
     let scale_down = {
         let discovery = router.discovery.clone();
-        let rest = endpoints[1..].to_vec();
+        let gone = match node.event {
+            NodeEvent::ScaleDown => 1,
+            NodeEvent::NodeLoss => per_node.min(endpoints.len() - 1),
+        };
+        let rest = endpoints[gone..].to_vec();
         let at = Duration::from_secs_f64(opts.duration / 2.0 / opts.time_scale);
         tokio::spawn(async move {
             tokio::time::sleep(at).await;
@@ -181,15 +212,18 @@ pub async fn run_node_tiers(
     scale_down.abort();
     router.stop().await;
     let replay = result.with_context(|| format!("replaying {label}"))?;
-    let (mut dram, mut computed) = (0, 0);
+    let (mut dram, mut computed, mut from_remote) = (0, 0, 0);
     for (_, s) in &sims {
         let c = s.snapshot().counters;
         dram += c.dram_hits;
         computed += c.computed_tokens;
+        from_remote += c.remote_hits;
     }
     let half = opts.duration / 2.0;
     Ok(NodeRun {
         routing,
+        remote,
+        remote_hit_tokens: from_remote,
         summary: report::summarize(&replay),
         dram_hit_tokens: dram,
         computed_tokens: computed,
@@ -201,12 +235,16 @@ pub async fn run_node_tiers(
 /// The node-tier scenario's table, with ratios against the first run.
 #[must_use]
 pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> String {
+    let event = match node.event {
+        NodeEvent::ScaleDown => "the first replica scaled down",
+        NodeEvent::NodeLoss => "the first node lost",
+    };
     let mut s = format!(
         "# Node tiers: {} tiered replicas of `{}`, {} per node sharing its tiers (DRAM {}x the \
-         replicas', NVMe {}x that), the first scaled down halfway; {} simulated s at {}x, {} \
+         replicas', NVMe {}x that), {event} halfway; {} simulated s at {}x, {} \
          traces, seed {}\n\n\
-         | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | recomputed tokens | TTFT 5 min before / after the scale-down (s) |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
+         | routing | TTFT avg (s) | TTFT p95 (s) | completed | DRAM hit tokens | remote hit tokens | recomputed tokens | TTFT 5 min before / after (s) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         opts.replicas,
         opts.profile.name,
         node.per_node,
@@ -218,22 +256,40 @@ pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> Stri
         opts.seed
     );
     for r in runs {
+        let remote = r.remote.map_or(String::new(), |x| format!(" + remote tier ({x}x DRAM)"));
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.2} | {} | {} | {} | {:.2} / {:.2} |",
+            "| {}{remote} | {:.2} | {:.2} | {} | {} | {} | {} | {:.2} / {:.2} |",
             r.routing.label(),
             r.summary.ttft_avg,
             r.summary.ttft_p95,
             r.summary.completed,
             r.dram_hit_tokens,
+            r.remote_hit_tokens,
             r.computed_tokens,
             r.ttft_before,
             r.ttft_after
         );
     }
+    if let (Some(local), Some(remote)) = (
+        runs.iter().find(|r| r.routing == NodeRouting::TierAware && r.remote.is_none()),
+        runs.iter().find(|r| r.routing == NodeRouting::TierAware && r.remote.is_some()),
+    ) {
+        let _ = writeln!(
+            s,
+            "\nWith the remote tier vs without ({event}): TTFT avg {:.2}x lower, p95 {:.2}x \
+             lower, after the event {:.2}x lower, {:.2}x the completed requests, {:.2}x the \
+             recomputed tokens.",
+            local.summary.ttft_avg / remote.summary.ttft_avg.max(1e-9),
+            local.summary.ttft_p95 / remote.summary.ttft_p95.max(1e-9),
+            local.ttft_after / remote.ttft_after.max(1e-9),
+            remote.summary.completed as f64 / local.summary.completed.max(1) as f64,
+            remote.computed_tokens as f64 / local.computed_tokens.max(1) as f64,
+        );
+    }
     if let (Some(prefix), Some(tier)) = (
         runs.iter().find(|r| r.routing == NodeRouting::Prefix),
-        runs.iter().find(|r| r.routing == NodeRouting::TierAware),
+        runs.iter().find(|r| r.routing == NodeRouting::TierAware && r.remote.is_none()),
     ) {
         let _ = writeln!(
             s,
@@ -247,7 +303,7 @@ pub fn node_table(opts: &DemoOptions, node: NodeShape, runs: &[NodeRun]) -> Stri
         );
     }
     if let (Some(tier), Some(pf)) = (
-        runs.iter().find(|r| r.routing == NodeRouting::TierAware),
+        runs.iter().find(|r| r.routing == NodeRouting::TierAware && r.remote.is_none()),
         runs.iter().find(|r| r.routing == NodeRouting::TierAwarePrefetch),
     ) {
         let _ = writeln!(

@@ -249,6 +249,15 @@ struct DemoArgs {
     /// also runs tier-aware routing with prefetch.
     #[arg(long, default_value_t = 0.0)]
     node_nvme: f64,
+    /// Node-tier scenario: the whole first node is lost halfway (its replicas and its tiers)
+    /// instead of one replica scaled down; tier-aware routing runs without and with a remote
+    /// tier shared by every node (`--remote-tier`).
+    #[arg(long)]
+    node_loss: bool,
+    /// Node-tier scenario: a remote tier shared by every node (a Redis or Valkey), this many
+    /// times the nodes' DRAM together, loading at the profile's `tiers.remote_load_gb_s`.
+    #[arg(long, value_parser = positive)]
+    remote_tier: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -461,18 +470,36 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     if a.node_tiers {
+        let event = if a.node_loss {
+            node_tiers::NodeEvent::NodeLoss
+        } else {
+            node_tiers::NodeEvent::ScaleDown
+        };
         let shape = node_tiers::NodeShape {
             per_node: a.replicas_per_node,
             dram: a.node_dram,
             nvme: a.node_nvme.max(0.0),
+            event,
         };
-        let mut modes = node_tiers::NodeRouting::ALL.to_vec();
-        if shape.nvme > 0.0 {
-            modes.push(node_tiers::NodeRouting::TierAwarePrefetch);
-        }
+        let remote = a.remote_tier.or(a.node_loss.then_some(4.0));
+        let modes: Vec<(node_tiers::NodeRouting, Option<f64>)> = if a.node_loss {
+            vec![
+                (node_tiers::NodeRouting::TierAware, None),
+                (node_tiers::NodeRouting::TierAware, remote),
+            ]
+        } else {
+            let mut m: Vec<_> = node_tiers::NodeRouting::ALL.iter().map(|r| (*r, None)).collect();
+            if shape.nvme > 0.0 {
+                m.push((node_tiers::NodeRouting::TierAwarePrefetch, None));
+            }
+            if remote.is_some() {
+                m.push((node_tiers::NodeRouting::TierAware, remote));
+            }
+            m
+        };
         let mut runs = Vec::new();
-        for routing in modes {
-            runs.push(node_tiers::run_node_tiers(&opts, stress, shape, routing).await?);
+        for (routing, remote) in modes {
+            runs.push(node_tiers::run_node_tiers(&opts, stress, shape, routing, remote).await?);
         }
         out(&node_tiers::node_table(&opts, shape, &runs));
         out(&format!("({:.0} s)\n", started.elapsed().as_secs_f64()));

@@ -95,8 +95,12 @@ pub(crate) fn text(st: &Shared) -> String {
     put(
         "counter",
         "kvtier_sim_tier_hit_tokens",
-        "Prompt tokens loaded from a host tier.",
-        &[("tier=\"dram\"", c.dram_hits as f64), ("tier=\"nvme\"", c.nvme_hits as f64)],
+        "Prompt tokens loaded from a host tier or the remote tier.",
+        &[
+            ("tier=\"dram\"", c.dram_hits as f64),
+            ("tier=\"nvme\"", c.nvme_hits as f64),
+            ("tier=\"remote\"", c.remote_hits as f64),
+        ],
     );
     put(
         "counter",

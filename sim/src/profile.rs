@@ -144,6 +144,13 @@ pub struct Tiers {
     pub nvme_load_gb_s: f64,
     /// Effective HBM -> DRAM save bandwidth, in GB/s (the step waits for saves).
     pub store_gb_s: f64,
+    /// Effective remote tier (Redis/Valkey) -> HBM load bandwidth, in GB/s (default: a
+    /// 25 Gbit/s NIC).
+    #[serde(default = "default_remote_gb_s")]
+    pub remote_load_gb_s: f64,
+    /// The remote tier's latency per request that loads from it, in milliseconds.
+    #[serde(default = "default_remote_latency_ms")]
+    pub remote_latency_ms: f64,
     /// Host-side connector cost per prompt token and request, in microseconds (hashing the
     /// prompt into chunk keys and looking them up).
     pub lookup_us_per_token: f64,
@@ -151,6 +158,12 @@ pub struct Tiers {
 
 fn default_nvme_gb_s() -> f64 {
     6.0
+}
+fn default_remote_gb_s() -> f64 {
+    3.125
+}
+fn default_remote_latency_ms() -> f64 {
+    1.0
 }
 
 /// Why a profile cannot be used.
@@ -220,11 +233,15 @@ impl Profile {
             ("tiers.dram_load_gb_s", p.tiers.dram_load_gb_s),
             ("tiers.nvme_load_gb_s", p.tiers.nvme_load_gb_s),
             ("tiers.store_gb_s", p.tiers.store_gb_s),
+            ("tiers.remote_load_gb_s", p.tiers.remote_load_gb_s),
         ];
         for (what, v) in positive {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(format!("{what} must be a positive number, got {v}")));
             }
+        }
+        if !(p.tiers.remote_latency_ms.is_finite() && p.tiers.remote_latency_ms >= 0.0) {
+            return Err(invalid("tiers.remote_latency_ms must be a number >= 0".into()));
         }
         if !(p.tiers.lookup_us_per_token.is_finite() && p.tiers.lookup_us_per_token >= 0.0) {
             return Err(invalid("tiers.lookup_us_per_token must be a number >= 0".into()));
@@ -306,6 +323,8 @@ impl Profile {
                 block_bytes: (kv * bt) as f64,
                 dram_bytes_per_s: self.tiers.dram_load_gb_s * GB,
                 nvme_bytes_per_s: self.tiers.nvme_load_gb_s * GB,
+                remote_bytes_per_s: self.tiers.remote_load_gb_s * GB,
+                remote_latency_s: self.tiers.remote_latency_ms * 1e-3,
                 store_bytes_per_s: self.tiers.store_gb_s * GB,
                 lookup_s_per_token: self.tiers.lookup_us_per_token * 1e-6,
             },

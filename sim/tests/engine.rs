@@ -24,6 +24,8 @@ fn config(strategy: Strategy, hbm_tokens: u64, dram_tokens: u64) -> EngineConfig
             block_bytes: 64.0 * 100_000.0,
             dram_bytes_per_s: 20e9,
             nvme_bytes_per_s: 5e9,
+            remote_bytes_per_s: 3e9,
+            remote_latency_s: 1e-3,
             store_bytes_per_s: f64::INFINITY,
             lookup_s_per_token: 0.0,
         },
@@ -136,6 +138,32 @@ fn tiered_loads_evicted_prefixes_at_link_speed() {
     assert!((c.load_seconds - expected_load).abs() < 1e-9, "{} vs {expected_load}", c.load_seconds);
     assert!(tier_ttft >= expected_load);
     assert!(tier_ttft * 5.0 < hbm_ttft, "tiered {tier_ttft} s vs HBM {hbm_ttft} s");
+}
+
+#[test]
+fn another_node_loads_a_conversation_from_the_remote_tier_at_its_speed() {
+    use kvtier_sim::engine::{HostTiers, RemoteStore};
+    let cfg = config(Strategy::Tiered, 400_000, 1_000_000);
+    let dram = cfg.dram_blocks;
+    let remote = RemoteStore::new(1_000_000);
+    // Node A computes the conversation; node B (its own DRAM) never saw it.
+    let mut a = Engine::with_tiers(cfg, HostTiers::new(dram, 0).with_remote(remote.clone()));
+    let (cold, _) = serve(&mut a, sub(1, 9, 60_000, 0.0));
+    assert_eq!(remote.len(), 60_000 / u64::from(BT), "every new block is written");
+    let mut b = Engine::with_tiers(cfg, HostTiers::new(dram, 0).with_remote(remote.clone()));
+    let (warm, hit) = serve(&mut b, sub(2, 9, 60_000, 100.0));
+    let c = b.counters();
+    assert_eq!(hit, c.remote_hits);
+    assert!(c.remote_hits >= 59_000, "{}", c.remote_hits);
+    assert_eq!(c.dram_hits, 0);
+    let blocks = c.remote_hits / u64::from(BT);
+    let expected = blocks as f64 * 64.0 * 100_000.0 / 3e9 + 1e-3;
+    assert!((c.load_seconds - expected).abs() < 1e-9, "{} vs {expected}", c.load_seconds);
+    assert!(warm * 3.0 < cold, "remote {warm} s vs recompute {cold} s");
+    // Without the remote tier, node B recomputes it.
+    let mut alone = Engine::with_tiers(cfg, HostTiers::new(dram, 0));
+    let (_, hit) = serve(&mut alone, sub(3, 9, 60_000, 100.0));
+    assert_eq!(hit, 0);
 }
 
 #[test]

@@ -29,7 +29,7 @@ pub use types::{
     CostModel, Counters, EngineConfig, Event, Gauges, Refusal, Step, Strategy, Submission,
 };
 
-pub use tiers::HostTiers;
+pub use tiers::{HostTiers, RemoteStore};
 
 use hbm::Hbm;
 
@@ -285,6 +285,7 @@ impl Engine {
         }
         let mut tier_hit = hbm_hit;
         let mut from_nvme = 0u64;
+        let mut from_remote = 0u64;
         if self.config.strategy == Strategy::Tiered {
             self.tiers.lookup(blocks);
             // The client asked to keep the prompt's start warm: every block of it the node's
@@ -301,6 +302,8 @@ impl Engine {
                 if self.tiers.in_dram(h) {
                 } else if self.tiers.on_nvme(h) {
                     from_nvme += 1;
+                } else if self.tiers.on_remote(h) {
+                    from_remote += 1;
                 } else {
                     break;
                 }
@@ -344,13 +347,18 @@ impl Engine {
             r.tier_hit_tokens = loaded * bt;
             self.counters.prefix_queries += u64::from(r.sub.prompt_tokens);
             self.counters.prefix_hits += r.hbm_hit_tokens;
-            self.counters.dram_hits += (loaded - from_nvme) * bt;
+            self.counters.dram_hits += (loaded - from_nvme - from_remote) * bt;
             self.counters.nvme_hits += from_nvme * bt;
+            self.counters.remote_hits += from_remote * bt;
             self.counters.prompt_tokens += u64::from(r.sub.prompt_tokens);
         }
         let c = &self.config.cost;
-        let mut load = (loaded - from_nvme) as f64 * c.block_bytes / c.dram_bytes_per_s
+        let mut load = (loaded - from_nvme - from_remote) as f64 * c.block_bytes
+            / c.dram_bytes_per_s
             + from_nvme as f64 * c.block_bytes / c.nvme_bytes_per_s;
+        if from_remote > 0 {
+            load += from_remote as f64 * c.block_bytes / c.remote_bytes_per_s + c.remote_latency_s;
+        }
         if self.config.strategy == Strategy::Tiered {
             load += target as f64 * c.lookup_s_per_token;
         }

@@ -40,6 +40,49 @@ pub const HOLD_SHARE: f64 = 0.25;
 #[derive(Clone, Debug)]
 pub struct HostTiers {
     inner: Arc<Mutex<Inner>>,
+    /// The cluster-wide tier the node writes its new blocks to, when there is one.
+    remote: Option<RemoteStore>,
+}
+
+/// The remote tier (a Redis or Valkey shared by every node): the blocks any node wrote,
+/// bounded, LRU as the store's `allkeys-lru`. Cloning shares it.
+#[derive(Clone, Debug)]
+pub struct RemoteStore {
+    inner: Arc<Mutex<Bounded>>,
+}
+
+impl RemoteStore {
+    /// A store of `blocks` blocks.
+    #[must_use]
+    pub fn new(blocks: u64) -> Self {
+        Self { inner: Arc::new(Mutex::new(Bounded::new(blocks, Box::<Lru>::default()))) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Bounded> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks held.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.lock().len()
+    }
+
+    /// Whether it holds nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn put(&self, h: u64) {
+        self.lock().touch(h, &mut Vec::new(), &|_| true);
+    }
+
+    fn contains(&self, h: u64) -> bool {
+        let mut g = self.lock();
+        g.used(h);
+        g.contains(h)
+    }
 }
 
 /// Evictions one store caused.
@@ -64,7 +107,20 @@ impl HostTiers {
                 hold_budget: (dram_blocks as f64 * HOLD_SHARE) as usize,
                 earliest: f64::INFINITY,
             })),
+            remote: None,
         }
+    }
+
+    /// The same tiers writing every block new to DRAM to `remote` as well (the node-agent's
+    /// write at commit), and finding there what they lack.
+    #[must_use]
+    pub fn with_remote(mut self, remote: RemoteStore) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    pub(super) fn on_remote(&self, h: u64) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.contains(h))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -192,6 +248,9 @@ impl HostTiers {
         }
         if !was && g.dram.contains(h) {
             g.count(h, Tier::Dram, true);
+            if let Some(r) = &self.remote {
+                r.put(h);
+            }
         }
         for v in evicted {
             out.dram += 1;

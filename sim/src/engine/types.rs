@@ -58,6 +58,10 @@ pub struct CostModel {
     pub dram_bytes_per_s: f64,
     /// NVMe -> HBM bytes per second.
     pub nvme_bytes_per_s: f64,
+    /// Remote tier -> HBM bytes per second.
+    pub remote_bytes_per_s: f64,
+    /// The remote tier's latency, once per request that loads from it.
+    pub remote_latency_s: f64,
     /// HBM -> DRAM bytes per second for write-through saves (the step waits for them).
     pub store_bytes_per_s: f64,
     /// Host-side cost per prompt token of a tiered lookup (hashing the prompt into chunk
@@ -191,6 +195,8 @@ pub struct Counters {
     pub dram_hits: u64,
     /// Prompt tokens loaded from NVMe.
     pub nvme_hits: u64,
+    /// Prompt tokens loaded from the remote tier.
+    pub remote_hits: u64,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: u64,
     /// Prompt tokens computed by prefill.
