@@ -94,8 +94,9 @@ class Agent:
     dir: str
     dram: str = "16MiB"
     slot: str = "512KiB"
-    nvme: str = "256MiB"
+    nvme: Optional[str] = "256MiB"  # None: DRAM only
     eviction: str = "s3-fifo"
+    remote: Optional[str] = None  # a redis:// URL: the remote tier
     port: int = field(default_factory=free_port)
     proc: Optional[subprocess.Popen] = None
 
@@ -117,16 +118,18 @@ class Agent:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Agent":
-        os.makedirs(self.nvme_dir, exist_ok=True)
+        os.makedirs(self.dir, exist_ok=True)
         log = os.path.join(self.dir, "agent.log")
+        args = [self.bin, "node-agent", "--socket", self.socket, "--dram", self.dram,
+                "--slot", self.slot, "--mlock", "off", "--eviction", self.eviction,
+                "--metrics-listen", f"127.0.0.1:{self.port}"]
+        if self.nvme is not None:
+            os.makedirs(self.nvme_dir, exist_ok=True)
+            args += ["--nvme-dir", self.nvme_dir, "--nvme-bytes", self.nvme]
+        if self.remote is not None:
+            args += ["--remote", self.remote, "--remote-namespace", "e2e"]
         with open(log, "a") as out:
-            self.proc = subprocess.Popen(
-                [self.bin, "node-agent", "--socket", self.socket, "--dram", self.dram,
-                 "--slot", self.slot, "--mlock", "off", "--nvme-dir", self.nvme_dir,
-                 "--nvme-bytes", self.nvme, "--eviction", self.eviction,
-                 "--metrics-listen", f"127.0.0.1:{self.port}"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         wait_until("node-agent", lambda: get_text(self.url + "/metrics") is not None, 30,
                    self.proc, log)
         return self
@@ -289,6 +292,42 @@ def stream_ttft(url: str, body: dict, headers: Optional[dict] = None) -> tuple[f
                     first = time.perf_counter() - t0
                 text.append(piece)
     return (first if first is not None else time.perf_counter() - t0), "".join(text)
+
+
+class Redis:
+    """A ``redis-server`` on a free loopback port, persistence off (Debian's package)."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> "Redis":
+        os.makedirs(self.dir, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_until("redis-server", answers, 10, self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def start_router(bin: str, engines: list[Engine], logdir: str, node: str = "node1",

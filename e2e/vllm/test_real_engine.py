@@ -1,7 +1,8 @@
 """kvtier around a real vLLM (PyPI's CPU build): two replicas with the kvtier connector sharing
 one node-agent's DRAM and NVMe tiers, the kvtier router in front, a plain vLLM computing every
-prompt as the reference, a replica whose first load fails (the connector's failpoint), and a
-replica configured with the traps the operator guards against. The tests run in order; the
+prompt as the reference, a replica whose first load fails (the connector's failpoint), a
+replica configured with the traps the operator guards against, and a replica on a node of its
+own whose agent uses the remote tier on a real ``redis-server``. The tests run in order; the
 last restarts the node-agent.
 
 Run by ``cli/tests/real_engine.rs`` (which builds what it needs); by hand:
@@ -30,8 +31,8 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from stack import (Agent, Counters, Engine, get_text, http_json, main_paths,  # noqa: E402
-                   start_router)
+from stack import (Agent, Counters, Engine, Redis, get_text, http_json,  # noqa: E402
+                   main_paths, start_router)
 
 CHUNK = 256
 MAX_TOKENS = 8
@@ -79,7 +80,14 @@ class RealEngine(unittest.TestCase):
         cls.trap = Engine("traps", agent=cls.agent, prefix_caching=False,
                           load_failure_policy="fail",
                           env={"FAILPOINTS": "kvtier-load=1*return"}, **common)
-        cls.engines = [cls.a, cls.b, cls.ref, cls.c, cls.trap]
+        # A replica on a node of its own whose agent uses the remote tier (a real Redis);
+        # dev mode lets the test empty its HBM prefix cache, as a replica on another node has.
+        cls.redis = Redis(os.path.join(work, "redis")).start()
+        cls.remote_agent = Agent(p["KVTIER_BIN"], os.path.join(work, "remote-agent"), nvme=None,
+                                 remote=cls.redis.url).start()
+        cls.d = Engine("replica-d", agent=cls.remote_agent, env={"VLLM_SERVER_DEV_MODE": "1"},
+                       **common)
+        cls.engines = [cls.a, cls.b, cls.ref, cls.c, cls.trap, cls.d]
         t0 = time.monotonic()
         for e in cls.engines:
             e.start()
@@ -101,6 +109,8 @@ class RealEngine(unittest.TestCase):
         for e in cls.engines:
             e.stop()
         cls.agent.stop()
+        cls.remote_agent.stop()
+        cls.redis.kill()
 
     # ------------------------------------------------------------------ helpers
 
@@ -398,6 +408,67 @@ class RealEngine(unittest.TestCase):
         self.assertGreater(d["host"], 0, f"loads after the agent came back: {d}")
         self.assert_same_output(got, self.ref.complete(turn2, MAX_TOKENS),
                                 "turn 2 after the agent came back")
+
+
+    def new_node(self):
+        """Replica d's node replaced by a fresh one: a new agent (an empty pool) on the same
+        socket, which the connector reconnects to, and the engine's HBM prefix cache emptied."""
+        self.remote_agent.kill()
+        self.remote_agent.start()
+        deadline = time.monotonic() + 60
+        seed = 7000
+        # The first calls after the restart find the old connection broken and reconnect.
+        while self.remote_agent.metrics().get("kvtier_agent_commits_total", 0) == 0:
+            self.assertLess(time.monotonic(), deadline, "replica d did not reconnect")
+            seed += 1
+            self.d.complete(tokens(seed, 2 * CHUNK + 1), max_tokens=1)
+        http_json(self.d.url + "/reset_prefix_cache", {})
+
+    def remote_writes_settle(self, at_least: int):
+        deadline = time.monotonic() + 30
+        while True:
+            m = self.remote_agent.metrics()
+            if (m.get("kvtier_agent_remote_writes_total", 0) >= at_least
+                    and m.get("kvtier_agent_remote_pending_writes", 1) == 0):
+                return
+            self.assertLess(time.monotonic(), deadline, f"remote writes: {m}")
+            time.sleep(0.2)
+
+    def test_8_a_conversation_whose_node_is_gone_loads_from_the_remote_tier(self):
+        turn1 = tokens(51, 6 * CHUNK + 9)
+        turn2 = turn1 + tokens(52, 150)
+        want = self.ref.complete(turn2, MAX_TOKENS)
+        self.d.complete(turn1, MAX_TOKENS)
+        self.remote_writes_settle(full_chunks(len(turn1)))
+        self.new_node()
+        cd = Counters(self.d)
+        got = self.d.complete(turn2, MAX_TOKENS)
+        d = cd.delta()
+        prefix = full_chunks(len(turn1)) * CHUNK
+        fetched = self.remote_agent.metrics().get("kvtier_agent_remote_fetches_total", 0)
+        print(f"\nremote: turn 2 on a fresh node: {d['disk']:.0f} of {prefix} prefix tokens "
+              f"loaded, {fetched:.0f} chunks fetched ({d})", file=sys.stderr)
+        self.assertEqual(d["device"], 0, f"the HBM prefix cache was emptied: {d}")
+        self.assertGreaterEqual(d["disk"], 0.9 * prefix, d)
+        self.assertGreaterEqual(fetched, full_chunks(len(turn1)))
+        self.assert_same_output(got, want, "turn 2 loaded from the remote tier")
+
+        # The store dies with a conversation in it: the next turn recomputes, and succeeds.
+        turn1 = tokens(53, 5 * CHUNK + 3)
+        turn2 = turn1 + tokens(54, 120)
+        want = self.ref.complete(turn2, MAX_TOKENS)
+        writes = self.remote_agent.metrics().get("kvtier_agent_remote_writes_total", 0)
+        self.d.complete(turn1, MAX_TOKENS)
+        self.remote_writes_settle(writes + full_chunks(len(turn1)))
+        self.new_node()
+        self.redis.kill()
+        cd = Counters(self.d)
+        got = self.d.complete(turn2, MAX_TOKENS)
+        d = cd.delta()
+        print(f"\nremote down: {d}", file=sys.stderr)
+        self.assertEqual(d["disk"], 0, d)
+        self.assertEqual(d["load_failed"], 0, d)
+        self.assert_same_output(got, want, "turn 2 with the remote tier down")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,40 @@ fn a_store_that_is_down_costs_misses_not_failures_and_writes_resume() {
 }
 
 #[test]
+fn a_stalled_store_never_stalls_the_agent() {
+    let redis = RedisServer::start(&[]);
+    let (a_path, a, _ra) = node(vec![redis.url()], false, "stall");
+    save(&a_path, &[1]);
+    drained(&a);
+    redis.pause();
+    // Lookups of chunks DRAM lacks ask the store, which never answers: each call gives up at
+    // its timeout (500 ms here) and the tier counts as down, so the answers come, as misses.
+    let mut c = Client::connect(&a_path, "probe").expect("attach");
+    let t = Instant::now();
+    for _ in 0..5 {
+        let found = c.lookup(&keys(&[1, 2, 3])).expect("lookup");
+        assert_eq!(found.tiers, [Tier::Dram, Tier::Absent, Tier::Absent]);
+    }
+    save(&a_path, &[4]);
+    // Five lookups and a save: one timeout at most, not one per call (the tier is down).
+    assert!(t.elapsed() < Duration::from_secs(4), "stalled for {:?}", t.elapsed());
+    let tier = a.remote().expect("remote");
+    assert!(!tier.up());
+    assert!(tier.stats().errors.load(Ordering::Relaxed) >= 1);
+    redis.resume();
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut k = 10;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let written = tier.stats().writes.load(Ordering::Relaxed);
+    while tier.stats().writes.load(Ordering::Relaxed) == written {
+        assert!(Instant::now() < deadline, "writes did not resume");
+        save(&a_path, &[k]);
+        drained(&a);
+        k += 1;
+    }
+}
+
+#[test]
 fn a_three_shard_cluster_serves_the_tier_and_a_lost_shard_costs_only_its_chunks() {
     let mut cluster = RedisCluster::start(3);
     let (a_path, a, _ra) = node(cluster.urls(), true, "cl");

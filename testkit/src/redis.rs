@@ -101,6 +101,27 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel and never
+    /// answered, as with a store stalled by a long command or a swap storm.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([format!("-{sig}"), c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig} redis-server");
+        }
+    }
+
     /// Starts it again on the same port, empty (no persistence).
     pub fn restart(&mut self) {
         self.kill();
