@@ -4,9 +4,8 @@
 #
 #   docker build -t ghcr.io/kvtier/kvtier:0.1.0 .
 #
-# The connector wheel here carries the host and CUDA backends (CUDA is loaded at run time).
-# A ROCm engine needs the wheel built with `--features rocm` against the engine's own ROCm
-# (HIP_PATH=/opt/rocm in a ROCm build image): it links libamdhip64 of that version.
+# The connector wheel here carries the host, CUDA and HIP backends; both GPU runtimes are
+# loaded at run time (ADR 0016), so it serves CUDA and ROCm engine images alike.
 # Not built on the development machines (they have no container engine).
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends python3-venv \

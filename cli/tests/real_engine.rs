@@ -52,7 +52,7 @@ fn kvtier_around_a_real_vllm() {
             // purpose (`FAILPOINTS`); maturin's `--features` replaces the file's.
             .args(["build", "--profile", "dev", "-q", "-o"])
             .arg(&wheels)
-            .args(["--features", "python,cuda,pyo3/extension-module,failpoints"])
+            .args(["--features", "python,cuda,rocm,pyo3/extension-module,failpoints"])
             .current_dir(&connector)
             .env("CARGO_TARGET_DIR", root().join("target/connector-wheel")),
     );
