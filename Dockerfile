@@ -13,8 +13,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-venv \
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p kvtier
-RUN python3 -m venv /venv && /venv/bin/pip install "maturin>=1.9,<2" \
-    && cd connector && /venv/bin/maturin build --release --locked -o /wheels \
+RUN python3 -m venv /venv && /venv/bin/pip install "maturin>=1.9,<2" ziglang \
+    && cd connector && /venv/bin/maturin build --release --locked --zig -o /wheels \
     && /venv/bin/pip install --no-deps --target /opt/kvtier/python /wheels/kvtier-*.whl
 
 FROM debian:bookworm-slim

@@ -27,6 +27,13 @@ fn run(what: &str, cmd: &mut Command) -> String {
     text
 }
 
+/// `PATH` with the venv of `python` first.
+fn venv_path(python: &std::path::Path) -> std::ffi::OsString {
+    let bin = python.parent().expect("the venv's bin").to_path_buf();
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&rest))).expect("a PATH")
+}
+
 #[test]
 fn kvtier_around_a_real_vllm() {
     let setup =
@@ -50,10 +57,14 @@ fn kvtier_around_a_real_vllm() {
         Command::new(py.with_file_name("maturin"))
             // pyproject.toml's features, and the failpoints that let the test fail loads on
             // purpose (`FAILPOINTS`); maturin's `--features` replaces the file's.
-            .args(["build", "--profile", "dev", "-q", "-o"])
+            // With zig as the linker, for pyproject's glibc baseline (manylinux_2_28), which
+            // the engine images users run (Ubuntu 22.04: glibc 2.35) accept.
+            .args(["build", "--profile", "dev", "-q", "--zig", "-o"])
             .arg(&wheels)
             .args(["--features", "python,cuda,rocm,pyo3/extension-module,failpoints"])
             .current_dir(&connector)
+            // maturin runs zig through the first `python` on the PATH: the venv's has ziglang.
+            .env("PATH", venv_path(&py))
             .env("CARGO_TARGET_DIR", root().join("target/connector-wheel")),
     );
     let wheel = std::fs::read_dir(&wheels)
@@ -62,6 +73,9 @@ fn kvtier_around_a_real_vllm() {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .expect("a wheel");
+    // The tag pip checks against the engine image's glibc: at or below 2.35 (Ubuntu 22.04).
+    let name = wheel.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+    assert!(name.ends_with("-cp39-abi3-manylinux_2_28_x86_64.whl"), "wheel tag: {name}");
     run(
         "pip install the wheel",
         Command::new(&py)

@@ -32,4 +32,7 @@ PY
   rm -rf "$tmp"
   touch "$stamp"
 fi
+# The connector's wheel is built for an older glibc than these machines' with zig as the
+# linker (`maturin build --zig`; PyPI's ziglang, ~400 MB).
+"$V/bin/python" -c 'import ziglang' 2>/dev/null || "$V/bin/pip" install -q ziglang >&2
 echo "$V/bin/python"
