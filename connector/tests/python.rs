@@ -41,6 +41,13 @@ fn vllm_python() -> PathBuf {
     PathBuf::from(out.lines().last().expect("setup.sh prints the venv's python").trim())
 }
 
+/// `PATH` with the venv of `python` first.
+fn venv_path(python: &Path) -> std::ffi::OsString {
+    let bin = python.parent().expect("the venv's bin").to_path_buf();
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&rest))).expect("a PATH")
+}
+
 /// The connector's wheel, built and unpacked into a folder of its own (on `PYTHONPATH`):
 /// the cached vLLM venv is never changed.
 fn connector_package(py: &Path) -> PathBuf {
@@ -51,9 +58,12 @@ fn connector_package(py: &Path) -> PathBuf {
     run(
         "maturin build",
         Command::new(py.with_file_name("maturin"))
-            .args(["build", "--profile", "dev", "-q", "-o"])
+            // zig links for pyproject's glibc baseline (manylinux_2_28); maturin runs it
+            // through the first `python` on the PATH, the venv's (it has ziglang).
+            .args(["build", "--profile", "dev", "-q", "--zig", "-o"])
             .arg(&dist)
             .current_dir(crate_dir)
+            .env("PATH", venv_path(py))
             .env("CARGO_TARGET_DIR", crate_dir.join("../target/connector-wheel")),
     );
     let wheel = std::fs::read_dir(&dist)

@@ -11,7 +11,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/kvtier
 "$PY" e2e/vllm/make_model.py "$CACHE/models/bench" --size bench
 cargo build --release -q -p kvtier
 W=$(mktemp -d /tmp/kvtier-bench-ttft.XXXXXX)
-(cd connector && "$(dirname "$PY")/maturin" build --release -q -o "$W/dist")
+(cd connector && PATH="$(dirname "$PY"):$PATH" "$(dirname "$PY")/maturin" build --release -q --zig -o "$W/dist")
 "$PY" -m pip install -q --no-deps --target "$W/pkg" "$W"/dist/*.whl
 KVTIER_BIN=target/release/kvtier KVTIER_MODEL="$CACHE/models/bench" \
 KVTIER_CONNECTOR_PATH="$W/pkg" KVTIER_WORKDIR="$W/run" \
