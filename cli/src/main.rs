@@ -13,6 +13,7 @@ use kvtier_sim::{Profile, Sim, SimOptions, Strategy};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+mod install;
 mod node_agent;
 mod plan;
 
@@ -52,6 +53,9 @@ enum Role {
     /// The Kubernetes operator: reconciles KVCachedInference resources into engine replicas,
     /// the router and node-agents.
     Operator(kvtier_operator::cli::OperatorArgs),
+    /// Copy the connector's Python package out of the kvtier image into a folder (what the
+    /// operator's init container runs in tiered engine Pods).
+    InstallConnector(install::InstallConnectorArgs),
 }
 
 /// Parses a duration in simulated seconds: `90`, `90s`, `20m`, `1h`.
@@ -350,6 +354,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Crdgen { chart: false } => out(&kvtier_api::crd::crd_yaml()),
         Role::Crdgen { chart: true } => out(&kvtier_api::crd::crd_chart_template()),
         Role::Operator(a) => kvtier_operator::cli::run(a, shutdown_signal()).await?,
+        Role::InstallConnector(a) => out(&install::run(&a)?),
     }
     Ok(())
 }

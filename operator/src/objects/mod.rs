@@ -270,7 +270,8 @@ pub fn engine_deployment(kvci: &KVCachedInference, s: &Settings) -> Deployment {
             "name": "kvtier-connector",
             "image": s.kvtier_image,
             "imagePullPolicy": s.image_pull_policy,
-            "command": ["cp", "-R", format!("{CONNECTOR_SOURCE}/."), "/install/"],
+            // The image has no shell and no `cp`: the binary copies its own package.
+            "command": ["kvtier", "install-connector", "/install", "--from", CONNECTOR_SOURCE],
             "volumeMounts": [{"name": "kvtier-connector", "mountPath": "/install"}],
             "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true},
         }));
@@ -461,6 +462,7 @@ mod tests {
         assert!(vols.contains("/run/kvtier/agents/coder"), "{vols}");
         let init = &pod["initContainers"][0];
         assert_eq!(init["image"], Settings::default().kvtier_image);
+        assert!(init["command"].to_string().contains("install-connector"));
         assert!(init["command"].to_string().contains(CONNECTOR_SOURCE));
         assert!(engine::AGENT_SOCKET.starts_with(HOST_SOCKET_ROOT));
     }
