@@ -298,14 +298,19 @@ impl Agent {
         if keys.is_empty() {
             return 0;
         }
-        // Never more than the pool holds: past that a prefetch evicts its own chunks.
+        // Never more than the pool holds: past that a prefetch evicts its own chunks. A batch
+        // at a time, so the agent holds at most one batch of fetched chunks outside the pool.
         let keys = &keys[..keys.len().min(self.pool.slots() as usize)];
-        remote
-            .fetch(keys)
-            .into_iter()
-            .zip(keys)
-            .filter(|(f, key)| f.as_ref().is_some_and(|f| self.install(**key, f)))
-            .count()
+        keys.chunks(crate::remote::BATCH)
+            .map(|batch| {
+                remote
+                    .fetch(batch)
+                    .into_iter()
+                    .zip(batch)
+                    .filter(|(f, key)| f.as_ref().is_some_and(|f| self.install(**key, f)))
+                    .count()
+            })
+            .sum()
     }
 
     /// Puts a chunk fetched from the remote tier into a DRAM slot; true when DRAM holds it.

@@ -30,7 +30,7 @@ use crate::pool::checksum;
 /// How long the tier counts as down after a failed call.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Most chunks in one pipelined write or fetch.
-const BATCH: usize = 32;
+pub const BATCH: usize = 32;
 /// Bytes of a value's header.
 pub const HEADER_BYTES: usize = 48;
 const MAGIC: &[u8; 4] = b"KVTR";
