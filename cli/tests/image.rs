@@ -76,8 +76,11 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
 }
 
+/// The raw answer to `request` on `port`; empty while nothing listens there yet.
 fn http(port: u16, request: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     s.write_all(request.as_bytes()).expect("write");
     let mut out = String::new();
@@ -201,7 +204,14 @@ fn the_image_builds_and_runs_the_router_the_sims_and_the_node_agent() {
     let m = std::fs::metadata(&sock).expect("socket");
     assert_eq!((m.uid(), m.mode() & 0o777), (65532, 0o660), "the socket's owner and mode");
     // A client on the host attaches to the agent in the container and gets its pool.
-    let hello = kvtier_node_agent::Client::connect(&sock, "smoke").expect("attach");
+    // The socket file appears when it is bound, a moment before the agent accepts on it.
+    let hello = loop {
+        match kvtier_node_agent::Client::connect(&sock, "smoke") {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "attach: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(hello.slots() >= 128, "{} slots", hello.slots());
 
     // The connector's package, copied out as the operator's init container does.
