@@ -92,18 +92,14 @@ pub(crate) struct NodeAgentArgs {
     #[arg(long, env = "KVTIER_AGENT_REMOTE_NAMESPACE", default_value = "default")]
     remote_namespace: String,
     /// How long a chunk stays in the remote tier after it was written.
-    #[arg(long, env = "KVTIER_AGENT_REMOTE_TTL", default_value = "1h", value_parser = duration_arg)]
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_TTL", default_value = "1h", value_parser = kvtier_router::parse_duration)]
     remote_ttl: std::time::Duration,
     /// Timeout of each call to the remote tier (connect, read, write).
-    #[arg(long, env = "KVTIER_AGENT_REMOTE_TIMEOUT", default_value = "100ms", value_parser = duration_arg)]
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_TIMEOUT", default_value = "100ms", value_parser = kvtier_router::parse_duration)]
     remote_timeout: std::time::Duration,
     /// Writes waiting for the remote tier at most; past it new chunks are not written there.
     #[arg(long, env = "KVTIER_AGENT_REMOTE_QUEUE", default_value = "256MiB", value_parser = bytes_arg)]
     remote_queue: u64,
-}
-
-fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

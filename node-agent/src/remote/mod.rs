@@ -5,10 +5,10 @@
 //! - Keys are `kvtier:<namespace>:<chunk key in hex>`: the chunk key (design.md's chained
 //!   hash of token ids, never text) in the resource's namespace, so two resources on one store
 //!   never see each other's chunks (and an ACL can confine each to its prefix).
-//! - A value is a 48-byte header (magic, version, the chunk key, length, xxh3-64 checksum,
-//!   conversation) and the chunk's bytes. Every fetch checks all of it; a value that fails is
-//!   deleted and reads as a miss, so a truncated or corrupted value costs a recompute, never
-//!   wrong KV.
+//! - A value ([`value`]) is a 48-byte header (magic, version, the chunk key, length, xxh3-64
+//!   checksum, conversation) and the chunk's bytes. Every fetch checks all of it; a value that
+//!   fails is deleted and reads as a miss, so a truncated or corrupted value costs a recompute,
+//!   never wrong KV.
 //! - Writes never block a save: a bounded queue (bytes) feeds one writer thread that sends
 //!   pipelined `SET … PX ttl`; when the queue is full a write is dropped and counted.
 //! - Every call has a timeout. After a failure the tier counts as down for a second: lookups
@@ -25,16 +25,14 @@ use kvtier_api::residency::ConversationKey;
 use redis::{ConnectionLike, IntoConnectionInfo, RedisResult};
 use tracing::{info, warn};
 
-use crate::pool::checksum;
+mod value;
+
+pub use value::{decode, encode, Fetched, HEADER_BYTES};
 
 /// How long the tier counts as down after a failed call.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Most chunks in one pipelined write or fetch.
 pub const BATCH: usize = 32;
-/// Bytes of a value's header.
-pub const HEADER_BYTES: usize = 48;
-const MAGIC: &[u8; 4] = b"KVTR";
-const VERSION: u8 = 1;
 
 /// Where the remote tier is and how it is used.
 #[derive(Clone, Debug)]
@@ -94,71 +92,6 @@ pub struct RemoteStats {
     pub corrupt: AtomicU64,
     /// Calls that failed (timeouts, connection errors, server errors).
     pub errors: AtomicU64,
-}
-
-/// A chunk fetched and verified.
-#[derive(Debug)]
-pub struct Fetched {
-    /// The value (header, then the chunk); [`Fetched::bytes`] is the chunk.
-    value: Vec<u8>,
-    /// The chunk's length.
-    pub len: u32,
-    /// Its xxh3-64.
-    pub checksum: u64,
-    /// The conversation it was saved under.
-    pub conversation: ConversationKey,
-}
-
-impl Fetched {
-    /// The chunk's bytes.
-    #[must_use]
-    pub fn bytes(&self) -> &[u8] {
-        &self.value[HEADER_BYTES..]
-    }
-}
-
-/// A value for `key`: the header, then `data`.
-#[must_use]
-pub fn encode(key: ChunkKey, data: &[u8], sum: u64, conversation: ConversationKey) -> Vec<u8> {
-    let len = u32::try_from(data.len()).expect("a chunk is smaller than 4 GiB");
-    let mut v = Vec::with_capacity(HEADER_BYTES + data.len());
-    v.extend_from_slice(MAGIC);
-    v.extend_from_slice(&[VERSION, 0, 0, 0]);
-    v.extend_from_slice(&key.0.to_le_bytes());
-    v.extend_from_slice(&len.to_le_bytes());
-    v.extend_from_slice(&[0; 4]);
-    v.extend_from_slice(&sum.to_le_bytes());
-    v.extend_from_slice(&conversation.0.to_le_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-/// Checks a value fetched for `key`: header, length and checksum of the bytes.
-///
-/// # Errors
-/// What is wrong with it.
-pub fn decode(key: ChunkKey, value: Vec<u8>) -> Result<Fetched, String> {
-    if value.len() < HEADER_BYTES {
-        return Err(format!("{} bytes, shorter than a header", value.len()));
-    }
-    let u32_at = |i: usize| u32::from_le_bytes(value[i..i + 4].try_into().expect("4 bytes"));
-    let u64_at = |i: usize| u64::from_le_bytes(value[i..i + 8].try_into().expect("8 bytes"));
-    if &value[..4] != MAGIC || value[4] != VERSION {
-        return Err("not a kvtier chunk of this version".into());
-    }
-    let stored = u128::from_le_bytes(value[8..24].try_into().expect("16 bytes"));
-    if stored != key.0 {
-        return Err(format!("holds chunk {stored:032x}"));
-    }
-    let len = u32_at(24);
-    if value.len() - HEADER_BYTES != len as usize {
-        return Err(format!("{} bytes of {len}", value.len() - HEADER_BYTES));
-    }
-    let sum = u64_at(32);
-    if checksum(&value[HEADER_BYTES..]) != sum {
-        return Err("checksum mismatch".into());
-    }
-    Ok(Fetched { len, checksum: sum, conversation: ConversationKey(u64_at(40)), value })
 }
 
 /// `words key args…` as one command, each argument copied once.
@@ -580,29 +513,5 @@ impl Inner {
             }
             lock(&self.queue).in_flight = 0;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_value_round_trips_and_every_damage_is_caught() {
-        let key = ChunkKey(0x1234_5678_9abc_def0_1122_3344_5566_7788);
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
-        let v = encode(key, &data, checksum(&data), ConversationKey(9));
-        let f = decode(key, v.clone()).expect("intact");
-        assert_eq!((f.bytes(), f.len, f.conversation), (&data[..], 10_000, ConversationKey(9)));
-        // Truncated, a flipped bit, another key, another version: each refused.
-        assert!(decode(key, v[..v.len() - 1].to_vec()).is_err());
-        assert!(decode(key, v[..20].to_vec()).is_err());
-        let mut flipped = v.clone();
-        flipped[HEADER_BYTES + 5_000] ^= 1;
-        assert!(decode(key, flipped).is_err());
-        assert!(decode(ChunkKey(key.0 + 1), v.clone()).is_err());
-        let mut other = v;
-        other[4] = VERSION + 1;
-        assert!(decode(key, other).is_err());
     }
 }
