@@ -12,6 +12,7 @@
 
 pub mod bodies;
 pub mod fuzz;
+pub mod python;
 pub mod redis;
 
 use std::convert::Infallible;
