@@ -4,6 +4,7 @@
 //! defined here, without I/O; `kvtier-serve`'s `node_tier` streams and serves them.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use crate::agent::Tier;
 
@@ -46,6 +47,11 @@ impl ConversationKey {
 /// A change in where a conversation's KV is on one node: the first of its chunks entered a
 /// tier, or the last one left it. The agent streams these, one JSON object per line, on
 /// `GET /residency` (current residency first, as `entered` events, then changes).
+///
+/// The remote tier is the cluster's, not the node's: a `remote` event says that this node
+/// wrote the conversation's KV to the store, where it stays for `ttl_s` seconds unless the
+/// store evicts it first. No agent sees the store's evictions, so there is no `left` for it;
+/// its holders count it until the TTL lapses, on every node, even after the writer is gone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResidencyEvent {
     /// Increasing per agent run; a gap means events were dropped (resubscribe).
@@ -56,13 +62,15 @@ pub struct ResidencyEvent {
     pub tier: Tier,
     /// True: entered; false: left.
     pub entered: bool,
-    /// Chunks of the conversation in the tier after the change.
+    /// Chunks of the conversation in the tier after the change (0 for the remote tier).
     pub chunks: u32,
+    /// Remote tier: seconds the store keeps what was written (0 for the node's own tiers).
+    pub ttl_s: u32,
 }
 
 impl ResidencyEvent {
     /// Parses one line of the stream ([`ResidencyEvent::to_json_line`]); `None` when it is not
-    /// one. A tier other than `dram` and `nvme` reads as [`Tier::Absent`].
+    /// one. A tier other than `dram`, `nvme` and `remote` reads as [`Tier::Absent`].
     #[must_use]
     pub fn from_json_line(line: &str) -> Option<Self> {
         let v: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -72,10 +80,15 @@ impl ResidencyEvent {
             tier: match v.get("tier")?.as_str()? {
                 "dram" => Tier::Dram,
                 "nvme" => Tier::Nvme,
+                "remote" => Tier::Remote,
                 _ => Tier::Absent,
             },
             entered: v.get("event")?.as_str()? == "entered",
             chunks: u32::try_from(v.get("chunks")?.as_u64()?).ok()?,
+            ttl_s: v
+                .get("ttl_s")
+                .and_then(serde_json::Value::as_u64)
+                .map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
         })
     }
 
@@ -85,10 +98,12 @@ impl ResidencyEvent {
         let tier = match self.tier {
             Tier::Dram => "dram",
             Tier::Nvme => "nvme",
-            Tier::Absent | Tier::Busy | Tier::Remote => "none",
+            Tier::Remote => "remote",
+            Tier::Absent | Tier::Busy => "none",
         };
+        let ttl = if self.ttl_s > 0 { format!(",\"ttl_s\":{}", self.ttl_s) } else { String::new() };
         format!(
-            "{{\"seq\":{},\"conversation\":\"{}\",\"tier\":\"{tier}\",\"event\":\"{}\",\"chunks\":{}}}\n",
+            "{{\"seq\":{},\"conversation\":\"{}\",\"tier\":\"{tier}\",\"event\":\"{}\",\"chunks\":{}{ttl}}}\n",
             self.seq,
             self.conversation.to_hex(),
             if self.entered { "entered" } else { "left" },
@@ -98,14 +113,28 @@ impl ResidencyEvent {
 }
 
 /// Chunks per conversation in each node tier (DRAM, NVMe), and the events its changes make:
-/// one when a conversation's first chunk enters a tier and one when its last leaves. The
-/// node-agent and the simulator's node tiers keep one each; the owner serialises changes and
-/// publishes the events in the order they are returned.
+/// one when a conversation's first chunk enters a tier and one when its last leaves; and the
+/// conversations this node wrote to the remote tier within its TTL. The node-agent and the
+/// simulator's node tiers keep one each; the owner serialises changes and publishes the
+/// events in the order they are returned.
 #[derive(Debug, Default)]
 pub struct ResidencyLedger {
     counts: HashMap<ConversationKey, [u32; 2]>,
+    remote: HashMap<ConversationKey, RemoteNote>,
     seq: u64,
 }
+
+/// A conversation written to the remote tier: when that was last announced, and until when
+/// the store keeps its latest write.
+#[derive(Clone, Copy, Debug)]
+struct RemoteNote {
+    announced: Instant,
+    expires: Instant,
+}
+
+/// Remote writes of a conversation within this share of the TTL of its last announcement
+/// are not announced again (they only extend what its holders already count, by less).
+const REMOTE_ANNOUNCE_EVERY: u32 = 8;
 
 /// The ledger's slot for `tier` (only DRAM and NVMe hold chunks).
 fn slot(tier: Tier) -> Option<usize> {
@@ -139,7 +168,51 @@ impl ResidencyLedger {
         }
         ((before == 0) != (after == 0)).then(|| {
             self.seq += 1;
-            ResidencyEvent { seq: self.seq, conversation, tier, entered: after > 0, chunks: after }
+            ResidencyEvent {
+                seq: self.seq,
+                conversation,
+                tier,
+                entered: after > 0,
+                chunks: after,
+                ttl_s: 0,
+            }
+        })
+    }
+
+    /// This node wrote chunks of `conversation` to the remote tier at `now`, where they stay
+    /// for `ttl`; the event when its holders should hear of it (the first write, or the first
+    /// after an eighth of the TTL). Conversation 0 (unknown) is not announced.
+    pub fn remote_written(
+        &mut self,
+        conversation: ConversationKey,
+        ttl: Duration,
+        now: Instant,
+    ) -> Option<ResidencyEvent> {
+        if conversation.0 == 0 || ttl.is_zero() {
+            return None;
+        }
+        let expires = now + ttl;
+        if let Some(n) = self.remote.get_mut(&conversation) {
+            n.expires = expires;
+            if now < n.announced + ttl / REMOTE_ANNOUNCE_EVERY {
+                return None;
+            }
+            n.announced = now;
+        } else {
+            // Notes lapse with their TTL; drop the lapsed ones now and then.
+            if self.remote.len() >= 1024 && self.remote.len().is_power_of_two() {
+                self.remote.retain(|_, n| n.expires > now);
+            }
+            self.remote.insert(conversation, RemoteNote { announced: now, expires });
+        }
+        self.seq += 1;
+        Some(ResidencyEvent {
+            seq: self.seq,
+            conversation,
+            tier: Tier::Remote,
+            entered: true,
+            chunks: 0,
+            ttl_s: ttl_secs(ttl),
         })
     }
 
@@ -149,9 +222,11 @@ impl ResidencyLedger {
         slot(tier).and_then(|i| self.counts.get(&conversation).map(|c| c[i])).unwrap_or(0)
     }
 
-    /// The current residency as `entered` events (what a new subscriber gets first).
+    /// The current residency as `entered` events (what a new subscriber gets first): the
+    /// node's tiers, then the remote writes whose TTL has not lapsed at `at`, with what is
+    /// left of it.
     #[must_use]
-    pub fn snapshot(&self) -> Vec<ResidencyEvent> {
+    pub fn snapshot(&self, at: Instant) -> Vec<ResidencyEvent> {
         let mut now = Vec::new();
         for (conversation, c) in &self.counts {
             for (tier, chunks) in [(Tier::Dram, c[0]), (Tier::Nvme, c[1])] {
@@ -162,12 +237,31 @@ impl ResidencyLedger {
                         tier,
                         entered: true,
                         chunks,
+                        ttl_s: 0,
                     });
                 }
             }
         }
+        for (conversation, n) in &self.remote {
+            let left = n.expires.saturating_duration_since(at);
+            if !left.is_zero() {
+                now.push(ResidencyEvent {
+                    seq: self.seq,
+                    conversation: *conversation,
+                    tier: Tier::Remote,
+                    entered: true,
+                    chunks: 0,
+                    ttl_s: ttl_secs(left),
+                });
+            }
+        }
         now
     }
+}
+
+/// Whole seconds of `ttl`, at least 1, at most `u32::MAX`.
+fn ttl_secs(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX)
 }
 
 /// The member of a request's `kv_transfer_params` that carries its conversation (16 hex
@@ -257,13 +351,19 @@ mod tests {
             tier: Tier::Nvme,
             entered: false,
             chunks: 0,
+            ttl_s: 0,
         };
         assert_eq!(
             e.to_json_line(),
             "{\"seq\":7,\"conversation\":\"00000000000000ff\",\"tier\":\"nvme\",\"event\":\"left\",\"chunks\":0}\n"
         );
-        assert_eq!(ResidencyEvent::from_json_line(e.to_json_line().trim()), Some(e));
+        assert_eq!(ResidencyEvent::from_json_line(e.to_json_line().trim()), Some(e.clone()));
         assert_eq!(ResidencyEvent::from_json_line("{\"seq\":1}"), None);
+        let r = ResidencyEvent { tier: Tier::Remote, entered: true, ttl_s: 3600, ..e };
+        assert!(r
+            .to_json_line()
+            .contains("\"tier\":\"remote\",\"event\":\"entered\",\"chunks\":0,\"ttl_s\":3600}"));
+        assert_eq!(ResidencyEvent::from_json_line(r.to_json_line().trim()), Some(r));
         let p = prefetch_path(k);
         assert_eq!(prefetch_target(&p), Some(k));
         assert_eq!(prefetch_target("/prefetch/zz"), None);
@@ -280,7 +380,7 @@ mod tests {
         assert_eq!(l.change(c, Tier::Dram, true), None, "the second chunk is no event");
         assert_eq!(l.change(c, Tier::Nvme, true).map(|e| e.tier), Some(Tier::Nvme));
         assert_eq!(l.chunks(c, Tier::Dram), 2);
-        assert_eq!(l.snapshot().len(), 2);
+        assert_eq!(l.snapshot(Instant::now()).len(), 2);
         assert_eq!(l.change(c, Tier::Dram, false), None);
         let e = l.change(c, Tier::Dram, false).expect("last out");
         assert_eq!((e.seq, e.entered, e.chunks), (3, false, 0));
@@ -288,6 +388,24 @@ mod tests {
         assert_eq!(l.change(ConversationKey(0), Tier::Dram, true), None, "unknown: not counted");
         assert_eq!(l.change(c, Tier::Busy, true), None);
         assert_eq!(l.change(c, Tier::Nvme, false).map(|e| e.seq), Some(4));
-        assert!(l.snapshot().is_empty());
+        assert!(l.snapshot(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn remote_writes_are_announced_once_per_eighth_of_the_ttl_and_lapse_with_it() {
+        let mut l = ResidencyLedger::default();
+        let (c, ttl, t0) = (ConversationKey(9), Duration::from_secs(800), Instant::now());
+        let e = l.remote_written(c, ttl, t0).expect("first write");
+        assert_eq!((e.tier, e.entered, e.ttl_s, e.seq), (Tier::Remote, true, 800, 1));
+        assert_eq!(l.remote_written(c, ttl, t0 + Duration::from_secs(99)), None);
+        let e = l.remote_written(c, ttl, t0 + Duration::from_secs(100)).expect("an eighth on");
+        assert_eq!(e.seq, 2);
+        assert_eq!(l.remote_written(ConversationKey(0), ttl, t0), None, "unknown: not announced");
+        assert_eq!(l.chunks(c, Tier::Remote), 0, "the store's chunks are not the node's");
+        // A new subscriber hears of it with what is left of its TTL, until it lapses.
+        let s = l.snapshot(t0 + Duration::from_secs(400));
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].tier, s[0].ttl_s), (Tier::Remote, 500));
+        assert!(l.snapshot(t0 + Duration::from_secs(900)).is_empty());
     }
 }

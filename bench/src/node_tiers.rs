@@ -172,8 +172,11 @@ pub async fn run_node_tiers(
             costs: kvtier_router::TierCosts::from_rates(
                 kv,
                 p.prefill.tokens_per_s,
-                p.tiers.dram_load_gb_s * 1e9,
-                p.tiers.nvme_load_gb_s * 1e9,
+                [
+                    p.tiers.dram_load_gb_s * 1e9,
+                    p.tiers.nvme_load_gb_s * 1e9,
+                    p.tiers.remote_load_gb_s * 1e9,
+                ],
             ),
             feeds,
             agents: None,

@@ -108,9 +108,11 @@ impl Scheduler {
         locked(&self.inner).after_alloc(req, &block_ids, num_external).map_err(sched_err)
     }
 
-    /// Of the `num_external` tokens offered for `req`, how many came back from NVMe.
-    fn nvme_tokens(&self, req: &str, num_external: usize) -> usize {
-        locked(&self.inner).nvme_tokens(req, num_external)
+    /// Of the `num_external` tokens offered for `req`, how many came back from NVMe and how
+    /// many from the remote tier.
+    fn fetched_tokens(&self, req: &str, num_external: usize) -> (usize, usize) {
+        let [nvme, remote] = locked(&self.inner).fetched_tokens(req, num_external);
+        (nvme, remote)
     }
 
     /// Per request, how many workers reported all its loads landed (one step's reports,

@@ -14,7 +14,6 @@
 //!   (ADR 0009).
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -77,6 +76,27 @@ pub fn part_key(chunk: ChunkKey, j: u32, parts: u32) -> ChunkKey {
     ChunkKey(XxHash3_128::oneshot_with_seed(CHUNK_SEED, &b))
 }
 
+/// Where a chunk a prefetch brought back was at the first lookup (its slowest part).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Below {
+    /// DRAM after all (another request brought it in meanwhile).
+    Dram,
+    Nvme,
+    Remote,
+}
+
+impl Below {
+    fn of(parts: &[Tier]) -> Self {
+        if parts.contains(&Tier::Remote) {
+            Self::Remote
+        } else if parts.iter().all(|t| *t == Tier::Dram) {
+            Self::Dram
+        } else {
+            Self::Nvme
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Req {
     /// `keys[chunk][rank][part]` for every full prompt chunk.
@@ -91,9 +111,10 @@ struct Req {
     slots: Vec<Vec<Vec<u32>>>,
     pinned: Vec<ChunkKey>,
     prefetch_until: Option<Instant>,
-    /// Chunks `[start, end)` that were on NVMe, not in DRAM, when first looked up (brought
-    /// back by a prefetch): where the engine's hit counts say the tokens came from.
-    from_nvme: Range<usize>,
+    /// Chunks `[start, start + len)` that were not in DRAM when first looked up (a prefetch
+    /// brought them back), each with where it was: what the engine's hit counts say the
+    /// tokens came from.
+    fetched: (usize, Vec<Below>),
     /// Chunks below this index are stored (found, or already planned for saving).
     stored: usize,
     /// Chunks planned for loading, with the blocks each load writes.
@@ -202,7 +223,7 @@ impl SchedulerCore {
                     slots: Vec::new(),
                     pinned: Vec::new(),
                     prefetch_until: None,
-                    from_nvme: 0..0,
+                    fetched: (0, Vec::new()),
                     stored: 0,
                     loaded: Vec::new(),
                     unconfirmed: None,
@@ -235,7 +256,13 @@ impl SchedulerCore {
                     let keys = flat[in_dram * per_chunk..(in_dram + on_nvme) * per_chunk].to_vec();
                     self.link.call(|c| c.ack(&Request::Prefetch { keys }))?;
                     r.prefetch_until = Some(now + self.cfg.nvme_wait);
-                    r.from_nvme = in_dram..in_dram + on_nvme;
+                    r.fetched = (
+                        in_dram,
+                        found.tiers[in_dram * per_chunk..(in_dram + on_nvme) * per_chunk]
+                            .chunks(per_chunk)
+                            .map(Below::of)
+                            .collect(),
+                    );
                     return Ok(None);
                 }
                 Some(t) if now < t => return Ok(None),
@@ -282,15 +309,25 @@ impl SchedulerCore {
     }
 
     /// Of the `num_external` tokens [`SchedulerCore::lookup`] offered for `req`, how many
-    /// came back from NVMe (the rest were in DRAM).
+    /// came back from NVMe and how many from the remote tier (the rest were in DRAM).
     #[must_use]
-    pub fn nvme_tokens(&self, req: &str, num_external: usize) -> usize {
-        let Some(r) = self.reqs.get(req) else { return 0 };
+    pub fn fetched_tokens(&self, req: &str, num_external: usize) -> [usize; 2] {
+        let Some(r) = self.reqs.get(req) else { return [0, 0] };
         let ct = self.cfg.chunk_tokens;
         let end = r.matched * ct;
         let loaded = end.saturating_sub(num_external)..end;
-        let nvme = r.from_nvme.start * ct..r.from_nvme.end * ct;
-        loaded.end.min(nvme.end).saturating_sub(loaded.start.max(nvme.start))
+        let mut out = [0, 0];
+        let (first, below) = &r.fetched;
+        for (i, b) in below.iter().enumerate() {
+            let chunk = (first + i) * ct..(first + i + 1) * ct;
+            let n = loaded.end.min(chunk.end).saturating_sub(loaded.start.max(chunk.start));
+            match b {
+                Below::Dram => {}
+                Below::Nvme => out[0] += n,
+                Below::Remote => out[1] += n,
+            }
+        }
+        out
     }
 
     /// Tags `req`'s saves with `conversation` (the router's key, from `kv_transfer_params`),

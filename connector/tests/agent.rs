@@ -259,6 +259,7 @@ fn a_prompt_saved_on_one_node_loads_on_another_from_the_remote_tier() {
     let mut b = scheduler(&b_socket);
     assert_eq!(b.lookup("b", &tokens, 0).expect("lookup"), None);
     assert_eq!(b.lookup("b", &tokens, 0).expect("lookup"), Some(256));
+    assert_eq!(b.fetched_tokens("b", 256), [0, 256], "counted as the remote tier's");
     let b_blocks: Vec<u32> = (20..39).collect();
     b.after_alloc("b", &b_blocks, 256).expect("alloc");
     let plan = b.build_plan(

@@ -61,7 +61,7 @@ async fn scenario(tier_aware: bool) -> (&'static str, u64) {
     config.health.interval = Duration::from_secs(3600);
     if tier_aware {
         config.tiers = Some(TierConfig {
-            costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
+            costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06, remote: 0.35 },
             feeds: vec![("a".into(), format!("{}/residency", home.url()))],
             agents: None,
             prefetch: None,

@@ -255,6 +255,8 @@ class Counters:
         "device": 'vllm:prompt_tokens_cached_by_source_total{source="device"}',
         "host": 'vllm:prompt_tokens_cached_by_source_total{source="host"}',
         "disk": 'vllm:prompt_tokens_cached_by_source_total{source="disk"}',
+        # vLLM's name for a cluster-wide store (it has none of its own): the remote tier.
+        "remote": 'vllm:prompt_tokens_cached_by_source_total{source="external_unspecified"}',
         "external": "vllm:external_prefix_cache_hits_total",
         "load_failed": "vllm:kvtier_load_failed_blocks_total",
         "loaded_chunks": "vllm:kvtier_loaded_chunks_total",

@@ -2,7 +2,7 @@
 //! the residency counts, shared by every connection.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvtier_api::agent::NO_CHECKSUM;
@@ -46,7 +46,7 @@ pub struct Agent {
     /// Write chunks to NVMe when DRAM evicts them, instead of at commit.
     write_back: bool,
     remote: Option<RemoteTier>,
-    residency: Mutex<ResidencyFeed>,
+    residency: Arc<Mutex<ResidencyFeed>>,
     pool_id: u64,
 }
 
@@ -118,7 +118,7 @@ impl Agent {
             nvme: None,
             write_back: false,
             remote: None,
-            residency: Mutex::new(ResidencyFeed::default()),
+            residency: Arc::new(Mutex::new(ResidencyFeed::default())),
             pool_id: new_pool_id(),
         }
     }
@@ -209,9 +209,18 @@ impl Agent {
     }
 
     /// Adds the remote tier: chunks new to DRAM are queued for it at commit, lookups report
-    /// what only it holds, and prefetch brings such chunks into DRAM, checked.
+    /// what only it holds, and prefetch brings such chunks into DRAM, checked. The residency
+    /// stream announces the conversations the store accepted (the routers count them on
+    /// every node).
     #[must_use]
     pub fn with_remote(mut self, tier: RemoteTier) -> Self {
+        let (feed, ttl) = (self.residency.clone(), tier.ttl());
+        tier.on_written(Box::new(move |conversations| {
+            let mut r = feed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for c in conversations {
+                r.remote_written(*c, ttl);
+            }
+        }));
         self.remote = Some(tier);
         self
     }

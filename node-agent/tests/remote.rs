@@ -84,6 +84,13 @@ fn a_chunk_saved_on_one_node_is_loaded_bit_identically_on_another() {
     save(&a_path, &[1, 2, 3, 4]);
     drained(&a);
     assert_eq!(a.remote().expect("remote").stats().writes.load(Ordering::Relaxed), 4);
+    // A's residency stream tells the routers the store holds the conversation, and for how
+    // long (they count it on every node, after A is gone too).
+    let (now, _) = a.subscribe_residency();
+    let remote: Vec<_> = now.iter().filter(|e| e.tier == Tier::Remote).collect();
+    assert_eq!(remote.len(), 1, "{now:?}");
+    assert_eq!(remote[0].conversation, ConversationKey(7));
+    assert!(remote[0].entered && remote[0].ttl_s > 3500, "{:?}", remote[0]);
     // Node B has never seen them: the lookup says the remote tier holds them.
     let mut c = Client::connect(&b_path, "probe").expect("attach");
     let found = c.lookup(&keys(&[1, 2, 3, 4, 5])).expect("lookup");

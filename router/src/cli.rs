@@ -10,6 +10,9 @@ use http::HeaderName;
 use crate::config::{parse_bytes, parse_duration, Policy, RouterConfig};
 use crate::endpoint::{EndpointSpec, EndpointSpecError};
 
+/// A remote-tier hit's cost when `--tier-costs` names only DRAM's and NVMe's.
+const DEFAULT_REMOTE_COST: f64 = 0.35;
+
 /// Flags of `kvtier router`.
 #[derive(Debug, clap::Args)]
 pub struct RouterArgs {
@@ -104,10 +107,11 @@ pub struct RouterArgs {
     /// `--endpoint NODE=URL`, or let `--discover-pods` read it).
     #[arg(long = "residency", env = "KVTIER_ROUTER_RESIDENCY", value_delimiter = ',')]
     pub residency: Vec<String>,
-    /// What loading a token's KV costs as a fraction of computing it, from DRAM and from
-    /// NVMe: KV bytes per token x prefill tokens/s / tier bandwidth (the study's engine:
-    /// 0.015 and 0.05).
-    #[arg(long, env = "KVTIER_ROUTER_TIER_COSTS", default_value = "0.02,0.06")]
+    /// What loading a token's KV costs as a fraction of computing it, from DRAM, from NVMe and
+    /// from the remote tier: KV bytes per token x prefill tokens/s / tier bandwidth (the
+    /// study's engine: 0.015, 0.05, and 0.1 at 25 Gbit/s; the remote default is what one
+    /// agent's fetches reach on a 2-core host, ~0.9 GB/s). The third may be left out.
+    #[arg(long, env = "KVTIER_ROUTER_TIER_COSTS", default_value = "0.02,0.06,0.35")]
     pub tier_costs: String,
     /// Follow the residency streams of the Ready node-agent Pods matching this label selector
     /// (in the router's namespace, on `--residency-port`): tier-aware routing in a cluster.
@@ -238,14 +242,20 @@ impl RouterArgs {
             }
             let costs: Vec<f64> =
                 self.tier_costs.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-            let [dram, nvme] = costs[..] else {
-                return Err(ConfigError::Range("--tier-costs takes two fractions: DRAM,NVMe"));
+            let (dram, nvme, remote) = match costs[..] {
+                [d, n] => (d, n, DEFAULT_REMOTE_COST),
+                [d, n, r] => (d, n, r),
+                _ => {
+                    return Err(ConfigError::Range(
+                        "--tier-costs takes two or three fractions: DRAM,NVMe[,REMOTE]",
+                    ))
+                }
             };
-            if !(0.0..=1.0).contains(&dram) || !(0.0..=1.0).contains(&nvme) {
+            if [dram, nvme, remote].iter().any(|c| !(0.0..=1.0).contains(c)) {
                 return Err(ConfigError::Range("--tier-costs are fractions in [0, 1]"));
             }
             c.tiers = Some(crate::config::TierConfig {
-                costs: crate::tiers::TierCosts { dram, nvme },
+                costs: crate::tiers::TierCosts { dram, nvme, remote },
                 feeds,
                 agents: None,
                 chunk_tokens: self.residency_chunk_tokens.max(1),

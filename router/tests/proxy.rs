@@ -173,7 +173,7 @@ async fn metrics_listener_serves_only_metrics() {
 /// Tier-aware routing with no agents to follow: requests are tagged for the connector.
 fn tier_aware(holds: bool) -> kvtier_router::TierConfig {
     kvtier_router::TierConfig {
-        costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06 },
+        costs: kvtier_router::TierCosts { dram: 0.02, nvme: 0.06, remote: 0.35 },
         feeds: Vec::new(),
         agents: None,
         chunk_tokens: 256,

@@ -59,6 +59,14 @@ impl ResidencyFeed {
         }
     }
 
+    /// Chunks of `conversation` were written to the remote tier, where they stay for `ttl`;
+    /// subscribers hear of it now and then ([`ResidencyLedger::remote_written`]).
+    pub fn remote_written(&mut self, conversation: ConversationKey, ttl: std::time::Duration) {
+        if let Some(e) = self.ledger.remote_written(conversation, ttl, std::time::Instant::now()) {
+            let _ = self.events.send(e);
+        }
+    }
+
     /// Chunks of `conversation` in `tier`.
     #[must_use]
     pub fn chunks(&self, conversation: ConversationKey, tier: Tier) -> u32 {
@@ -68,7 +76,7 @@ impl ResidencyFeed {
     /// The current residency and a subscription to what follows.
     #[must_use]
     pub fn subscribe(&self) -> Subscription {
-        (self.ledger.snapshot(), self.events.subscribe())
+        (self.ledger.snapshot(std::time::Instant::now()), self.events.subscribe())
     }
 }
 

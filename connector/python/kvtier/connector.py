@@ -303,11 +303,17 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict:
         if num_external_tokens <= 0 or CacheHitSource is None:
             return {}
-        disk = 0
+        disk = remote = 0
         if self._sched is not None:
-            disk = min(self._sched.nvme_tokens(request.request_id, num_external_tokens),
-                       num_external_tokens)
-        out = {CacheHitSource.HOST: num_external_tokens - disk, CacheHitSource.DISK: disk}
+            disk, remote = self._sched.fetched_tokens(request.request_id, num_external_tokens)
+        disk = min(disk, num_external_tokens)
+        remote = min(remote, num_external_tokens - disk)
+        # vLLM has no source for a cluster-wide store; its fallback names one.
+        out = {
+            CacheHitSource.HOST: num_external_tokens - disk - remote,
+            CacheHitSource.DISK: disk,
+            CacheHitSource.EXTERNAL_UNSPECIFIED: remote,
+        }
         return {k: v for k, v in out.items() if v > 0}
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):

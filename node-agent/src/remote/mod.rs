@@ -155,7 +155,12 @@ impl Pipe {
 struct Write {
     key: ChunkKey,
     value: Vec<u8>,
+    conversation: ConversationKey,
 }
+
+/// What the writer tells its owner after each pipeline: the conversations of the chunks the
+/// store accepted (each once).
+pub type OnWritten = Box<dyn Fn(&[ConversationKey]) + Send + Sync>;
 
 #[derive(Default)]
 struct Queue {
@@ -175,6 +180,7 @@ struct Inner {
     wake: Condvar,
     stats: RemoteStats,
     logged_down: AtomicBool,
+    on_written: Mutex<Option<OnWritten>>,
 }
 
 /// The remote tier (see the module's docs).
@@ -244,6 +250,7 @@ impl RemoteTier {
             wake: Condvar::new(),
             stats: RemoteStats::default(),
             logged_down: AtomicBool::new(false),
+            on_written: Mutex::new(None),
         });
         let writer = {
             let inner = inner.clone();
@@ -259,6 +266,18 @@ impl RemoteTier {
     pub fn ping(&self) -> bool {
         let ping = redis::cmd("PING");
         self.inner.call(|c| ping.query::<String>(c.like())).is_some()
+    }
+
+    /// Calls `f` after each pipeline the store accepted, with the conversations written (the
+    /// agent tells the routers, through its residency stream).
+    pub fn on_written(&self, f: OnWritten) {
+        *lock(&self.inner.on_written) = Some(f);
+    }
+
+    /// How long the store keeps a write.
+    #[must_use]
+    pub fn ttl(&self) -> Duration {
+        self.inner.cfg.ttl
     }
 
     /// The counters.
@@ -296,7 +315,7 @@ impl RemoteTier {
             inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        q.items.push_back(Write { key, value: encode(key, data, sum, conversation) });
+        q.items.push_back(Write { key, value: encode(key, data, sum, conversation), conversation });
         q.bytes += size;
         drop(q);
         inner.wake.notify_one();
@@ -503,12 +522,21 @@ impl Inner {
                 Vec::new()
             };
             let s = &self.stats;
+            let mut written: Vec<ConversationKey> = Vec::new();
             for (i, w) in batch.iter().enumerate() {
                 if answers.get(i).is_some_and(Option::is_some) {
                     s.writes.fetch_add(1, Ordering::Relaxed);
                     s.written_bytes.fetch_add(w.value.len() as u64, Ordering::Relaxed);
+                    if !written.contains(&w.conversation) {
+                        written.push(w.conversation);
+                    }
                 } else {
                     s.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !written.is_empty() {
+                if let Some(f) = &*lock(&self.on_written) {
+                    f(&written);
                 }
             }
             lock(&self.queue).in_flight = 0;

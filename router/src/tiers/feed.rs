@@ -200,7 +200,7 @@ mod tests {
     use kvtier_api::agent::Tier;
 
     fn study() -> TierCosts {
-        TierCosts::from_rates(126_976.0, 2400.0, 20e9, 6e9)
+        TierCosts::from_rates(126_976.0, 2400.0, [20e9, 6e9, 3e9])
     }
 
     #[test]
@@ -211,6 +211,7 @@ mod tests {
             tier: Tier::Nvme,
             entered: true,
             chunks: 9,
+            ttl_s: 0,
         }
         .to_json_line();
         let e = ResidencyEvent::from_json_line(line.trim()).expect("parses");
@@ -221,7 +222,10 @@ mod tests {
         assert_eq!(t.holding_for(c, "n1", 50_000), Holding::default());
         t.saw(c, 40_000);
         assert_eq!(t.apply("n1", &e), Applied::Ok);
-        assert_eq!(t.holding_for(c, "n1", 50_000), Holding { dram_tokens: 0, nvme_tokens: 40_000 });
+        assert_eq!(
+            t.holding_for(c, "n1", 50_000),
+            Holding { nvme_tokens: 40_000, ..Holding::default() }
+        );
         assert_eq!(t.holding_for(c, "n2", 50_000), Holding::default());
     }
 
@@ -266,6 +270,7 @@ mod tests {
                 tier: Tier::Dram,
                 entered: true,
                 chunks: 4,
+                ttl_s: 0,
             }
             .to_json_line();
             let reply = if head.contains("authorization: bearer s3cret\r\n") {

@@ -1,5 +1,5 @@
-//! Tier-aware routing: what a conversation's KV in a node's DRAM or NVMe tier is worth to a
-//! replica on that node ([`saved_tokens`]), where each conversation is ([`Residency`], fed by
+//! Tier-aware routing: what a conversation's KV in a node's DRAM or NVMe tier, or in the
+//! cluster-wide remote tier, is worth to a replica on that node ([`saved_tokens`]), where each conversation is ([`Residency`], fed by
 //! the node-agents' streams: [`follow`]), and when to bring KV from NVMe to DRAM before the
 //! next turn ([`prefetch`], asked by [`prefetch_loop`]). The dispatcher adds a candidate's
 //! node-tier holding to its predicted match ([`TierRouting::holding_for`]);
@@ -19,6 +19,12 @@
 //! With the study's engine (124 KiB per token, 2,400 tokens/s at long context) a DRAM load at
 //! 20 GB/s costs 0.015 of a prefill and an NVMe load at 6 GB/s 0.05: a conversation held in
 //! its node's tiers is nearly as good as one in HBM, on every replica of that node.
+//!
+//! The remote tier (Redis/Valkey, ADR 0015) is every node's: a conversation any agent wrote
+//! there within the store's TTL is worth `1 − c_remote` per token on every replica, after what
+//! HBM and the node's own tiers hold. It changes no choice between two replicas that both lack
+//! the conversation, but it prices a move: leaving an overloaded home costs a fetch, not a
+//! prefill, and a node's loss does not make its conversations look cold.
 //!
 //! # Prefetch
 //!
@@ -47,17 +53,18 @@ pub struct TierCosts {
     pub dram: f64,
     /// NVMe → HBM (through DRAM).
     pub nvme: f64,
+    /// Remote tier → HBM (through the node's DRAM).
+    pub remote: f64,
 }
 
 impl TierCosts {
     /// From the model's KV bytes per token, the engine's prefill rate at long context, and
-    /// the tiers' load bandwidths in bytes per second.
+    /// the tiers' load bandwidths in bytes per second (DRAM, NVMe, remote).
     #[must_use]
     pub fn from_rates(
         kv_bytes_per_token: f64,
         prefill_tokens_per_s: f64,
-        dram_bytes_per_s: f64,
-        nvme_bytes_per_s: f64,
+        [dram_bytes_per_s, nvme_bytes_per_s, remote_bytes_per_s]: [f64; 3],
     ) -> Self {
         let c = |bw: f64| {
             if bw > 0.0 {
@@ -66,42 +73,54 @@ impl TierCosts {
                 1.0
             }
         };
-        Self { dram: c(dram_bytes_per_s), nvme: c(nvme_bytes_per_s) }
+        Self { dram: c(dram_bytes_per_s), nvme: c(nvme_bytes_per_s), remote: c(remote_bytes_per_s) }
     }
 }
 
-/// How much of a conversation's prefix one node's tiers hold, in tokens.
+/// How much of a conversation's prefix one node's tiers (and the remote tier, seen from that
+/// node) hold, in tokens.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Holding {
     /// In DRAM.
     pub dram_tokens: u64,
     /// On NVMe (and not in DRAM).
     pub nvme_tokens: u64,
+    /// In the remote tier (and in neither of the node's).
+    pub remote_tokens: u64,
 }
 
 /// Prefill tokens a replica saves on a prompt of `prompt` tokens when its HBM matches
 /// `hbm_match` tokens and its node's tiers hold `node` (a prefix held in DRAM first, then on
-/// NVMe, beyond what HBM holds).
+/// NVMe, then in the remote tier, beyond what HBM holds).
 #[must_use]
 pub fn saved_tokens(prompt: u64, hbm_match: u64, node: Holding, costs: TierCosts) -> f64 {
     let hbm = hbm_match.min(prompt);
     let dram_end = node.dram_tokens.min(prompt).max(hbm);
     let nvme_end = (node.dram_tokens + node.nvme_tokens).min(prompt).max(dram_end);
+    let remote_end =
+        (node.dram_tokens + node.nvme_tokens + node.remote_tokens).min(prompt).max(nvme_end);
     hbm as f64
         + (dram_end - hbm) as f64 * (1.0 - costs.dram)
         + (nvme_end - dram_end) as f64 * (1.0 - costs.nvme)
+        + (remote_end - nvme_end) as f64 * (1.0 - costs.remote)
 }
 
 /// A node, as discovery names it (the Pod's `spec.nodeName`).
 pub type NodeName = String;
 
-/// Where every conversation's KV is, per node, from the node-agents' residency events.
+/// Where every conversation's KV is, per node, from the node-agents' residency events; and
+/// which conversations the remote tier holds, until when (any node's agent may have written
+/// them, and they outlive that node and its stream).
 #[derive(Debug, Default)]
 pub struct Residency {
     chunk_tokens: u64,
     by_conversation: HashMap<ConversationKey, HashMap<NodeName, Holding>>,
     last_seq: HashMap<NodeName, u64>,
+    remote: HashMap<ConversationKey, Instant>,
 }
+
+/// Conversations whose remote-tier expiry the router keeps (about 32 bytes each).
+const REMOTE_NOTES: usize = 1 << 20;
 
 /// What applying an event found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +138,13 @@ impl Residency {
         Self { chunk_tokens, ..Self::default() }
     }
 
-    /// Applies one event from `node`'s agent.
+    /// Applies one event from `node`'s agent, received now.
     pub fn apply(&mut self, node: &str, e: &ResidencyEvent) -> Applied {
+        self.apply_at(node, e, Instant::now())
+    }
+
+    /// Applies one event from `node`'s agent, received at `now`.
+    pub fn apply_at(&mut self, node: &str, e: &ResidencyEvent, now: Instant) -> Applied {
         if let Some(&last) = self.last_seq.get(node) {
             if e.seq != last + 1 {
                 self.forget_node(node);
@@ -128,6 +152,20 @@ impl Residency {
             }
         }
         self.last_seq.insert(node.to_owned(), e.seq);
+        if e.tier == Tier::Remote {
+            if e.entered && e.conversation.0 != 0 {
+                if self.remote.len() >= REMOTE_NOTES {
+                    self.remote.retain(|_, until| *until > now);
+                    if self.remote.len() >= REMOTE_NOTES {
+                        self.remote.clear();
+                    }
+                }
+                let until = now + Duration::from_secs(u64::from(e.ttl_s));
+                let at = self.remote.entry(e.conversation).or_insert(until);
+                *at = (*at).max(until);
+            }
+            return Applied::Ok;
+        }
         let tokens = u64::from(e.chunks) * self.chunk_tokens;
         let per_node = self.by_conversation.entry(e.conversation).or_default();
         let h = per_node.entry(node.to_owned()).or_default();
@@ -145,7 +183,8 @@ impl Residency {
         Applied::Ok
     }
 
-    /// Drops everything known about `node` (its agent restarted, or events were missed).
+    /// Drops everything known about `node`'s own tiers (its agent restarted, or events were
+    /// missed). What it wrote to the remote tier stays there, and stays counted.
     pub fn forget_node(&mut self, node: &str) {
         self.last_seq.remove(node);
         self.by_conversation.retain(|_, per_node| {
@@ -154,7 +193,7 @@ impl Residency {
         });
     }
 
-    /// What `node` holds of `conversation`.
+    /// What `node` holds of `conversation`, in chunks' tokens.
     #[must_use]
     pub fn holding(&self, conversation: ConversationKey, node: &str) -> Holding {
         self.by_conversation
@@ -162,6 +201,12 @@ impl Residency {
             .and_then(|m| m.get(node))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Whether the remote tier holds `conversation` at `now` (written within its TTL).
+    #[must_use]
+    pub fn remote_holds(&self, conversation: ConversationKey, now: Instant) -> bool {
+        self.remote.get(&conversation).is_some_and(|until| *until > now)
     }
 }
 
@@ -278,19 +323,25 @@ impl TierRouting {
         lock(&self.prefetched).retain(|(c, _)| *c != conversation);
     }
 
-    /// What `node`'s tiers hold of `conversation`'s next prompt of `prompt` tokens: its
-    /// previous prompt, in the best tier that reports holding it.
+    /// What `node`'s tiers (and the remote tier) hold of `conversation`'s next prompt of
+    /// `prompt` tokens: its previous prompt, in the best tier that reports holding it.
     #[must_use]
     pub fn holding_for(&self, conversation: ConversationKey, node: &str, prompt: u64) -> Holding {
-        let h = lock(&self.residency).holding(conversation, node);
-        if h == Holding::default() {
+        let (h, remote) = {
+            let r = lock(&self.residency);
+            (r.holding(conversation, node), r.remote_holds(conversation, Instant::now()))
+        };
+        if h == Holding::default() && !remote {
             return h;
         }
         let known = lock(&self.last_prompt).get(&conversation).map_or(0, |(t, _)| *t).min(prompt);
+        let none = Holding::default();
         if h.dram_tokens > 0 {
-            Holding { dram_tokens: known, nvme_tokens: 0 }
+            Holding { dram_tokens: known, ..none }
+        } else if h.nvme_tokens > 0 {
+            Holding { nvme_tokens: known, ..none }
         } else {
-            Holding { dram_tokens: 0, nvme_tokens: known }
+            Holding { remote_tokens: known, ..none }
         }
     }
 }
@@ -388,7 +439,8 @@ mod tests {
 
     fn study() -> TierCosts {
         // MiniMax-M2.5 FP8 on 2x MI300X: 124 KiB per token, 2,400 tokens/s at long context.
-        TierCosts::from_rates(126_976.0, 2400.0, 20e9, 6e9)
+        // Remote: 25 Gbit/s.
+        TierCosts::from_rates(126_976.0, 2400.0, [20e9, 6e9, 3.125e9])
     }
 
     #[test]
@@ -396,14 +448,18 @@ mod tests {
         let c = study();
         assert!((c.dram - 0.0152).abs() < 1e-3, "{c:?}");
         assert!((c.nvme - 0.0508).abs() < 1e-3, "{c:?}");
-        assert_eq!(TierCosts::from_rates(1e9, 1e6, 1.0, 0.0), TierCosts { dram: 1.0, nvme: 1.0 });
+        assert!((c.remote - 0.0975).abs() < 1e-3, "{c:?}");
+        assert_eq!(
+            TierCosts::from_rates(1e9, 1e6, [1.0, 0.0, 1.0]),
+            TierCosts { dram: 1.0, nvme: 1.0, remote: 1.0 }
+        );
     }
 
     #[test]
     fn a_replica_on_the_node_holding_the_conversation_beats_an_idle_stranger() {
         let c = study();
         let prompt = 100_000;
-        let held = Holding { dram_tokens: 60_000, nvme_tokens: 39_000 };
+        let held = Holding { dram_tokens: 60_000, nvme_tokens: 39_000, remote_tokens: 0 };
         // HBM of this replica holds nothing (the conversation came from its neighbour), but
         // the node's tiers hold 99k tokens.
         let near = cost(prompt, 0, held, c, 8_000);
@@ -418,7 +474,43 @@ mod tests {
     }
 
     fn ev(seq: u64, conv: u64, tier: Tier, entered: bool, chunks: u32) -> ResidencyEvent {
-        ResidencyEvent { seq, conversation: ConversationKey(conv), tier, entered, chunks }
+        ResidencyEvent { seq, conversation: ConversationKey(conv), tier, entered, chunks, ttl_s: 0 }
+    }
+
+    #[test]
+    fn the_remote_tier_prices_a_move_on_every_node_and_outlives_its_writer() {
+        let c = study();
+        let t = TierRouting::new(c, 256);
+        let conv = ConversationKey::of_session("r");
+        t.saw(conv, 80_000);
+        assert_eq!(t.holding_for(conv, "n2", 90_000), Holding::default());
+        let wrote = ResidencyEvent { ttl_s: 3600, ..ev(1, conv.0, Tier::Remote, true, 0) };
+        assert_eq!(t.apply("n1", &wrote), Applied::Ok);
+        assert_eq!(t.apply("n1", &ev(2, conv.0, Tier::Dram, true, 300)), Applied::Ok);
+        // The writer's node holds it in DRAM; every other node can fetch it.
+        assert_eq!(t.holding_for(conv, "n1", 90_000).dram_tokens, 80_000);
+        let far = t.holding_for(conv, "n2", 90_000);
+        assert_eq!(far, Holding { remote_tokens: 80_000, ..Holding::default() });
+        let s = saved_tokens(90_000, 0, far, c);
+        assert!((s - 80_000.0 * (1.0 - c.remote)).abs() < 1e-6, "{s}");
+        // The writer's stream breaks (its node is lost): the remote tier still holds it.
+        t.forget_node("n1");
+        assert_eq!(t.holding_for(conv, "n1", 90_000).remote_tokens, 80_000);
+        // Until its TTL lapses.
+        let mut r = Residency::new(256);
+        let t0 = Instant::now();
+        let short = ResidencyEvent { ttl_s: 10, ..ev(1, conv.0, Tier::Remote, true, 0) };
+        assert_eq!(r.apply_at("n1", &short, t0), Applied::Ok);
+        assert!(r.remote_holds(conv, t0 + Duration::from_secs(9)));
+        assert!(!r.remote_holds(conv, t0 + Duration::from_secs(11)));
+        // HBM first, then the node's tiers, then the remote tier.
+        let all = Holding { dram_tokens: 10_000, nvme_tokens: 10_000, remote_tokens: 50_000 };
+        let s = saved_tokens(100_000, 5_000, all, c);
+        let expect = 5_000.0
+            + 5_000.0 * (1.0 - c.dram)
+            + 10_000.0 * (1.0 - c.nvme)
+            + 50_000.0 * (1.0 - c.remote);
+        assert!((s - expect).abs() < 1e-6, "{s} != {expect}");
     }
 
     #[test]
@@ -429,7 +521,7 @@ mod tests {
         assert_eq!(r.apply("n2", &ev(40, 7, Tier::Dram, true, 3)), Applied::Ok);
         assert_eq!(
             r.holding(ConversationKey(7), "n1"),
-            Holding { dram_tokens: 2560, nvme_tokens: 3072 }
+            Holding { dram_tokens: 2560, nvme_tokens: 3072, remote_tokens: 0 }
         );
         assert_eq!(r.apply("n1", &ev(3, 7, Tier::Dram, false, 0)), Applied::Ok);
         assert_eq!(r.holding(ConversationKey(7), "n1").dram_tokens, 0);

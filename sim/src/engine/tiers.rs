@@ -44,6 +44,10 @@ pub struct HostTiers {
     remote: Option<RemoteStore>,
 }
 
+/// What the residency stream announces as the remote tier's TTL: the simulated store has
+/// none (it is bounded by size, LRU), so the routers count a write for longer than any run.
+const REMOTE_ANNOUNCED_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The remote tier (a Redis or Valkey shared by every node): the blocks any node wrote,
 /// bounded, LRU as the store's `allkeys-lru`. Cloning shares it.
 #[derive(Clone, Debug)]
@@ -250,6 +254,9 @@ impl HostTiers {
             g.count(h, Tier::Dram, true);
             if let Some(r) = &self.remote {
                 r.put(h);
+                if let Some(&conv) = g.owner.get(&h) {
+                    g.residency.remote_written(conv, REMOTE_ANNOUNCED_TTL);
+                }
             }
         }
         for v in evicted {
