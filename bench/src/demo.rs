@@ -14,7 +14,7 @@ use kvtier_router::{EndpointSpec, Policy, RouterConfig, StaticDiscovery};
 use kvtier_sim::{Profile, Sim, SimClock, SimOptions, Strategy};
 use tokio::net::TcpListener;
 
-use crate::replay::{self, Replay, ReplayOptions};
+use crate::replay::{self, Protocol, Replay, ReplayOptions};
 use crate::report::{self, Summary};
 use crate::trace::{self, Trace};
 
@@ -129,6 +129,9 @@ pub struct DemoOptions {
     /// With tier-aware routing, pass the Anthropic `cache_control` breakpoints to the
     /// replicas as holds (ADR 0013).
     pub holds: bool,
+    /// Replay by the study's protocol (its users per replica, ramp, limits and warm prefix)
+    /// instead of the regimes' fixed users.
+    pub protocol: Option<Protocol>,
 }
 
 /// One configuration's outcome.
@@ -142,6 +145,8 @@ pub struct RunResult {
     pub strategy: Strategy,
     /// Headline figures.
     pub summary: Summary,
+    /// Where the replicas' cached prompt tokens came from, by their own counters.
+    pub sources: Option<crate::sources::Sources>,
     /// Largest KV the replicas held at once, in tokens, summed over replicas (any tier).
     pub held_tokens: u64,
     /// Worst lag of an engine behind the clock, simulated seconds.
@@ -194,13 +199,32 @@ impl LocalRouter {
 }
 
 /// The replay of a run under `regime` against `endpoint`: every user of the regime, started
-/// over the first fifth of the run, recycled, for the run's duration.
+/// over the first fifth of the run, recycled, for the run's duration; or the study's
+/// protocol, its users per replica.
 pub(crate) fn replay_options(
     opts: &DemoOptions,
     regime: &Regime,
     endpoint: String,
     label: String,
 ) -> ReplayOptions {
+    if let Some(p) = opts.protocol {
+        let base = ReplayOptions {
+            endpoint,
+            model: Some(opts.profile.served_model.clone()),
+            seed: opts.seed,
+            time_scale: opts.time_scale,
+            progress: opts.progress,
+            label,
+            api: opts.api,
+            ..ReplayOptions::default()
+        };
+        let o = p.apply(base);
+        return ReplayOptions {
+            start_users: o.start_users * opts.replicas,
+            max_users: o.max_users * opts.replicas,
+            ..o
+        };
+    }
     let users = users_per_replica(regime, opts) * opts.replicas;
     ReplayOptions {
         endpoint,
@@ -289,16 +313,26 @@ pub async fn run_one(
     let _ = sampler.await;
     router.stop().await;
     let replay = result.with_context(|| format!("replaying {label}"))?;
+    let sources = replica_sources(&sims.iter().map(Sim::url).collect::<Vec<_>>()).await;
     let (held, lag) = *peak.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok(RunResult {
         regime: regime.name,
         policy,
         strategy,
+        sources,
         summary: report::summarize(&replay),
         held_tokens: held,
         max_lag: lag,
         replay,
     })
+}
+
+/// What the replicas at `urls` report of their cached tokens' sources, once their metrics
+/// have caught up with the run's end.
+pub(crate) async fn replica_sources(urls: &[String]) -> Option<crate::sources::Sources> {
+    // A simulated engine publishes its figures every 50 ms.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    crate::sources::scrape(urls).await
 }
 
 /// Runs every configuration, writes the reports, and returns the results table.
@@ -316,7 +350,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<(Vec<RunResult>, String)>
                     policy_label(policy),
                     strategy.label()
                 ));
-                report::write_all(&r.replay, &dir)
+                report::write_all(&r.replay, r.sources.as_ref(), &dir)
                     .with_context(|| format!("writing {}", dir.display()))?;
                 results.push(r);
             }
@@ -344,17 +378,33 @@ pub fn tables(opts: &DemoOptions, results: &[RunResult]) -> String {
         if rows.is_empty() {
             continue;
         }
-        let users = users_per_replica(regime, opts);
-        let ws = users as f64 * mean_context(&opts.traces, opts.max_context);
-        let _ = writeln!(
-            m,
-            "## {} ({users} {} per replica, started over the first {:.0} s: a working set of about {:.0}k tokens per replica, {:.2}x its HBM KV capacity)\n",
-            regime.name,
-            if users == 1 { "user" } else { "users" },
-            opts.duration / 5.0,
-            ws / 1000.0,
-            ws / opts.profile.hbm_kv_tokens() as f64
-        );
+        if let Some(p) = opts.protocol {
+            let o = p.apply(ReplayOptions::default());
+            let _ = writeln!(
+                m,
+                "## {} (the study's protocol per replica: {} to {} users while p95 TTFT < {} s, max context {} tokens, warm prefix {}, {} s{})\n",
+                regime.name,
+                o.start_users,
+                o.max_users,
+                o.max_ttft,
+                o.max_context,
+                o.warm_prefix_pct,
+                o.duration,
+                if o.recycle { ", recycling" } else { "" }
+            );
+        } else {
+            let users = users_per_replica(regime, opts);
+            let ws = users as f64 * mean_context(&opts.traces, opts.max_context);
+            let _ = writeln!(
+                m,
+                "## {} ({users} {} per replica, started over the first {:.0} s: a working set of about {:.0}k tokens per replica, {:.2}x its HBM KV capacity)\n",
+                regime.name,
+                if users == 1 { "user" } else { "users" },
+                opts.duration / 5.0,
+                ws / 1000.0,
+                ws / opts.profile.hbm_kv_tokens() as f64
+            );
+        }
         m.push_str(report::TABLE_HEADER);
         for r in &rows {
             m.push_str(&report::table_row(&r.summary, Some(r.held_tokens)));

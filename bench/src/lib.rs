@@ -6,6 +6,7 @@ pub mod node_tiers;
 pub mod plot;
 pub mod replay;
 pub mod report;
+pub mod sources;
 pub mod sse;
 pub mod synth;
 pub mod trace;

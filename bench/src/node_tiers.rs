@@ -215,13 +215,23 @@ pub async fn run_node_tiers(
     scale_down.abort();
     router.stop().await;
     let replay = result.with_context(|| format!("replaying {label}"))?;
-    let (mut dram, mut computed, mut from_remote) = (0, 0, 0);
+    let mut sources = crate::sources::Sources::default();
     for (_, s) in &sims {
         let c = s.snapshot().counters;
-        dram += c.dram_hits;
-        computed += c.computed_tokens;
-        from_remote += c.remote_hits;
+        sources.hbm += c.prefix_hits;
+        sources.dram += c.dram_hits;
+        sources.nvme += c.nvme_hits;
+        sources.remote += c.remote_hits;
+        sources.recomputed += c.computed_tokens;
     }
+    let (dram, computed, from_remote) = (sources.dram, sources.recomputed, sources.remote);
+    let dir = opts.out.join("node-tiers").join(format!(
+        "{}{}",
+        routing.label().replace(' ', "-"),
+        if remote.is_some() { "-remote" } else { "" }
+    ));
+    report::write_all(&replay, Some(&sources), &dir)
+        .with_context(|| format!("writing {}", dir.display()))?;
     let half = opts.duration / 2.0;
     Ok(NodeRun {
         routing,

@@ -36,6 +36,14 @@ pub struct Summary {
     pub cache_hit_rate: f64,
     /// The trace's own reuse over the same requests (an unbounded cache's hit rate).
     pub trace_hit_rate: f64,
+    /// Prompt tokens of completed requests (as the endpoint reported, else the trace's).
+    pub prompt_tokens: u64,
+    /// Cached prompt tokens of completed requests, as the endpoint reported.
+    pub cached_tokens: u64,
+    /// What an unbounded cache would have held of the same requests (the oracle).
+    pub oracle_hit_tokens: u64,
+    /// Cached over oracle tokens: the reuse the routing and the tiers kept.
+    pub hit_vs_oracle: f64,
     /// Largest sum of live conversations' contexts in a period, tokens.
     pub working_set_tokens: u64,
     /// Most users at once.
@@ -60,6 +68,7 @@ pub fn summarize(r: &Replay) -> Summary {
     let output: u64 = ok.iter().map(|x| x.output_tokens_actual).sum();
     let blocks: u64 = ok.iter().map(|x| x.trace_hit_blocks + x.trace_miss_blocks).sum();
     let hits: u64 = ok.iter().map(|x| x.trace_hit_blocks).sum();
+    let oracle: u64 = ok.iter().map(|x| x.trace_hit_tokens).sum();
     let elapsed = r.elapsed.max(1e-9);
     let periods = periods(r);
     Summary {
@@ -75,6 +84,10 @@ pub fn summarize(r: &Replay) -> Summary {
         output_tokens_per_s: output as f64 / elapsed,
         cache_hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
         trace_hit_rate: if blocks == 0 { 0.0 } else { hits as f64 / blocks as f64 },
+        prompt_tokens: prompt,
+        cached_tokens: cached,
+        oracle_hit_tokens: oracle,
+        hit_vs_oracle: if oracle == 0 { 0.0 } else { cached as f64 / oracle as f64 },
         working_set_tokens: periods.iter().map(|p| p.working_set_tokens).max().unwrap_or(0),
         peak_users: r.assessments.iter().map(|a| a.users).max().unwrap_or(0).max(
             r.users.iter().filter(|u| u.event == "started").count().min(r.options.start_users),
@@ -353,13 +366,13 @@ pub fn users_csv(r: &Replay) -> String {
 }
 
 /// The headline table's header, shaped like the study's stress table.
-pub const TABLE_HEADER: &str = "| run | requests completed | failed | TTFT avg (s) | p50 | p95 | max | input tok/s | working set (k tok) | cache hit |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+pub const TABLE_HEADER: &str = "| run | requests completed | failed | TTFT avg (s) | p50 | p95 | max | input tok/s | working set (k tok) | cache hit | hit vs oracle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
 /// One row of the headline table.
 #[must_use]
 pub fn table_row(s: &Summary, working_set_override: Option<u64>) -> String {
     format!(
-        "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1}% |\n",
+        "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1}% | {:.3} |\n",
         s.label,
         s.completed,
         s.failed,
@@ -370,7 +383,81 @@ pub fn table_row(s: &Summary, working_set_override: Option<u64>) -> String {
         s.input_tokens_per_s,
         working_set_override.unwrap_or(s.working_set_tokens) as f64 / 1000.0,
         s.cache_hit_rate * 100.0,
+        s.hit_vs_oracle,
     )
+}
+
+/// Cached over oracle tokens of completed requests by the turn's place in its agent: the
+/// first (only the warm prefix to find), the second (the first turn's KV, saved a think
+/// time ago), and the later ones.
+fn by_turn(r: &Replay) -> serde_json::Value {
+    let mut sums = [(0u64, 0u64); 3];
+    for x in r.records.iter().filter(|x| x.success) {
+        let s = &mut sums[x.request_idx.min(2)];
+        s.0 += x.cached_tokens.unwrap_or(0);
+        s.1 += x.trace_hit_tokens;
+    }
+    let ratio = |(c, o): (u64, u64)| if o == 0 { None } else { Some(c as f64 / o as f64) };
+    serde_json::json!({
+        "first": ratio(sums[0]),
+        "second": ratio(sums[1]),
+        "later": ratio(sums[2]),
+    })
+}
+
+/// `summary.json`: the run's headline figures, machine-readable. `hit_tokens` are the
+/// engines' own per-source counters over the run (every request they admitted; absent when
+/// the engines' metrics were not read), `cached_tokens` and `oracle_hit_tokens` the
+/// completed requests' (the endpoint's usage, and an unbounded cache on the trace's block
+/// ids). `hit_vs_oracle` is their ratio; `hit_vs_oracle_by_source` splits it by the
+/// engines' source shares.
+#[must_use]
+pub fn summary_json(r: &Replay, sources: Option<&crate::sources::Sources>) -> serde_json::Value {
+    let s = summarize(r);
+    let o = &r.options;
+    let by_source = sources.filter(|x| x.hits() > 0).map(|x| {
+        let share = |v: u64| s.hit_vs_oracle * v as f64 / x.hits() as f64;
+        serde_json::json!({
+            "hbm": share(x.hbm),
+            "dram": share(x.dram),
+            "nvme": share(x.nvme),
+            "remote": share(x.remote),
+        })
+    });
+    serde_json::json!({
+        "label": s.label,
+        "endpoint": o.endpoint,
+        "model": r.model,
+        "seed": o.seed,
+        "options": {
+            "start_users": o.start_users,
+            "max_users": o.max_users,
+            "max_ttft_s": o.max_ttft,
+            "max_context": o.max_context,
+            "duration_s": o.duration,
+            "recycle": o.recycle,
+            "warm_prefix_pct": o.warm_prefix_pct,
+            "timing": format!("{:?}", o.timing),
+            "advance": [o.advance.0, o.advance.1],
+            "api": format!("{:?}", o.api),
+            "time_scale": o.time_scale,
+        },
+        "requests": s.completed,
+        "failures": s.failed,
+        "unfinished": s.unfinished,
+        "ttft_s": { "avg": s.ttft_avg, "p50": s.ttft_p50, "p95": s.ttft_p95, "max": s.ttft_max },
+        "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.cached_tokens,
+        "hit_tokens": sources,
+        "oracle_hit_tokens": s.oracle_hit_tokens,
+        "hit_vs_oracle": s.hit_vs_oracle,
+        "hit_vs_oracle_by_source": by_source,
+        "hit_vs_oracle_by_turn": by_turn(r),
+        "cache_hit_rate": s.cache_hit_rate,
+        "trace_hit_rate": s.trace_hit_rate,
+        "peak_users": s.peak_users,
+        "elapsed_s": s.elapsed,
+    })
 }
 
 /// `summary.md`.
@@ -394,7 +481,7 @@ pub fn markdown(r: &Replay) -> String {
         "\nOutput {:.1} tok/s; trace reuse (unbounded cache) {:.1}%; peak users {}; {} requests in flight at the end (not counted).",
         s.output_tokens_per_s, s.trace_hit_rate * 100.0, s.peak_users, s.unfinished
     );
-    m.push_str("\nFiles: `detailed_results.csv` (per request), `summary_trace_replay.csv` (per period), `user_lifecycle.csv`, `ttft.svg`, `throughput.svg`, `cache_hit.svg`.\n");
+    m.push_str("\nFiles: `summary.json` (the headline figures, hits by source against the oracle), `detailed_results.csv` (per request), `summary_trace_replay.csv` (per period), `user_lifecycle.csv`, `ttft.svg`, `throughput.svg`, `cache_hit.svg`.\n");
     m
 }
 
@@ -402,8 +489,14 @@ pub fn markdown(r: &Replay) -> String {
 ///
 /// # Errors
 /// When a file cannot be written.
-pub fn write_all(r: &Replay, dir: &Path) -> std::io::Result<()> {
+pub fn write_all(
+    r: &Replay,
+    sources: Option<&crate::sources::Sources>,
+    dir: &Path,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_string_pretty(&summary_json(r, sources)).unwrap_or_default();
+    std::fs::write(dir.join("summary.json"), json + "\n")?;
     std::fs::write(dir.join("detailed_results.csv"), detailed_csv(r))?;
     std::fs::write(dir.join("summary_trace_replay.csv"), periods_csv(r))?;
     std::fs::write(dir.join("user_lifecycle.csv"), users_csv(r))?;
@@ -462,6 +555,7 @@ mod tests {
             output_tokens_actual: 10,
             trace_hit_blocks: 3,
             trace_miss_blocks: 1,
+            trace_hit_tokens: 192,
             prompt_tokens: None,
             cached_tokens: Some(50),
             start: 1.5,

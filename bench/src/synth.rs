@@ -163,6 +163,8 @@ pub struct Conversation {
     blocks: Vec<u64>,
     messages: Vec<Message>,
     turns: u64,
+    /// The canonical warm prefix: its text's seed and its length in blocks.
+    warm: (u64, usize),
 }
 
 impl Conversation {
@@ -178,7 +180,17 @@ impl Conversation {
             blocks: Vec::new(),
             messages: Vec::new(),
             turns: 0,
+            warm: (0, 0),
         }
+    }
+
+    /// The same conversation opening with `blocks` blocks of the canonical warm prefix (text
+    /// from `seed` and the block's position alone, so every conversation given the same
+    /// seed opens with the same bytes) in place of its own first blocks' text.
+    #[must_use]
+    pub fn with_warm_prefix(mut self, seed: u64, blocks: u64) -> Self {
+        self.warm = (seed, usize::try_from(blocks).unwrap_or(usize::MAX));
+        self
     }
 
     fn block_bytes(&self) -> usize {
@@ -246,20 +258,27 @@ impl Conversation {
             stream += Role::User.name().len() + 2;
         }
         let pad = target.saturating_sub(stream);
-        // (role, blocks, padded): the messages in order, the new input last.
+        // (role, first block, blocks, padded): the messages in order, the new input last.
         let last = self.messages.len().saturating_sub(1);
-        let mut parts: Vec<(Role, &[u64], bool)> = self
+        let mut parts: Vec<(Role, usize, &[u64], bool)> = self
             .messages
             .iter()
             .enumerate()
-            .map(|(i, m)| (m.role, &self.blocks[m.start..m.end], i == last && !needs_user))
+            .map(|(i, m)| (m.role, m.start, &self.blocks[m.start..m.end], i == last && !needs_user))
             .collect();
         if needs_user {
-            parts.push((Role::User, &[], true));
+            parts.push((Role::User, self.blocks.len(), &[], true));
         }
-        let text = |out: &mut Vec<u8>, blocks: &[u64], padded: bool| {
-            for &id in blocks {
-                words(mix(&[self.seed, id]), bb, out);
+        let (warm_seed, warm_blocks) = self.warm;
+        let text = |out: &mut Vec<u8>, first: usize, blocks: &[u64], padded: bool| {
+            for (k, &id) in blocks.iter().enumerate() {
+                let at = first + k;
+                let seed = if at < warm_blocks {
+                    mix(&[warm_seed, at as u64])
+                } else {
+                    mix(&[self.seed, id])
+                };
+                words(seed, bb, out);
             }
             if padded {
                 words(mix(&[self.seed, u64::MAX, self.turns]), pad, out);
@@ -270,10 +289,10 @@ impl Conversation {
         let _ = write!(Sink(&mut out), "{{\"model\":{},", json_string(opts.model));
         // The system prompt is a field of its own in the agents' APIs.
         let system = match (opts.api, parts.first()) {
-            (Api::Anthropic | Api::Responses, Some((Role::System, blocks, padded))) => {
-                let (blocks, padded) = (*blocks, *padded);
+            (Api::Anthropic | Api::Responses, Some((Role::System, first, blocks, padded))) => {
+                let (first, blocks, padded) = (*first, *blocks, *padded);
                 parts.remove(0);
-                Some((blocks, padded))
+                Some((first, blocks, padded))
             }
             _ => None,
         };
@@ -281,24 +300,24 @@ impl Conversation {
         match opts.api {
             Api::Chat => out.extend_from_slice(b"\"messages\":["),
             Api::Anthropic => {
-                if let Some((blocks, padded)) = system {
+                if let Some((first, blocks, padded)) = system {
                     out.extend_from_slice(br#""system":[{"type":"text","text":""#);
-                    text(&mut out, blocks, padded);
+                    text(&mut out, first, blocks, padded);
                     let _ = write!(Sink(&mut out), "\"{breakpoint}}}],");
                 }
                 out.extend_from_slice(b"\"messages\":[");
             }
             Api::Responses => {
-                if let Some((blocks, padded)) = system {
+                if let Some((first, blocks, padded)) = system {
                     out.extend_from_slice(b"\"instructions\":\"");
-                    text(&mut out, blocks, padded);
+                    text(&mut out, first, blocks, padded);
                     out.extend_from_slice(b"\",");
                 }
                 out.extend_from_slice(b"\"input\":[");
             }
         }
         let newest = parts.len().saturating_sub(1);
-        for (i, (role, blocks, padded)) in parts.iter().enumerate() {
+        for (i, (role, first, blocks, padded)) in parts.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -307,7 +326,7 @@ impl Conversation {
                 Api::Anthropic => out.extend_from_slice(br#"[{"type":"text","text":""#),
                 _ => out.push(b'"'),
             }
-            text(&mut out, blocks, *padded);
+            text(&mut out, *first, blocks, *padded);
             match opts.api {
                 Api::Anthropic if i == newest => {
                     let _ = write!(Sink(&mut out), "\"{breakpoint}}}]}}");

@@ -122,7 +122,16 @@ async fn a_replay_through_the_router_sees_the_traces_reuse() {
 
     // Reports.
     let dir = std::env::temp_dir().join(format!("kvtier-replay-{}", std::process::id()));
-    report::write_all(&r, &dir).expect("reports");
+    report::write_all(&r, None, &dir).expect("reports");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("summary.json")).expect("summary.json"),
+    )
+    .expect("JSON");
+    assert_eq!(json["requests"], turns);
+    assert!(json["oracle_hit_tokens"].as_u64().expect("oracle") > 0, "{json}");
+    let h = json["hit_vs_oracle"].as_f64().expect("ratio");
+    assert!(h > 0.9, "sticky routing keeps what an unbounded cache would: {json}");
+    assert!(json["hit_tokens"].is_null(), "no engine metrics were read");
     let csv = std::fs::read_to_string(dir.join("detailed_results.csv")).expect("csv");
     assert!(csv.starts_with("user_id,request_idx,trace_id,timestamp,request_type,input_tokens,"));
     assert_eq!(csv.lines().count(), turns + 1);
@@ -160,6 +169,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
         session_placement: kvtier_router::SessionPlacement::Load,
         api: Api::Chat,
         holds: false,
+        protocol: None,
     };
     let (results, text) = demo::run(&opts).await.expect("demo");
     assert_eq!(results.len(), 2);
@@ -171,12 +181,28 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
     assert!(text.contains("hbm strategy, kvtier vs round-robin routing"), "{text}");
     assert!(out.join("demo.md").is_file() && out.join("tiny/ttft_p95.svg").is_file());
     assert!(out.join("tiny/kvtier-hbm/detailed_results.csv").is_file());
+    // Each configuration's summary.json says where the replicas' hits came from, against
+    // the oracle.
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("tiny/kvtier-hbm/summary.json")).expect("summary"),
+    )
+    .expect("JSON");
+    let hits = &json["hit_tokens"];
+    assert!(hits["hbm"].as_u64().expect("hbm") > 0, "{json}");
+    assert_eq!(hits["dram"], 0, "an hbm-only replica has no DRAM tier: {json}");
+    assert!(hits["recomputed"].as_u64().expect("recomputed") > 0, "{json}");
+    assert!(json["hit_vs_oracle"].as_f64().expect("ratio") > 0.0, "{json}");
+    assert!(json["hit_vs_oracle_by_source"]["hbm"].as_f64().expect("by source") > 0.0);
     std::fs::remove_dir_all(&out).ok();
 }
 
 /// Every request body and session header the stand-in received, sorted (users interleave
 /// differently from run to run; what each sends must not).
 async fn replay_bytes(seed: u64) -> Vec<(String, Vec<u8>)> {
+    replay_bytes_with(seed, ReplayOptions::default().warm_prefix_pct).await
+}
+
+async fn replay_bytes_with(seed: u64, warm_prefix_pct: f64) -> Vec<(String, Vec<u8>)> {
     let stub = kvtier_testkit::StubEngine::start("stub").await.expect("stand-in");
     let traces: Vec<_> = demo::shipped_traces().into_iter().take(2).collect();
     let opts = ReplayOptions {
@@ -188,6 +214,7 @@ async fn replay_bytes(seed: u64) -> Vec<(String, Vec<u8>)> {
         duration: 4.0 * 3600.0,
         time_scale: 5000.0,
         label: "det".into(),
+        warm_prefix_pct,
         ..ReplayOptions::default()
     };
     let r = replay::run(traces, opts).await.expect("replay");
@@ -219,4 +246,44 @@ async fn same_seed_same_requests() {
     let c = replay_bytes(10).await;
     assert_eq!(a.len(), c.len());
     assert!(a != c, "another seed must give other text");
+}
+
+/// The text of a request's messages, one after the other.
+fn contents(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON body");
+    v["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_prefix_opens_every_conversation_with_the_same_text() {
+    let traces: Vec<_> = demo::shipped_traces().into_iter().take(2).collect();
+    let largest = traces.iter().map(|t| t.tool_tokens + t.system_tokens).max().expect("traces");
+    let block = traces[0].block_size;
+    let warm_bytes =
+        ((largest / 2) / block * block) as usize * kvtier_bench::synth::BYTES_PER_TOKEN;
+    assert!(warm_bytes > 10_000, "{warm_bytes}");
+    let shared = |reqs: &[(String, Vec<u8>)]| {
+        // Each conversation's first request: the shortest body of its parent's session
+        // (`label-conversation-trace`; subagents' sessions add their id).
+        let mut first: std::collections::BTreeMap<&str, &[u8]> = Default::default();
+        for (session, body) in reqs.iter().filter(|(s, _)| s.matches('-').count() == 2) {
+            let e = first.entry(session.as_str()).or_insert(body);
+            if body.len() < e.len() {
+                *e = body;
+            }
+        }
+        let texts: Vec<String> = first.values().map(|b| contents(b)).collect();
+        assert!(texts.len() >= 2, "{} conversations", texts.len());
+        texts[0].bytes().zip(texts[1].bytes()).take_while(|(a, b)| a == b).count()
+    };
+    let with = shared(&replay_bytes_with(3, 0.5).await);
+    assert!(with >= warm_bytes, "{with} shared bytes, the warm prefix is {warm_bytes}");
+    assert!(with < warm_bytes + 64 * 8, "only the warm prefix is shared: {with}");
+    let without = shared(&replay_bytes_with(3, 0.0).await);
+    assert!(without < 64, "without a warm prefix conversations share nothing: {without}");
 }

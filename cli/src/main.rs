@@ -167,6 +167,33 @@ struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Share of the largest tools + system prompt among the traces that opens every agent's
+    /// prompt, the same text for all, as kv-cache-tester's --warm-prefix-pct (0: none).
+    #[arg(long, default_value_t = 0.5)]
+    warm_prefix_pct: f64,
+    /// How the wait before each turn is taken from the trace (kv-cache-tester's
+    /// --timing-strategy).
+    #[arg(long, value_enum, default_value = "think-only")]
+    timing_strategy: replay::Timing,
+    /// api-scaled timing: the factor on the recorded server time.
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    api_time_scale: f64,
+    /// New users start at least this far through their trace (share of its steps).
+    #[arg(long, default_value_t = 0.0)]
+    advance_min: f64,
+    /// New users start at most this far through their trace.
+    #[arg(long, default_value_t = 0.0)]
+    advance_max: f64,
+    /// The study's runs, every replay parameter they set (the flags those set cannot be
+    /// given with it): study-stress (4 to 32 users, 60 s TTFT, 20 min, 100k context,
+    /// recycling) or study-low-load (up to 8 users, 30 s, 10 min, 32k).
+    #[arg(long, value_enum, conflicts_with_all = ["start_users", "ramp_up", "max_users", "ttft_percentile", "max_ttft", "max_context", "duration", "recycle", "max_delay", "period", "warm_prefix_pct", "timing_strategy", "api_time_scale", "advance_min", "advance_max"])]
+    protocol: Option<replay::Protocol>,
+    /// An engine's base URL whose /metrics say where cached tokens came from (HBM, DRAM,
+    /// NVMe, remote) for summary.json; repeat per engine (default: the endpoint itself,
+    /// when it is an engine).
+    #[arg(long = "engine-metrics")]
+    engine_metrics: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -262,6 +289,10 @@ struct DemoArgs {
     /// times the nodes' DRAM together, loading at the profile's `tiers.remote_load_gb_s`.
     #[arg(long, value_parser = positive)]
     remote_tier: Option<f64>,
+    /// Replay by the study's protocol, per replica, instead of the regimes (sets the
+    /// duration, TTFT limit and context limit too).
+    #[arg(long, value_enum, conflicts_with_all = ["regime", "duration", "max_ttft", "max_context"])]
+    protocol: Option<replay::Protocol>,
 }
 
 fn main() -> ExitCode {
@@ -424,9 +455,23 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         request_timeout: 1800.0,
         progress: !a.no_progress,
         label: a.label,
+        warm_prefix_pct: a.warm_prefix_pct,
+        timing: a.timing_strategy,
+        api_time_scale: a.api_time_scale,
+        advance: (a.advance_min, a.advance_max),
     };
+    let opts = match a.protocol {
+        Some(p) => p.apply(opts),
+        None => opts,
+    };
+    let engines =
+        if a.engine_metrics.is_empty() { vec![opts.endpoint.clone()] } else { a.engine_metrics };
+    let before = kvtier_bench::sources::scrape(&engines).await;
     let r = replay::run(traces, opts).await?;
-    report::write_all(&r, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let after = kvtier_bench::sources::scrape(&engines).await;
+    let sources = before.zip(after).map(|(b, a)| a.since(&b));
+    report::write_all(&r, sources.as_ref(), &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     out(&report::markdown(&r));
     out(&format!("\nReports in {}\n", a.out.display()));
     Ok(())
@@ -450,19 +495,26 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
     };
     let low =
         demo::Regime { pressure: a.low_pressure, users_per_replica: a.low_users, ..demo::LOW };
-    let regimes = match a.regime {
+    let mut regimes = match a.regime {
         RegimeArg::Stress => vec![stress],
         RegimeArg::LowLoad => vec![low],
         RegimeArg::Both => vec![stress, low],
     };
+    let (mut duration, mut max_ttft, mut max_context) = (a.duration, a.max_ttft, a.max_context);
+    if let Some(p) = a.protocol {
+        let o = p.apply(replay::ReplayOptions::default());
+        (duration, max_ttft, max_context) = (o.duration, o.max_ttft, o.max_context);
+        let base = if p == replay::Protocol::StudyStress { stress } else { low };
+        regimes = vec![demo::Regime { name: p.label(), ..base }];
+    }
     let opts = demo::DemoOptions {
         traces,
         profile: Profile::load(&a.profile)?,
         replicas: a.replicas,
         time_scale: a.time_scale,
-        duration: a.duration,
-        max_ttft: a.max_ttft,
-        max_context: a.max_context,
+        duration,
+        max_ttft,
+        max_context,
         seed: a.seed,
         regimes,
         policies: vec![Policy::RoundRobin, Policy::Affinity],
@@ -472,6 +524,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         session_placement: a.session_placement,
         api: a.api,
         holds: a.holds,
+        protocol: a.protocol,
     };
     let started = std::time::Instant::now();
     if a.node_tiers {

@@ -90,6 +90,7 @@ pub(crate) fn run(a: &PlanArgs) -> anyhow::Result<String> {
             .or(base.as_ref().map(|p| p.gpu.memory_utilization))
             .unwrap_or(0.9),
         reserved_gb: a.reserved_gb.or(base.as_ref().map(|p| p.gpu.reserved_gb)).unwrap_or(0.0),
+        num_blocks_override: None,
     };
     if !(gpus.memory_utilization > 0.0 && gpus.memory_utilization <= 1.0) {
         bail!("--gpu-memory-utilization must be in (0, 1]");

@@ -72,6 +72,20 @@ pub(crate) fn text(st: &Shared) -> String {
         "Prompt tokens of admitted requests.",
         &[("", c.prompt_tokens as f64)],
     );
+    // vLLM's per-source count of cached prompt tokens: its prefix cache is `device`, a
+    // connector's host memory `host`, its disk tier `disk`; a remote store has no source of
+    // its own and is `external_unspecified`, as kvtier's connector reports it.
+    put(
+        "counter",
+        "vllm:prompt_tokens_cached_by_source",
+        "Cached prompt tokens, by where their KV came from.",
+        &[
+            ("source=\"device\"", c.prefix_hits as f64),
+            ("source=\"host\"", c.dram_hits as f64),
+            ("source=\"disk\"", c.nvme_hits as f64),
+            ("source=\"external_unspecified\"", c.remote_hits as f64),
+        ],
+    );
     put(
         "counter",
         "vllm:generation_tokens",

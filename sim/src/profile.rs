@@ -83,6 +83,10 @@ pub struct Gpus {
     pub memory_utilization: f64,
     /// Activations, graphs and other non-KV use, in GB over all GPUs.
     pub reserved_gb: f64,
+    /// KV blocks in HBM, instead of what the memory leaves (vLLM's
+    /// `--num-gpu-blocks-override`: to configure the simulator as a real engine was).
+    #[serde(default)]
+    pub num_blocks_override: Option<u64>,
 }
 
 impl Gpus {
@@ -284,7 +288,10 @@ impl Profile {
     /// Tokens of KV that fit in HBM.
     #[must_use]
     pub fn hbm_kv_tokens(&self) -> u64 {
-        to_tokens(self.gpu.kv_bytes(self.model.weights_gb), self.kv_bytes_per_token())
+        match self.gpu.num_blocks_override {
+            Some(n) => n * u64::from(self.scheduler.block_tokens),
+            None => to_tokens(self.gpu.kv_bytes(self.model.weights_gb), self.kv_bytes_per_token()),
+        }
     }
 
     /// The engine configuration this profile gives under `strategy`.

@@ -123,13 +123,14 @@ fn tiered_loads_evicted_prefixes_at_link_speed() {
     let run = |strategy| {
         let mut e = Engine::new(config(strategy, hbm, 1_000_000));
         serve(&mut e, sub(1, 1, 60_000, 0.0));
-        serve(&mut e, sub(2, 2, 60_000, 100.0)); // pushes conversation 1 out of HBM
+        serve(&mut e, sub(2, 2, 60_000, 100.0)); // pushes conversation 1's tail out of HBM
         let back = serve(&mut e, sub(3, 1, 60_000, 200.0));
         (back, e.counters())
     };
     let ((hbm_ttft, hbm_hit), _) = run(Strategy::Hbm);
     let ((tier_ttft, tier_hit), c) = run(Strategy::Tiered);
-    assert!(hbm_hit < 60_000 / 2, "HBM alone lost it: {hbm_hit}");
+    // vLLM frees a request's blocks last first: the tail went, the head (100k - 60k) stayed.
+    assert!((35_000..=40_000).contains(&hbm_hit), "HBM alone kept only the head: {hbm_hit}");
     assert!(tier_hit >= 59_000, "the tier kept it: {tier_hit}");
     assert!(c.dram_hits > 0);
     // The load costs bandwidth time: blocks x block bytes / DRAM bandwidth.

@@ -89,6 +89,9 @@ async fn a_repeated_prompt_reports_cached_tokens_and_metrics_move() {
     assert_eq!(status, 200);
     assert_eq!(metric(&m, "vllm:prefix_cache_queries_total"), (2 * prompt) as f64);
     assert_eq!(metric(&m, "vllm:prefix_cache_hits_total"), cached as f64);
+    let by = "vllm:prompt_tokens_cached_by_source_total{";
+    let device = format!(",source=\"device\"}} {cached}");
+    assert!(m.lines().any(|l| l.starts_with(by) && l.ends_with(&device)), "{m}");
     assert_eq!(metric(&m, "vllm:generation_tokens_total"), 16.0);
     assert_eq!(metric(&m, "vllm:num_requests_running"), 0.0);
     assert!(metric(&m, "kvtier_sim_held_tokens") > 0.0);

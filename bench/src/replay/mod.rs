@@ -5,12 +5,21 @@
 //! ramp production load balancers apply), and with `recycle` a finished conversation is
 //! replaced by a fresh one.
 //!
+//! It follows kv-cache-tester's `trace_replay_tester.py` where the study used it: the
+//! **warm prefix** (`warm_prefix_pct` of the largest tools + system prompt among the traces
+//! loaded, one canonical text opening every agent's prompt in place of its own first tokens,
+//! so conversations share KV across sessions as Claude Code's do), the **timing strategies**
+//! (`think-only` by default), and **trace advancement** (new users start partway through
+//! their trace, their first request carrying the history cold). [`Protocol`] holds the
+//! study's two runs parameter for parameter.
+//!
 //! Times are simulated seconds: the replay sleeps `delay / time_scale` and multiplies what it
 //! measures by `time_scale`, so it runs against a simulator at the same scale.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,6 +81,107 @@ pub struct ReplayOptions {
     pub progress: bool,
     /// Name of this run in reports.
     pub label: String,
+    /// Share (0..=1) of the largest tools + system prompt among the traces that every
+    /// agent's prompt opens with, the same text for all (kv-cache-tester's
+    /// `--warm-prefix-pct`; 0: none).
+    pub warm_prefix_pct: f64,
+    /// How the wait before each turn is taken from the trace.
+    pub timing: Timing,
+    /// `api-scaled` timing: the factor on the recorded server time.
+    pub api_time_scale: f64,
+    /// New users start this far through their trace, drawn uniformly from the range (share
+    /// of the parent's steps; `(0, 0)`: from the start).
+    pub advance: (f64, f64),
+}
+
+/// How the wait before a turn is taken from the trace (kv-cache-tester's
+/// `--timing-strategy`). Each falls back to `original` where the trace lacks the timings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Timing {
+    /// The client's own pause (`think_time`): requests go as fast as the server answers.
+    #[default]
+    ThinkOnly,
+    /// The recorded gap between request starts (`t[N] − t[N−1]`), the original server's
+    /// time included.
+    Original,
+    /// `api_time × api_time_scale + think_time`: a server faster or slower than the original.
+    ApiScaled,
+}
+
+impl Timing {
+    /// Seconds to wait before `turn`, which follows `prev`.
+    #[must_use]
+    pub fn delay(self, prev: &Turn, turn: &Turn, api_time_scale: f64) -> f64 {
+        let original = (turn.t - prev.t).max(0.0);
+        match (self, turn.think_time, prev.api_time) {
+            (Timing::ThinkOnly, Some(think), _) => think.max(0.0),
+            (Timing::ApiScaled, Some(think), Some(api)) => {
+                (api * api_time_scale).max(0.0) + think.max(0.0)
+            }
+            _ => original,
+        }
+    }
+}
+
+/// The study's runs (kv-cache-tester's `trace_replay_tester.py` as the study ran it), every
+/// replay parameter they set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// `--start-users 4 --max-users 32 --max-ttft 60 --test-duration 1200 --max-context
+    /// 100000 --warm-prefix-pct 0.5 --timing-strategy think-only --recycle`.
+    StudyStress,
+    /// `--max-users 8 --max-context 32000 --max-ttft 30`, 10 minutes (the rest as the
+    /// tester's defaults: one starting user, warm prefix 0.5, think-only, no recycling).
+    StudyLowLoad,
+}
+
+impl Protocol {
+    /// Its name in reports.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::StudyStress => "study-stress",
+            Protocol::StudyLowLoad => "study-low-load",
+        }
+    }
+
+    /// `opts` with every parameter the protocol sets (the endpoint, model, seed, time scale,
+    /// API and reporting are left as they are).
+    #[must_use]
+    pub fn apply(self, opts: ReplayOptions) -> ReplayOptions {
+        // The tester's defaults for what neither run set.
+        let tester = ReplayOptions {
+            start_users: 1,
+            ramp_up: 0.0,
+            ttft_percentile: 0.95,
+            max_delay: 60.0,
+            period: 30.0,
+            warm_prefix_pct: 0.5,
+            timing: Timing::ThinkOnly,
+            api_time_scale: 1.0,
+            advance: (0.0, 0.0),
+            recycle: false,
+            ..opts
+        };
+        match self {
+            Protocol::StudyStress => ReplayOptions {
+                start_users: 4,
+                max_users: 32,
+                max_ttft: 60.0,
+                duration: 1200.0,
+                max_context: 100_000,
+                recycle: true,
+                ..tester
+            },
+            Protocol::StudyLowLoad => ReplayOptions {
+                max_users: 8,
+                max_context: 32_000,
+                max_ttft: 30.0,
+                duration: 600.0,
+                ..tester
+            },
+        }
+    }
 }
 
 impl Default for ReplayOptions {
@@ -97,6 +207,10 @@ impl Default for ReplayOptions {
             request_timeout: 1800.0,
             progress: false,
             label: "run".into(),
+            warm_prefix_pct: 0.5,
+            timing: Timing::ThinkOnly,
+            api_time_scale: 1.0,
+            advance: (0.0, 0.0),
         }
     }
 }
@@ -126,6 +240,8 @@ pub struct Record {
     pub trace_hit_blocks: u64,
     /// The other blocks.
     pub trace_miss_blocks: u64,
+    /// Tokens an unbounded cache would have held: the hit blocks' tokens (the oracle).
+    pub trace_hit_tokens: u64,
     /// Prompt tokens the endpoint reported.
     pub prompt_tokens: Option<u64>,
     /// Cached prompt tokens the endpoint reported.
@@ -231,6 +347,11 @@ struct Ctx {
     /// Send times of requests still waiting for their first token, by serial number.
     waiting: std::sync::Mutex<std::collections::HashMap<u64, f64>>,
     serial: std::sync::atomic::AtomicU64,
+    /// Tokens of the canonical warm prefix.
+    warm_tokens: u64,
+    /// Whether a request has carried the warm prefix yet (the oracle counts it from the
+    /// second on).
+    warm_sent: AtomicBool,
 }
 
 impl Ctx {
@@ -261,6 +382,15 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
     if opts.max_users == 0 || opts.period <= 0.0 || opts.duration <= 0.0 {
         return Err(ReplayError::Options("max users, period and duration must be positive".into()));
     }
+    let (lo, hi) = opts.advance;
+    if !(0.0..=1.0).contains(&opts.warm_prefix_pct)
+        || !(0.0..=1.0).contains(&lo)
+        || !(lo..=1.0).contains(&hi)
+    {
+        return Err(ReplayError::Options(
+            "the warm prefix and the advance range are shares in [0, 1] (min <= max)".into(),
+        ));
+    }
     let read = traces.len();
     // Conversations whose first request is already too long are left out, as
     // kv-cache-tester does; the rest are shuffled by the seed.
@@ -275,6 +405,9 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
         let j = rng.below(i as u64 + 1) as usize;
         order.swap(i, j);
     }
+    // The tester sizes the canonical prefix on the largest tools + system prompt loaded.
+    let largest = order.iter().map(|t| t.tool_tokens + t.system_tokens).max().unwrap_or(0);
+    let warm_tokens = (opts.warm_prefix_pct * largest as f64).round() as u64;
     let model = match &opts.model {
         Some(m) => m.clone(),
         None => first_model(&opts.endpoint).await?,
@@ -289,6 +422,8 @@ pub async fn run(traces: Vec<Trace>, opts: ReplayOptions) -> Result<Replay, Repl
         in_flight: std::sync::atomic::AtomicUsize::new(0),
         waiting: std::sync::Mutex::new(std::collections::HashMap::new()),
         serial: std::sync::atomic::AtomicU64::new(0),
+        warm_tokens,
+        warm_sent: AtomicBool::new(false),
     });
 
     let bar = progress_bar(&opts);
@@ -454,12 +589,37 @@ pub fn percentile(samples: &mut [f64], p: f64) -> Option<f64> {
     Some(samples[rank - 1])
 }
 
+/// Seed of the canonical warm prefix's text (mixed with the run's seed).
+const WARM_SEED: u64 = 0x7761_726d_7072_6566;
+
+/// Seed of the trace advancement draws.
+const ADVANCE_SEED: u64 = 0x6164_7661_6e63_6573;
+
+/// Steps of `agent` a user starting a `share` through it skips: the parent's steps before
+/// that point, but never all of its turns.
+fn advanced_steps(agent: &Agent, share: f64) -> usize {
+    if share <= 0.0 {
+        return 0;
+    }
+    let last_turn = agent.steps.iter().rposition(|s| matches!(s, Step::Turn(_))).unwrap_or(0);
+    ((share * agent.steps.len() as f64).floor() as usize).min(last_turn)
+}
+
 async fn run_conversation(ctx: &Ctx, trace: &Trace, conv: u64, user: &str) -> End {
     let seed = synth::mix(&[ctx.opts.seed, synth::name_hash(&trace.id), conv]);
     let session = format!("{}-{conv}-{}", ctx.opts.label, trace.id);
-    run_agent(ctx, trace, &trace.root, seed, session, user.to_owned(), conv).await
+    let (lo, hi) = ctx.opts.advance;
+    let share = if hi > 0.0 {
+        let u = synth::Rng::new(synth::mix(&[seed, ADVANCE_SEED])).below(1 << 20) as f64;
+        lo + (hi - lo) * u / f64::from(1u32 << 20)
+    } else {
+        0.0
+    };
+    let skip = advanced_steps(&trace.root, share);
+    run_agent(ctx, trace, &trace.root, seed, session, user.to_owned(), conv, skip).await
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_agent<'a>(
     ctx: &'a Ctx,
     trace: &'a Trace,
@@ -468,31 +628,40 @@ fn run_agent<'a>(
     session: String,
     user: String,
     conv: u64,
+    skip: usize,
 ) -> Pin<Box<dyn Future<Output = End> + Send + 'a>> {
     Box::pin(async move {
         let agent_seed = synth::mix(&[seed, synth::name_hash(&agent.id)]);
-        let mut history = Conversation::new(agent_seed, trace.block_size, agent.preamble_tokens);
+        let block = trace.block_size.max(1);
+        let mut history = Conversation::new(agent_seed, block, agent.preamble_tokens)
+            .with_warm_prefix(synth::mix(&[ctx.opts.seed, WARM_SEED]), ctx.warm_tokens / block);
         let mut seen: HashSet<u64> = HashSet::new();
         let mut prev: Option<&Turn> = None;
-        let mut idx = 0;
-        let mut i = 0;
+        let mut idx = agent.steps[..skip].iter().filter(|s| matches!(s, Step::Turn(_))).count();
+        let mut i = skip;
         while i < agent.steps.len() {
             match &agent.steps[i] {
                 Step::Turn(turn) => {
                     if turn.input > ctx.opts.max_context {
                         return End::Truncated;
                     }
-                    let delay = prev.map_or(0.0, |p| {
-                        turn.think_time
-                            .unwrap_or_else(|| (turn.t - p.t - p.api_time.unwrap_or(0.0)).max(0.0))
-                    });
+                    let delay = prev
+                        .map_or(0.0, |p| ctx.opts.timing.delay(p, turn, ctx.opts.api_time_scale));
                     let delay = delay.min(ctx.opts.max_delay);
                     let before = ctx.now();
                     if delay > 0.0 {
                         tokio::time::sleep(ctx.real(delay)).await;
                     }
                     let delay_actual = ctx.now() - before;
-                    let hits = trace::known_prefix(&seen, turn) as u64;
+                    let mut hits = trace::known_prefix(&seen, turn) as u64;
+                    // Every prompt but the very first finds the warm prefix cached.
+                    let warm = (ctx.warm_tokens / block).min(turn.hash_ids.len() as u64);
+                    if prev.is_none()
+                        && warm > 0
+                        && ctx.warm_sent.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        hits = hits.max(warm);
+                    }
                     seen.extend(turn.hash_ids.iter().copied());
                     let opts = RequestOptions {
                         api: ctx.opts.api,
@@ -513,6 +682,7 @@ fn run_agent<'a>(
                         output_tokens_actual: 0,
                         trace_hit_blocks: hits,
                         trace_miss_blocks: turn.hash_ids.len() as u64 - hits,
+                        trace_hit_tokens: (hits * block).min(turn.input),
                         prompt_tokens: None,
                         cached_tokens: None,
                         start: 0.0,
@@ -541,6 +711,7 @@ fn run_agent<'a>(
                             format!("{session}-{}", sub.id),
                             user.clone(),
                             conv,
+                            0,
                         ));
                         i += 1;
                     }
@@ -563,5 +734,64 @@ mod tests {
         assert_eq!(percentile(&mut v, 0.5), Some(50.0));
         assert_eq!(percentile(&mut [3.0], 0.99), Some(3.0));
         assert_eq!(percentile(&mut [], 0.5), None);
+    }
+
+    fn turn(t: f64, think: Option<f64>, api: Option<f64>) -> Turn {
+        Turn {
+            t,
+            streamed: true,
+            model: "m".into(),
+            input: 100,
+            output: 10,
+            hash_ids: vec![1],
+            think_time: think,
+            api_time: api,
+        }
+    }
+
+    #[test]
+    fn timing_strategies_take_the_testers_delays() {
+        let prev = turn(10.0, None, Some(4.0));
+        let next = turn(20.0, Some(6.0), Some(3.0));
+        assert_eq!(Timing::ThinkOnly.delay(&prev, &next, 1.0), 6.0);
+        assert_eq!(Timing::Original.delay(&prev, &next, 1.0), 10.0);
+        assert_eq!(Timing::ApiScaled.delay(&prev, &next, 0.5), 4.0 * 0.5 + 6.0);
+        // Without the timings, every strategy falls back to the recorded gap.
+        let bare = turn(25.0, None, None);
+        assert_eq!(Timing::ThinkOnly.delay(&next, &bare, 1.0), 5.0);
+        assert_eq!(Timing::ApiScaled.delay(&bare, &bare, 1.0), 0.0);
+    }
+
+    #[test]
+    fn the_study_protocols_set_every_parameter_of_its_runs() {
+        let mine = ReplayOptions {
+            endpoint: "http://e".into(),
+            seed: 7,
+            time_scale: 50.0,
+            start_users: 9,
+            warm_prefix_pct: 0.0,
+            ..ReplayOptions::default()
+        };
+        let s = Protocol::StudyStress.apply(mine.clone());
+        assert_eq!((s.start_users, s.max_users, s.max_ttft), (4, 32, 60.0));
+        assert_eq!((s.duration, s.max_context, s.warm_prefix_pct), (1200.0, 100_000, 0.5));
+        assert!(s.recycle && s.timing == Timing::ThinkOnly && s.advance == (0.0, 0.0));
+        assert_eq!((s.endpoint.as_str(), s.seed, s.time_scale), ("http://e", 7, 50.0));
+        let l = Protocol::StudyLowLoad.apply(mine);
+        assert_eq!((l.start_users, l.max_users, l.max_ttft), (1, 8, 30.0));
+        assert_eq!((l.duration, l.max_context, l.recycle), (600.0, 32_000, false));
+    }
+
+    #[test]
+    fn an_advanced_user_skips_steps_but_never_every_turn() {
+        let a = Agent {
+            id: "parent".into(),
+            start: 0.0,
+            preamble_tokens: 0,
+            steps: (0..10).map(|i| Step::Turn(turn(f64::from(i), None, None))).collect(),
+        };
+        assert_eq!(advanced_steps(&a, 0.0), 0);
+        assert_eq!(advanced_steps(&a, 0.35), 3);
+        assert_eq!(advanced_steps(&a, 1.0), 9, "the last turn is still sent");
     }
 }

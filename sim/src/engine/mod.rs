@@ -86,7 +86,9 @@ impl Engine {
     #[must_use]
     pub fn with_tiers(config: EngineConfig, tiers: HostTiers) -> Self {
         Self {
-            hbm: Hbm::new(config.hbm_blocks, config.strategy != Strategy::None),
+            // vLLM's block pool keeps one of its blocks as the null block (padding for
+            // attention), never holding KV: the cache has one fewer than it counts.
+            hbm: Hbm::new(config.hbm_blocks.saturating_sub(1), config.strategy != Strategy::None),
             config,
             time: 0.0,
             waiting: VecDeque::new(),
@@ -236,9 +238,11 @@ impl Engine {
         self.waiting.front().map(|r| r.sub.arrival)
     }
 
-    /// Lets go of `r`'s HBM blocks.
+    /// Lets go of `r`'s HBM blocks, last block first, as vLLM's block pool frees them: among
+    /// blocks freed together the deepest ones are evicted first, so what outlives the
+    /// pressure is a usable prefix, not a tail whose head is gone.
     fn release(&mut self, r: &mut Request) {
-        for h in std::mem::take(&mut r.pinned) {
+        for h in std::mem::take(&mut r.pinned).into_iter().rev() {
             self.hbm.unpin(h);
         }
         self.hbm.give_private(std::mem::take(&mut r.private));

@@ -1,0 +1,128 @@
+//! Where the engines' cached prompt tokens came from, read from their `/metrics` as vLLM
+//! reports it (`vllm:prompt_tokens_cached_by_source_total{source=…}`, which the simulator
+//! reports under the same names): its prefix cache (`device`, HBM), a connector's host memory
+//! (`host`, the node's DRAM), its disk tier (`disk`, NVMe) and a store with no source of its
+//! own (`external_unspecified`, kvtier's remote tier); the rest of `vllm:prompt_tokens_total`
+//! was computed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+/// Prompt tokens by where their KV came from, summed over engines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Sources {
+    /// The engine's own prefix cache (HBM).
+    pub hbm: u64,
+    /// The node's DRAM tier.
+    pub dram: u64,
+    /// The node's NVMe tier.
+    pub nvme: u64,
+    /// The cluster-wide remote tier.
+    pub remote: u64,
+    /// Computed by prefill.
+    pub recomputed: u64,
+}
+
+impl Sources {
+    /// Cached tokens from every source.
+    #[must_use]
+    pub fn hits(&self) -> u64 {
+        self.hbm + self.dram + self.nvme + self.remote
+    }
+
+    /// Reads one engine's metrics text; `None` when it reports no prompt tokens (not an
+    /// engine: a router's metrics, say).
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut s = Self::default();
+        let mut prompt = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(v) = value.parse::<f64>() else { continue };
+            let v = v.max(0.0) as u64;
+            let metric = name.split('{').next().unwrap_or(name);
+            match metric {
+                "vllm:prompt_tokens_total" => *prompt.get_or_insert(0) += v,
+                "vllm:prompt_tokens_cached_by_source_total" => {
+                    let source = name.split("source=\"").nth(1).and_then(|r| r.split('"').next());
+                    match source {
+                        Some("device") => s.hbm += v,
+                        Some("host") => s.dram += v,
+                        Some("disk") => s.nvme += v,
+                        Some("external_unspecified" | "p2p") => s.remote += v,
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        let prompt = prompt?;
+        s.recomputed = prompt.saturating_sub(s.hits());
+        Some(s)
+    }
+
+    /// What was counted between `before` and `self` (counters only grow; a restarted engine
+    /// counts from zero).
+    #[must_use]
+    pub fn since(&self, before: &Self) -> Self {
+        let d = |a: u64, b: u64| if a >= b { a - b } else { a };
+        Self {
+            hbm: d(self.hbm, before.hbm),
+            dram: d(self.dram, before.dram),
+            nvme: d(self.nvme, before.nvme),
+            remote: d(self.remote, before.remote),
+            recomputed: d(self.recomputed, before.recomputed),
+        }
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.hbm += o.hbm;
+        self.dram += o.dram;
+        self.nvme += o.nvme;
+        self.remote += o.remote;
+        self.recomputed += o.recomputed;
+    }
+}
+
+/// The sum over `urls` (engines' base URLs) of what their `/metrics` report; `None` when one
+/// of them cannot be read or is not an engine.
+pub async fn scrape(urls: &[String]) -> Option<Sources> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut total = Sources::default();
+    for url in urls {
+        let uri: http::Uri = format!("{}/metrics", url.trim_end_matches('/')).parse().ok()?;
+        let req = http::Request::get(uri).body(Full::new(Bytes::new())).ok()?;
+        let res =
+            tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.ok()?.ok()?;
+        if !res.status().is_success() {
+            return None;
+        }
+        let body = res.into_body().collect().await.ok()?.to_bytes();
+        total.add(&Sources::parse(&String::from_utf8_lossy(&body))?);
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllms_per_source_counters_are_read_and_the_rest_was_computed() {
+        let text = "# HELP vllm:prompt_tokens_total x\n\
+            vllm:prompt_tokens_total{model_name=\"m\"} 1000.0\n\
+            vllm:prompt_tokens_cached_by_source_total{model_name=\"m\",source=\"device\"} 500.0\n\
+            vllm:prompt_tokens_cached_by_source_total{model_name=\"m\",source=\"host\"} 200.0\n\
+            vllm:prompt_tokens_cached_by_source_total{model_name=\"m\",source=\"disk\"} 50.0\n\
+            vllm:prompt_tokens_cached_by_source_total{model_name=\"m\",source=\"external_unspecified\"} 25.0\n";
+        let s = Sources::parse(text).expect("an engine");
+        assert_eq!(s, Sources { hbm: 500, dram: 200, nvme: 50, remote: 25, recomputed: 225 });
+        assert_eq!(s.hits(), 775);
+        let before = Sources { hbm: 100, dram: 0, nvme: 0, remote: 0, recomputed: 25 };
+        assert_eq!(s.since(&before).hbm, 400);
+        assert_eq!(Sources::parse("kvtier_router_requests_total 5\n"), None, "not an engine");
+    }
+}
