@@ -100,6 +100,10 @@ pub(crate) struct NodeAgentArgs {
     /// Writes waiting for the remote tier at most; past it new chunks are not written there.
     #[arg(long, env = "KVTIER_AGENT_REMOTE_QUEUE", default_value = "256MiB", value_parser = bytes_arg)]
     remote_queue: u64,
+    /// With `rediss://` URLs: a PEM file of the CA certificates the store's certificate must
+    /// chain to (a private CA), instead of the system's roots.
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_CA_FILE", requires = "remote")]
+    remote_ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -187,6 +191,13 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
             ttl: a.remote_ttl,
             timeout: a.remote_timeout,
             queue_bytes: a.remote_queue,
+            ca_pem: match &a.remote_ca_file {
+                Some(f) => Some(
+                    std::fs::read(f)
+                        .with_context(|| format!("--remote-ca-file {}", f.display()))?,
+                ),
+                None => None,
+            },
         };
         let tier = kvtier_node_agent::remote::RemoteTier::new(cfg).context("--remote")?;
         // Unreachable now is not fatal: the node's tiers serve, and the tier retries.

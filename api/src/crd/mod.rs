@@ -246,8 +246,8 @@ pub struct NvmeSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RemoteSpec {
     /// `redis://host:6379` or `rediss://host:6379` (TLS, checked against the image's CA
-    /// roots); with `cluster`, seed nodes of the cluster. No credentials here: see
-    /// `credentialsSecret`.
+    /// roots, or `caSecret`'s CA); with `cluster`, seed nodes of the cluster. No credentials
+    /// here: see `credentialsSecret`.
     #[schemars(length(min = 1))]
     pub urls: Vec<String>,
     /// The URLs are seed nodes of a Redis Cluster (or Valkey cluster).
@@ -257,6 +257,11 @@ pub struct RemoteSpec {
     /// `username`, for an ACL user), mounted only into the node-agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// With `rediss://` URLs: a Secret in the resource's namespace with key `ca.crt` (as
+    /// cert-manager writes it), the CA the store's certificate must chain to, mounted only
+    /// into the node-agents. Without it the image's CA roots are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<String>,
     /// How long a chunk stays after it was written (e.g. `1h`); the store's own `maxmemory`
     /// policy bounds its size.
     #[serde(default = "default_remote_ttl")]

@@ -121,6 +121,13 @@ pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
                 Some(_) => {}
             }
         }
+        if r.ca_secret.is_some() && !r.urls.iter().any(|u| u.starts_with("rediss://")) {
+            why.push(
+                "spec.cache.remote.caSecret is set but no URL is rediss://: a CA is only used \
+                 with TLS"
+                    .to_owned(),
+            );
+        }
         if r.cluster
             && r.urls.iter().any(|u| u.split("://").nth(1).is_some_and(|rest| rest.contains('/')))
         {

@@ -53,6 +53,9 @@ pub struct RemoteConfig {
     pub timeout: Duration,
     /// Bytes of writes waiting at most; past it writes are dropped.
     pub queue_bytes: u64,
+    /// For `rediss://`: the CA certificates (PEM) the store's certificate must chain to,
+    /// instead of the system's roots (a private CA, as in-cluster stores usually have).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl RemoteConfig {
@@ -69,6 +72,7 @@ impl RemoteConfig {
             ttl: Duration::from_secs(3600),
             timeout: Duration::from_millis(100),
             queue_bytes: 256 << 20,
+            ca_pem: None,
         }
     }
 }
@@ -210,10 +214,16 @@ impl RemoteTier {
     /// # Errors
     /// When a URL does not parse.
     pub fn new(cfg: RemoteConfig) -> RedisResult<Self> {
-        if cfg.urls.iter().any(|u| u.starts_with("rediss:")) {
+        let tls = cfg.urls.iter().any(|u| u.starts_with("rediss:"));
+        if tls {
             // rustls needs a process-wide provider; another part may have installed one.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        let certs = cfg
+            .ca_pem
+            .as_ref()
+            .filter(|_| tls)
+            .map(|ca| redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone()) });
         let target = if cfg.cluster {
             let mut b = redis::cluster::ClusterClientBuilder::new(cfg.urls.clone())
                 .connection_timeout(cfg.timeout)
@@ -224,6 +234,9 @@ impl RemoteTier {
             }
             if let Some(p) = &cfg.password {
                 b = b.password(p);
+            }
+            if let Some(c) = certs {
+                b = b.certs(c);
             }
             Target::Cluster(b.build()?)
         } else {
@@ -239,7 +252,10 @@ impl RemoteTier {
                 settings = settings.set_password(p);
             }
             info = info.set_redis_settings(settings);
-            Target::Single(redis::Client::open(info)?)
+            Target::Single(match certs {
+                Some(c) => redis::Client::build_with_tls(info, c)?,
+                None => redis::Client::open(info)?,
+            })
         };
         let inner = Arc::new(Inner {
             cfg,

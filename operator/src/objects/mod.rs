@@ -631,4 +631,35 @@ mod tests {
             .to_string();
         assert_eq!(c["resources"]["limits"]["memory"], mem);
     }
+
+    #[test]
+    fn a_private_ca_for_the_remote_tier_is_mounted_from_its_secret() {
+        let k = kvci(
+            "model: {name: MiniMaxAI/MiniMax-M2.5}\n\
+             cache: {strategy: tiered, dram: 64Gi, remote: {urls: ['rediss://valkey:6380'], \
+             caSecret: valkey-ca}}",
+        );
+        assert!(kvtier_api::crd::validate(&k.spec).is_ok());
+        let ds = v(&node_agent_daemonset(&k, &Settings::default()).expect("agent"));
+        let pod = &ds["spec"]["template"]["spec"];
+        let args: Vec<String> =
+            serde_json::from_value(pod["containers"][0]["args"].clone()).expect("args");
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--remote-ca-file" && w[1] == "/etc/kvtier/remote-ca/ca.crt"),
+            "{args:?}"
+        );
+        let vols = pod["volumes"].as_array().expect("volumes");
+        let ca = vols.iter().find(|v| v["name"] == "remote-ca").expect("CA volume");
+        assert_eq!(ca["secret"]["secretName"], "valkey-ca");
+        assert_eq!(ca["secret"]["items"][0]["key"], "ca.crt");
+        // A CA without TLS is a mistake the spec's check names.
+        let plain = kvci(
+            "model: {name: MiniMaxAI/MiniMax-M2.5}\n\
+             cache: {strategy: tiered, dram: 64Gi, remote: {urls: ['redis://valkey:6379'], \
+             caSecret: valkey-ca}}",
+        );
+        let why = kvtier_api::crd::validate(&plain.spec).expect_err("refused").join(" ");
+        assert!(why.contains("caSecret"), "{why}");
+    }
 }

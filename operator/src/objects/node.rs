@@ -18,6 +18,8 @@ use crate::engine;
 pub const REMOTE_QUEUE_BYTES: u64 = 256 << 20;
 /// Where the remote tier's credentials are mounted in the node-agent.
 const REMOTE_SECRET_DIR: &str = "/etc/kvtier/remote";
+/// Where the node-agent finds the remote tier's CA (`spec.cache.remote.caSecret`).
+const REMOTE_CA_DIR: &str = "/etc/kvtier/remote-ca";
 
 /// The annotation the ReplicaSet controller reads to choose which Pods to remove first (the
 /// lowest cost goes first).
@@ -180,6 +182,13 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
                 "items": [{"key": "password", "path": "password"}]}}));
             env.push(json!({"name": "KVTIER_AGENT_REMOTE_USER", "valueFrom": {"secretKeyRef": {
                 "name": secret, "key": "username", "optional": true}}}));
+        }
+        if let Some(secret) = &remote.ca_secret {
+            args.extend(["--remote-ca-file".into(), format!("{REMOTE_CA_DIR}/ca.crt")]);
+            mounts.push(json!({"name": "remote-ca", "mountPath": REMOTE_CA_DIR, "readOnly": true}));
+            volumes.push(json!({"name": "remote-ca", "secret": {
+                "secretName": secret, "defaultMode": 0o444,
+                "items": [{"key": "ca.crt", "path": "ca.crt"}]}}));
         }
     }
     Some(typed(json!({
