@@ -104,6 +104,10 @@ pub(crate) struct NodeAgentArgs {
     /// chain to (a private CA), instead of the system's roots.
     #[arg(long, env = "KVTIER_AGENT_REMOTE_CA_FILE", requires = "remote")]
     remote_ca_file: Option<PathBuf>,
+    /// Connections one fetch from the remote tier uses at once (a cluster's shards serve
+    /// them in parallel).
+    #[arg(long, env = "KVTIER_AGENT_REMOTE_PARALLEL", default_value_t = 4)]
+    remote_parallel: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -198,6 +202,7 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
                 ),
                 None => None,
             },
+            parallel: a.remote_parallel.max(1),
         };
         let tier = kvtier_node_agent::remote::RemoteTier::new(cfg).context("--remote")?;
         // Unreachable now is not fatal: the node's tiers serve, and the tier retries.

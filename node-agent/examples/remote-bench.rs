@@ -5,7 +5,8 @@
 //! `redis-server`; `KVTIER_BENCH_REDIS=redis://…` uses an existing one instead). The reference
 //! sends the same values (a chunk plus the tier's 48-byte header) with pipelined SET and GET
 //! in batches of 32, as the tier does; the tier adds the header, the queue, the writer thread,
-//! and a checksum check of every fetched chunk.
+//! and a checksum check of every fetched chunk. Loads are measured on one connection and on
+//! the tier's default parallel connections.
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
@@ -45,7 +46,8 @@ fn main() {
         queue_bytes: 1 << 30,
         ..RemoteConfig::new(vec![url.clone()])
     };
-    let tier = RemoteTier::new(cfg).expect("tier");
+    let tier = RemoteTier::new(cfg.clone()).expect("tier");
+    let serial = RemoteTier::new(RemoteConfig { parallel: 1, ..cfg.clone() }).expect("tier");
     let keys: Vec<ChunkKey> = (0..CHUNKS as u128).map(ChunkKey).collect();
     let values: Vec<Vec<u8>> = keys
         .iter()
@@ -55,6 +57,7 @@ fn main() {
         .collect();
 
     let (mut raw_set, mut raw_get, mut set, mut get) = (vec![], vec![], vec![], vec![]);
+    let mut get1 = vec![];
     for round in 0..ROUNDS {
         // The reference: the same values, pipelined SET then GET, from one plain client.
         let t = Instant::now();
@@ -88,15 +91,30 @@ fn main() {
         }
         set.push(bytes / t.elapsed().as_secs_f64() / 1e9);
         let t = Instant::now();
+        let got = serial.fetch(&keys);
+        get1.push(bytes / t.elapsed().as_secs_f64() / 1e9);
+        assert!(got.iter().all(Option::is_some), "a chunk did not come back");
+        drop(got);
+        let t = Instant::now();
         let got = tier.fetch(&keys);
         get.push(bytes / t.elapsed().as_secs_f64() / 1e9);
         assert!(got.iter().all(Option::is_some), "a chunk did not come back");
         redis::cmd("FLUSHALL").query::<()>(&mut conn).expect("flush");
     }
     let (rs, rg, s, g) = (median(raw_set), median(raw_get), median(set), median(get));
+    let g1 = median(get1);
     println!("chunks: {CHUNKS} x {} KiB, pipelines of {BATCH}, medians of {ROUNDS}", CHUNK >> 10);
     println!("store: tier {s:.2} GB/s, plain SET {rs:.2} GB/s = {:.2} of it", s / rs);
-    println!("load:  tier {g:.2} GB/s, plain GET {rg:.2} GB/s = {:.2} of it", g / rg);
+    println!(
+        "load:  tier, 1 connection {g1:.2} GB/s, plain GET {rg:.2} GB/s = {:.2} of it",
+        g1 / rg
+    );
+    println!(
+        "load:  tier, {} connections {g:.2} GB/s = {:.2} of plain GET, {:.2} of one connection",
+        cfg.parallel,
+        g / rg,
+        g / g1
+    );
 
     // One chunk's fetch, as a lookup's first miss would: the tier against one plain GET.
     for ((k, d), s) in keys.iter().zip(&data).zip(&sums).take(8) {

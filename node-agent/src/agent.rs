@@ -307,19 +307,17 @@ impl Agent {
         if keys.is_empty() {
             return 0;
         }
-        // Never more than the pool holds: past that a prefetch evicts its own chunks. A batch
-        // at a time, so the agent holds at most one batch of fetched chunks outside the pool.
+        // Never more than the pool holds: past that a prefetch evicts its own chunks. Each
+        // chunk goes into the pool as it arrives: at most one batch of fetched chunks is held
+        // outside it.
         let keys = &keys[..keys.len().min(self.pool.slots() as usize)];
-        keys.chunks(crate::remote::BATCH)
-            .map(|batch| {
-                remote
-                    .fetch(batch)
-                    .into_iter()
-                    .zip(batch)
-                    .filter(|(f, key)| f.as_ref().is_some_and(|f| self.install(**key, f)))
-                    .count()
-            })
-            .sum()
+        let held = AtomicU64::new(0);
+        remote.fetch_each(keys, |i, f| {
+            if f.is_some_and(|f| self.install(keys[i], &f)) {
+                held.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        held.into_inner() as usize
     }
 
     /// Puts a chunk fetched from the remote tier into a DRAM slot; true when DRAM holds it.

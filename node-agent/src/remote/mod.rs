@@ -56,6 +56,10 @@ pub struct RemoteConfig {
     /// For `rediss://`: the CA certificates (PEM) the store's certificate must chain to,
     /// instead of the system's roots (a private CA, as in-cluster stores usually have).
     pub ca_pem: Option<Vec<u8>>,
+    /// Connections a fetch uses at once (each with its share of the keys in flight): one
+    /// connection's round trips and the checksum checks overlap, and a cluster's shards
+    /// serve in parallel.
+    pub parallel: usize,
 }
 
 impl RemoteConfig {
@@ -73,6 +77,7 @@ impl RemoteConfig {
             timeout: Duration::from_millis(100),
             queue_bytes: 256 << 20,
             ca_pem: None,
+            parallel: 4,
         }
     }
 }
@@ -352,23 +357,48 @@ impl RemoteTier {
         found
     }
 
-    /// Fetches `keys` (pipelined, [`BATCH`] at a time) and checks each; `None` for a key the
-    /// store lacks, that failed its checks (then deleted) or that a failure left unread.
+    /// Fetches `keys` and checks each; `None` for a key the store lacks, that failed its
+    /// checks (then deleted) or that a failure left unread.
     pub fn fetch(&self, keys: &[ChunkKey]) -> Vec<Option<Fetched>> {
+        let out: Vec<Mutex<Option<Fetched>>> = keys.iter().map(|_| Mutex::new(None)).collect();
+        self.fetch_each(keys, |i, f| *lock(&out[i]) = f);
+        out.into_iter().map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner)).collect()
+    }
+
+    /// Fetches `keys` and hands each, checked, to `take` with its index in `keys` (`None`
+    /// as [`RemoteTier::fetch`] says), as it comes. [`RemoteConfig::parallel`] connections
+    /// fetch at once, each pipelining its share of a window of [`BATCH`] keys: at most
+    /// `BATCH` fetched chunks are held outside `take` at a time, whatever the parallelism.
+    pub fn fetch_each(&self, keys: &[ChunkKey], take: impl Fn(usize, Option<Fetched>) + Sync) {
         let inner = &self.inner;
-        let mut out = Vec::with_capacity(keys.len());
-        for batch in keys.chunks(BATCH) {
+        let lanes = inner.cfg.parallel.clamp(1, BATCH);
+        let per_lane = BATCH.div_ceil(lanes);
+        let one = |first: usize, batch: &[ChunkKey]| {
             if !inner.up() {
-                out.extend(batch.iter().map(|_| None));
-                continue;
+                for i in 0..batch.len() {
+                    take(first + i, None);
+                }
+                return;
             }
             let get = |i: usize| command(&["GET"], &inner.key_of(batch[i]), &[]);
             let values = inner.run::<Option<Vec<u8>>>(batch.len(), get);
-            for (k, v) in batch.iter().zip(values) {
-                out.push(v.flatten().and_then(|v| inner.check(*k, v)));
+            for (i, (k, v)) in batch.iter().zip(values).enumerate() {
+                take(first + i, v.flatten().and_then(|v| inner.check(*k, v)));
             }
+        };
+        for (w, window) in keys.chunks(BATCH).enumerate() {
+            let base = w * BATCH;
+            if lanes == 1 || window.len() <= per_lane {
+                one(base, window);
+                continue;
+            }
+            std::thread::scope(|s| {
+                for (l, part) in window.chunks(per_lane).enumerate() {
+                    let one = &one;
+                    s.spawn(move || one(base + l * per_lane, part));
+                }
+            });
         }
-        out
     }
 }
 
