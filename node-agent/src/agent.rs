@@ -146,14 +146,28 @@ impl Agent {
         gone
     }
 
-    /// In write-back mode, copies chunks DRAM just evicted to NVMe. Called before the slots'
-    /// new owner hears of them, so their bytes are still the evicted chunks'.
+    /// Writes chunks DRAM just evicted to the tiers that lack them: the remote tier when
+    /// their write at commit was dropped, and NVMe in write-back mode. Called before the
+    /// slots' new owner hears of them, so their bytes are still the evicted chunks'.
     fn write_back(&self, gone: &[crate::index::Evicted]) {
+        self.retry_remote(gone);
         if !self.write_back || gone.is_empty() {
             return;
         }
         if let Some(mut t) = self.nvme() {
             self.write_back_into(&mut t, gone);
+        }
+    }
+
+    /// Queues for the remote tier the evicted chunks whose write at commit was dropped (a full
+    /// queue, a store that was down): their last chance to leave the node.
+    fn retry_remote(&self, gone: &[crate::index::Evicted]) {
+        let Some(remote) = &self.remote else { return };
+        for e in gone.iter().filter(|e| remote.take_missed(e.key)) {
+            let bytes = &self.pool.slot(e.slot)[..e.len as usize];
+            if remote.put(e.key, bytes, e.checksum, e.conversation) {
+                remote.stats().retried.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -367,6 +381,7 @@ impl Agent {
             let slot = ix.reserve(AGENT, 1, self.now()).pop();
             (slot, self.note_dram_evictions(&mut ix))
         };
+        self.retry_remote(&gone);
         if self.write_back {
             // The tier is locked here; write the evicted chunks back through it.
             self.write_back_into(&mut tier, &gone);

@@ -125,6 +125,7 @@ struct RemoteMetrics {
     writes: Counter,
     written_bytes: Counter,
     dropped: Counter,
+    retried: Counter,
     fetches: Counter,
     fetched_bytes: Counter,
     promotions: Counter,
@@ -264,6 +265,11 @@ impl AgentMetrics {
                 n.dropped.clone(),
             );
             r.register(
+                "kvtier_agent_remote_retried_writes",
+                "Dropped writes queued again when DRAM evicted their chunk",
+                n.retried.clone(),
+            );
+            r.register(
                 "kvtier_agent_remote_fetches",
                 "Chunks fetched from the remote tier and verified",
                 n.fetches.clone(),
@@ -347,6 +353,7 @@ impl AgentMetrics {
             mirror(&n.writes, get(&st.writes));
             mirror(&n.written_bytes, get(&st.written_bytes));
             mirror(&n.dropped, get(&st.dropped));
+            mirror(&n.retried, get(&st.retried));
             mirror(&n.fetches, get(&st.fetches));
             mirror(&n.fetched_bytes, get(&st.fetched_bytes));
             mirror(&n.promotions, get(&c.remote_promotions));

@@ -175,6 +175,31 @@ fn a_store_that_is_down_costs_misses_not_failures_and_writes_resume() {
 }
 
 #[test]
+fn a_write_dropped_while_the_store_was_down_is_made_when_dram_evicts_the_chunk() {
+    let mut redis = RedisServer::start(&[]);
+    let (a_path, a, _ra) = node(vec![redis.url()], false, "retry");
+    let tier = a.remote().expect("remote");
+    redis.kill();
+    save(&a_path, &[1]);
+    drained(&a);
+    assert!(tier.stats().dropped.load(Ordering::Relaxed) >= 1, "the write was dropped");
+    redis.restart();
+    std::thread::sleep(Duration::from_millis(1100));
+    // New chunks fill the 16-slot pool until DRAM evicts chunk 1: its write is made then.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut k = 20;
+    while tier.stats().retried.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "chunk 1 was never written at its eviction");
+        save(&a_path, &[k]);
+        k += 1;
+    }
+    drained(&a);
+    // Another node finds it in the store, bit for bit.
+    let (b_path, _b, _rb) = node(vec![redis.url()], false, "retry");
+    assert_eq!(load_and_check(&b_path, &[1]), 1);
+}
+
+#[test]
 fn a_stalled_store_never_stalls_the_agent() {
     let redis = RedisServer::start(&[]);
     let (a_path, a, _ra) = node(vec![redis.url()], false, "stall");

@@ -14,7 +14,7 @@
 //! - Every call has a timeout. After a failure the tier counts as down for a second: lookups
 //!   are misses and writes are dropped without waiting on the network, then it reconnects.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -91,6 +91,8 @@ pub struct RemoteStats {
     pub written_bytes: AtomicU64,
     /// Writes dropped: the queue was full or the tier down.
     pub dropped: AtomicU64,
+    /// Dropped writes queued again when DRAM evicted their chunk.
+    pub retried: AtomicU64,
     /// Keys a lookup found remotely.
     pub hits: AtomicU64,
     /// Chunks fetched and verified.
@@ -190,7 +192,13 @@ struct Inner {
     stats: RemoteStats,
     logged_down: AtomicBool,
     on_written: Mutex<Option<OnWritten>>,
+    /// Chunks whose write was dropped, to write when DRAM evicts them (bounded: past
+    /// [`MISSED`] the oldest are forgotten, as a dropped write was before).
+    missed: Mutex<(HashSet<ChunkKey>, VecDeque<ChunkKey>)>,
 }
+
+/// Dropped writes remembered for a retry at eviction, at most.
+const MISSED: usize = 1 << 16;
 
 /// The remote tier (see the module's docs).
 pub struct RemoteTier {
@@ -272,6 +280,7 @@ impl RemoteTier {
             stats: RemoteStats::default(),
             logged_down: AtomicBool::new(false),
             on_written: Mutex::new(None),
+            missed: Mutex::new((HashSet::new(), VecDeque::new())),
         });
         let writer = {
             let inner = inner.clone();
@@ -333,7 +342,9 @@ impl RemoteTier {
         let size = (HEADER_BYTES + data.len()) as u64;
         let mut q = lock(&inner.queue);
         if !inner.up() || q.bytes + size > inner.cfg.queue_bytes {
+            drop(q);
             inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            inner.missed(key);
             return false;
         }
         q.items.push_back(Write { key, value: encode(key, data, sum, conversation), conversation });
@@ -341,6 +352,12 @@ impl RemoteTier {
         drop(q);
         inner.wake.notify_one();
         true
+    }
+
+    /// Whether `key`'s write was dropped (and not retried since); forgets it. The agent asks
+    /// when DRAM evicts the chunk, and queues it again.
+    pub fn take_missed(&self, key: ChunkKey) -> bool {
+        lock(&self.inner.missed).0.remove(&key)
     }
 
     /// Which of `keys` the store holds (one pipelined round trip); all false when it is down.
@@ -413,6 +430,24 @@ impl Drop for RemoteTier {
 }
 
 impl Inner {
+    /// Remembers that `key`'s write was dropped.
+    fn missed(&self, key: ChunkKey) {
+        let mut m = lock(&self.missed);
+        let (set, order) = &mut *m;
+        if set.insert(key) {
+            order.push_back(key);
+        }
+        while order.len() > MISSED {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+        // Keys taken since linger in the order; drop them when they pile up.
+        if order.len() > 2 * set.len() + 1024 {
+            order.retain(|k| set.contains(k));
+        }
+    }
+
     fn key_of(&self, key: ChunkKey) -> String {
         format!("kvtier:{}:{:032x}", self.cfg.namespace, key.0)
     }
@@ -578,6 +613,7 @@ impl Inner {
                     }
                 } else {
                     s.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.missed(w.key);
                 }
             }
             if !written.is_empty() {
