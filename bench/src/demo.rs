@@ -132,6 +132,9 @@ pub struct DemoOptions {
     /// Replay by the study's protocol (its users per replica, ramp, limits and warm prefix)
     /// instead of the regimes' fixed users.
     pub protocol: Option<Protocol>,
+    /// The router's overload bound (extra queued tokens a session's home may carry before
+    /// the session moves); `None`: the router's default.
+    pub overload_bound_tokens: Option<u64>,
 }
 
 /// One configuration's outcome.
@@ -145,8 +148,9 @@ pub struct RunResult {
     pub strategy: Strategy,
     /// Headline figures.
     pub summary: Summary,
-    /// Where the replicas' cached prompt tokens came from, by their own counters.
-    pub sources: Option<crate::sources::Sources>,
+    /// Where the replicas' cached prompt tokens came from, by their own counters, and the
+    /// sessions the router moved.
+    pub measured: crate::sources::Measured,
     /// Largest KV the replicas held at once, in tokens, summed over replicas (any tier).
     pub held_tokens: u64,
     /// Worst lag of an engine behind the clock, simulated seconds.
@@ -189,6 +193,11 @@ impl LocalRouter {
             .await;
         });
         Ok(Self { url, discovery, stop, task })
+    }
+
+    /// The sessions it has moved off their home so far, by reason.
+    pub(crate) async fn session_moves(&self) -> Option<crate::sources::SessionMoves> {
+        crate::sources::parse_moves(&crate::sources::metrics_text(&self.url).await?)
     }
 
     /// Stops it and waits.
@@ -279,6 +288,9 @@ pub async fn run_one(
     let mut config = RouterConfig::new(endpoints);
     config.policy = policy;
     config.session.placement = opts.session_placement;
+    if let Some(b) = opts.overload_bound_tokens {
+        config.affinity.overload_bound_tokens = b;
+    }
     let router = LocalRouter::start(config).await?;
 
     // Sample what the replicas hold while the replay runs.
@@ -311,15 +323,19 @@ pub async fn run_one(
     let result = replay::run(opts.traces.clone(), ropts).await;
     running.store(false, Ordering::Relaxed);
     let _ = sampler.await;
+    let session_moves = router.session_moves().await;
     router.stop().await;
     let replay = result.with_context(|| format!("replaying {label}"))?;
-    let sources = replica_sources(&sims.iter().map(Sim::url).collect::<Vec<_>>()).await;
+    let measured = crate::sources::Measured {
+        sources: replica_sources(&sims.iter().map(Sim::url).collect::<Vec<_>>()).await,
+        session_moves,
+    };
     let (held, lag) = *peak.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok(RunResult {
         regime: regime.name,
         policy,
         strategy,
-        sources,
+        measured,
         summary: report::summarize(&replay),
         held_tokens: held,
         max_lag: lag,
@@ -350,7 +366,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<(Vec<RunResult>, String)>
                     policy_label(policy),
                     strategy.label()
                 ));
-                report::write_all(&r.replay, r.sources.as_ref(), &dir)
+                report::write_all(&r.replay, &r.measured, &dir)
                     .with_context(|| format!("writing {}", dir.display()))?;
                 results.push(r);
             }

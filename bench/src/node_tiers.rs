@@ -157,6 +157,9 @@ pub async fn run_node_tiers(
         .collect::<Result<Vec<_>, _>>()
         .context("replica address")?;
     let mut rc = RouterConfig::new(endpoints.clone());
+    if let Some(b) = opts.overload_bound_tokens {
+        rc.affinity.overload_bound_tokens = b;
+    }
     rc.policy =
         if routing == NodeRouting::RoundRobin { Policy::RoundRobin } else { Policy::Affinity };
     if matches!(routing, NodeRouting::TierAware | NodeRouting::TierAwarePrefetch) {
@@ -213,6 +216,7 @@ pub async fn run_node_tiers(
     let ropts = replay_options(opts, &regime, router.url.clone(), label.clone());
     let result = replay::run(opts.traces.clone(), ropts).await;
     scale_down.abort();
+    let session_moves = router.session_moves().await;
     router.stop().await;
     let replay = result.with_context(|| format!("replaying {label}"))?;
     let mut sources = crate::sources::Sources::default();
@@ -230,7 +234,8 @@ pub async fn run_node_tiers(
         routing.label().replace(' ', "-"),
         if remote.is_some() { "-remote" } else { "" }
     ));
-    report::write_all(&replay, Some(&sources), &dir)
+    let measured = crate::sources::Measured { sources: Some(sources), session_moves };
+    report::write_all(&replay, &measured, &dir)
         .with_context(|| format!("writing {}", dir.display()))?;
     let half = opts.duration / 2.0;
     Ok(NodeRun {

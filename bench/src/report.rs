@@ -405,14 +405,16 @@ fn by_turn(r: &Replay) -> serde_json::Value {
     })
 }
 
-/// `summary.json`: the run's headline figures, machine-readable. `hit_tokens` are the
+/// `summary.json`: the run's headline figures, machine-readable (`router_session_moves`: the
+/// sessions a kvtier router in front moved off their home, when it was read). `hit_tokens` are the
 /// engines' own per-source counters over the run (every request they admitted; absent when
 /// the engines' metrics were not read), `cached_tokens` and `oracle_hit_tokens` the
 /// completed requests' (the endpoint's usage, and an unbounded cache on the trace's block
 /// ids). `hit_vs_oracle` is their ratio; `hit_vs_oracle_by_source` splits it by the
 /// engines' source shares.
 #[must_use]
-pub fn summary_json(r: &Replay, sources: Option<&crate::sources::Sources>) -> serde_json::Value {
+pub fn summary_json(r: &Replay, measured: &crate::sources::Measured) -> serde_json::Value {
+    let sources = measured.sources.as_ref();
     let s = summarize(r);
     let o = &r.options;
     let by_source = sources.filter(|x| x.hits() > 0).map(|x| {
@@ -453,6 +455,7 @@ pub fn summary_json(r: &Replay, sources: Option<&crate::sources::Sources>) -> se
         "hit_vs_oracle": s.hit_vs_oracle,
         "hit_vs_oracle_by_source": by_source,
         "hit_vs_oracle_by_turn": by_turn(r),
+        "router_session_moves": measured.session_moves,
         "cache_hit_rate": s.cache_hit_rate,
         "trace_hit_rate": s.trace_hit_rate,
         "peak_users": s.peak_users,
@@ -491,11 +494,11 @@ pub fn markdown(r: &Replay) -> String {
 /// When a file cannot be written.
 pub fn write_all(
     r: &Replay,
-    sources: Option<&crate::sources::Sources>,
+    measured: &crate::sources::Measured,
     dir: &Path,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let json = serde_json::to_string_pretty(&summary_json(r, sources)).unwrap_or_default();
+    let json = serde_json::to_string_pretty(&summary_json(r, measured)).unwrap_or_default();
     std::fs::write(dir.join("summary.json"), json + "\n")?;
     std::fs::write(dir.join("detailed_results.csv"), detailed_csv(r))?;
     std::fs::write(dir.join("summary_trace_replay.csv"), periods_csv(r))?;

@@ -3,7 +3,8 @@
 //! reports under the same names): its prefix cache (`device`, HBM), a connector's host memory
 //! (`host`, the node's DRAM), its disk tier (`disk`, NVMe) and a store with no source of its
 //! own (`external_unspecified`, kvtier's remote tier); the rest of `vllm:prompt_tokens_total`
-//! was computed.
+//! was computed. And, from a kvtier router's `/metrics`, how often it moved a session off
+//! its home ([`SessionMoves`]): a moved conversation leaves its KV behind.
 
 use std::time::Duration;
 
@@ -86,24 +87,61 @@ impl Sources {
     }
 }
 
+/// Sessions a kvtier router moved off their home, by reason (`home_overloaded`,
+/// `home_unavailable`): `kvtier_router_session_moves_total`.
+pub type SessionMoves = std::collections::BTreeMap<String, u64>;
+
+/// Reads a router's metrics text; `None` when it is not a kvtier router's.
+#[must_use]
+pub fn parse_moves(text: &str) -> Option<SessionMoves> {
+    let mut out = SessionMoves::new();
+    let mut router = false;
+    for line in text.lines() {
+        router |= line.starts_with("kvtier_router_");
+        let Some(rest) = line.strip_prefix("kvtier_router_session_moves_total{") else {
+            continue;
+        };
+        let reason = rest.split("reason=\"").nth(1).and_then(|r| r.split('"').next());
+        let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(reason), Some(v)) = (reason, value) {
+            *out.entry(reason.to_owned()).or_default() += v.max(0.0) as u64;
+        }
+    }
+    router.then_some(out)
+}
+
+/// `url`'s `/metrics` text.
+pub async fn metrics_text(url: &str) -> Option<String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri: http::Uri = format!("{}/metrics", url.trim_end_matches('/')).parse().ok()?;
+    let req = http::Request::get(uri).body(Full::new(Bytes::new())).ok()?;
+    let res =
+        tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.ok()?.ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
+    let body = res.into_body().collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// The sum over `urls` (engines' base URLs) of what their `/metrics` report; `None` when one
 /// of them cannot be read or is not an engine.
 pub async fn scrape(urls: &[String]) -> Option<Sources> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
     let mut total = Sources::default();
     for url in urls {
-        let uri: http::Uri = format!("{}/metrics", url.trim_end_matches('/')).parse().ok()?;
-        let req = http::Request::get(uri).body(Full::new(Bytes::new())).ok()?;
-        let res =
-            tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.ok()?.ok()?;
-        if !res.status().is_success() {
-            return None;
-        }
-        let body = res.into_body().collect().await.ok()?.to_bytes();
-        total.add(&Sources::parse(&String::from_utf8_lossy(&body))?);
+        total.add(&Sources::parse(&metrics_text(url).await?)?);
     }
     Some(total)
+}
+
+/// What the servers of a run reported, for `summary.json`.
+#[derive(Clone, Debug, Default)]
+pub struct Measured {
+    /// The engines' cached tokens by source.
+    pub sources: Option<Sources>,
+    /// The router's session moves.
+    pub session_moves: Option<SessionMoves>,
 }
 
 #[cfg(test)]
@@ -124,5 +162,16 @@ mod tests {
         let before = Sources { hbm: 100, dram: 0, nvme: 0, remote: 0, recomputed: 25 };
         assert_eq!(s.since(&before).hbm, 400);
         assert_eq!(Sources::parse("kvtier_router_requests_total 5\n"), None, "not an engine");
+    }
+
+    #[test]
+    fn a_routers_session_moves_are_read_by_reason() {
+        let text = "# TYPE kvtier_router_session_moves counter\n\
+            kvtier_router_session_moves_total{reason=\"home_overloaded\"} 7\n\
+            kvtier_router_session_moves_total{reason=\"home_unavailable\"} 2\n";
+        let m = parse_moves(text).expect("a router");
+        assert_eq!((m["home_overloaded"], m["home_unavailable"]), (7, 2));
+        assert_eq!(parse_moves("kvtier_router_requests_total 1\n"), Some(SessionMoves::new()));
+        assert_eq!(parse_moves("vllm:prompt_tokens_total 1\n"), None, "not a router");
     }
 }

@@ -122,7 +122,7 @@ async fn a_replay_through_the_router_sees_the_traces_reuse() {
 
     // Reports.
     let dir = std::env::temp_dir().join(format!("kvtier-replay-{}", std::process::id()));
-    report::write_all(&r, None, &dir).expect("reports");
+    report::write_all(&r, &Default::default(), &dir).expect("reports");
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("summary.json")).expect("summary.json"),
     )
@@ -170,6 +170,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
         api: Api::Chat,
         holds: false,
         protocol: None,
+        overload_bound_tokens: None,
     };
     let (results, text) = demo::run(&opts).await.expect("demo");
     assert_eq!(results.len(), 2);
@@ -193,6 +194,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
     assert!(hits["recomputed"].as_u64().expect("recomputed") > 0, "{json}");
     assert!(json["hit_vs_oracle"].as_f64().expect("ratio") > 0.0, "{json}");
     assert!(json["hit_vs_oracle_by_source"]["hbm"].as_f64().expect("by source") > 0.0);
+    assert!(json["router_session_moves"].is_object(), "the router's moves were read: {json}");
     std::fs::remove_dir_all(&out).ok();
 }
 

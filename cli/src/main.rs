@@ -293,6 +293,10 @@ struct DemoArgs {
     /// duration, TTFT limit and context limit too).
     #[arg(long, value_enum, conflicts_with_all = ["regime", "duration", "max_ttft", "max_context"])]
     protocol: Option<replay::Protocol>,
+    /// The router's overload bound: extra queued tokens a session's home may carry before the
+    /// session moves (default: the router's, 8192).
+    #[arg(long)]
+    overload_bound_tokens: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -466,11 +470,24 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     };
     let engines =
         if a.engine_metrics.is_empty() { vec![opts.endpoint.clone()] } else { a.engine_metrics };
-    let before = kvtier_bench::sources::scrape(&engines).await;
+    let endpoint = opts.endpoint.clone();
+    let moves = || async {
+        let text = kvtier_bench::sources::metrics_text(&endpoint).await?;
+        kvtier_bench::sources::parse_moves(&text)
+    };
+    let (before, moves_before) = (kvtier_bench::sources::scrape(&engines).await, moves().await);
     let r = replay::run(traces, opts).await?;
-    let after = kvtier_bench::sources::scrape(&engines).await;
-    let sources = before.zip(after).map(|(b, a)| a.since(&b));
-    report::write_all(&r, sources.as_ref(), &a.out)
+    let (after, moves_after) = (kvtier_bench::sources::scrape(&engines).await, moves().await);
+    let measured = kvtier_bench::sources::Measured {
+        sources: before.zip(after).map(|(b, a)| a.since(&b)),
+        session_moves: moves_before.zip(moves_after).map(|(b, mut a)| {
+            for (reason, n) in &mut a {
+                *n = n.saturating_sub(b.get(reason).copied().unwrap_or(0));
+            }
+            a
+        }),
+    };
+    report::write_all(&r, &measured, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     out(&report::markdown(&r));
     out(&format!("\nReports in {}\n", a.out.display()));
@@ -525,6 +542,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         api: a.api,
         holds: a.holds,
         protocol: a.protocol,
+        overload_bound_tokens: a.overload_bound_tokens,
     };
     let started = std::time::Instant::now();
     if a.node_tiers {

@@ -150,6 +150,13 @@ class Agent:
     def metrics(self) -> dict[str, float]:
         return prom(get_text(self.url + "/metrics"))
 
+    def reset_prefix_cache(self, timeout: float = 30) -> None:
+        """Empties the engine's prefix cache ("HBM"). vLLM refuses while blocks are held,
+        e.g. by the connector's saves still in flight after a request finished: ask again."""
+        wait_until(f"{self.name}'s prefix cache reset",
+                   lambda: http_json(self.url + "/reset_prefix_cache", {}).get("success"),
+                   timeout, self.proc, self.log)
+
 
 @dataclass
 class Engine:
@@ -240,6 +247,13 @@ class Engine:
 
     def metrics(self) -> dict[str, float]:
         return prom(get_text(self.url + "/metrics"))
+
+    def reset_prefix_cache(self, timeout: float = 30) -> None:
+        """Empties the engine's prefix cache ("HBM"). vLLM refuses while blocks are held,
+        e.g. by the connector's saves still in flight after a request finished: ask again."""
+        wait_until(f"{self.name}'s prefix cache reset",
+                   lambda: http_json(self.url + "/reset_prefix_cache", {}).get("success"),
+                   timeout, self.proc, self.log)
 
     def complete(self, prompt: list[int], max_tokens: int = 8, **kw) -> dict:
         """A greedy completion of token ids: its tokens' text and logprobs."""

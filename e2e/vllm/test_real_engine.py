@@ -422,7 +422,7 @@ class RealEngine(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, "replica d did not reconnect")
             seed += 1
             self.d.complete(tokens(seed, 2 * CHUNK + 1), max_tokens=1)
-        http_json(self.d.url + "/reset_prefix_cache", {})
+        self.d.reset_prefix_cache()
 
     def remote_writes_settle(self, at_least: int):
         deadline = time.monotonic() + 30
