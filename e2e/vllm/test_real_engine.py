@@ -159,6 +159,10 @@ class RealEngine(unittest.TestCase):
         self.assertGreaterEqual(d["host"], 0.9 * prefix, d)
         self.assertEqual(d["load_failed"], 0, d)
         self.assert_same_output(got, want, "turn 2 loaded from DRAM")
+        # Each replica's one worker says which transfer backend it picked (CPU: host copies).
+        m = self.b.metrics()
+        self.assertEqual(m.get('vllm:kvtier_workers_total{backend="host"}'), 1.0,
+                         {k: v for k, v in m.items() if "kvtier_workers" in k})
 
     def test_2_turn_two_loads_through_nvme_after_dram_evicted_it(self):
         turn1 = tokens(11, 6 * CHUNK + 10)

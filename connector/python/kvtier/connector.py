@@ -236,7 +236,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self._sched = None
         self._worker = None
         self._blocks: dict[str, list[int]] = {}
-        self._reported = WorkerDelta() if WorkerDelta is not None else None
+        self._reported: Optional[Any] = None
         if self._facts is None:
             logger.error(
                 "kvtier: the KV cache mixes layer types or has several block tables (hybrid KV "
@@ -434,6 +434,7 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             raise NotImplementedError(f"kvtier: no transfer backend for KV on {device}")
         self._worker = _native.Worker(self._socket, self._rank, backend, index)
+        self._reported = WorkerDelta(backend) if WorkerDelta is not None else None
         self._worker.set_layerwise(self._layerwise)
         self._gpu = backend != "host"
         tensors = [

@@ -5,6 +5,10 @@ bytes loaded into the KV cache and saved to the node's pool, blocks that failed 
 chunks not saved. vLLM sums the workers' reports (each tensor-parallel rank moves its own
 shard), logs the sum with its throughput lines (``KV Transfer metrics: ...``) and, through
 ``KvtierPromMetrics``, counts it on the engine's ``/metrics`` as ``vllm:kvtier_*_total``.
+
+A worker's first report also counts it under the transfer backend it picked
+(``vllm:kvtier_workers_total{backend="cuda"|"hip"|"host"}``): which backend serves an engine
+is on its ``/metrics``, not only in its start-up log.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ COUNTERS = {
     ),
 }
 
+# The transfer backends a worker may pick; its first report carries ``workers_<backend>: 1``.
+BACKENDS = ("cuda", "hip", "host")
+
 
 @dataclass
 class KvtierStats(KVConnectorStats):
@@ -49,7 +56,8 @@ class KvtierStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         d = self.data
-        return {
+        workers = {f"workers_{b}": d[f"workers_{b}"] for b in BACKENDS if d.get(f"workers_{b}")}
+        return workers | {
             "loaded_chunks": d.get("loaded_chunks", 0),
             "loaded_GiB": round(d.get("loaded_bytes", 0) / 2**30, 3),
             "load_failed_blocks": d.get("load_failed_blocks", 0),
@@ -63,14 +71,19 @@ class KvtierStats(KVConnectorStats):
 
 
 class WorkerDelta:
-    """Turns a worker's running totals into what happened since the last report."""
+    """Turns a worker's running totals into what happened since the last report; the first
+    report also counts the worker under ``backend``."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str) -> None:
         self._last: dict[str, int] = {}
+        self._backend: str | None = backend
 
     def take(self, totals: dict[str, int]) -> KvtierStats | None:
         delta = {name: value - self._last.get(name, 0) for name, value in totals.items()}
         self._last = dict(totals)
+        if self._backend is not None:
+            delta[f"workers_{self._backend}"] = 1
+            self._backend = None
         if not any(delta.values()):
             return None
         return KvtierStats(data=delta)
@@ -96,9 +109,25 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                 engine: family.labels(*values)
                 for engine, values in per_engine_labelvalues.items()
             }
+        workers = self._counter_cls(
+            name="vllm:kvtier_workers",
+            documentation="Workers registered, by the transfer backend each picked.",
+            labelnames=[*labelnames, "backend"],
+        )
+        self._workers = {
+            backend: {
+                engine: workers.labels(*values, backend)
+                for engine, values in per_engine_labelvalues.items()
+            }
+            for backend in BACKENDS
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for name, per_engine in self._counters.items():
             value = int(transfer_stats_data.get(name, 0))
+            if value > 0:
+                per_engine[engine_idx].inc(value)
+        for backend, per_engine in self._workers.items():
+            value = int(transfer_stats_data.get(f"workers_{backend}", 0))
             if value > 0:
                 per_engine[engine_idx].inc(value)

@@ -195,7 +195,10 @@ class ConnectorTest(unittest.TestCase):
 
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.assertIsNone(self.worker.get_kv_connector_stats(), "nothing moved yet")
+        # The first report counts the worker under the backend it picked; nothing moved yet.
+        first = self.worker.get_kv_connector_stats()
+        self.assertEqual({k: v for k, v in first.data.items() if v}, {"workers_host": 1})
+        self.assertIsNone(self.worker.get_kv_connector_stats(), "nothing moved since")
         tokens = [(i * 104729 + 5) % 32000 for i in range(100)]
         self.store("sa", tokens)
         chunk = (CHUNK // BLOCK) * 2 * PAGE * len(self.kv)
@@ -236,6 +239,7 @@ class ConnectorTest(unittest.TestCase):
         )
         prom.observe(total.data, engine_idx=1)
         prom.observe(loaded.data, engine_idx=1)
+        prom.observe(first.data, engine_idx=0)
 
         def sample(name, engine):
             return registry.get_sample_value(
@@ -245,6 +249,10 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(sample("loaded_bytes", "1"), 6 * chunk)
         self.assertEqual(sample("saved_chunks", "1"), 3)
         self.assertEqual(sample("loaded_bytes", "0"), 0)
+        workers = {"model_name": "test/model", "engine": "0", "backend": "host"}
+        self.assertEqual(registry.get_sample_value("vllm:kvtier_workers_total", workers), 1)
+        self.assertEqual(registry.get_sample_value(
+            "vllm:kvtier_workers_total", {**workers, "backend": "cuda"}), 0)
 
     def test_saves_computed_on_loaded_kv_wait_for_the_workers_reports(self):
         tokens = [(i * 6007 + 3) % 32000 for i in range(100)]
