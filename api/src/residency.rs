@@ -268,6 +268,10 @@ fn ttl_secs(ttl: Duration) -> u32 {
 /// digits), set by the router for the connector.
 pub const CONVERSATION_PARAM: &str = "kvtier_conversation";
 
+/// The share of a node's DRAM tier that holds may keep from eviction unless told otherwise:
+/// holds are first come, first served, so unheld conversations always keep the rest.
+pub const HOLD_SHARE: f64 = 0.25;
+
 /// The member of a request's `kv_transfer_params` that carries its [`Hold`].
 pub const HOLD_PARAM: &str = "kvtier_hold";
 
@@ -288,6 +292,12 @@ impl Hold {
     #[must_use]
     pub fn to_json(self) -> String {
         format!("{{\"ttl_s\":{},\"upto\":{:.4}}}", self.ttl_s, self.upto.clamp(0.0, 1.0))
+    }
+
+    /// Parses [`Hold::to_json`]'s text; `None` when it is not one.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::from_json(&serde_json::from_str(text).ok()?)
     }
 
     /// Reads [`Hold::to_json`]'s value; `None` when it is not one.

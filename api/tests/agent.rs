@@ -38,6 +38,7 @@ fn request() -> impl Strategy<Value = Request> {
         (keys.clone(), 1..=MAX_LEASE_MS)
             .prop_map(|(keys, lease_ms)| Request::Pin { keys, lease_ms }),
         keys.clone().prop_map(|keys| Request::Unpin { keys }),
+        (keys.clone(), 1..=MAX_HOLD_MS).prop_map(|(keys, ttl_ms)| Request::Hold { keys, ttl_ms }),
         keys.prop_map(|keys| Request::Prefetch { keys }),
         Just(Request::Stats),
     ]
@@ -94,6 +95,7 @@ fn responses_round_trip() {
             used: 3,
             reserved: 1,
             pinned: 2,
+            held: 1,
             hits: 5,
             misses: 6,
             evictions: 7,
@@ -128,6 +130,10 @@ fn hostile_headers_and_counts_are_refused_before_allocating() {
     let mut body = 0u32.to_le_bytes().to_vec();
     body.extend_from_slice(&0u32.to_le_bytes());
     assert!(matches!(Request::decode(6, &body), Err(ProtocolError::Invalid(_))));
+    // A hold past an hour.
+    let mut body = (MAX_HOLD_MS + 1).to_le_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(Request::decode(10, &body), Err(ProtocolError::Invalid(_))));
 }
 
 /// Every frame a client sends the node-agent goes through `decode_header` and
@@ -152,6 +158,7 @@ fn fuzz_frame_decoding() {
         }
         .encode(4),
         Request::Prefetch { keys: vec![k(5)] }.encode(5),
+        Request::Hold { keys: vec![k(6), k(8)], ttl_ms: 300_000 }.encode(6),
     ];
     run("agent-frame", &seeds, |b| {
         let Some(header) = b.get(..HEADER).and_then(|h| <&[u8; HEADER]>::try_from(h).ok()) else {

@@ -129,6 +129,8 @@ pub struct DemoOptions {
     /// With tier-aware routing, pass the Anthropic `cache_control` breakpoints to the
     /// replicas as holds (ADR 0013).
     pub holds: bool,
+    /// The share of each node's DRAM holds may keep.
+    pub hold_share: f64,
     /// Replay by the study's protocol (its users per replica, ramp, limits and warm prefix)
     /// instead of the regimes' fixed users.
     pub protocol: Option<Protocol>,

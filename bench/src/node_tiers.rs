@@ -134,7 +134,8 @@ pub async fn run_node_tiers(
         if i % per_node == 0 {
             let dram = node_dram;
             let mut tiers =
-                kvtier_sim::engine::HostTiers::new(dram, (dram as f64 * node.nvme) as u64);
+                kvtier_sim::engine::HostTiers::new(dram, (dram as f64 * node.nvme) as u64)
+                    .with_hold_share(opts.hold_share);
             if let Some(store) = &store {
                 tiers = tiers.with_remote(store.clone());
             }

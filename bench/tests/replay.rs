@@ -169,6 +169,7 @@ async fn the_demo_runs_a_configuration_and_tabulates_it() {
         session_placement: kvtier_router::SessionPlacement::Load,
         api: Api::Chat,
         holds: false,
+        hold_share: kvtier_api::residency::HOLD_SHARE,
         protocol: None,
         overload_bound_tokens: None,
     };

@@ -270,6 +270,10 @@ struct DemoArgs {
     /// the replicas as holds (ADR 0013; off by default, as in the router).
     #[arg(long)]
     holds: bool,
+    /// With `--holds`: the share of each node's DRAM holds may keep (the node-agent's
+    /// `--hold-share`).
+    #[arg(long, default_value_t = kvtier_api::residency::HOLD_SHARE)]
+    hold_share: f64,
     /// Replicas per node in the node-tier scenario.
     #[arg(long, default_value_t = 2)]
     replicas_per_node: usize,
@@ -541,6 +545,7 @@ async fn demo_cmd(a: DemoArgs) -> anyhow::Result<()> {
         session_placement: a.session_placement,
         api: a.api,
         holds: a.holds,
+        hold_share: a.hold_share,
         protocol: a.protocol,
         overload_bound_tokens: a.overload_bound_tokens,
     };

@@ -32,6 +32,11 @@ pub(crate) struct NodeAgentArgs {
     /// engine cannot take the pool from the others.
     #[arg(long, env = "KVTIER_AGENT_CLIENT_SHARE", default_value = "0.5", value_parser = share)]
     client_share: f64,
+    /// The share of the DRAM pool that holds may keep from eviction: the chunks clients said
+    /// they will resend (Anthropic `cache_control` breakpoints, passed on by the router with
+    /// `--cache-control-holds`; ADR 0013). 0: no holds.
+    #[arg(long, env = "KVTIER_AGENT_HOLD_SHARE", default_value_t = kvtier_api::residency::HOLD_SHARE, value_parser = share_or_none)]
+    hold_share: f64,
     /// Only processes running as these uids may attach (comma-separated; checked with the
     /// kernel's peer credentials). Default: whoever may open the socket.
     #[arg(long, env = "KVTIER_AGENT_PEER_UIDS", value_delimiter = ',')]
@@ -129,6 +134,13 @@ fn share(s: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("`{s}` is not a share of the pool in (0, 1]"))
 }
 
+fn share_or_none(s: &str) -> Result<f64, String> {
+    if s.parse::<f64>().ok() == Some(0.0) {
+        return Ok(0.0);
+    }
+    share(s)
+}
+
 fn octal_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
@@ -165,7 +177,9 @@ pub(crate) async fn run(a: NodeAgentArgs) -> anyhow::Result<()> {
     };
     // At least one slot, whatever the share of a tiny pool.
     let quota = ((f64::from(pool.slots()) * a.client_share) as u32).max(1);
-    let index = Index::new(pool.slots(), slot_bytes, policy).with_client_quota(quota);
+    let index = Index::new(pool.slots(), slot_bytes, policy)
+        .with_client_quota(quota)
+        .with_hold_share(a.hold_share);
     let mut agent = Agent::new(pool, index);
     if let Some(dir) = &a.nvme_dir {
         let bytes = a.nvme_bytes.context("--nvme-bytes is required with --nvme-dir")?;

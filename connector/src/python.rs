@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use kvtier_api::residency::Hold;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -82,8 +83,10 @@ impl Scheduler {
     }
 
     /// Tokens loadable beyond `num_computed`, or None to be asked again. `conversation`: the
-    /// router's key for the request's conversation (0: none), tagged on its saves.
-    #[pyo3(signature = (req, tokens, num_computed, conversation=0))]
+    /// router's key for the request's conversation (0: none), tagged on its saves; `hold`: the
+    /// router's hold as JSON (`{"ttl_s":300,"upto":0.97}`; ADR 0013), kept once the request
+    /// is done and saved (text that is not one is ignored).
+    #[pyo3(signature = (req, tokens, num_computed, conversation=0, hold=None))]
     fn lookup(
         &self,
         py: Python<'_>,
@@ -91,12 +94,16 @@ impl Scheduler {
         tokens: Vec<u32>,
         num_computed: usize,
         conversation: u64,
+        hold: Option<&str>,
     ) -> PyResult<Option<usize>> {
         py.detach(|| {
             let mut core = locked(&self.inner);
             let n = core.lookup(req, &tokens, num_computed)?;
             if conversation != 0 {
                 core.tag(req, conversation);
+            }
+            if let Some(h) = hold.and_then(Hold::parse) {
+                core.hold(req, h);
             }
             Ok(n)
         })
@@ -156,6 +163,11 @@ impl Scheduler {
                 Err(e) => (delay, Some(e.to_string())),
             }
         })
+    }
+
+    /// The workers report these requests' saves committed (vLLM's `finished_sending`).
+    fn sent(&self, py: Python<'_>, reqs: Vec<String>) {
+        py.detach(|| locked(&self.inner).sent(&reqs));
     }
 
     /// Requests tracked.

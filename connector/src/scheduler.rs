@@ -12,14 +12,18 @@
 //! - A request that loaded saves nothing until every rank reported its loads landed, and one
 //!   whose loads failed saves its chunks again from the first failed one, once recomputed
 //!   (ADR 0009).
+//! - A request the router passed a hold (an Anthropic `cache_control` breakpoint, ADR 0013)
+//!   asks the agent, once its saves are committed, to keep its prompt's chunks up to the
+//!   breakpoint for the breakpoint's TTL.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvtier_agent_client::client::ClientError;
-use kvtier_api::agent::{Request, Tier};
+use kvtier_api::agent::{Request, Tier, MAX_HOLD_MS};
 use kvtier_api::chunk::{chunk_keys, ChunkKey, CHUNK_SEED};
+use kvtier_api::residency::Hold;
 use twox_hash::XxHash3_128;
 
 use crate::link::Link;
@@ -48,6 +52,10 @@ pub struct SchedulerConfig {
     /// [`CONFIRM_GRACE`] plans and saves are no longer held back.
     pub confirm_loads: bool,
 }
+
+/// Holds waiting for their requests' saves to be committed, at most; past it a finished
+/// request's hold is dropped (the engine would have to stop reporting finished saves).
+const MAX_PENDING_HOLDS: usize = 4096;
 
 /// Plans a request's saves wait for its workers' first report of landed loads before the
 /// scheduler side concludes the engine does not send such reports.
@@ -123,6 +131,10 @@ struct Req {
     /// (`None`: nothing to wait for); its saves are held back meanwhile.
     unconfirmed: Option<u32>,
     conversation: u64,
+    /// What the router asked to keep warm.
+    hold: Option<Hold>,
+    /// Prompt tokens (a hold's share applies to them).
+    prompt_tokens: usize,
     /// A plan had saves for it: its blocks stay allocated until the workers have copied them.
     saving: bool,
 }
@@ -146,6 +158,9 @@ pub struct SchedulerCore {
     parts: u32,
     reqs: HashMap<String, Req>,
     loads: Vec<LoadJob>,
+    /// Holds of finished requests whose saves are still being committed: the keys and the
+    /// TTL in milliseconds, asked for when the workers report the request sent.
+    holds: HashMap<String, (Vec<ChunkKey>, u32)>,
     /// Whether the workers were ever heard to report landed loads.
     reports_seen: bool,
 }
@@ -172,7 +187,15 @@ impl SchedulerCore {
         let slot = link.slot_bytes() as usize;
         let parts = u32::try_from(cfg.chunk_bytes.div_ceil(slot))
             .map_err(|_| SchedulerError::Config("chunk too large".into()))?;
-        Ok(Self { cfg, link, parts, reqs: HashMap::new(), loads: Vec::new(), reports_seen: false })
+        Ok(Self {
+            cfg,
+            link,
+            parts,
+            reqs: HashMap::new(),
+            loads: Vec::new(),
+            holds: HashMap::new(),
+            reports_seen: false,
+        })
     }
 
     /// Pool slots per chunk and rank.
@@ -229,6 +252,8 @@ impl SchedulerCore {
                     unconfirmed: None,
                     saving: false,
                     conversation: 0,
+                    hold: None,
+                    prompt_tokens: tokens.len(),
                 },
             );
         }
@@ -335,6 +360,14 @@ impl SchedulerCore {
     pub fn tag(&mut self, req: &str, conversation: u64) {
         if let Some(r) = self.reqs.get_mut(req) {
             r.conversation = conversation;
+        }
+    }
+
+    /// Asks that `req`'s prompt, up to the share `hold` names, be kept warm for its TTL once
+    /// the request is done and its chunks are saved (ADR 0013).
+    pub fn hold(&mut self, req: &str, hold: Hold) {
+        if let Some(r) = self.reqs.get_mut(req) {
+            r.hold = Some(hold);
         }
     }
 
@@ -484,6 +517,21 @@ impl SchedulerCore {
     /// know whether to delay anyway ask [`SchedulerCore::saving`] first.
     pub fn finished(&mut self, req: &str) -> Result<bool, SchedulerError> {
         if let Some(r) = self.reqs.remove(req) {
+            if let Some(h) = r.hold {
+                let ttl_ms = u32::try_from(u64::from(h.ttl_s) * 1000).unwrap_or(MAX_HOLD_MS);
+                let chunks = ((h.upto * r.prompt_tokens as f64) as usize / self.cfg.chunk_tokens)
+                    .min(r.keys.len());
+                let keys: Vec<ChunkKey> =
+                    r.keys[..chunks].iter().flatten().flatten().copied().collect();
+                if ttl_ms > 0 && !keys.is_empty() {
+                    let ttl_ms = ttl_ms.min(MAX_HOLD_MS);
+                    if !r.saving {
+                        self.ask_hold(keys, ttl_ms);
+                    } else if self.holds.len() < MAX_PENDING_HOLDS {
+                        self.holds.insert(req.to_owned(), (keys, ttl_ms));
+                    }
+                }
+            }
             // Pins of a pool that is gone went with it.
             if !r.pinned.is_empty() && r.pool == self.link.pool_id() && self.link.is_up() {
                 self.link.call(|c| c.ack(&Request::Unpin { keys: r.pinned }))?;
@@ -491,6 +539,31 @@ impl SchedulerCore {
             return Ok(r.saving);
         }
         Ok(false)
+    }
+
+    /// The workers report these requests' saves committed (vLLM's `finished_sending`): the
+    /// holds waiting for them are asked for now.
+    pub fn sent(&mut self, reqs: &[String]) {
+        for req in reqs {
+            if let Some((keys, ttl_ms)) = self.holds.remove(req) {
+                self.ask_hold(keys, ttl_ms);
+            }
+        }
+    }
+
+    /// A hold is worth a round trip, not a failed request: an agent that cannot take it is
+    /// logged and the request's chunks age as any others.
+    fn ask_hold(&mut self, keys: Vec<ChunkKey>, ttl_ms: u32) {
+        let asked = keys.len();
+        match self.link.call(|c| c.ack(&Request::Hold { keys: keys.clone(), ttl_ms })) {
+            Ok(held) if (held as usize) < asked => tracing::debug!(
+                asked,
+                held,
+                "the node-agent held part of a prompt (the rest is not in DRAM, or its hold share is full)"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("the node-agent did not take a hold: {e}"),
+        }
     }
 
     /// Whether a plan had saves for `req`.

@@ -284,3 +284,69 @@ fn a_prompt_saved_on_one_node_loads_on_another_from_the_remote_tier() {
         }
     }
 }
+
+/// Request `req` computes and saves `tokens` (into blocks from `first_block`), then finishes.
+fn compute_and_save(
+    s: &mut kvtier_connector::SchedulerCore,
+    ws: &mut [WorkerCore],
+    caches: &mut [Cache],
+    req: &str,
+    tokens: &[u32],
+    hold: Option<kvtier_api::residency::Hold>,
+) {
+    assert_eq!(s.lookup(req, tokens, 0).expect("lookup"), Some(0));
+    if let Some(h) = hold {
+        s.hold(req, h);
+    }
+    let blocks: Vec<u32> = (0..tokens.len().div_ceil(BLOCK) as u32).collect();
+    for (rank, c) in caches.iter_mut().enumerate() {
+        c.compute(rank, &blocks);
+    }
+    let step = Step { req: req.into(), block_ids: blocks, computed_after: tokens.len() };
+    let plan = s.build_plan(&[step], Some(Vec::new()));
+    for w in ws.iter_mut() {
+        assert!(w.save(&plan).saved > 0);
+    }
+    assert!(s.finished(req).expect("finished"), "its saves delay freeing its blocks");
+}
+
+#[test]
+fn a_held_prompt_outlives_a_full_pool_once_its_saves_are_committed() {
+    // 32 slots: a quarter (8) may be held, two chunks of two ranks of two parts.
+    let (_dir, socket, _rt, agent) = common::start_agent_with(32, "holds");
+    let mut caches = [Cache::new(), Cache::new()];
+    let mut ws = workers(&socket, &mut caches);
+    let mut s = scheduler(&socket);
+    let held = prompt(300, 21);
+    let hold = kvtier_api::residency::Hold { ttl_s: 300, upto: 1.0 };
+    compute_and_save(&mut s, &mut ws, &mut caches, "a", &held, Some(hold));
+    assert_eq!(agent.stats().held, 0, "asked for once the workers report the saves sent");
+    s.sent(&["a".to_owned()]);
+    assert_eq!(agent.stats().held, 8, "both full chunks, every rank's parts");
+    // A prompt without a hold, then enough others to turn the pool over twice.
+    let unheld = prompt(300, 22);
+    compute_and_save(&mut s, &mut ws, &mut caches, "b", &unheld, None);
+    s.sent(&["b".to_owned()]);
+    for i in 0..8 {
+        compute_and_save(
+            &mut s,
+            &mut ws,
+            &mut caches,
+            &format!("f{i}"),
+            &prompt(300, 100 + i),
+            None,
+        );
+        s.sent(&[format!("f{i}")]);
+    }
+    assert_eq!(s.lookup("a2", &held, 0).expect("lookup"), Some(256), "the held prompt loads");
+    assert_eq!(s.lookup("b2", &unheld, 0).expect("lookup"), Some(0), "the other was evicted");
+    s.finished("a2").expect("finished");
+    s.finished("b2").expect("finished");
+    // A breakpoint half-way asks for the first chunk only, and the share is full: holds are
+    // first come, first served, so the unheld always keep three quarters of the pool.
+    let half = kvtier_api::residency::Hold { ttl_s: 300, upto: 0.5 };
+    compute_and_save(&mut s, &mut ws, &mut caches, "c", &unheld, Some(half));
+    s.sent(&["c".to_owned()]);
+    assert_eq!(agent.stats().held, 8);
+    assert_eq!(s.tracked(), 0);
+}

@@ -347,9 +347,10 @@ class Redis:
 
 
 def start_router(bin: str, engines: list[Engine], logdir: str, node: str = "node1",
-                 residency: Optional[Agent] = None) -> tuple[subprocess.Popen, str]:
+                 residency: Optional[Agent] = None,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [bin, "router", "--listen", f"127.0.0.1:{port}", "--health-interval", "1s"]
+    args = [bin, "router", "--listen", f"127.0.0.1:{port}", "--health-interval", "1s", *extra]
     for e in engines:
         args += ["--endpoint", f"{node}={e.url}" if residency else e.url]
     if residency is not None:

@@ -98,8 +98,10 @@ class RealEngine(unittest.TestCase):
             cls.tearDownClass()
             raise
         print(f"\n{len(cls.engines)} vLLM servers ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        # Tier-aware, and passing Anthropic `cache_control` breakpoints on as holds (ADR 0013).
         cls.router, cls.router_url = start_router(p["KVTIER_BIN"], [cls.a, cls.b], work,
-                                                  residency=cls.agent)
+                                                  residency=cls.agent,
+                                                  extra=("--cache-control-holds",))
 
     @classmethod
     def tearDownClass(cls):
@@ -333,6 +335,18 @@ class RealEngine(unittest.TestCase):
             first = s.get_final_message()
         self.assertEqual(first.type, "message")
         self.assertGreater(first.usage.output_tokens, 0)
+        # The breakpoint on the newest message asked the node tier to keep the whole prompt
+        # (its full chunks) for five minutes: the router passed it to the engine, the
+        # connector to the agent once the request's chunks were saved.
+        # (Its share of the prompt is measured on the text: allow a chunk for rounding.)
+        want = min(max(full_chunks(first.usage.input_tokens) - 1, 1), self.agent.slots // 4)
+        held = lambda: self.agent.metrics().get("kvtier_agent_held_chunks", 0)  # noqa: E731
+        deadline = time.monotonic() + 20
+        while held() < want and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertGreaterEqual(held(), want, self.agent.metrics())
+        print(f"\nholds: {held():.0f} chunks held of turn 1's "
+              f"{full_chunks(first.usage.input_tokens)} full chunks", file=sys.stderr)
         served = self.served_by(c)
         home = served.index(1)
         # Turn 2: the breakpoint moved to the newest message, the earlier turn is unchanged.

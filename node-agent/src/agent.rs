@@ -77,14 +77,17 @@ pub(crate) struct Counters {
     pub(crate) promotions: AtomicU64,
     /// Chunks brought into DRAM from the remote tier.
     pub(crate) remote_promotions: AtomicU64,
+    /// Chunks clients asked to hold that were not held (not in DRAM, or the share was full).
+    pub(crate) holds_refused: AtomicU64,
     /// Requests answered and nanoseconds spent, per operation ([`OPS`] order).
     pub(crate) op_count: [AtomicU64; OPS.len()],
     pub(crate) op_nanos: [AtomicU64; OPS.len()],
 }
 
 /// Operation names for the per-operation metrics, in `Request::op()` order (1-based).
-pub(crate) const OPS: [&str; 9] =
-    ["hello", "lookup", "reserve", "commit", "release", "pin", "unpin", "prefetch", "stats"];
+pub(crate) const OPS: [&str; 10] = [
+    "hello", "lookup", "reserve", "commit", "release", "pin", "unpin", "prefetch", "stats", "hold",
+];
 
 impl Agent {
     /// Counts one answered request of operation `op` that took `elapsed`.
@@ -653,6 +656,12 @@ impl Agent {
                 Response::Ack { applied: applied as u32 }
             }
             Request::Stats => Response::Stats(self.stats()),
+            Request::Hold { keys, ttl_ms } => {
+                let held = self.index().hold(&keys, now, ttl_ms);
+                let refused = keys.len() as u64 - u64::from(held);
+                self.counters.holds_refused.fetch_add(refused, Ordering::Relaxed);
+                Response::Ack { applied: held }
+            }
         }
     }
 }

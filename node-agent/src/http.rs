@@ -100,6 +100,8 @@ struct AgentMetrics {
     used: Family<TierLabels, Gauge>,
     reserved: Family<TierLabels, Gauge>,
     pinned: Gauge,
+    held: Gauge,
+    holds_refused: Counter,
     staging_capacity: Gauge,
     staging_used: Gauge,
     locked: Gauge,
@@ -161,6 +163,8 @@ impl AgentMetrics {
             used: Family::default(),
             reserved: Family::default(),
             pinned: Gauge::default(),
+            held: Gauge::default(),
+            holds_refused: Counter::default(),
             staging_capacity: Gauge::default(),
             staging_used: Gauge::default(),
             locked: Gauge::default(),
@@ -187,6 +191,16 @@ impl AgentMetrics {
             m.reserved.clone(),
         );
         r.register("kvtier_agent_pinned_chunks", "Chunks pinned by a live lease", m.pinned.clone());
+        r.register(
+            "kvtier_agent_held_chunks",
+            "Chunks kept from eviction by holds (cache_control breakpoints)",
+            m.held.clone(),
+        );
+        r.register(
+            "kvtier_agent_holds_refused",
+            "Chunks asked to be held and not held: not in DRAM, or the hold share was full",
+            m.holds_refused.clone(),
+        );
         r.register(
             "kvtier_agent_staging_capacity_bytes",
             "Bytes of the staging area clients save into",
@@ -314,6 +328,8 @@ impl AgentMetrics {
         self.used.get_or_create(&DRAM).set(gauge(u64::from(s.used) * slot));
         self.reserved.get_or_create(&DRAM).set(gauge(u64::from(s.reserved) * slot));
         self.pinned.set(i64::from(s.pinned));
+        self.held.set(i64::from(s.held));
+        mirror(&self.holds_refused, get(&c.holds_refused));
         self.staging_capacity.set(gauge(agent.pool().staging_bytes()));
         self.staging_used.set(gauge(u64::from(agent.staging_in_use()) * slot));
         self.locked.set(i64::from(agent.pool().locked()));

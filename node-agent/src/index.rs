@@ -5,6 +5,8 @@
 //! committed chunk. A committed chunk may be pinned by clients; each pin is a lease that
 //! expires, so a client that dies or forgets leaks nothing. Pinned chunks are never evicted.
 //! Reserving takes free slots first, then evicts unpinned chunks in the policy's order.
+//! Holds (ADR 0013) are pins owned by [`HOLDS`], bounded by their own share of the pool: they
+//! outlive the client that asked, and renewing one keeps the later deadline.
 
 use std::collections::HashMap;
 
@@ -21,6 +23,10 @@ pub type Millis = u64;
 /// The agent's own client id, for its own reservations and pins (write-through, prefetch);
 /// no quota applies to it.
 pub const AGENT: ClientId = ClientId::MAX;
+
+/// The owner of holds ([`Index::hold`]): what clients asked to keep warm past their own
+/// connection. Its quota is the hold share ([`Index::with_hold_share`]), not a client's.
+pub const HOLDS: ClientId = ClientId::MAX - 1;
 
 pub use kvtier_api::eviction::{EvictionPolicy, Lru};
 
@@ -74,6 +80,8 @@ pub struct Index {
     /// Most slots one client may have reserved at once, and most chunks it may pin; `None`:
     /// only the pool bounds it.
     quota: Option<u32>,
+    /// Most chunks [`HOLDS`] may pin.
+    hold_quota: u32,
     /// Slots reserved and chunks pinned, per client.
     reserved_by: HashMap<ClientId, u32>,
     pinned_by: HashMap<ClientId, u32>,
@@ -109,6 +117,7 @@ impl Index {
             stats: Stats { slots, ..Stats::default() },
             evicted: Vec::new(),
             quota: None,
+            hold_quota: 0,
             reserved_by: HashMap::new(),
             pinned_by: HashMap::new(),
         }
@@ -130,9 +139,30 @@ impl Index {
         self.quota
     }
 
+    /// Lets holds keep up to `share` (0..=1) of the pool's slots from eviction; none by default.
+    #[must_use]
+    pub fn with_hold_share(mut self, share: f64) -> Self {
+        self.hold_quota = (self.slots.len() as f64 * share.clamp(0.0, 1.0)) as u32;
+        self
+    }
+
+    /// Most chunks holds may keep.
+    #[must_use]
+    pub fn hold_quota(&self) -> u32 {
+        self.hold_quota
+    }
+
+    fn quota_of(&self, client: ClientId) -> Option<u32> {
+        match client {
+            AGENT => None,
+            HOLDS => Some(self.hold_quota),
+            _ => self.quota,
+        }
+    }
+
     /// Whether `client` may take one more of what `held` counts.
     fn under_quota(&self, client: ClientId, held: &HashMap<ClientId, u32>) -> bool {
-        client == AGENT || self.quota.is_none_or(|q| held.get(&client).copied().unwrap_or(0) < q)
+        self.quota_of(client).is_none_or(|q| held.get(&client).copied().unwrap_or(0) < q)
     }
 
     /// Counters and occupancy.
@@ -142,6 +172,7 @@ impl Index {
         s.used = self.entries.len() as u32;
         s.reserved = self.slots.iter().filter(|x| matches!(x, Slot::Reserved(_))).count() as u32;
         s.pinned = self.entries.values().filter(|e| !e.pins.is_empty()).count() as u32;
+        s.held = self.pinned_by.get(&HOLDS).copied().unwrap_or(0);
         s
     }
 
@@ -322,6 +353,30 @@ impl Index {
         n
     }
 
+    /// Holds chunks DRAM has, in order, until `now + ttl_ms`, while the hold share has room
+    /// (holds that ran out give theirs back first); a chunk already held keeps the later
+    /// deadline. Returns how many are held now.
+    pub fn hold(&mut self, keys: &[ChunkKey], now: Millis, ttl_ms: u32) -> u32 {
+        self.expire(now);
+        let deadline = now + Millis::from(ttl_ms);
+        let mut n = 0;
+        for k in keys {
+            let Some(held) = self.entries.get(k).map(|e| e.pins.get(&HOLDS).copied()) else {
+                continue;
+            };
+            if held.is_none() && !self.under_quota(HOLDS, &self.pinned_by) {
+                continue;
+            }
+            let e = self.entries.get_mut(k).expect("looked up above");
+            e.pins.insert(HOLDS, held.map_or(deadline, |d| d.max(deadline)));
+            if held.is_none() {
+                *self.pinned_by.entry(HOLDS).or_insert(0) += 1;
+            }
+            n += 1;
+        }
+        n
+    }
+
     /// Drops `client`'s pins on `keys`; returns how many it held.
     pub fn unpin(&mut self, client: ClientId, keys: &[ChunkKey]) -> u32 {
         let mut n = 0;
@@ -382,8 +437,14 @@ impl Index {
         }
         assert_eq!(reserved, self.reserved_by, "reservations per client miscounted");
         assert_eq!(pinned, self.pinned_by, "pins per client miscounted");
+        assert!(
+            pinned.get(&HOLDS).copied().unwrap_or(0) <= self.hold_quota,
+            "holds keep more than their share"
+        );
         if let Some(q) = self.quota {
-            let over = |m: &HashMap<ClientId, u32>| m.iter().any(|(c, n)| *c != AGENT && *n > q);
+            let over = |m: &HashMap<ClientId, u32>| {
+                m.iter().any(|(c, n)| *c != AGENT && *c != HOLDS && *n > q)
+            };
             assert!(!over(&reserved) && !over(&pinned), "a client holds more than its quota");
         }
     }
@@ -532,6 +593,42 @@ mod tests {
         ix.check();
     }
 
+    #[test]
+    fn holds_keep_chunks_within_their_share_past_the_client_and_renew_to_the_later_deadline() {
+        let mut ix = index(8).with_client_quota(1).with_hold_share(0.25);
+        assert_eq!(ix.hold_quota(), 2);
+        for i in 0..8u128 {
+            let s = ix.reserve(AGENT, 1, 0)[0];
+            ix.commit(AGENT, k(i), s, 10, 0, ConversationKey(0), ok).expect("commit");
+        }
+        assert_eq!(ix.hold(&[k(0), k(1), k(2), k(99)], 0, 1000), 2, "the share is two chunks");
+        assert_eq!(ix.stats().held, 2);
+        assert_eq!(ix.pin(7, &[k(3)], 0, 1000), 1, "a client's own quota is untouched");
+        ix.client_gone(7);
+        // A full pool evicts everything but the holds.
+        assert_eq!(ix.reserve(AGENT, 8, 10).len(), 6);
+        assert!(ix.get(&k(0)).is_some() && ix.get(&k(1)).is_some(), "held chunks stay");
+        ix.check();
+        // A shorter hold does not shorten a longer one; a longer one extends it.
+        assert_eq!(ix.hold(&[k(0)], 500, 100), 1);
+        assert_eq!(ix.hold(&[k(1)], 500, 4000), 1);
+        ix.expire(1000);
+        assert_eq!(ix.stats().held, 1, "k(0)'s hold ended at 1000 ms, k(1)'s runs to 4500");
+        assert!(ix.reserve(AGENT, 1, 1000).len() == 1 && ix.get(&k(0)).is_none());
+        // Holds that ran out give their room back before a new one is refused.
+        ix.release(AGENT, &(0..8).collect::<Vec<_>>());
+        let s = ix.reserve(AGENT, 1, 1000)[0];
+        ix.commit(AGENT, k(50), s, 10, 0, ConversationKey(0), ok).expect("commit");
+        assert_eq!(ix.hold(&[k(50)], 4500, 1000), 1);
+        assert!(ix.get(&k(1)).is_some() && ix.stats().held == 1);
+        ix.check();
+        // No share, no holds.
+        let mut ix = index(4);
+        let s = ix.reserve(AGENT, 1, 0)[0];
+        ix.commit(AGENT, k(1), s, 10, 0, ConversationKey(0), ok).expect("commit");
+        assert_eq!(ix.hold(&[k(1)], 0, 1000), 0);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Reserve(u64, u32),
@@ -539,6 +636,7 @@ mod tests {
         Release(u64, usize),
         Pin(u64, u128, u32),
         Unpin(u64, u128),
+        Hold(u128, u32),
         Lookup(u128),
         Gone(u64),
         Tick(u64),
@@ -551,6 +649,7 @@ mod tests {
             (0..3u64, 0..8usize).prop_map(|(c, i)| Op::Release(c, i)),
             (0..3u64, 0..20u128, 1..500u32).prop_map(|(c, k, l)| Op::Pin(c, k, l)),
             (0..3u64, 0..20u128).prop_map(|(c, k)| Op::Unpin(c, k)),
+            (0..20u128, 1..500u32).prop_map(|(k, t)| Op::Hold(k, t)),
             (0..20u128).prop_map(Op::Lookup),
             (0..3u64).prop_map(Op::Gone),
             (0..300u64).prop_map(Op::Tick),
@@ -565,6 +664,7 @@ mod tests {
             ops in prop::collection::vec(op(), 1..200),
             s3 in any::<bool>(),
             quota in prop::option::of(1u32..4),
+            hold_share in 0.0f64..0.7,
         ) {
             // Either eviction policy, with or without a quota per client.
             let mut ix = if s3 {
@@ -575,6 +675,7 @@ mod tests {
             if let Some(q) = quota {
                 ix = ix.with_client_quota(q);
             }
+            ix = ix.with_hold_share(hold_share);
             let mut now = 0;
             let mut mine: HashMap<u64, Vec<u32>> = HashMap::new();
             // (client, key) -> lease deadline, for pins the index accepted.
@@ -608,6 +709,12 @@ mod tests {
                         }
                     }
                     Op::Unpin(c, key) => { ix.unpin(c, &[k(key)]); pins.remove(&(c, key)); }
+                    Op::Hold(key, ttl) => {
+                        if ix.hold(&[k(key)], now, ttl) == 1 {
+                            let d = pins.entry((HOLDS, key)).or_insert(0);
+                            *d = (*d).max(now + u64::from(ttl));
+                        }
+                    }
                     Op::Lookup(key) => { ix.lookup(&[k(key)]); }
                     Op::Gone(c) => {
                         ix.client_gone(c);

@@ -744,3 +744,39 @@ fn only_the_allowed_uids_attach_when_a_list_is_given() {
     assert_eq!(c.reserve(1).expect("reserve").len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn holds_outlive_the_client_that_asked_within_their_share() {
+    let pool = DramPool::create(PoolConfig {
+        bytes: 8 * u64::from(SLOT),
+        staging_bytes: None,
+        slot_bytes: SLOT,
+        lock: LockMode::BestEffort,
+        huge_pages: false,
+    })
+    .expect("pool");
+    let index = Index::new(8, SLOT, Box::<Lru>::default()).with_hold_share(0.25);
+    let (path, agent, _rt) = common::serve(Agent::new(pool, index));
+    let keys: Vec<ChunkKey> = (1..=4).map(ChunkKey).collect();
+    {
+        let mut c = Client::connect(&path, "engine").expect("attach");
+        let slots = c.reserve(4).expect("reserve");
+        for (k, s) in keys.iter().zip(&slots) {
+            assert!(c.put(*k, *s, &chunk(k.0 as u8)).expect("commit"));
+        }
+        // A breakpoint over three chunks; the share is two (a quarter of eight).
+        let held = c.ack(&Request::Hold { keys: keys[..3].to_vec(), ttl_ms: 300_000 });
+        assert_eq!(held.expect("hold"), 2);
+        assert_eq!(c.stats().expect("stats").held, 2);
+    } // the engine's connection goes; its holds stay.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut other = Client::connect(&path, "next").expect("attach");
+    assert_eq!(other.reserve(8).expect("reserve").len(), 6, "all but the held chunks' slots");
+    let found = other.lookup(&keys).expect("lookup");
+    assert_eq!(found.tiers, vec![Tier::Dram, Tier::Dram, Tier::Absent, Tier::Absent]);
+    assert_eq!(other.pool().slot(found.slots[1]), &chunk(2)[..]);
+    assert_eq!(agent.stats().held, 2);
+    // A hold past an hour is refused as invalid, and closes only that connection.
+    let err = other.ack(&Request::Hold { keys: keys.clone(), ttl_ms: 3_600_001 });
+    assert!(err.is_err());
+}

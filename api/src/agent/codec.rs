@@ -183,6 +183,11 @@ impl Request {
                 op::PREFETCH
             }
             Request::Stats => op::STATS,
+            Request::Hold { keys, ttl_ms } => {
+                w.u32(*ttl_ms);
+                w.keys(keys);
+                op::HOLD
+            }
         };
         frame(op, request_id, &w.bytes())
     }
@@ -230,6 +235,15 @@ impl Request {
             op::UNPIN => Request::Unpin { keys: r.keys()? },
             op::PREFETCH => Request::Prefetch { keys: r.keys()? },
             op::STATS => Request::Stats,
+            op::HOLD => {
+                let ttl_ms = r.u32()?;
+                if ttl_ms == 0 || ttl_ms > MAX_HOLD_MS {
+                    return Err(ProtocolError::Invalid(format!(
+                        "hold {ttl_ms} ms, must be 1..={MAX_HOLD_MS}"
+                    )));
+                }
+                Request::Hold { ttl_ms, keys: r.keys()? }
+            }
             other => return Err(ProtocolError::Op(other)),
         };
         r.end()?;
@@ -249,6 +263,7 @@ impl Request {
             Request::Unpin { .. } => op::UNPIN,
             Request::Prefetch { .. } => op::PREFETCH,
             Request::Stats => op::STATS,
+            Request::Hold { .. } => op::HOLD,
         }
     }
 }
@@ -285,7 +300,7 @@ impl Response {
                 op::ACK | op::REPLY
             }
             Response::Stats(s) => {
-                for v in [s.slots, s.used, s.reserved, s.pinned] {
+                for v in [s.slots, s.used, s.reserved, s.pinned, s.held] {
                     w.u32(v);
                 }
                 for v in [s.hits, s.misses, s.evictions] {
@@ -338,6 +353,7 @@ impl Response {
                 used: r.u32()?,
                 reserved: r.u32()?,
                 pinned: r.u32()?,
+                held: r.u32()?,
                 hits: r.u64()?,
                 misses: r.u64()?,
                 evictions: r.u64()?,

@@ -23,8 +23,9 @@ pub use codec::{decode_header, split_frame};
 
 /// `KVTA`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVTA");
-/// Protocol version this build speaks (2: the staging area, and the remote tier in lookups).
-pub const VERSION: u16 = 2;
+/// Protocol version this build speaks (2: the staging area, and the remote tier in lookups;
+/// 3: holds).
+pub const VERSION: u16 = 3;
 /// Header bytes.
 pub const HEADER: usize = 16;
 
@@ -52,6 +53,8 @@ pub const MAX_NAME: usize = 256;
 pub const NO_CHECKSUM: u64 = 0;
 /// Longest lease.
 pub const MAX_LEASE_MS: u32 = 10 * 60 * 1000;
+/// Longest hold: Anthropic's longest `cache_control` TTL, an hour.
+pub const MAX_HOLD_MS: u32 = 60 * 60 * 1000;
 
 /// A frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +155,18 @@ pub enum Request {
         /// Keys.
         keys: Vec<ChunkKey>,
     },
+    /// Keep these chunks in DRAM for `ttl_ms` on the client's behalf, past its connection:
+    /// what a client said it will resend (an Anthropic `cache_control` breakpoint, ADR 0013).
+    /// The agent owns the hold, within its own share of the pool (not the client's pin
+    /// quota); it holds the chunks DRAM has, in order, while the share has room, and a hold
+    /// on a chunk already held keeps the later deadline. The reply's `applied` counts the
+    /// chunks held.
+    Hold {
+        /// Keys, in prefix order (the front is worth most).
+        keys: Vec<ChunkKey>,
+        /// How long, in milliseconds (at most [`MAX_HOLD_MS`]).
+        ttl_ms: u32,
+    },
     /// Bring these from NVMe to DRAM ahead of the next turn.
     Prefetch {
         /// Keys.
@@ -170,8 +185,10 @@ pub struct Stats {
     pub used: u32,
     /// Slots reserved and not yet committed.
     pub reserved: u32,
-    /// Chunks pinned.
+    /// Chunks pinned (by clients or holds).
     pub pinned: u32,
+    /// Chunks held ([`Request::Hold`]).
+    pub held: u32,
     /// Lookups of keys found in DRAM.
     pub hits: u64,
     /// Lookups of keys not found.
@@ -275,6 +292,7 @@ mod op {
     pub const UNPIN: u16 = 7;
     pub const PREFETCH: u16 = 8;
     pub const STATS: u16 = 9;
+    pub const HOLD: u16 = 10;
     pub const REPLY: u16 = 0x8000;
     pub const ACK: u16 = 0x7ff0;
     pub const ERROR: u16 = 0x7fff;

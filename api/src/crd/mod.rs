@@ -213,6 +213,12 @@ pub struct CacheSpec {
     /// before the first layer and keeps full CUDA graphs, for decode-heavy engines.
     #[serde(default = "default_true")]
     pub pipeline_loads: bool,
+    /// With `tiered`: the share of each node's DRAM tier (0 to 0.5) that Anthropic
+    /// `cache_control` breakpoints may keep from eviction for their TTL, as Claude Code marks
+    /// what it will resend (ADR 0013). 0 (default) ignores them: measured in the simulator,
+    /// holds have not yet paid for the DRAM they take from the LRU.
+    #[serde(default)]
+    pub hold_share: f64,
 }
 
 impl Default for CacheSpec {
@@ -224,6 +230,7 @@ impl Default for CacheSpec {
             nvme: None,
             remote: None,
             pipeline_loads: true,
+            hold_share: 0.0,
         }
     }
 }

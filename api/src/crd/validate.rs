@@ -150,6 +150,10 @@ pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
             spec.cache.chunk_tokens
         ));
     }
+    let hold = spec.cache.hold_share;
+    if !(0.0..=0.5).contains(&hold) {
+        why.push(format!("spec.cache.holdShare is {hold}: a share of DRAM from 0 to 0.5"));
+    }
     match spec.cache.strategy {
         CacheStrategy::Tiered => {
             if spec.cache.dram.is_none() {
@@ -161,11 +165,14 @@ pub fn validate(spec: &KVCachedInferenceSpec) -> Result<(), Vec<String>> {
             }
         }
         CacheStrategy::None | CacheStrategy::Hbm => {
-            if spec.cache.dram.is_some() || spec.cache.nvme.is_some() || spec.cache.remote.is_some()
+            if spec.cache.dram.is_some()
+                || spec.cache.nvme.is_some()
+                || spec.cache.remote.is_some()
+                || hold > 0.0
             {
                 why.push(format!(
-                    "spec.cache.dram/nvme/remote are set but spec.cache.strategy is {}: host tiers are \
-                     used only with tiered",
+                    "spec.cache.dram/nvme/remote/holdShare are set but spec.cache.strategy is {}: \
+                     host tiers are used only with tiered",
                     serde_json::to_string(&spec.cache.strategy)
                         .unwrap_or_default()
                         .trim_matches('"')
@@ -205,6 +212,12 @@ mod tests {
         let s = spec("model: {name: m}\ncache: {strategy: hbm, dram: 64Gi}");
         assert!(validate(&s).expect_err("refused").join("").contains("only with tiered"));
         let s = spec("model: {name: m}\ncache: {strategy: tiered, dram: 64Gi, nvme: {size: 1Ti}}");
+        assert!(validate(&s).is_ok());
+        let s = spec("model: {name: m}\ncache: {strategy: tiered, dram: 64Gi, holdShare: 0.8}");
+        assert!(validate(&s).expect_err("refused").join("").contains("holdShare is 0.8"));
+        let s = spec("model: {name: m}\ncache: {strategy: hbm, holdShare: 0.25}");
+        assert!(validate(&s).expect_err("refused").join("").contains("only with tiered"));
+        let s = spec("model: {name: m}\ncache: {strategy: tiered, dram: 64Gi, holdShare: 0.25}");
         assert!(validate(&s).is_ok());
     }
 

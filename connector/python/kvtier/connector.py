@@ -27,6 +27,7 @@ node, whatever ``PYTHONHASHSEED`` is.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Optional
 
@@ -152,6 +153,18 @@ def _conversation(request: Any) -> int:
         return int(str(params.get("kvtier_conversation", "0")), 16)
     except (TypeError, ValueError):
         return 0
+
+
+def _hold(request: Any) -> Optional[str]:
+    """The router's hold for the request (``kv_transfer_params``, ADR 0013), as JSON, or None."""
+    params = getattr(request, "kv_transfer_params", None) or {}
+    hold = params.get("kvtier_hold")
+    if not isinstance(hold, dict):
+        return None
+    try:
+        return json.dumps(hold)
+    except (TypeError, ValueError):
+        return None
 
 
 def _layerwise(extra: dict) -> bool:
@@ -291,7 +304,8 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         tokens = list(request.prompt_token_ids or [])
         try:
             n = self._sched.lookup(
-                request.request_id, tokens, num_computed_tokens, _conversation(request)
+                request.request_id, tokens, num_computed_tokens, _conversation(request),
+                _hold(request),
             )
         except RuntimeError as e:  # the agent is away: compute instead
             logger.warning("kvtier: lookup failed (%s); computing the prompt", e)
@@ -364,6 +378,10 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KvtierWorkerMeta) and meta.landed:
             self._sched.loads_landed(sorted(meta.landed.items()))
+        # Requests every worker finished saving: their holds (ADR 0013) may be asked for.
+        sent = getattr(connector_output, "finished_sending", None)
+        if sent:
+            self._sched.sent(sorted(sent))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
         # True while saves of the request may still be copying: vLLM keeps its blocks until

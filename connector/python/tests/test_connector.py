@@ -8,13 +8,14 @@ memory shaped as vLLM's FlashAttention lays them out: ``(2, blocks, block_size, 
 """
 
 import ctypes
+import json
 import os
 import pickle
 import time
 import unittest
 from types import SimpleNamespace
 
-from kvtier.connector import KvtierConnector, KvtierMetadata, _conversation
+from kvtier.connector import KvtierConnector, KvtierMetadata, _conversation, _hold
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 SOCKET = os.environ.get("KVTIER_TEST_AGENT_SOCKET", "")
@@ -460,6 +461,21 @@ class ConnectorTest(unittest.TestCase):
         r = SimpleNamespace(request_id="t", prompt_token_ids=list(range(50)),
                             kv_transfer_params={"kvtier_conversation": "00000000000000ff"})
         self.assertEqual(self.sched.get_num_new_matched_tokens(r, 0), (0, False))
+
+    def test_the_routers_hold_is_read_from_kv_transfer_params(self):
+        hold = {"ttl_s": 300, "upto": 0.5}
+        self.assertEqual(json.loads(_hold(SimpleNamespace(kv_transfer_params={"kvtier_hold": hold}))), hold)
+        self.assertIsNone(_hold(SimpleNamespace(kv_transfer_params={"kvtier_hold": "300"})))
+        self.assertIsNone(_hold(SimpleNamespace(kv_transfer_params=None)))
+        self.assertIsNone(_hold(SimpleNamespace()))
+        # A request with a hold, or with one that is not (ignored), goes through the scheduler
+        # side like any other; the workers' report of its saves asks for the hold.
+        for value in (hold, {"ttl_s": -1, "upto": 2}):
+            r = SimpleNamespace(request_id="h", prompt_token_ids=list(range(50)),
+                                kv_transfer_params={"kvtier_hold": value})
+            self.assertEqual(self.sched.get_num_new_matched_tokens(r, 0), (0, False))
+            self.assertEqual(self.sched.request_finished(r, []), (False, None))
+        self.sched.update_connector_output(SimpleNamespace(finished_sending={"h"}))
 
     def test_no_agent_is_a_clear_error_and_a_bad_chunk_size_too(self):
         vc, kc = config(socket="/nonexistent/agent.sock")

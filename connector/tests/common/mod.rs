@@ -80,7 +80,9 @@ fn agent(slots: u32) -> Agent {
         huge_pages: false,
     })
     .expect("pool");
-    Agent::new(pool, Index::new(slots, SLOT, Box::<Lru>::default()))
+    let index = Index::new(slots, SLOT, Box::<Lru>::default())
+        .with_hold_share(kvtier_api::residency::HOLD_SHARE);
+    Agent::new(pool, index)
 }
 
 fn serve(path: &std::path::Path, agent: Agent) -> (tokio::runtime::Runtime, Arc<Agent>) {

@@ -547,6 +547,16 @@ mod tests {
         let tiered = router_args(&kvci(TIERED));
         let sel = selector_string(&kvci(TIERED), Component::NodeAgent);
         assert!(tiered.windows(2).any(|w| w[0] == "--residency-pods" && w[1] == sel));
+        assert!(!tiered.iter().any(|x| x == "--cache-control-holds"), "holds are off by default");
+        // A hold share passes breakpoints on (router) and keeps them (node-agent).
+        let held = kvci(
+            "model: {name: MiniMaxAI/MiniMax-M2.5}\n\
+             cache: {strategy: tiered, dram: 64Gi, holdShare: 0.2}",
+        );
+        assert!(router_args(&held).iter().any(|x| x == "--cache-control-holds"));
+        let ds = v(&node_agent_daemonset(&held, &Settings::default()).expect("agent"));
+        let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(args.contains(r#""--hold-share","0.2""#), "{args}");
         let svc = v(&router_service(&k));
         assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/component"], "router");
         assert_eq!(router_endpoint(&k), "http://coder.agents.svc:8000/v1");
@@ -592,6 +602,7 @@ mod tests {
         assert_eq!(c["resources"]["limits"]["memory"], mem);
         assert_eq!(c["resources"]["requests"]["memory"], mem);
         assert!(!args.iter().any(|a| a.starts_with("--remote")), "no remote tier unless named");
+        assert!(pair("--hold-share", "0"), "no holds unless asked: {args:?}");
         let vols = pod["volumes"].to_string();
         assert!(vols.contains("/mnt/nvme0/kvtier/agents/coder"), "one NVMe directory per resource");
         assert!(vols.contains("/run/kvtier/agents/coder"));

@@ -121,6 +121,9 @@ pub fn node_agent_daemonset(kvci: &KVCachedInference, s: &Settings) -> Option<Da
         // its chunks: only the router, which holds the token, may use them.
         "--control-token-file".into(),
         format!("{CONTROL_DIR}/{CONTROL_KEY}"),
+        // What `cache_control` breakpoints may keep warm (0: none; ADR 0013).
+        "--hold-share".into(),
+        spec.cache.hold_share.to_string(),
     ];
     let (control_volume, control_mount) = control_volume(kvci);
     let mut mounts = vec![json!({"name": "socket", "mountPath": HOST_SOCKET_ROOT}), control_mount];

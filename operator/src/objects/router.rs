@@ -93,6 +93,10 @@ pub fn router_args(kvci: &KVCachedInference) -> Vec<String> {
             "--agent-token-file".into(),
             format!("{CONTROL_DIR}/{CONTROL_KEY}"),
         ]);
+        if kvci.spec.cache.hold_share > 0.0 {
+            // Pass Anthropic `cache_control` breakpoints on as holds (ADR 0013).
+            a.push("--cache-control-holds".into());
+        }
     }
     a
 }

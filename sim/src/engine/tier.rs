@@ -23,6 +23,10 @@ impl Bounded {
         Self { capacity, blocks: HashSet::new(), order }
     }
 
+    pub(super) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     pub(super) fn contains(&self, h: u64) -> bool {
         self.blocks.contains(&h)
     }

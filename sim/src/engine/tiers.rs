@@ -33,8 +33,7 @@ struct Inner {
     earliest: f64,
 }
 
-/// The share of DRAM that holds may keep from eviction.
-pub const HOLD_SHARE: f64 = 0.25;
+use kvtier_api::residency::HOLD_SHARE;
 
 /// DRAM and NVMe tiers; cloning shares them.
 #[derive(Clone, Debug)]
@@ -113,6 +112,17 @@ impl HostTiers {
             })),
             remote: None,
         }
+    }
+
+    /// The same tiers letting holds keep `share` of DRAM (the node-agent's `--hold-share`;
+    /// [`HOLD_SHARE`] unless told otherwise).
+    #[must_use]
+    pub fn with_hold_share(self, share: f64) -> Self {
+        {
+            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            g.hold_budget = (g.dram.capacity() as f64 * share.clamp(0.0, 1.0)) as usize;
+        }
+        self
     }
 
     /// The same tiers writing every block new to DRAM to `remote` as well (the node-agent's
