@@ -4,7 +4,8 @@
 //! venv (`e2e/vllm/setup.sh`, cached), a small random-weight model made locally
 //! (`e2e/vllm/make_model.py`, cached), and the connector's wheel. And the simulator against
 //! the same vLLM (`e2e/vllm/fidelity.py`): configured alike, the same requests hit the same
-//! prefix cache.
+//! prefix cache. And the engine command the operator renders for each example, parsed by the
+//! same vLLM's `vllm serve`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -80,4 +81,62 @@ fn kvtier_around_a_real_vllm() {
         "the real-engine test failed; logs in {}",
         work.join("run").display()
     );
+}
+
+/// Every example's engine command, and each strategy's, as the operator renders it for the
+/// engine Pods, is accepted by this vLLM's own `vllm serve` parser (which refuses an unknown
+/// or malformed flag and checks `--kv-transfer-config` against its `KVTransferConfig`).
+#[test]
+fn the_operators_engine_command_parses_in_the_real_vllm() {
+    use kvtier_api::crd::KVCachedInference;
+    let py = vllm_python();
+    let mut resources: Vec<KVCachedInference> = std::fs::read_dir(repo().join("examples"))
+        .expect("examples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| serde_yaml::from_str(&std::fs::read_to_string(&p).expect("read")).expect("yaml"))
+        .collect();
+    assert!(resources.len() >= 2, "the examples");
+    for strategy in ["none", "hbm", "tiered"] {
+        let spec = format!(
+            "model: {{name: org/model}}\ncache: {{strategy: {strategy}, dram: 1Gi, holdShare: 0}}"
+        );
+        let spec = if strategy == "tiered" { spec } else { spec.replace(", dram: 1Gi", "") };
+        resources.push(KVCachedInference::new("x", serde_yaml::from_str(&spec).expect("spec")));
+    }
+    let commands: Vec<Vec<String>> =
+        resources.iter().map(kvtier_operator::objects::engine_command).collect();
+    let mut child = Command::new(&py)
+        .arg(repo().join("e2e/vllm/check_engine_args.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&serde_json::to_vec(&commands).expect("json")).expect("write");
+    }
+    let out = child.wait_with_output().expect("check_engine_args.py");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("ok") || l.starts_with("refused")).collect();
+    assert_eq!(lines.len(), commands.len(), "{text}");
+    for ((line, k), cmd) in lines.iter().zip(&resources).zip(&commands) {
+        let parsed: serde_json::Value = line
+            .strip_prefix("ok ")
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_else(|| panic!("vLLM refused {cmd:?}: {line}"));
+        assert_eq!(parsed["model"], k.spec.model.name.as_str(), "{line}");
+        let tiered = k.spec.cache.strategy == kvtier_api::crd::CacheStrategy::Tiered;
+        let connector =
+            if tiered { serde_json::json!("KvtierConnector") } else { serde_json::Value::Null };
+        assert_eq!(parsed["kv_connector"], connector, "{line}");
+        if tiered {
+            assert_eq!(parsed["kv_connector_module_path"], "kvtier.connector");
+            assert_eq!(parsed["kv_role"], "kv_both");
+            assert_eq!(parsed["kv_load_failure_policy"], "recompute");
+        }
+    }
+    assert!(out.status.success(), "{text}");
 }

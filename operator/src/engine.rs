@@ -12,13 +12,13 @@ pub const CONNECTOR_MODULE: &str = "kvtier.connector";
 /// The connector's class name.
 pub const CONNECTOR_CLASS: &str = "KvtierConnector";
 
-/// The vLLM OpenAI server's arguments for `spec`.
+/// `vllm serve`'s arguments for `spec`: the model first, as the positional argument vLLM
+/// asks for (it deprecates `--model` there).
 #[must_use]
 pub fn args(spec: &KVCachedInferenceSpec) -> Vec<String> {
     let e = &spec.engine;
     let served = spec.model.served_name.clone().unwrap_or_else(|| spec.model.name.clone());
     let mut a: Vec<String> = vec![
-        "--model".into(),
         spec.model.name.clone(),
         "--served-model-name".into(),
         served,
@@ -48,7 +48,7 @@ pub fn args(spec: &KVCachedInferenceSpec) -> Vec<String> {
 
 /// `--kv-transfer-config` for `tiered`: the kvtier connector, loaded by module path, saving
 /// and loading (no decode-cache offload), told where the node-agent listens. A chunk that
-/// fails to load is recomputed: vLLM's default (0.19.0, the default image) fails the request,
+/// fails to load is recomputed: vLLM's default (0.19.0 and 0.32.0 alike) fails the request,
 /// which would turn a node-agent restart into failed requests. vLLM releases older than
 /// `kv_load_failure_policy` (added in late 2025) refuse the field.
 #[must_use]
@@ -120,7 +120,7 @@ mod tests {
                 "engine":{"tensorParallelSize":2,"gpuMemoryUtilization":0.78,"kvCacheDtype":"fp8",
                           "extraArgs":["--tool-call-parser","minimax_m2"]}}"#,
         ));
-        assert!(has_pair(&a, "--model", "MiniMaxAI/MiniMax-M2.5"));
+        assert_eq!(a[0], "MiniMaxAI/MiniMax-M2.5", "the model is the positional argument");
         assert!(has_pair(&a, "--served-model-name", "minimax"));
         assert!(has_pair(&a, "--tensor-parallel-size", "2"));
         assert!(has_pair(&a, "--gpu-memory-utilization", "0.78"));

@@ -19,8 +19,9 @@ mod validate;
 
 pub use validate::{quantity_bytes, validate, MIN_DRAM_BYTES};
 
-/// The engine image the reference study ran (ROCm vLLM).
-pub const DEFAULT_ENGINE_IMAGE: &str = "vllm/vllm-openai-rocm:v0.19.0";
+/// The default engine image: ROCm vLLM at the release the connector runs against in the
+/// test suite (docs/vllm-versions.md).
+pub const DEFAULT_ENGINE_IMAGE: &str = "vllm/vllm-openai-rocm:v0.32.0";
 
 /// One model served by vLLM replicas with a KV strategy, behind kvtier's router.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -105,8 +106,9 @@ impl Accelerator {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EngineSpec {
-    /// Engine image. The reference study ran `vllm/vllm-openai-rocm:v0.19.0`; use a CUDA vLLM
-    /// image on NVIDIA nodes. The kvtier connector is added by an init container, not baked in.
+    /// Engine image: vLLM 0.19.0 or newer (the connector's test suite runs 0.32.0); use a CUDA
+    /// vLLM image (`vllm/vllm-openai`) on NVIDIA nodes. The kvtier connector is added by an
+    /// init container, not baked in.
     #[serde(default = "default_image")]
     pub image: String,
     /// Replicas. Each holds its own HBM cache; the router keeps every conversation on the one
