@@ -518,13 +518,12 @@ impl SchedulerCore {
     pub fn finished(&mut self, req: &str) -> Result<bool, SchedulerError> {
         if let Some(r) = self.reqs.remove(req) {
             if let Some(h) = r.hold {
-                let ttl_ms = u32::try_from(u64::from(h.ttl_s) * 1000).unwrap_or(MAX_HOLD_MS);
+                let ttl_ms = (u64::from(h.ttl_s) * 1000).min(u64::from(MAX_HOLD_MS)) as u32;
                 let chunks = ((h.upto * r.prompt_tokens as f64) as usize / self.cfg.chunk_tokens)
                     .min(r.keys.len());
                 let keys: Vec<ChunkKey> =
                     r.keys[..chunks].iter().flatten().flatten().copied().collect();
                 if ttl_ms > 0 && !keys.is_empty() {
-                    let ttl_ms = ttl_ms.min(MAX_HOLD_MS);
                     if !r.saving {
                         self.ask_hold(keys, ttl_ms);
                     } else if self.holds.len() < MAX_PENDING_HOLDS {
