@@ -22,10 +22,13 @@ use std::time::{Duration, Instant};
 
 use kvtier_api::chunk::ChunkKey;
 use kvtier_api::residency::ConversationKey;
-use redis::{ConnectionLike, IntoConnectionInfo, RedisResult};
-use tracing::{info, warn};
+use redis::{IntoConnectionInfo, RedisResult};
+use tracing::warn;
 
+mod conn;
 mod value;
+
+use conn::{command, Conn, Target};
 
 pub use value::{decode, encode, Fetched, HEADER_BYTES};
 
@@ -103,64 +106,6 @@ pub struct RemoteStats {
     pub corrupt: AtomicU64,
     /// Calls that failed (timeouts, connection errors, server errors).
     pub errors: AtomicU64,
-}
-
-/// `words key args…` as one command, each argument copied once.
-fn command(words: &[&str], key: &str, args: &[&[u8]]) -> redis::Cmd {
-    let mut c = redis::cmd(words[0]);
-    for w in &words[1..] {
-        c.arg(*w);
-    }
-    c.arg(key);
-    for a in args {
-        c.arg(*a);
-    }
-    c
-}
-
-enum Target {
-    Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
-}
-
-enum Conn {
-    Single(redis::Connection),
-    Cluster(Box<redis::cluster::ClusterConnection>),
-}
-
-impl Conn {
-    fn query<T: redis::FromRedisValue>(&mut self, p: &Pipe) -> RedisResult<T> {
-        match (self, p) {
-            (Conn::Single(c), Pipe::Single(p)) => p.query(c),
-            (Conn::Cluster(c), Pipe::Cluster(p)) => p.query(c.as_mut()),
-            _ => unreachable!("a pipeline is made for its connection's kind"),
-        }
-    }
-
-    fn like(&mut self) -> &mut dyn ConnectionLike {
-        match self {
-            Conn::Single(c) => c,
-            Conn::Cluster(c) => c.as_mut(),
-        }
-    }
-}
-
-enum Pipe {
-    Single(redis::Pipeline),
-    Cluster(redis::cluster::ClusterPipeline),
-}
-
-impl Pipe {
-    fn add(&mut self, cmd: redis::Cmd) {
-        match self {
-            Pipe::Single(p) => {
-                p.add_command(cmd);
-            }
-            Pipe::Cluster(p) => {
-                p.add_command(cmd);
-            }
-        }
-    }
 }
 
 struct Write {
@@ -450,110 +395,6 @@ impl Inner {
 
     fn key_of(&self, key: ChunkKey) -> String {
         format!("kvtier:{}:{:032x}", self.cfg.namespace, key.0)
-    }
-
-    fn up(&self) -> bool {
-        lock(&self.down_until).is_none_or(|t| Instant::now() >= t)
-    }
-
-    fn pipe(&self) -> Pipe {
-        match self.target {
-            Target::Single(_) => Pipe::Single(redis::pipe()),
-            Target::Cluster(_) => Pipe::Cluster(redis::cluster::cluster_pipe()),
-        }
-    }
-
-    fn connect(&self) -> RedisResult<Conn> {
-        match &self.target {
-            Target::Single(c) => {
-                let conn = c.get_connection_with_timeout(self.cfg.timeout)?;
-                conn.set_read_timeout(Some(self.cfg.timeout))?;
-                conn.set_write_timeout(Some(self.cfg.timeout))?;
-                Ok(Conn::Single(conn))
-            }
-            Target::Cluster(c) => Ok(Conn::Cluster(Box::new(c.get_connection()?))),
-        }
-    }
-
-    /// Runs `f` on an idle connection (or a new one); on failure the connection is dropped
-    /// and the failure counted.
-    fn try_call<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
-        let conn = lock(&self.idle).pop();
-        let result = conn.map_or_else(|| self.connect(), Ok).and_then(|mut c| {
-            let r = f(&mut c);
-            if r.is_ok() && c.like().is_open() {
-                lock(&self.idle).push(c);
-            }
-            r
-        });
-        match &result {
-            Ok(_) => {
-                if self.logged_down.swap(false, Ordering::Relaxed) {
-                    info!("remote tier reachable again");
-                }
-            }
-            Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        result
-    }
-
-    /// Marks the tier down for [`RETRY_AFTER`].
-    fn down(&self, e: &redis::RedisError) {
-        *lock(&self.down_until) = Some(Instant::now() + RETRY_AFTER);
-        if !self.logged_down.swap(true, Ordering::Relaxed) {
-            warn!("remote tier unreachable (misses until it answers): {e}");
-        }
-    }
-
-    /// As [`Inner::try_call`]; a failure marks the tier down.
-    fn call<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
-        self.try_call(f).map_err(|e| self.down(&e)).ok()
-    }
-
-    /// Sends the `n` commands `make` makes as one pipeline; each answer, `None` where it
-    /// failed. On a cluster, a
-    /// pipeline fails whole when one shard does not answer: the commands are then sent one
-    /// by one, within one timeout in all, so a lost shard costs only the keys it held. The
-    /// tier is marked down when nothing answered.
-    fn run<T: redis::FromRedisValue>(
-        &self,
-        n: usize,
-        make: impl Fn(usize) -> redis::Cmd,
-    ) -> Vec<Option<T>> {
-        if n == 0 {
-            return Vec::new();
-        }
-        let mut p = self.pipe();
-        for i in 0..n {
-            p.add(make(i));
-        }
-        let err = match self.try_call(|c| c.query::<Vec<T>>(&p)) {
-            Ok(v) if v.len() == n => return v.into_iter().map(Some).collect(),
-            Ok(v) => redis::RedisError::from(std::io::Error::other(format!(
-                "{} answers to {n} commands",
-                v.len()
-            ))),
-            Err(e) => e,
-        };
-        drop(p);
-        if !matches!(self.target, Target::Cluster(_)) {
-            self.down(&err);
-            return (0..n).map(|_| None).collect();
-        }
-        let deadline = Instant::now() + self.cfg.timeout;
-        let out: Vec<Option<T>> = (0..n)
-            .map(|i| {
-                (Instant::now() < deadline)
-                    .then(|| self.try_call(|c| make(i).query::<T>(c.like())).ok())
-                    .flatten()
-            })
-            .collect();
-        if out.iter().all(Option::is_none) {
-            self.down(&err);
-        }
-        out
     }
 
     /// A fetched value's chunk, or `None` after deleting a value that fails its checks.
