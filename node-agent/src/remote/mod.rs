@@ -5,7 +5,7 @@
 //! - Keys are `kvtier:<namespace>:<chunk key in hex>`: the chunk key (design.md's chained
 //!   hash of token ids, never text) in the resource's namespace, so two resources on one store
 //!   never see each other's chunks (and an ACL can confine each to its prefix).
-//! - A value ([`value`]) is a 48-byte header (magic, version, the chunk key, length, xxh3-64
+//! - A value (`value.rs`) is a 48-byte header (magic, version, the chunk key, length, xxh3-64
 //!   checksum, conversation) and the chunk's bytes. Every fetch checks all of it; a value that
 //!   fails is deleted and reads as a miss, so a truncated or corrupted value costs a recompute,
 //!   never wrong KV.
