@@ -1,23 +1,22 @@
 //! The HTTP surface of a simulated engine: vLLM's OpenAI server, as far as clients and
-//! routers use it. The engine itself runs in `driver.rs`; `/metrics` comes from `metrics.rs`.
+//! routers use it. The engine itself runs in `driver.rs`; `/metrics` comes from `metrics.rs`;
+//! the response bodies are `server/openai.rs`'s (chat, completions) and `server/agent.rs`'s
+//! (Anthropic Messages, OpenAI Responses).
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use kvtier_serve::node_tier::NodeTierRoutes;
 use kvtier_serve::CancellationToken;
@@ -33,6 +32,9 @@ use crate::sync::lock;
 use crate::tokens::{self, Message, Rendered};
 
 mod agent;
+mod openai;
+
+use openai::{stream_response, whole_response};
 
 /// Largest request body accepted (vLLM has no fixed limit; agent prompts reach a few MB).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
@@ -551,15 +553,6 @@ fn text_of(n: u32) -> String {
     "tok ".repeat(n as usize)
 }
 
-fn usage(meta: &Meta, completion: u32, cached: u64) -> serde_json::Value {
-    serde_json::json!({
-        "prompt_tokens": meta.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": u64::from(meta.prompt_tokens) + u64::from(completion),
-        "prompt_tokens_details": { "cached_tokens": cached },
-    })
-}
-
 /// Waits for the request to finish: (tokens generated, prompt tokens cached), or the error the
 /// client gets.
 async fn finish(
@@ -582,103 +575,6 @@ async fn finish(
     }
     guard.armed = false;
     Ok((generated, cached))
-}
-
-/// A finished chat or completions body.
-fn whole_response(meta: &Meta, generated: u32, cached: u64) -> Response<Body> {
-    let choice = if meta.api == Api::Chat {
-        serde_json::json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text_of(generated) },
-            "finish_reason": meta.finish_reason(),
-        })
-    } else {
-        serde_json::json!({
-            "index": 0, "text": text_of(generated), "finish_reason": meta.finish_reason(),
-        })
-    };
-    let body = serde_json::json!({
-        "id": meta.id,
-        "object": if meta.api == Api::Chat { "chat.completion" } else { "text_completion" },
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [choice],
-        "usage": usage(meta, generated, cached),
-    });
-    json(StatusCode::OK, body.to_string())
-}
-
-fn stream_response(
-    meta: Meta,
-    rx: mpsc::UnboundedReceiver<Update>,
-    guard: AbortOnDrop,
-    include_usage: bool,
-) -> Response<Body> {
-    let object = if meta.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-    let chunk = move |meta: &Meta, choice: serde_json::Value| -> Bytes {
-        let v = serde_json::json!({
-            "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-            "choices": [choice],
-        });
-        Bytes::from(format!("data: {v}\n\n"))
-    };
-    let delta = |meta: &Meta, text: String, finish: Option<&str>| -> serde_json::Value {
-        if meta.api == Api::Chat {
-            serde_json::json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish })
-        } else {
-            serde_json::json!({ "index": 0, "text": text, "finish_reason": finish })
-        }
-    };
-    let mut state = (0u32, 0u64, Some(guard));
-    let frames = UnboundedReceiverStream::new(rx).map(move |u| {
-        let bytes = match u {
-            Update::First { cached } => {
-                state.1 = cached;
-                if meta.api == Api::Chat {
-                    chunk(
-                        &meta,
-                        serde_json::json!({
-                            "index": 0,
-                            "delta": { "role": "assistant", "content": "" },
-                            "finish_reason": null,
-                        }),
-                    )
-                } else {
-                    Bytes::new()
-                }
-            }
-            Update::Tokens(n) => {
-                state.0 += n;
-                chunk(&meta, delta(&meta, text_of(n), None))
-            }
-            Update::Done => {
-                if let Some(mut g) = state.2.take() {
-                    g.armed = false;
-                }
-                let mut out = String::from_utf8_lossy(&chunk(
-                    &meta,
-                    delta(&meta, String::new(), Some(meta.finish_reason())),
-                ))
-                .into_owned();
-                if include_usage {
-                    let v = serde_json::json!({
-                        "id": meta.id, "object": object, "created": meta.created,
-                        "model": meta.model, "choices": [],
-                        "usage": usage(&meta, state.0, state.1),
-                    });
-                    let _ = write!(out, "data: {v}\n\n");
-                }
-                out.push_str("data: [DONE]\n\n");
-                Bytes::from(out)
-            }
-        };
-        Ok::<_, Infallible>(Frame::data(bytes))
-    });
-    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
-    res.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
-    res
 }
 
 fn metrics(st: &Shared) -> Response<Body> {
