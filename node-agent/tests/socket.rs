@@ -10,7 +10,7 @@ use kvtier_api::chunk::ChunkKey;
 use kvtier_api::eviction::S3Fifo;
 use kvtier_node_agent::client::ClientError;
 use kvtier_node_agent::nvme::NvmeTier;
-use kvtier_node_agent::{server, Agent, Client, DramPool, Index, LockMode, Lru, PoolConfig};
+use kvtier_node_agent::{server, Agent, Client, Index, Lru};
 
 mod common;
 use common::{chunk, start, start_mode, start_policy, start_with, SLOT};
@@ -579,15 +579,7 @@ fn serve_listener(
         .enable_all()
         .build()
         .expect("runtime");
-    let pool = DramPool::create(PoolConfig {
-        bytes: 4 * u64::from(SLOT),
-        staging_bytes: None,
-        slot_bytes: SLOT,
-        lock: LockMode::BestEffort,
-        huge_pages: false,
-    })
-    .expect("pool");
-    let agent = Arc::new(Agent::new(pool, Index::new(4, SLOT, Box::<Lru>::default())));
+    let agent = Arc::new(common::new_agent(4, Box::<Lru>::default()));
     let listener = {
         let _g = rt.enter();
         configure(server::bind(path).expect("bind"))
@@ -747,16 +739,8 @@ fn only_the_allowed_uids_attach_when_a_list_is_given() {
 
 #[test]
 fn holds_outlive_the_client_that_asked_within_their_share() {
-    let pool = DramPool::create(PoolConfig {
-        bytes: 8 * u64::from(SLOT),
-        staging_bytes: None,
-        slot_bytes: SLOT,
-        lock: LockMode::BestEffort,
-        huge_pages: false,
-    })
-    .expect("pool");
     let index = Index::new(8, SLOT, Box::<Lru>::default()).with_hold_share(0.25);
-    let (path, agent, _rt) = common::serve(Agent::new(pool, index));
+    let (path, agent, _rt) = common::serve(Agent::new(common::pool(8), index));
     let keys: Vec<ChunkKey> = (1..=4).map(ChunkKey).collect();
     {
         let mut c = Client::connect(&path, "engine").expect("attach");

@@ -49,15 +49,19 @@ pub fn start_policy(
 
 /// An agent with `slots` slots of [`SLOT`] bytes, evicting in `policy`'s order.
 pub fn new_agent(slots: u32, policy: Box<dyn EvictionPolicy>) -> Agent {
-    let pool = DramPool::create(PoolConfig {
+    Agent::new(pool(slots), Index::new(slots, SLOT, policy))
+}
+
+/// A DRAM pool of `slots` slots of [`SLOT`] bytes, locked if it can be.
+pub fn pool(slots: u32) -> DramPool {
+    DramPool::create(PoolConfig {
         bytes: u64::from(slots) * u64::from(SLOT),
         staging_bytes: None,
         slot_bytes: SLOT,
         lock: LockMode::BestEffort,
         huge_pages: false,
     })
-    .expect("pool");
-    Agent::new(pool, Index::new(slots, SLOT, policy))
+    .expect("pool")
 }
 
 /// Serves `agent` on a fresh socket path, on a runtime of its own.
