@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use kvtier_api::agent::{decode_header, Commit, Request, Response, Stats, Tier, HEADER};
+use kvtier_api::agent::{decode_header, Commit, Request, Response, Stats, Tier, HEADER, MAX_KEYS};
 use kvtier_api::chunk::ChunkKey;
 use kvtier_api::residency::ConversationKey;
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -204,15 +204,32 @@ impl Client {
         }
     }
 
-    /// Where each key is.
+    /// Where each key is. A list longer than a frame may carry ([`MAX_KEYS`]: a long prompt
+    /// of a model whose chunks span many slots on many ranks) goes in several frames, and the
+    /// answers are joined as one.
     ///
     /// # Errors
     /// As [`Client::call`].
     pub fn lookup(&mut self, keys: &[ChunkKey]) -> Result<Lookup, ClientError> {
-        match self.call(&Request::Lookup { keys: keys.to_vec() })? {
-            Response::Lookup { prefix, tiers, slots } => Ok(Lookup { prefix, tiers, slots }),
-            r => Err(ClientError::Unexpected(Box::new(r))),
+        let mut out =
+            Lookup { prefix: 0, tiers: Vec::with_capacity(keys.len()), slots: Vec::new() };
+        out.slots.reserve(keys.len());
+        let mut leading = true;
+        // (An empty list is still asked, as one empty frame.)
+        for part in keys.chunks(MAX_KEYS).chain(keys.is_empty().then_some(&[][..])) {
+            match self.call(&Request::Lookup { keys: part.to_vec() })? {
+                Response::Lookup { prefix, tiers, slots } => {
+                    if leading {
+                        out.prefix += prefix;
+                        leading = prefix as usize == part.len();
+                    }
+                    out.tiers.extend(tiers);
+                    out.slots.extend(slots);
+                }
+                r => return Err(ClientError::Unexpected(Box::new(r))),
+            }
         }
+        Ok(out)
     }
 
     /// Up to `n` staging slots to write.
@@ -266,10 +283,38 @@ impl Client {
     }
 
     /// Sends a request answered by an acknowledgement; returns how many items it applied to.
+    /// A pin, unpin, hold or prefetch of more keys than a frame may carry ([`MAX_KEYS`]) goes
+    /// in several frames, in order.
     ///
     /// # Errors
     /// As [`Client::call`].
     pub fn ack(&mut self, req: &Request) -> Result<u32, ClientError> {
+        let keys = match req {
+            Request::Pin { keys, .. }
+            | Request::Unpin { keys }
+            | Request::Prefetch { keys }
+            | Request::Hold { keys, .. } => keys,
+            _ => return self.ack_one(req),
+        };
+        if keys.len() <= MAX_KEYS {
+            return self.ack_one(req);
+        }
+        let mut applied = 0u32;
+        for part in keys.chunks(MAX_KEYS) {
+            let keys = part.to_vec();
+            let one = match req {
+                Request::Pin { lease_ms, .. } => Request::Pin { keys, lease_ms: *lease_ms },
+                Request::Unpin { .. } => Request::Unpin { keys },
+                Request::Prefetch { .. } => Request::Prefetch { keys },
+                Request::Hold { ttl_ms, .. } => Request::Hold { keys, ttl_ms: *ttl_ms },
+                _ => unreachable!("matched above"),
+            };
+            applied = applied.saturating_add(self.ack_one(&one)?);
+        }
+        Ok(applied)
+    }
+
+    fn ack_one(&mut self, req: &Request) -> Result<u32, ClientError> {
         match self.call(req)? {
             Response::Ack { applied } => Ok(applied),
             r => Err(ClientError::Unexpected(Box::new(r))),

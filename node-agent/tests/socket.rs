@@ -764,3 +764,32 @@ fn holds_outlive_the_client_that_asked_within_their_share() {
     let err = other.ack(&Request::Hold { keys: keys.clone(), ttl_ms: 3_600_001 });
     assert!(err.is_err());
 }
+
+#[test]
+fn key_lists_longer_than_a_frame_go_in_several() {
+    // A 1M-token prompt of a model whose chunks span five slots on each of eight ranks asks
+    // about 160k keys at once; a frame carries 65,536.
+    let (path, agent, _rt) = start(8);
+    let mut c = Client::connect(&path, "long").expect("attach");
+    let n = kvtier_api::agent::MAX_KEYS + 4_464;
+    let mut keys: Vec<ChunkKey> = (0..n as u128).map(|i| ChunkKey(1_000_000 + i)).collect();
+    let far = kvtier_api::agent::MAX_KEYS + 7;
+    let slots = c.reserve(3).expect("reserve");
+    for (k, s) in [keys[0], keys[1], keys[far]].into_iter().zip(slots) {
+        assert!(c.put(k, s, &chunk(1)).expect("commit"));
+    }
+    let found = c.lookup(&keys).expect("lookup");
+    assert_eq!((found.tiers.len(), found.slots.len()), (n, n));
+    assert_eq!(found.prefix, 2, "the leading run, across frames");
+    assert_eq!(found.tiers[far], Tier::Dram, "a key in the second frame");
+    assert_eq!(c.ack(&Request::Pin { keys: keys.clone(), lease_ms: 1000 }).expect("pin"), 3);
+    assert_eq!(c.ack(&Request::Unpin { keys: keys.clone() }).expect("unpin"), 3);
+    // The leading run ends inside the first frame: the second's own run does not add to it.
+    keys.swap(1, 2);
+    keys.swap(far, far + 1);
+    let second_frame = kvtier_api::agent::MAX_KEYS;
+    let slots = c.reserve(1).expect("reserve");
+    assert!(c.put(keys[second_frame], slots[0], &chunk(2)).expect("commit"));
+    assert_eq!(c.lookup(&keys).expect("lookup").prefix, 1);
+    assert_eq!(agent.stats().pinned, 0);
+}
