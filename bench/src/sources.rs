@@ -39,23 +39,16 @@ impl Sources {
     pub fn parse(text: &str) -> Option<Self> {
         let mut s = Self::default();
         let mut prompt = None;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((name, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(v) = value.parse::<f64>() else { continue };
-            let v = v.max(0.0) as u64;
-            let metric = name.split('{').next().unwrap_or(name);
+        for (metric, labels, v) in text.lines().filter_map(sample) {
             match metric {
                 "vllm:prompt_tokens_total" => *prompt.get_or_insert(0) += v,
-                "vllm:prompt_tokens_cached_by_source_total" => {
-                    let source = name.split("source=\"").nth(1).and_then(|r| r.split('"').next());
-                    match source {
-                        Some("device") => s.hbm += v,
-                        Some("host") => s.dram += v,
-                        Some("disk") => s.nvme += v,
-                        Some("external_unspecified" | "p2p") => s.remote += v,
-                        _ => {}
-                    }
-                }
+                "vllm:prompt_tokens_cached_by_source_total" => match label(labels, "source") {
+                    Some("device") => s.hbm += v,
+                    Some("host") => s.dram += v,
+                    Some("disk") => s.nvme += v,
+                    Some("external_unspecified" | "p2p") => s.remote += v,
+                    _ => {}
+                },
                 _ => {}
             }
         }
@@ -96,18 +89,36 @@ pub type SessionMoves = std::collections::BTreeMap<String, u64>;
 pub fn parse_moves(text: &str) -> Option<SessionMoves> {
     let mut out = SessionMoves::new();
     let mut router = false;
-    for line in text.lines() {
-        router |= line.starts_with("kvtier_router_");
-        let Some(rest) = line.strip_prefix("kvtier_router_session_moves_total{") else {
-            continue;
-        };
-        let reason = rest.split("reason=\"").nth(1).and_then(|r| r.split('"').next());
-        let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        if let (Some(reason), Some(v)) = (reason, value) {
-            *out.entry(reason.to_owned()).or_default() += v.max(0.0) as u64;
+    for (metric, labels, v) in text.lines().filter_map(sample) {
+        router |= metric.starts_with("kvtier_router_");
+        if metric == "kvtier_router_session_moves_total" {
+            if let Some(reason) = label(labels, "reason") {
+                *out.entry(reason.to_owned()).or_default() += v;
+            }
         }
     }
     router.then_some(out)
+}
+
+/// One sample line of a metrics text: its metric name, its labels (`a="x",b="y"`, or empty)
+/// and its value (counted in whole units, never below zero); `None` for comments and lines
+/// that are not samples.
+fn sample(line: &str) -> Option<(&str, &str, u64)> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let (name, value) = line.rsplit_once(' ')?;
+    let v = value.parse::<f64>().ok()?.max(0.0) as u64;
+    let (metric, labels) = match name.split_once('{') {
+        Some((m, rest)) => (m, rest.trim_end_matches('}')),
+        None => (name, ""),
+    };
+    Some((metric, labels, v))
+}
+
+/// The value of label `key` among `labels`.
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    labels.split(&format!("{key}=\"")).nth(1)?.split('"').next()
 }
 
 /// `url`'s `/metrics` text.
