@@ -517,19 +517,12 @@ impl SchedulerCore {
     /// know whether to delay anyway ask [`SchedulerCore::saving`] first.
     pub fn finished(&mut self, req: &str) -> Result<bool, SchedulerError> {
         if let Some(r) = self.reqs.remove(req) {
-            if let Some(h) = r.hold {
-                let ttl_ms = (u64::from(h.ttl_s) * 1000).min(u64::from(MAX_HOLD_MS)) as u32;
-                let chunks = ((h.upto * r.prompt_tokens as f64) as usize / self.cfg.chunk_tokens)
-                    .min(r.keys.len());
-                let keys: Vec<ChunkKey> =
-                    r.keys[..chunks].iter().flatten().flatten().copied().collect();
-                if ttl_ms > 0 && !keys.is_empty() {
-                    if !r.saving {
-                        self.ask_hold(keys, ttl_ms);
-                    } else if self.holds.len() < MAX_PENDING_HOLDS {
-                        self.holds.insert(req.to_owned(), (keys, ttl_ms));
-                    }
+            match self.held_part(&r) {
+                Some((keys, ttl_ms)) if !r.saving => self.ask_hold(keys, ttl_ms),
+                Some(hold) if self.holds.len() < MAX_PENDING_HOLDS => {
+                    self.holds.insert(req.to_owned(), hold);
                 }
+                _ => {}
             }
             // Pins of a pool that is gone went with it.
             if !r.pinned.is_empty() && r.pool == self.link.pool_id() && self.link.is_up() {
@@ -538,6 +531,17 @@ impl SchedulerCore {
             return Ok(r.saving);
         }
         Ok(false)
+    }
+
+    /// The keys of `r`'s prompt its hold covers (whole chunks, every rank's parts) and the TTL
+    /// in milliseconds; `None` without a hold, or when it covers nothing.
+    fn held_part(&self, r: &Req) -> Option<(Vec<ChunkKey>, u32)> {
+        let h = r.hold?;
+        let ttl_ms = (u64::from(h.ttl_s) * 1000).min(u64::from(MAX_HOLD_MS)) as u32;
+        let chunks =
+            ((h.upto * r.prompt_tokens as f64) as usize / self.cfg.chunk_tokens).min(r.keys.len());
+        let keys: Vec<ChunkKey> = r.keys[..chunks].iter().flatten().flatten().copied().collect();
+        (ttl_ms > 0 && !keys.is_empty()).then_some((keys, ttl_ms))
     }
 
     /// The workers report these requests' saves committed (vLLM's `finished_sending`): the
