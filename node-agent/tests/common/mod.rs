@@ -118,3 +118,10 @@ pub fn rand_suffix() -> u64 {
 pub fn chunk(seed: u8) -> Vec<u8> {
     (0..SLOT as usize).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
+
+/// A fresh, absent folder for an NVMe tier, named after `tag` and this process.
+pub fn nvme_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kvtier-agent-nvme-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
